@@ -1,0 +1,56 @@
+"""The job state machine: ``queued → running → succeeded | failed | canceled``.
+
+A retry sends a running job back to ``queued`` with ``attempts + 1``; a queued job can be canceled,
+or failed by maintenance (its model was removed); anything else raises :class:`InvalidTransition`.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from api.core.errors import InvalidTransition
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+
+TERMINAL: frozenset[JobStatus] = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED})
+ACTIVE: frozenset[JobStatus] = frozenset({JobStatus.QUEUED, JobStatus.RUNNING})
+
+_ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELED, JobStatus.FAILED}),
+    JobStatus.RUNNING: frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED,
+                                  JobStatus.QUEUED}),
+    JobStatus.SUCCEEDED: frozenset(),
+    JobStatus.FAILED: frozenset(),
+    JobStatus.CANCELED: frozenset(),
+}
+
+
+def can_transition(current: str, target: str) -> bool:
+    return JobStatus(target) in _ALLOWED[JobStatus(current)]
+
+
+def transition(current: str, target: str) -> JobStatus:
+    """Return the new status, or raise if the state machine forbids the change."""
+    if not can_transition(current, target):
+        raise InvalidTransition(f"job cannot go from {current} to {target}",
+                                {"from": current, "to": target})
+    return JobStatus(target)
+
+
+def retry(current: str, attempts: int) -> tuple[JobStatus, int]:
+    """A retryable failure: back to ``queued`` with one more attempt counted."""
+    if JobStatus(current) is not JobStatus.RUNNING:
+        raise InvalidTransition(f"only a running job can be retried, not a {current} one",
+                                {"from": current, "to": "queued"})
+    return JobStatus.QUEUED, attempts + 1
+
+
+def is_terminal(status: str) -> bool:
+    return JobStatus(status) in TERMINAL

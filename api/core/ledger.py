@@ -1,0 +1,180 @@
+"""The credit ledger: append-only entries and a balance kept in step, in the caller's transaction.
+
+Rules, enforced by the database and not only by this code:
+- the balance never goes below zero (CHECK constraints; reservation is a conditional UPDATE);
+- every operation has an idempotency key (UNIQUE): doing it twice changes nothing the second time;
+- a job has at most one reserve, one capture and one refund (UNIQUE (job_id, kind)), and never
+  both a capture and a refund (they share the key ``settle:{job}``).
+
+Each operation runs inside a SAVEPOINT, so a lost race (a concurrent duplicate) rolls back only
+itself and the caller's transaction goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from enum import StrEnum
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session
+
+from api.core.errors import InsufficientCredits, InvalidInput, LedgerError
+from api.db.tables import Balance, LedgerEntry, utcnow
+
+logger = logging.getLogger(__name__)
+
+
+class EntryKind(StrEnum):
+    GRANT = "grant"
+    PURCHASE = "purchase"
+    ADJUST = "adjust"
+    RESERVE = "reserve"
+    CAPTURE = "capture"
+    REFUND = "refund"
+    EXPIRE = "expire"
+
+
+CREDIT_KINDS = frozenset({EntryKind.GRANT, EntryKind.PURCHASE, EntryKind.ADJUST})
+
+
+@dataclass(frozen=True)
+class BalanceView:
+    available: int
+    reserved: int
+
+
+def ensure_balance(session: Session, user_id: str) -> None:
+    if session.get(Balance, user_id) is None:
+        session.add(Balance(user_id=user_id))
+        session.flush()
+
+
+def get_balance(session: Session, user_id: str) -> BalanceView:
+    row = session.execute(
+        select(Balance.available, Balance.reserved).where(Balance.user_id == user_id)).first()
+    return BalanceView(0, 0) if row is None else BalanceView(int(row[0]), int(row[1]))
+
+
+def _existing(session: Session, key: str) -> LedgerEntry | None:
+    return session.execute(select(LedgerEntry).where(LedgerEntry.idempotency_key == key)).scalars().first()
+
+
+def _apply(session: Session, user_id: str, kind: EntryKind, amount: int, key: str, *,
+           job_id: str | None, note: str, d_available: int, d_reserved: int,
+           guard_available: int = 0, guard_reserved: int = 0) -> LedgerEntry:
+    """Insert the entry and move the balance, atomically and at most once per key."""
+    if amount < 0:
+        raise InvalidInput("amount must not be negative", {"amount": amount})
+    found = _existing(session, key)
+    if found is not None:
+        return found
+    ensure_balance(session, user_id)
+    try:
+        with session.begin_nested():
+            result = session.execute(
+                update(Balance)
+                .where(Balance.user_id == user_id, Balance.available >= guard_available,
+                       Balance.reserved >= guard_reserved)
+                .values(available=Balance.available + d_available, reserved=Balance.reserved + d_reserved,
+                        updated_at=utcnow())
+                .execution_options(synchronize_session=False))
+            if result.rowcount != 1:
+                raise _Short()
+            bal = get_balance(session, user_id)
+            entry = LedgerEntry(user_id=user_id, kind=kind.value, amount=amount, job_id=job_id,
+                                idempotency_key=key, note=note, available_after=bal.available,
+                                reserved_after=bal.reserved)
+            session.add(entry)
+            session.flush()
+    except _Short:
+        bal = get_balance(session, user_id)
+        if kind is EntryKind.RESERVE:
+            raise InsufficientCredits(
+                f"this job costs {amount} credits; {bal.available} are available",
+                {"required": amount, "available": bal.available}) from None
+        raise LedgerError(f"{kind.value} of {amount} does not fit the balance",
+                          {"available": bal.available, "reserved": bal.reserved}) from None
+    except IntegrityError:
+        # A concurrent twin won the race (same key, or same job and kind): that one stands.
+        found = _existing(session, key)
+        if found is None and job_id is not None:
+            found = session.execute(select(LedgerEntry).where(
+                LedgerEntry.job_id == job_id, LedgerEntry.kind == kind.value)).scalars().first()
+        if found is None:
+            raise
+        return found
+    return entry
+
+
+class _Short(Exception):
+    pass
+
+
+def credit(session: Session, user_id: str, amount: int, key: str, *, kind: EntryKind = EntryKind.GRANT,
+           note: str = "") -> LedgerEntry:
+    """Add credits (grant, purchase or adjust)."""
+    if kind not in CREDIT_KINDS:
+        raise InvalidInput(f"{kind} does not add credits")
+    return _apply(session, user_id, kind, amount, key, job_id=None, note=note,
+                  d_available=amount, d_reserved=0)
+
+
+def expire(session: Session, user_id: str, amount: int, key: str, note: str = "") -> LedgerEntry:
+    """Remove up to ``amount`` unused credits; never more than are available."""
+    found = _existing(session, key)
+    if found is not None:
+        return found
+    take = min(amount, get_balance(session, user_id).available)
+    return _apply(session, user_id, EntryKind.EXPIRE, take, key, job_id=None, note=note,
+                  d_available=-take, d_reserved=0, guard_available=take)
+
+
+def reserve(session: Session, user_id: str, job_id: str, amount: int) -> LedgerEntry:
+    """Hold credits for a job; raises :class:`InsufficientCredits` and moves nothing if short."""
+    return _apply(session, user_id, EntryKind.RESERVE, amount, f"reserve:{job_id}", job_id=job_id,
+                  note="", d_available=-amount, d_reserved=amount, guard_available=amount)
+
+
+def _reserved_for(session: Session, job_id: str) -> LedgerEntry | None:
+    return session.execute(select(LedgerEntry).where(
+        LedgerEntry.job_id == job_id, LedgerEntry.kind == EntryKind.RESERVE.value)).scalars().first()
+
+
+def _settled(session: Session, job_id: str) -> LedgerEntry | None:
+    return session.execute(select(LedgerEntry).where(
+        LedgerEntry.job_id == job_id,
+        LedgerEntry.kind.in_([EntryKind.CAPTURE.value, EntryKind.REFUND.value]))).scalars().first()
+
+
+def capture(session: Session, job_id: str) -> LedgerEntry:
+    """Charge what was reserved for a delivered job. Once; never after a refund."""
+    return _settle(session, job_id, EntryKind.CAPTURE)
+
+
+def refund(session: Session, job_id: str) -> LedgerEntry:
+    """Return what was reserved for a job that delivered nothing. Once; never after a capture."""
+    return _settle(session, job_id, EntryKind.REFUND)
+
+
+def _settle(session: Session, job_id: str, kind: EntryKind) -> LedgerEntry:
+    held = _reserved_for(session, job_id)
+    if held is None:
+        raise LedgerError(f"job {job_id} has no reservation to {kind.value}")
+    done = _settled(session, job_id)
+    if done is not None:
+        if done.kind == kind.value:
+            return done
+        raise LedgerError(f"job {job_id} was already settled by {done.kind}", {"settled": done.kind})
+    back = held.amount if kind is EntryKind.REFUND else 0
+    # One key for capture and refund alike: the database admits only one of the two per job.
+    return _apply(session, held.user_id, kind, held.amount, f"settle:{job_id}", job_id=job_id,
+                  note="", d_available=back, d_reserved=-held.amount, guard_reserved=held.amount)
+
+
+def entries(session: Session, user_id: str, limit: int = 50, before_id: int | None = None) -> list[LedgerEntry]:
+    query = select(LedgerEntry).where(LedgerEntry.user_id == user_id)
+    if before_id is not None:
+        query = query.where(LedgerEntry.id < before_id)
+    return list(session.execute(query.order_by(LedgerEntry.id.desc()).limit(limit)).scalars())

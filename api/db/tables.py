@@ -1,0 +1,192 @@
+"""SQLModel tables. Times are aware UTC datetimes (sqlmodel stores them as UTC on every database)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, CheckConstraint, Column, Index, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:20]}"
+
+
+class User(SQLModel, table=True):
+    __tablename__ = "users"
+
+    id: str = Field(default_factory=lambda: new_id("usr"), primary_key=True)
+    email: str = Field(unique=True, index=True)
+    plan: str = "free"
+    is_admin: bool = False
+    webhook_secret: str
+    created_at: datetime = Field(default_factory=utcnow)
+    last_served_at: datetime | None = None
+    disabled: bool = False
+
+
+class ApiKey(SQLModel, table=True):
+    __tablename__ = "api_keys"
+
+    id: str = Field(default_factory=lambda: new_id("key"), primary_key=True)
+    user_id: str = Field(foreign_key="users.id", index=True)
+    prefix: str = Field(unique=True)
+    key_hash: str = Field(unique=True)
+    name: str = ""
+    created_at: datetime = Field(default_factory=utcnow)
+    last_used_at: datetime | None = None
+    revoked_at: datetime | None = None
+
+
+class Balance(SQLModel, table=True):
+    """Current balance, kept in step with the ledger in the same transaction."""
+
+    __tablename__ = "balances"
+    __table_args__ = (
+        CheckConstraint("available >= 0", name="ck_balance_available_nonneg"),
+        CheckConstraint("reserved >= 0", name="ck_balance_reserved_nonneg"),
+    )
+
+    user_id: str = Field(foreign_key="users.id", primary_key=True)
+    available: int = 0
+    reserved: int = 0
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class LedgerEntry(SQLModel, table=True):
+    """Append-only. ``amount`` is always positive; ``kind`` says which way it moved."""
+
+    __tablename__ = "ledger"
+    __table_args__ = (
+        UniqueConstraint("job_id", "kind", name="uq_ledger_job_kind"),
+        CheckConstraint("amount >= 0", name="ck_ledger_amount_nonneg"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: str = Field(foreign_key="users.id", index=True)
+    kind: str
+    amount: int
+    job_id: str | None = Field(default=None, index=True)
+    idempotency_key: str = Field(unique=True)
+    note: str = ""
+    available_after: int
+    reserved_after: int
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Job(SQLModel, table=True):
+    __tablename__ = "jobs"
+    __table_args__ = (
+        UniqueConstraint("user_id", "idempotency_key", name="uq_jobs_user_idem"),
+        Index("ix_jobs_claim", "status", "priority", "created_at"),
+        Index("ix_jobs_user_created", "user_id", "created_at"),
+    )
+
+    id: str = Field(default_factory=lambda: new_id("job"), primary_key=True)
+    user_id: str = Field(foreign_key="users.id")
+    model: str
+    kind: str
+    task: str
+    input: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    status: str = "queued"
+    stage: str | None = "queued"
+    progress: float = 0.0
+    priority: int = 0
+    attempts: int = 0
+    max_attempts: int = 3
+    next_attempt_at: datetime | None = None
+    lease_owner: str | None = None
+    lease_expires_at: datetime | None = None
+    cancel_requested: bool = False
+    provider: str | None = None
+    provider_job_id: str | None = None
+    route_reason: str | None = None
+    cost_usd: float | None = None
+    outputs: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    resume: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    result: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    error_code: str | None = None
+    error_message: str | None = None
+    credits_reserved: int = 0
+    credits_charged: int = 0
+    credits_refunded: int = 0
+    idempotency_key: str | None = None
+    request_hash: str | None = None
+    webhook: str | None = None
+    webhook_events_filter: list[str] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    lora_id: str | None = Field(default=None, index=True)
+    created_at: datetime = Field(default_factory=utcnow)
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    updated_at: datetime = Field(default_factory=utcnow)
+    queue_s: float | None = None
+    run_s: float | None = None
+    outputs_deleted_at: datetime | None = None
+
+
+class JobEvent(SQLModel, table=True):
+    """Every change a subscriber may want, kept for SSE replay (``Last-Event-ID``)."""
+
+    __tablename__ = "job_events"
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: str = Field(index=True)
+    type: str
+    data: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Upload(SQLModel, table=True):
+    __tablename__ = "uploads"
+
+    id: str = Field(default_factory=lambda: new_id("upl"), primary_key=True)
+    user_id: str = Field(foreign_key="users.id", index=True)
+    key: str
+    filename: str = ""
+    content_type: str
+    size: int
+    width: int | None = None
+    height: int | None = None
+    kind: str = "image"
+    meta: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class PlanGrant(SQLModel, table=True):
+    """One row per (user, period) a plan's credits were granted, so grants never repeat."""
+
+    __tablename__ = "plan_grants"
+    __table_args__ = (UniqueConstraint("user_id", "period", name="uq_plan_grant_period"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: str = Field(foreign_key="users.id")
+    plan: str
+    period: str
+    amount: int
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Lora(SQLModel, table=True):
+    """A personal LoRA: trained by a ``training`` job, then usable in its owner's generations."""
+
+    __tablename__ = "loras"
+
+    id: str = Field(default_factory=lambda: new_id("lora"), primary_key=True)
+    user_id: str = Field(foreign_key="users.id", index=True)
+    name: str
+    base_model: str
+    trigger_word: str = "TOK"
+    status: str = "queued"
+    params: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    job_id: str | None = None
+    weights_key: str | None = None
+    validation_key: str | None = None
+    summary: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow)
+    deleted_at: datetime | None = None

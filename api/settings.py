@@ -1,0 +1,163 @@
+"""One settings class for the whole stack (prefix ``CINEWEAVE_``), built by :func:`get_settings`.
+
+Nothing reads the environment at import time: call ``get_settings()`` (or build ``Settings(...)``
+directly in tests) and pass the object down.
+"""
+
+from __future__ import annotations
+
+import secrets
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class PlanLimits(BaseModel):
+    """Per-plan overrides of the global limits; ``None`` means "use the global setting"."""
+
+    max_active_jobs: int | None = None
+    rate_limit_per_minute: int | None = None
+    max_prompt_chars: int | None = None
+
+
+class Plan(BaseModel):
+    id: str
+    name: str
+    monthly_credits: int = 0
+    one_time_credits: int = 0
+    price_usd: float = 0.0
+    limits: PlanLimits = PlanLimits()
+
+
+def default_plans() -> list[Plan]:
+    return [
+        Plan(id="free", name="Free", one_time_credits=100),
+        Plan(id="starter", name="Starter", monthly_credits=80, price_usd=10),
+        Plan(id="creator", name="Creator", monthly_credits=250, price_usd=31),
+        Plan(id="studio", name="Studio", monthly_credits=500, price_usd=60,
+             limits=PlanLimits(max_active_jobs=6, rate_limit_per_minute=20)),
+    ]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CINEWEAVE_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Path("./var")
+    database_url: str | None = None
+    storage_url: str | None = None
+    admin_key: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    public_url: str | None = None
+    cors_origins: list[str] = Field(default_factory=list)
+    signing_secret: str | None = None
+
+    # limits (global; plans may override)
+    max_active_jobs: int = 3
+    rate_limit_per_minute: int = 5
+    max_prompt_chars: int = 500
+    content_policy_words: list[str] = Field(default_factory=list)
+    plans: list[Plan] = Field(default_factory=default_plans)
+    default_plan: str = "free"
+
+    # pricing (the model spec may override per model)
+    video_credits_per_second: float = 10.0
+    video_1080p_multiplier: float = 1.5
+    image_credits: float = 1.0
+    training_credits_per_1000_steps: float = 20.0
+
+    # retention and runner
+    output_retention_days: int = 0
+    url_ttl_s: int = 3600
+    runner_enabled: bool = True
+    runner_concurrency: int = 4
+    runner_poll_s: float = 0.5
+    lease_s: float = 30.0
+    max_attempts: int = 3
+    retry_backoff_s: float = 2.0
+    stuck_job_s: float = 3600.0
+    maintenance_interval_s: float = 300.0
+    webhook_max_attempts: int = 5
+    webhook_timeout_s: float = 10.0
+    webhook_backoff_s: float = 1.0
+
+    # models
+    models_dir: Path | None = None
+    tiny_models_dir: Path | None = None
+    api_url: str = "http://127.0.0.1:8000"
+    api_key: str | None = None
+
+    # overflow providers
+    overflow_enabled: bool = True
+    replicate_api_token: str | None = None
+    replicate_base_url: str = "https://api.replicate.com/v1"
+    replicate_webhook_secret: str | None = None
+    replicate_cost_per_second_usd: float = 0.50
+    gemini_api_key: str | None = None
+    gemini_base_url: str = "https://generativelanguage.googleapis.com"
+    veo_cost_per_second_usd: float = 0.40
+    provider_timeout_s: float = 900.0
+    provider_poll_s: float = 5.0
+
+    # upload limits
+    max_upload_bytes: int = 20 * 1024 * 1024
+    max_upload_pixels: int = 40_000_000
+    max_upload_files: int = 30
+
+    def resolved_database_url(self) -> str:
+        """SQLAlchemy URL; a plain ``postgresql://`` URL is mapped to the psycopg 3 driver."""
+        url = self.database_url or f"sqlite:///{(self.data_dir / 'cineweave.db').resolve()}"
+        for plain in ("postgresql://", "postgres://"):
+            if url.startswith(plain):
+                return "postgresql+psycopg://" + url[len(plain):]
+        return url
+
+    def resolved_storage_url(self) -> str:
+        return self.storage_url or f"file://{(self.data_dir / 'storage').resolve()}"
+
+    def resolved_signing_secret(self) -> str:
+        """The HMAC secret for local signed URLs: configured, or created once in the data dir."""
+        if self.signing_secret:
+            return self.signing_secret
+        path = self.data_dir / "signing.key"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(secrets.token_hex(32))
+            path.chmod(0o600)
+        return path.read_text().strip()
+
+    def plan(self, plan_id: str) -> Plan:
+        for plan in self.plans:
+            if plan.id == plan_id:
+                return plan
+        raise KeyError(plan_id)
+
+    def limits_for(self, plan_id: str) -> tuple[int, int, int]:
+        """(max_active_jobs, rate_limit_per_minute, max_prompt_chars) for a plan."""
+        try:
+            overrides = self.plan(plan_id).limits
+        except KeyError:
+            overrides = PlanLimits()
+        return (
+            overrides.max_active_jobs if overrides.max_active_jobs is not None else self.max_active_jobs,
+            overrides.rate_limit_per_minute
+            if overrides.rate_limit_per_minute is not None else self.rate_limit_per_minute,
+            overrides.max_prompt_chars if overrides.max_prompt_chars is not None else self.max_prompt_chars,
+        )
+
+
+@lru_cache(maxsize=1)
+def _cached_settings() -> Settings:
+    return Settings()
+
+
+def get_settings(fresh: bool = False) -> Settings:
+    """The process's settings, read from the environment on first call (or every call if fresh)."""
+    if fresh:
+        _cached_settings.cache_clear()
+    return _cached_settings()
+
+
+__all__ = ["Plan", "PlanLimits", "Settings", "default_plans", "get_settings"]

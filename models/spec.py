@@ -1,0 +1,184 @@
+"""The model spec: one YAML file per model, validated here.
+
+Plain pydantic + PyYAML: the API imports this module to validate and price requests, so it must
+never pull torch or diffusers in.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Kind = Literal["image", "video"]
+Task = Literal["t2i", "i2i", "t2v", "i2v"]
+VIDEO_TASKS = {"t2v", "i2v"}
+IMAGE_TASKS = {"t2i", "i2i"}
+
+
+class CatalogError(ValueError):
+    """A catalog file that does not describe a valid model; the message names file and field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class Source(_Strict):
+    """Where the weights come from: a local path, ``s3://bucket/prefix`` or a Hugging Face repo."""
+
+    path: str | None = None
+    s3: str | None = None
+    hf_repo: str | None = None
+    revision: str | None = None
+    tiny: str | None = Field(default=None, description="name of a tiny checkpoint built by make-tiny")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Source:
+        given = [x for x in (self.path, self.s3, self.hf_repo, self.tiny) if x]
+        if len(given) != 1:
+            raise ValueError("source needs exactly one of path, s3, hf_repo, tiny")
+        if self.s3 and not self.s3.startswith("s3://"):
+            raise ValueError("source.s3 must start with s3://")
+        return self
+
+
+class Defaults(_Strict):
+    width: int = 512
+    height: int = 512
+    steps: int = 30
+    guidance: float = 5.0
+    num_frames: int | None = None
+    fps: int | None = None
+    duration: float | None = None
+    resolution: str | None = None
+    aspect_ratio: str | None = None
+    negative_prompt: str = ""
+
+
+class Limits(_Strict):
+    min_width: int = 64
+    max_width: int = 1024
+    min_height: int = 64
+    max_height: int = 1024
+    size_multiple: int = 8
+    max_steps: int = 100
+    min_frames: int | None = None
+    max_frames: int | None = None
+    frame_multiple: int | None = None
+    frame_offset: int = 0
+    min_fps: int | None = None
+    max_fps: int | None = None
+    durations: list[float] | None = None
+    resolutions: list[str] | None = None
+    aspect_ratios: list[str] | None = None
+    resolutions_by_duration: dict[str, list[float]] | None = Field(
+        default=None, description="resolution -> durations allowed at it, e.g. 1080p: [8]")
+    max_wait_s: float | None = None
+    max_loras: int = 3
+    training_steps: tuple[int, int] = (10, 4000)
+    training_resolutions: list[int] = Field(default_factory=lambda: [512])
+
+
+class Pricing(_Strict):
+    credits_per_image: float | None = None
+    base_pixels: int = 512 * 512
+    credits_per_second: float | None = None
+    multiplier_1080p: float | None = None
+    training_credits_per_1000_steps: float | None = None
+
+
+class Resources(_Strict):
+    num_gpus: float = 1.0
+    num_cpus: float = 1.0
+    memory_gb: float | None = None
+    accelerator_type: str | None = None
+
+
+class Serving(_Strict):
+    min_replicas: int = 1
+    max_replicas: int = 1
+    initial_replicas: int | None = None
+    target_ongoing_requests: float = 2.0
+    max_ongoing_requests: int = 8
+    max_queued_requests: int = 64
+    max_batch_size: int = 4
+    batch_wait_timeout_s: float = 0.05
+    max_loras_per_replica: int = 4
+    upscale_delay_s: float = 10.0
+    downscale_delay_s: float = 120.0
+
+
+class Optimizations(_Strict):
+    xformers: bool = True
+    cpu_offload: bool = False
+    vae_tiling: bool = False
+    vae_slicing: bool = False
+    torch_compile: bool = False
+    attention_slicing: bool = False
+
+
+class Overflow(_Strict):
+    provider: Literal["replicate", "veo"] | None = None
+    model: str | None = Field(default=None, description="provider's model name, e.g. google/veo-3.1")
+    when: list[Literal["remote_only", "wait", "capacity"]] = Field(
+        default_factory=lambda: ["wait", "capacity"])
+    remote_only: bool = False
+
+
+class ModelSpec(_Strict):
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
+    name: str | None = None
+    description: str = ""
+    kind: Kind
+    tasks: list[Task]
+    family: str | None = None
+    enabled: bool = True
+    source: Source | None = None
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    scheduler: str | None = None
+    defaults: Defaults = Defaults()
+    limits: Limits = Limits()
+    pricing: Pricing = Pricing()
+    resources: Resources = Resources()
+    serving: Serving = Serving()
+    optimizations: Optimizations = Optimizations()
+    overflow: Overflow = Overflow()
+    trainable: bool = False
+    measured_run_s: float | None = Field(default=None, description="typical run time, for wait estimates")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelSpec:
+        if not self.tasks:
+            raise ValueError("tasks must not be empty")
+        wrong = set(self.tasks) - (VIDEO_TASKS if self.kind == "video" else IMAGE_TASKS)
+        if wrong:
+            raise ValueError(f"tasks {sorted(wrong)} do not fit kind {self.kind}")
+        if self.overflow.remote_only:
+            if not self.overflow.provider:
+                raise ValueError("a remote-only model needs overflow.provider")
+        else:
+            if self.source is None or not self.family:
+                raise ValueError("a local model needs source and family")
+        return self
+
+    @property
+    def remote_only(self) -> bool:
+        return self.overflow.remote_only
+
+
+def load_spec_file(path: Path) -> ModelSpec:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise CatalogError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise CatalogError(f"{path}: expected a mapping at the top level")
+    try:
+        return ModelSpec.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}" for err in exc.errors())
+        raise CatalogError(f"{path}: {problems}") from exc
