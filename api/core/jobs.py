@@ -1,6 +1,7 @@
 """The job state machine: ``queued → running → succeeded | failed | canceled``.
 
-A retry sends a running job back to ``queued`` with ``attempts + 1``; a queued job can be canceled,
+A retry sends a running job back to ``queued``; the attempt is counted when it is claimed again
+(``attempts`` is the number of runs started). A queued job can be canceled,
 or failed by maintenance (its model was removed); anything else raises :class:`InvalidTransition`.
 """
 
@@ -44,12 +45,15 @@ def transition(current: str, target: str) -> JobStatus:
     return JobStatus(target)
 
 
-def retry(current: str, attempts: int) -> tuple[JobStatus, int]:
-    """A retryable failure: back to ``queued`` with one more attempt counted."""
+def retry(current: str, attempts: int, max_attempts: int) -> JobStatus:
+    """A retryable failure: back to ``queued`` while attempts remain."""
     if JobStatus(current) is not JobStatus.RUNNING:
         raise InvalidTransition(f"only a running job can be retried, not a {current} one",
                                 {"from": current, "to": "queued"})
-    return JobStatus.QUEUED, attempts + 1
+    if attempts >= max_attempts:
+        raise InvalidTransition(f"no attempts left ({attempts} of {max_attempts})",
+                                {"attempts": attempts, "max_attempts": max_attempts})
+    return JobStatus.QUEUED
 
 
 def is_terminal(status: str) -> bool:

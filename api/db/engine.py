@@ -48,7 +48,8 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection) -> None:  # type: ignore[no-untyped-def]
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        read_only = connection.get_execution_options().get("cineweave_read_only", False)
+        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
 def is_postgres(engine: Engine) -> bool:
@@ -61,10 +62,18 @@ class Database:
     def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
         self.settings = settings
         self.engine = engine or make_engine(settings)
+        self._read_engine = self.engine.execution_options(cineweave_read_only=True)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
+        """A session for work that may write (on SQLite it takes the write lock at BEGIN)."""
         with Session(self.engine, expire_on_commit=False) as session:
+            yield session
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A session for reads only: on SQLite (WAL) it never waits for, nor blocks, a writer."""
+        with Session(self._read_engine, expire_on_commit=False) as session:
             yield session
 
     def migrate(self) -> None:

@@ -1,0 +1,425 @@
+"""The runner: claims queued jobs, drives an Executor, settles credits exactly once.
+
+Safety rests on the database, not on this process staying alive:
+- a claim is a conditional UPDATE (``status='queued'`` → ``running`` with a lease), so several
+  runners never take the same job;
+- every later write checks that this runner still holds the lease; a runner that lost its lease
+  (it stalled, another runner reclaimed the job) stops and writes nothing more;
+- an expired lease is reclaimed by any runner: the job is retried, or failed and refunded;
+- capture and refund go through the ledger, which admits one settlement per job.
+
+Fairness: the next job is taken from the user served least recently (round-robin across users
+within a priority), so one user's burst does not starve the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import uuid
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlmodel import Session
+
+from api.core import ledger
+from api.core.errors import CineWeaveError
+from api.core.events import (
+    DoneEvent,
+    ErrorEvent,
+    ExecutorEvent,
+    LogEvent,
+    OutputEvent,
+    ProgressEvent,
+    ProviderEvent,
+    StageEvent,
+    event_to_dict,
+)
+from api.core.executor import ExecutionRequest, Executor
+from api.core.jobs import JobStatus, retry, transition
+from api.db.engine import Database, is_postgres
+from api.db.tables import Job, User, utcnow
+from api.services.events import EventBus, record_event
+from api.services.jobs import delete_job_outputs, output_prefix
+from api.settings import Settings
+from api.storage.base import Storage
+
+logger = logging.getLogger(__name__)
+
+PROGRESS_MIN_INTERVAL_S = 0.2
+
+
+class LeaseLost(Exception):
+    """This runner no longer owns the job: another runner reclaimed it."""
+
+
+InputResolver = Callable[[Job], dict[str, Any]]
+
+
+class Runner:
+    def __init__(self, db: Database, executor: Executor, settings: Settings, storage: Storage,
+                 bus: EventBus | None = None, *, runner_id: str | None = None,
+                 resolve_input: InputResolver | None = None, metrics: Any = None) -> None:
+        self.db = db
+        self.executor = executor
+        self.settings = settings
+        self.storage = storage
+        self.bus = bus or EventBus()
+        self.id = runner_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+        self.resolve_input = resolve_input
+        self.metrics = metrics
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._stopping = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+
+    # lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self._stopping.clear()
+        self._loop_task = asyncio.create_task(self.run_forever(), name=f"runner-{self.id}")
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Stop claiming; let running jobs finish for ``grace_s``, then abandon them.
+
+        An abandoned job keeps its lease until it expires and is then reclaimed (by another runner
+        or by this one after a restart): stopping never loses or double-charges a job.
+        """
+        self._stopping.set()
+        if self._loop_task:
+            await asyncio.wait([self._loop_task], timeout=grace_s)
+        tasks = list(self._tasks.values())
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=grace_s)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        if self._loop_task and not self._loop_task.done():
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+
+    async def run_forever(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                await self.tick()
+            except Exception:  # noqa: BLE001 - the loop must survive a bad tick (db hiccup)
+                logger.exception("runner tick failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), timeout=self.settings.runner_poll_s)
+
+    async def tick(self) -> int:
+        """Reclaim expired leases, then claim and start jobs into free slots. Returns jobs started."""
+        self.reclaim_expired()
+        started = 0
+        while len(self._tasks) < self.settings.runner_concurrency and not self._stopping.is_set():
+            job = self.claim_next()
+            if job is None:
+                break
+            task = asyncio.create_task(self._drive_guarded(job), name=f"job-{job.id}")
+            self._tasks[job.id] = task
+            task.add_done_callback(lambda _t, jid=job.id: self._tasks.pop(jid, None))
+            started += 1
+        return started
+
+    async def drain(self, timeout_s: float = 30.0) -> None:
+        """Tick until nothing is queued or running here (tests and `maintenance`)."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while asyncio.get_running_loop().time() < deadline:
+            await self.tick()
+            if not self._tasks and not self._has_claimable():
+                return
+            await asyncio.sleep(self.settings.runner_poll_s)
+        raise TimeoutError("runner did not drain in time")
+
+    @property
+    def active_job_ids(self) -> list[str]:
+        return list(self._tasks)
+
+    # claiming ----------------------------------------------------------------------------
+    def _has_claimable(self) -> bool:
+        with self.db.read() as session:
+            return session.execute(select(Job.id).where(
+                Job.status == JobStatus.QUEUED.value)).first() is not None
+
+    def claim_next(self) -> Job | None:
+        now = utcnow()
+        with self.db.session() as session:
+            candidates = session.execute(
+                select(Job.id, Job.user_id).join(User, User.id == Job.user_id)
+                .where(Job.status == JobStatus.QUEUED.value,
+                       (Job.next_attempt_at.is_(None)) | (Job.next_attempt_at <= now))
+                .order_by(Job.priority.desc(), User.last_served_at.asc().nulls_first(), Job.created_at.asc())
+                .limit(8)).all()
+            for job_id, user_id in candidates:
+                claimed = session.execute(
+                    update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
+                    .values(status=JobStatus.RUNNING.value, stage="starting", lease_owner=self.id,
+                            lease_expires_at=now + timedelta(seconds=self.settings.lease_s),
+                            attempts=Job.attempts + 1, updated_at=now, next_attempt_at=None)
+                    .execution_options(synchronize_session=False))
+                if claimed.rowcount != 1:
+                    continue  # another runner took it
+                session.execute(update(User).where(User.id == user_id).values(last_served_at=now)
+                                .execution_options(synchronize_session=False))
+                job = session.get(Job, job_id)
+                assert job is not None
+                session.refresh(job)
+                if job.started_at is None:
+                    job.started_at = now
+                    job.queue_s = (now - job.created_at).total_seconds()
+                record_event(session, job.id, "status", {"status": job.status, "stage": job.stage,
+                                                         "attempt": job.attempts})
+                session.commit()
+                self.bus.publish(job.id, "start" if job.attempts == 1 else "status",
+                                 {"status": job.status, "attempt": job.attempts})
+                logger.info("runner %s claimed job %s (attempt %d)", self.id, job.id, job.attempts)
+                return job
+        return None
+
+    def reclaim_expired(self) -> int:
+        """Jobs whose runner vanished: retry them, or fail and refund when out of attempts."""
+        now = utcnow()
+        reclaimed = 0
+        with self.db.read() as session:
+            stale = session.execute(select(Job.id).where(
+                Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < now)).scalars().all()
+        for job_id in stale:
+            with self.db.session() as session:
+                job = self._locked(session, job_id)
+                if job is None or job.status != JobStatus.RUNNING or not job.lease_expires_at \
+                        or job.lease_expires_at >= now:
+                    continue
+                logger.warning("lease of job %s (runner %s) expired; reclaiming", job.id, job.lease_owner)
+                if job.cancel_requested:
+                    self._finish(session, job, JobStatus.CANCELED, None)
+                elif job.attempts < job.max_attempts:
+                    self._requeue(session, job, "worker_lost", "the worker running this job stopped")
+                else:
+                    self._finish(session, job, JobStatus.FAILED,
+                                 ErrorEvent("worker_lost", "the worker running this job stopped", True))
+                session.commit()
+                reclaimed += 1
+            self._announce(job_id)
+        return reclaimed
+
+    # driving -----------------------------------------------------------------------------
+    async def _drive_guarded(self, job: Job) -> None:
+        try:
+            await self.drive(job)
+        except LeaseLost:
+            logger.warning("runner %s lost the lease of job %s; leaving it to its new owner", self.id, job.id)
+        except asyncio.CancelledError:
+            logger.warning("runner %s abandoned job %s (shutdown); its lease will expire", self.id, job.id)
+            raise
+        except Exception:  # noqa: BLE001 - a bug here must not kill the loop
+            logger.exception("runner failed driving job %s", job.id)
+
+    def _request(self, job: Job) -> ExecutionRequest:
+        data = dict(job.input)
+        if self.resolve_input is not None:
+            data = self.resolve_input(job)
+        return ExecutionRequest(job_id=job.id, user_id=job.user_id, model=job.model, kind=job.kind,
+                                task=job.task, input=data, attempt=job.attempts,
+                                output_prefix=output_prefix(job.user_id, job.id), resume=dict(job.resume))
+
+    async def drive(self, job: Job) -> None:
+        try:
+            request = self._request(job)
+        except CineWeaveError as exc:
+            self._settle_error(job.id, ErrorEvent(exc.code, exc.message, retryable=False))
+            return
+        heartbeat = asyncio.create_task(self._heartbeat(job.id))
+        cancel_watch = asyncio.create_task(self._watch_cancel(job.id))
+        final: ExecutorEvent | None = None
+        last_progress = 0.0
+        stream = self.executor.run(request)
+        try:
+            async for event in stream:
+                if heartbeat.done():
+                    heartbeat.result()  # raises LeaseLost
+                if isinstance(event, ProgressEvent):
+                    now = asyncio.get_running_loop().time()
+                    if now - last_progress < PROGRESS_MIN_INTERVAL_S and event.step < event.total:
+                        continue
+                    last_progress = now
+                if isinstance(event, DoneEvent | ErrorEvent):
+                    final = event
+                    break
+                self._record(job.id, event)
+        except LeaseLost:
+            raise
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - an executor crash is a retryable failure
+            logger.exception("executor failed on job %s", job.id)
+            final = ErrorEvent("executor_error", f"{type(exc).__name__}: {exc}", retryable=True)
+        finally:
+            heartbeat.cancel()
+            cancel_watch.cancel()
+            await asyncio.gather(heartbeat, cancel_watch, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await stream.aclose()  # type: ignore[attr-defined]
+        if final is None:
+            final = ErrorEvent("incomplete", "the executor ended without a result", retryable=True)
+        if isinstance(final, DoneEvent):
+            self._settle_success(job.id, final)
+        else:
+            self._settle_error(job.id, final)
+
+    async def _heartbeat(self, job_id: str) -> None:
+        interval = max(0.05, self.settings.lease_s / 3)
+        while True:
+            await asyncio.sleep(interval)
+            now = utcnow()
+            with self.db.session() as session:
+                renewed = session.execute(
+                    update(Job).where(Job.id == job_id, Job.lease_owner == self.id,
+                                      Job.status == JobStatus.RUNNING.value)
+                    .values(lease_expires_at=now + timedelta(seconds=self.settings.lease_s))
+                    .execution_options(synchronize_session=False))
+                session.commit()
+            if renewed.rowcount != 1:
+                raise LeaseLost(job_id)
+
+    async def _watch_cancel(self, job_id: str) -> None:
+        while True:
+            waiter = self.bus.waiter(job_id)
+            try:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(waiter.wait(), timeout=max(self.settings.runner_poll_s, 0.05) * 4)
+            finally:
+                self.bus.release(job_id, waiter)
+            with self.db.read() as session:
+                requested = session.execute(select(Job.cancel_requested).where(Job.id == job_id)).scalar()
+            if requested:
+                logger.info("cancel of job %s requested; telling the executor", job_id)
+                await self.executor.cancel(job_id)
+                return
+
+    # recording ---------------------------------------------------------------------------
+    def _locked(self, session: Session, job_id: str) -> Job | None:
+        query = select(Job).where(Job.id == job_id)
+        if is_postgres(session.get_bind()):
+            query = query.with_for_update()
+        return session.execute(query).scalars().first()
+
+    def _owned(self, session: Session, job_id: str) -> Job:
+        job = self._locked(session, job_id)
+        if job is None or job.status != JobStatus.RUNNING or job.lease_owner != self.id:
+            raise LeaseLost(job_id)
+        return job
+
+    def _record(self, job_id: str, event: ExecutorEvent) -> None:
+        with self.db.session() as session:
+            job = self._owned(session, job_id)
+            job.updated_at = utcnow()
+            if isinstance(event, StageEvent):
+                job.stage = event.stage
+                type_, data = "progress", {"stage": event.stage, "progress": job.progress}
+            elif isinstance(event, ProgressEvent):
+                job.stage = event.stage
+                job.progress = round(event.fraction, 4)
+                type_, data = "progress", {"stage": event.stage, "progress": job.progress,
+                                           "step": event.step, "total": event.total, **event.metrics}
+            elif isinstance(event, OutputEvent):
+                output = {k: v for k, v in event_to_dict(event).items() if k != "type" and v is not None}
+                job.outputs = [*job.outputs, output]
+                type_, data = "output", {"output": output}
+            elif isinstance(event, ProviderEvent):
+                job.provider = event.provider
+                job.provider_job_id = event.provider_job_id or job.provider_job_id
+                job.route_reason = event.reason or job.route_reason
+                if event.cost_usd is not None:
+                    job.cost_usd = event.cost_usd
+                type_, data = "provider", {"provider": event.provider, "reason": event.reason}
+            elif isinstance(event, LogEvent):
+                type_, data = "logs", {"message": event.message}
+            else:
+                return
+            record_event(session, job.id, type_, data)
+            session.commit()
+        if self.metrics is not None and isinstance(event, ProviderEvent):
+            self.metrics.routed(job_id, event)
+        self.bus.publish(job_id, type_, data)
+
+    def _settle_success(self, job_id: str, done: DoneEvent) -> None:
+        with self.db.session() as session:
+            job = self._owned(session, job_id)
+            if job.cancel_requested:
+                self._finish(session, job, JobStatus.CANCELED, None)
+            else:
+                job.result = dict(done.result)
+                self._finish(session, job, JobStatus.SUCCEEDED, None)
+            session.commit()
+        self._announce(job_id)
+
+    def _settle_error(self, job_id: str, error: ErrorEvent) -> None:
+        with self.db.session() as session:
+            job = self._owned(session, job_id)
+            if job.cancel_requested or error.code == "canceled":
+                self._finish(session, job, JobStatus.CANCELED, None)
+            elif error.retryable and job.attempts < job.max_attempts:
+                self._requeue(session, job, error.code, error.message)
+            else:
+                self._finish(session, job, JobStatus.FAILED, error)
+            session.commit()
+        self._announce(job_id)
+
+    def _requeue(self, session: Session, job: Job, code: str, message: str) -> None:
+        status = retry(job.status, job.attempts, job.max_attempts)
+        backoff = self.settings.retry_backoff_s * (2 ** max(0, job.attempts - 1))
+        logger.warning("job %s attempt %d failed (%s: %s); retrying in %.1fs", job.id, job.attempts,
+                       code, message, backoff)
+        delete_job_outputs(self.storage, job)
+        job.status = status.value
+        job.stage = "retrying"
+        job.progress = 0.0
+        job.outputs = []
+        job.lease_owner = None
+        job.lease_expires_at = None
+        job.next_attempt_at = utcnow() + timedelta(seconds=backoff)
+        job.updated_at = utcnow()
+        record_event(session, job.id, "status", {"status": job.status, "stage": job.stage,
+                                                 "error": {"code": code, "message": message},
+                                                 "attempt": job.attempts})
+
+    def _finish(self, session: Session, job: Job, status: JobStatus, error: ErrorEvent | None) -> None:
+        """Terminal state plus exactly one settlement, in the caller's transaction."""
+        transition(job.status, status)
+        now = utcnow()
+        job.status = status.value
+        job.stage = status.value
+        job.completed_at = now
+        job.updated_at = now
+        job.lease_owner = None
+        job.lease_expires_at = None
+        if job.started_at is not None:
+            job.run_s = round((now - job.started_at).total_seconds(), 3)
+        if status is JobStatus.SUCCEEDED:
+            job.progress = 1.0
+            entry = ledger.capture(session, job.id)
+            job.credits_charged = entry.amount
+        else:
+            entry = ledger.refund(session, job.id)
+            job.credits_refunded = entry.amount
+            if status is JobStatus.CANCELED:
+                delete_job_outputs(self.storage, job)  # a canceled job keeps no output
+                job.outputs = []
+        if error is not None:
+            job.error_code = error.code
+            job.error_message = error.message
+        record_event(session, job.id, "status", {"status": job.status, "stage": job.stage})
+        record_event(session, job.id, "completed", {"status": job.status})
+        logger.info("job %s %s (charged %d, refunded %d)", job.id, job.status, job.credits_charged,
+                    job.credits_refunded)
+        if self.metrics is not None:
+            self.metrics.finished(job)
+
+    def _announce(self, job_id: str) -> None:
+        with self.db.read() as session:
+            job = session.get(Job, job_id)
+            status = job.status if job else None
+        type_ = "completed" if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED) else "status"
+        self.bus.publish(job_id, type_, {"status": status})

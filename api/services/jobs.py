@@ -1,0 +1,293 @@
+"""Submitting, reading, canceling and deleting jobs: what the routes call.
+
+Submission checks everything it can before the transaction (input against the spec, policy
+words, references), then in one transaction checks the user's limits, reserves the credits and
+inserts the job. A failure anywhere leaves no job and moves no credit.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+from urllib.parse import urlparse
+
+from sqlalchemy import and_, func, or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session
+
+from api.core import ledger
+from api.core.errors import Conflict, IdempotencyConflict, InvalidInput, NotFound
+from api.core.jobs import ACTIVE, JobStatus
+from api.core.limits import check_active_jobs, check_content_policy, check_rate
+from api.core.pricing import price_generation
+from api.core.requests import normalize_input
+from api.db.engine import Database, is_postgres
+from api.db.tables import Job, Lora, Upload, User, utcnow
+from api.services.events import EventBus, record_event
+from api.settings import Settings
+from api.storage.base import Storage
+from models.catalog import Catalog
+from models.spec import ModelSpec
+
+logger = logging.getLogger(__name__)
+
+WEBHOOK_EVENTS = ("start", "output", "logs", "completed")
+
+
+@dataclass(frozen=True)
+class Submission:
+    model: str
+    input: dict[str, Any]
+    webhook: str | None = None
+    webhook_events_filter: list[str] | None = None
+    priority: int = 0
+
+
+def request_hash(sub: Submission) -> str:
+    body = {"model": sub.model, "input": sub.input, "webhook": sub.webhook,
+            "webhook_events_filter": sub.webhook_events_filter}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def lock_user(session: Session, user_id: str) -> None:
+    """Serialize a user's submissions (PostgreSQL row lock; SQLite already holds the write lock)."""
+    if is_postgres(session.get_bind()):
+        session.execute(select(User.id).where(User.id == user_id).with_for_update())
+
+
+class JobService:
+    def __init__(self, db: Database, settings: Settings, catalog: Catalog, storage: Storage,
+                 bus: EventBus) -> None:
+        self.db = db
+        self.settings = settings
+        self.catalog = catalog
+        self.storage = storage
+        self.bus = bus
+
+    # submission ----------------------------------------------------------------------------
+    def spec_for(self, model_id: str) -> ModelSpec:
+        spec = self.catalog.get(model_id)
+        if spec is None:
+            raise InvalidInput(f"unknown model {model_id!r}", {"field": "model",
+                               "models": [s.id for s in self.catalog.enabled()]})
+        if not spec.enabled:
+            raise InvalidInput(f"model {model_id!r} is disabled", {"field": "model"})
+        return spec
+
+    def _check_webhook(self, sub: Submission) -> None:
+        if sub.webhook is not None:
+            parsed = urlparse(sub.webhook)
+            if parsed.scheme not in ("http", "https") or not parsed.netloc:
+                raise InvalidInput("webhook must be an http(s) URL", {"field": "webhook"})
+        if sub.webhook_events_filter is not None:
+            unknown = sorted(set(sub.webhook_events_filter) - set(WEBHOOK_EVENTS))
+            if unknown:
+                raise InvalidInput(f"unknown webhook events {unknown}",
+                                   {"field": "webhook_events_filter", "allowed": list(WEBHOOK_EVENTS)})
+
+    def _check_image(self, session: Session, user: User, spec: ModelSpec, ref: str) -> None:
+        """The input image must be the caller's upload, the caller's finished image job, or a URL."""
+        if ref.startswith("job:"):
+            source = session.get(Job, ref[4:])
+            if source is None or source.user_id != user.id:
+                raise InvalidInput(f"input.image: job {ref[4:]} not found", {"field": "image"})
+            if source.status != JobStatus.SUCCEEDED or source.kind != "image" or not source.outputs:
+                raise InvalidInput(f"input.image: job {ref[4:]} is not a finished image job",
+                                   {"field": "image", "status": source.status})
+            return
+        if ref.startswith(("http://", "https://")):
+            return
+        upload = session.get(Upload, ref)
+        if upload is None or upload.user_id != user.id:
+            raise InvalidInput(f"input.image: upload {ref} not found", {"field": "image"})
+        if upload.kind != "image":
+            raise InvalidInput(f"input.image: upload {ref} is not an image", {"field": "image"})
+
+    def _check_loras(self, session: Session, user: User, spec: ModelSpec, refs: list[dict[str, Any]]) -> None:
+        for ref in refs:
+            lora = session.get(Lora, ref["id"])
+            if lora is None or lora.user_id != user.id or lora.deleted_at is not None:
+                raise NotFound(f"LoRA {ref['id']} not found", {"field": "loras"})
+            if lora.base_model != spec.id:
+                raise InvalidInput(f"LoRA {lora.id} was trained on {lora.base_model}, not {spec.id}",
+                                   {"field": "loras", "base_model": lora.base_model})
+            if lora.status != "succeeded" or not lora.weights_key:
+                raise InvalidInput(f"LoRA {lora.id} is not trained yet (status {lora.status})",
+                                   {"field": "loras", "status": lora.status})
+
+    def submit(self, user: User, sub: Submission, idempotency_key: str | None = None) -> tuple[Job, bool]:
+        """Create a job. Returns ``(job, created)``; ``created`` is False for an idempotent replay."""
+        digest = request_hash(sub)
+        if idempotency_key is not None:
+            if not 1 <= len(idempotency_key) <= 200:
+                raise InvalidInput("Idempotency-Key must be 1–200 characters", {"field": "Idempotency-Key"})
+            with self.db.read() as session:
+                existing = self._by_idempotency_key(session, user.id, idempotency_key)
+            if existing is not None:
+                return self._replay(existing, digest), False
+        spec = self.spec_for(sub.model)
+        max_active, per_minute, max_chars = self.settings.limits_for(user.plan)
+        task, normalized = normalize_input(spec, sub.input, max_chars)
+        check_content_policy([normalized["prompt"], normalized.get("negative_prompt") or ""],
+                             self.settings.content_policy_words)
+        self._check_webhook(sub)
+        price = price_generation(spec, normalized, self.settings)
+        job = Job(user_id=user.id, model=spec.id, kind=spec.kind, task=task, input=normalized,
+                  priority=sub.priority, max_attempts=self.settings.max_attempts,
+                  credits_reserved=price, idempotency_key=idempotency_key, request_hash=digest,
+                  webhook=sub.webhook, webhook_events_filter=sub.webhook_events_filter)
+        try:
+            with self.db.session() as session:
+                if normalized.get("image"):
+                    self._check_image(session, user, spec, normalized["image"])
+                if normalized.get("loras"):
+                    self._check_loras(session, user, spec, normalized["loras"])
+                self._admit(session, user.id, max_active, per_minute)
+                session.add(job)
+                session.flush()
+                ledger.reserve(session, user.id, job.id, price)
+                record_event(session, job.id, "status", {"status": job.status, "stage": job.stage})
+                session.commit()
+        except IntegrityError:
+            # Same Idempotency-Key submitted concurrently: the other request created the job.
+            if idempotency_key is None:
+                raise
+            with self.db.session() as session:
+                existing = self._by_idempotency_key(session, user.id, idempotency_key)
+            if existing is None:
+                raise
+            return self._replay(existing, digest), False
+        self.bus.publish(job.id, "status", {"status": job.status})
+        logger.info("job %s queued: user=%s model=%s credits=%d", job.id, user.id, spec.id, price)
+        return job, True
+
+    def _admit(self, session: Session, user_id: str, max_active: int, per_minute: int) -> None:
+        lock_user(session, user_id)
+        active = session.execute(select(func.count()).select_from(Job).where(
+            Job.user_id == user_id, Job.status.in_([s.value for s in ACTIVE]))).scalar_one()
+        check_active_jobs(active, max_active)
+        since = utcnow() - timedelta(seconds=60)
+        recent = session.execute(select(func.count()).select_from(Job).where(
+            Job.user_id == user_id, Job.created_at >= since, Job.kind != "training")).scalar_one()
+        check_rate(recent, per_minute)
+
+    @staticmethod
+    def _by_idempotency_key(session: Session, user_id: str, key: str) -> Job | None:
+        return session.execute(select(Job).where(Job.user_id == user_id, Job.idempotency_key == key)
+                               ).scalars().first()
+
+    @staticmethod
+    def _replay(job: Job, digest: str) -> Job:
+        if job.request_hash != digest:
+            raise IdempotencyConflict("this Idempotency-Key was used with a different request",
+                                      {"job_id": job.id})
+        return job
+
+    # reading ------------------------------------------------------------------------------
+    def get(self, user: User | None, job_id: str) -> Job:
+        """A job by id; another user's job is 'not found' (``user=None`` is the admin view)."""
+        with self.db.read() as session:
+            job = session.get(Job, job_id)
+        if job is None or (user is not None and job.user_id != user.id):
+            raise NotFound(f"job {job_id} not found")
+        return job
+
+    def list(self, user: User | None, *, status: str | None = None, kind: str | None = None,
+             model: str | None = None, cursor: str | None = None, limit: int = 20) -> tuple[list[Job], str | None]:
+        query = select(Job)
+        if user is not None:
+            query = query.where(Job.user_id == user.id)
+        if status:
+            statuses = [s.strip() for s in status.split(",")]
+            unknown = set(statuses) - {s.value for s in JobStatus}
+            if unknown:
+                raise InvalidInput(f"unknown status {sorted(unknown)}", {"field": "status"})
+            query = query.where(Job.status.in_(statuses))
+        if kind:
+            query = query.where(Job.kind == kind)
+        if model:
+            query = query.where(Job.model == model)
+        if cursor:
+            created, job_id = decode_cursor(cursor)
+            query = query.where(or_(Job.created_at < created,
+                                    and_(Job.created_at == created, Job.id < job_id)))
+        with self.db.read() as session:
+            rows = list(session.execute(query.order_by(Job.created_at.desc(), Job.id.desc())
+                                        .limit(limit + 1)).scalars())
+        next_cursor = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+        return rows[:limit], next_cursor
+
+    # changes -----------------------------------------------------------------------------
+    def cancel(self, user: User | None, job_id: str) -> Job:
+        """Queued: canceled and refunded now. Running: the runner stops it and refunds."""
+        with self.db.session() as session:
+            job = session.get(Job, job_id)
+            if job is None or (user is not None and job.user_id != user.id):
+                raise NotFound(f"job {job_id} not found")
+            if job.status == JobStatus.QUEUED:
+                job.status = JobStatus.CANCELED.value
+                job.stage = "canceled"
+                job.completed_at = utcnow()
+                job.updated_at = job.completed_at
+                entry = ledger.refund(session, job.id)
+                job.credits_refunded = entry.amount
+                record_event(session, job.id, "status", {"status": job.status, "stage": job.stage})
+                record_event(session, job.id, "completed", {"status": job.status})
+                session.commit()
+                self.bus.publish(job.id, "completed", {"status": job.status})
+            elif job.status == JobStatus.RUNNING and not job.cancel_requested:
+                job.cancel_requested = True
+                job.updated_at = utcnow()
+                record_event(session, job.id, "log", {"message": "cancel requested"})
+                session.commit()
+                self.bus.publish(job.id, "cancel", {})
+            return job
+
+    def delete_outputs(self, user: User | None, job_id: str) -> Job:
+        """Remove a finished job's outputs from storage (the job and its ledger stay)."""
+        with self.db.session() as session:
+            job = session.get(Job, job_id)
+            if job is None or (user is not None and job.user_id != user.id):
+                raise NotFound(f"job {job_id} not found")
+            if job.status in (JobStatus.QUEUED, JobStatus.RUNNING):
+                raise Conflict("the job is still active: cancel it first", {"status": job.status},
+                               code="job_active")
+            delete_job_outputs(self.storage, job)
+            job.outputs = []
+            job.outputs_deleted_at = utcnow()
+            session.add(job)
+            session.commit()
+            return job
+
+
+def delete_job_outputs(storage: Storage, job: Job) -> int:
+    removed = storage.delete_prefix(output_prefix(job.user_id, job.id))
+    for out in job.outputs:
+        for key in (out.get("key"), out.get("thumbnail_key")):
+            if key and storage.exists(key):
+                storage.delete(key)
+                removed += 1
+    return removed
+
+
+def output_prefix(user_id: str, job_id: str) -> str:
+    return f"outputs/{user_id}/{job_id}/"
+
+
+def encode_cursor(job: Job) -> str:
+    raw = f"{job.created_at.isoformat()}|{job.id}"
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        created, job_id = raw.split("|", 1)
+        return datetime.fromisoformat(created), job_id
+    except Exception:  # noqa: BLE001 - any garbage is the same client error
+        raise InvalidInput("cursor is not valid", {"field": "cursor"}) from None
