@@ -7,7 +7,7 @@ never pull torch or diffusers in.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -56,6 +56,9 @@ class Defaults(_Strict):
     resolution: str | None = None
     aspect_ratio: str | None = None
     negative_prompt: str = ""
+    strength: float | None = Field(
+        default=None, gt=0.0, le=1.0,
+        description="image-to-image strength when the request gives none (None: the family's default)")
 
 
 class Limits(_Strict):
@@ -93,8 +96,10 @@ class Pricing(_Strict):
 class Resources(_Strict):
     num_gpus: float = 1.0
     num_cpus: float = 1.0
-    memory_gb: float | None = None
+    memory_gb: float | None = Field(default=None, description="host RAM one replica needs (Ray's memory)")
     accelerator_type: str | None = None
+    gpu_memory_gb: float | None = Field(
+        default=None, description="GPU memory one replica needs with the spec's optimizations")
 
 
 class Serving(_Strict):
@@ -139,6 +144,9 @@ class ModelSpec(_Strict):
     source: Source | None = None
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     scheduler: str | None = None
+    pipeline_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="extra keyword arguments for every pipeline call, e.g. max_sequence_length")
     defaults: Defaults = Defaults()
     limits: Limits = Limits()
     pricing: Pricing = Pricing()

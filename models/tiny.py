@@ -39,7 +39,6 @@ from diffusers import (
 )
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import (
-    CLIPImageProcessor,
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTokenizer,
@@ -52,12 +51,19 @@ from transformers import (
     UMT5EncoderModel,
 )
 
+from models.sources import TINY_MARKER
+
+try:  # transformers 5 without torchvision: name the PIL backend directly (same config, no warning)
+    from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+except ImportError:  # pragma: no cover - older transformers
+    from transformers import CLIPImageProcessor
+
 logger = logging.getLogger(__name__)
 
 TINY_VERSION = 1
 """Bumped whenever a builder changes; a checkpoint built by another version is rebuilt."""
 
-MARKER = "cineweave-tiny.json"
+MARKER = TINY_MARKER
 """Written last into each checkpoint directory: its presence means the build completed."""
 
 DEFAULT_TINY = ("tiny-sd", "tiny-wan", "tiny-wan-i2v")

@@ -26,7 +26,6 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlmodel import Session
 
-from api.core import ledger
 from api.core.errors import CineWeaveError
 from api.core.events import (
     DoneEvent,
@@ -40,11 +39,18 @@ from api.core.events import (
     event_to_dict,
 )
 from api.core.executor import ExecutionRequest, Executor
-from api.core.jobs import JobStatus, retry, transition
-from api.db.engine import Database, is_postgres
+from api.core.jobs import JobStatus
+from api.db.engine import Database
 from api.db.tables import Job, User, utcnow
 from api.services.events import EventBus, record_event
-from api.services.jobs import delete_job_outputs, output_prefix
+from api.services.settlement import (
+    announce,
+    finish_job,
+    locked_job,
+    output_prefix,
+    reclaim_expired,
+    requeue_job,
+)
 from api.settings import Settings
 from api.storage.base import Storage
 
@@ -180,29 +186,7 @@ class Runner:
 
     def reclaim_expired(self) -> int:
         """Jobs whose runner vanished: retry them, or fail and refund when out of attempts."""
-        now = utcnow()
-        reclaimed = 0
-        with self.db.read() as session:
-            stale = session.execute(select(Job.id).where(
-                Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < now)).scalars().all()
-        for job_id in stale:
-            with self.db.session() as session:
-                job = self._locked(session, job_id)
-                if job is None or job.status != JobStatus.RUNNING or not job.lease_expires_at \
-                        or job.lease_expires_at >= now:
-                    continue
-                logger.warning("lease of job %s (runner %s) expired; reclaiming", job.id, job.lease_owner)
-                if job.cancel_requested:
-                    self._finish(session, job, JobStatus.CANCELED, None)
-                elif job.attempts < job.max_attempts:
-                    self._requeue(session, job, "worker_lost", "the worker running this job stopped")
-                else:
-                    self._finish(session, job, JobStatus.FAILED,
-                                 ErrorEvent("worker_lost", "the worker running this job stopped", True))
-                session.commit()
-                reclaimed += 1
-            self._announce(job_id)
-        return reclaimed
+        return reclaim_expired(self.db, self.settings, self.storage, self.bus, self.metrics)
 
     # driving -----------------------------------------------------------------------------
     async def _drive_guarded(self, job: Job) -> None:
@@ -299,14 +283,8 @@ class Runner:
                 return
 
     # recording ---------------------------------------------------------------------------
-    def _locked(self, session: Session, job_id: str) -> Job | None:
-        query = select(Job).where(Job.id == job_id)
-        if is_postgres(session.get_bind()):
-            query = query.with_for_update()
-        return session.execute(query).scalars().first()
-
     def _owned(self, session: Session, job_id: str) -> Job:
-        job = self._locked(session, job_id)
+        job = locked_job(session, job_id)
         if job is None or job.status != JobStatus.RUNNING or job.lease_owner != self.id:
             raise LeaseLost(job_id)
         return job
@@ -348,10 +326,10 @@ class Runner:
         with self.db.session() as session:
             job = self._owned(session, job_id)
             if job.cancel_requested:
-                self._finish(session, job, JobStatus.CANCELED, None)
+                finish_job(session, self.storage, job, JobStatus.CANCELED, None, self.metrics)
             else:
                 job.result = dict(done.result)
-                self._finish(session, job, JobStatus.SUCCEEDED, None)
+                finish_job(session, self.storage, job, JobStatus.SUCCEEDED, None, self.metrics)
             session.commit()
         self._announce(job_id)
 
@@ -359,67 +337,13 @@ class Runner:
         with self.db.session() as session:
             job = self._owned(session, job_id)
             if job.cancel_requested or error.code == "canceled":
-                self._finish(session, job, JobStatus.CANCELED, None)
+                finish_job(session, self.storage, job, JobStatus.CANCELED, None, self.metrics)
             elif error.retryable and job.attempts < job.max_attempts:
-                self._requeue(session, job, error.code, error.message)
+                requeue_job(session, self.settings, self.storage, job, error.code, error.message)
             else:
-                self._finish(session, job, JobStatus.FAILED, error)
+                finish_job(session, self.storage, job, JobStatus.FAILED, error, self.metrics)
             session.commit()
         self._announce(job_id)
 
-    def _requeue(self, session: Session, job: Job, code: str, message: str) -> None:
-        status = retry(job.status, job.attempts, job.max_attempts)
-        backoff = self.settings.retry_backoff_s * (2 ** max(0, job.attempts - 1))
-        logger.warning("job %s attempt %d failed (%s: %s); retrying in %.1fs", job.id, job.attempts,
-                       code, message, backoff)
-        delete_job_outputs(self.storage, job)
-        job.status = status.value
-        job.stage = "retrying"
-        job.progress = 0.0
-        job.outputs = []
-        job.lease_owner = None
-        job.lease_expires_at = None
-        job.next_attempt_at = utcnow() + timedelta(seconds=backoff)
-        job.updated_at = utcnow()
-        record_event(session, job.id, "status", {"status": job.status, "stage": job.stage,
-                                                 "error": {"code": code, "message": message},
-                                                 "attempt": job.attempts})
-
-    def _finish(self, session: Session, job: Job, status: JobStatus, error: ErrorEvent | None) -> None:
-        """Terminal state plus exactly one settlement, in the caller's transaction."""
-        transition(job.status, status)
-        now = utcnow()
-        job.status = status.value
-        job.stage = status.value
-        job.completed_at = now
-        job.updated_at = now
-        job.lease_owner = None
-        job.lease_expires_at = None
-        if job.started_at is not None:
-            job.run_s = round((now - job.started_at).total_seconds(), 3)
-        if status is JobStatus.SUCCEEDED:
-            job.progress = 1.0
-            entry = ledger.capture(session, job.id)
-            job.credits_charged = entry.amount
-        else:
-            entry = ledger.refund(session, job.id)
-            job.credits_refunded = entry.amount
-            if status is JobStatus.CANCELED:
-                delete_job_outputs(self.storage, job)  # a canceled job keeps no output
-                job.outputs = []
-        if error is not None:
-            job.error_code = error.code
-            job.error_message = error.message
-        record_event(session, job.id, "status", {"status": job.status, "stage": job.stage})
-        record_event(session, job.id, "completed", {"status": job.status})
-        logger.info("job %s %s (charged %d, refunded %d)", job.id, job.status, job.credits_charged,
-                    job.credits_refunded)
-        if self.metrics is not None:
-            self.metrics.finished(job)
-
     def _announce(self, job_id: str) -> None:
-        with self.db.read() as session:
-            job = session.get(Job, job_id)
-            status = job.status if job else None
-        type_ = "completed" if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED) else "status"
-        self.bus.publish(job_id, type_, {"status": status})
+        announce(self.db, self.bus, job_id)

@@ -40,12 +40,28 @@ class EventBus:
     def __init__(self) -> None:
         self._waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
         self._listeners: list[Listener] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The loop listeners live on; ``publish`` from a worker thread is handed to it."""
+        self._loop = loop
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
 
     def publish(self, job_id: str, type_: str, data: dict[str, Any]) -> None:
-        """Call after commit. Never raises: a broken listener must not break the runner."""
+        """Call after commit, from any thread. Never raises: a broken listener must not break the runner."""
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if self._loop is not None and running is not self._loop:
+            if not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(self._publish_now, job_id, type_, data)
+            return
+        self._publish_now(job_id, type_, data)
+
+    def _publish_now(self, job_id: str, type_: str, data: dict[str, Any]) -> None:
         for waiter in list(self._waiters.get(job_id, ())):
             waiter.set()
         for listener in self._listeners:

@@ -29,6 +29,7 @@ from api.core.requests import normalize_input
 from api.db.engine import Database, is_postgres
 from api.db.tables import Job, Lora, Upload, User, utcnow
 from api.services.events import EventBus, record_event
+from api.services.settlement import delete_job_outputs, finish_job
 from api.settings import Settings
 from api.storage.base import Storage
 from models.catalog import Catalog
@@ -62,8 +63,9 @@ def lock_user(session: Session, user_id: str) -> None:
 
 class JobService:
     def __init__(self, db: Database, settings: Settings, catalog: Catalog, storage: Storage,
-                 bus: EventBus) -> None:
+                 bus: EventBus, metrics: Any = None) -> None:
         self.db = db
+        self.metrics = metrics
         self.settings = settings
         self.catalog = catalog
         self.storage = storage
@@ -163,6 +165,8 @@ class JobService:
                 raise
             return self._replay(existing, digest), False
         self.bus.publish(job.id, "status", {"status": job.status})
+        if self.metrics is not None:
+            self.metrics.job_submitted(spec.id, spec.kind, price)
         logger.info("job %s queued: user=%s model=%s credits=%d", job.id, user.id, spec.id, price)
         return job, True
 
@@ -230,14 +234,7 @@ class JobService:
             if job is None or (user is not None and job.user_id != user.id):
                 raise NotFound(f"job {job_id} not found")
             if job.status == JobStatus.QUEUED:
-                job.status = JobStatus.CANCELED.value
-                job.stage = "canceled"
-                job.completed_at = utcnow()
-                job.updated_at = job.completed_at
-                entry = ledger.refund(session, job.id)
-                job.credits_refunded = entry.amount
-                record_event(session, job.id, "status", {"status": job.status, "stage": job.stage})
-                record_event(session, job.id, "completed", {"status": job.status})
+                finish_job(session, self.storage, job, JobStatus.CANCELED, None, self.metrics)
                 session.commit()
                 self.bus.publish(job.id, "completed", {"status": job.status})
             elif job.status == JobStatus.RUNNING and not job.cancel_requested:
@@ -263,20 +260,6 @@ class JobService:
             session.add(job)
             session.commit()
             return job
-
-
-def delete_job_outputs(storage: Storage, job: Job) -> int:
-    removed = storage.delete_prefix(output_prefix(job.user_id, job.id))
-    for out in job.outputs:
-        for key in (out.get("key"), out.get("thumbnail_key")):
-            if key and storage.exists(key):
-                storage.delete(key)
-                removed += 1
-    return removed
-
-
-def output_prefix(user_id: str, job_id: str) -> str:
-    return f"outputs/{user_id}/{job_id}/"
 
 
 def encode_cursor(job: Job) -> str:

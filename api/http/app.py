@@ -1,0 +1,150 @@
+"""``create_app(settings, executor)``: the FastAPI app, its error shape, and its background tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from sqlalchemy import func, select
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api.core.errors import CineWeaveError
+from api.core.executor import Executor
+from api.db.engine import Database
+from api.db.tables import Job
+from api.http.routes import account, admin, files, jobs, system
+from api.http.state import AppState
+from api.http.webhooks import WebhookDispatcher
+from api.metrics import Metrics
+from api.runner.runner import InputResolver, Runner
+from api.services.admin import AdminService
+from api.services.events import EventBus
+from api.services.jobs import JobService
+from api.services.maintenance import Maintenance
+from api.services.uploads import UploadService
+from api.settings import Settings
+from api.storage.base import Storage, make_storage
+from models.catalog import Catalog
+
+logger = logging.getLogger(__name__)
+
+HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+              405: "method_not_allowed", 409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type",
+              422: "invalid_input", 429: "rate_limited"}
+
+
+def error_response(status: int, code: str, message: str, details: dict[str, Any] | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message, "details": details or {}}},
+                        status_code=status, headers=headers)
+
+
+def _db_snapshot(db: Database) -> Callable[[], dict[str, Any]]:
+    def snapshot() -> dict[str, Any]:
+        from api.db.tables import utcnow
+
+        with db.read() as session:
+            counts = session.execute(select(Job.status, Job.model, func.count())
+                                     .group_by(Job.status, Job.model)).all()
+            oldest = session.execute(select(Job.model, func.min(Job.created_at))
+                                     .where(Job.status == "queued").group_by(Job.model)).all()
+        now = utcnow()
+        return {"jobs": {(s, m): c for s, m, c in counts},
+                "queued": {m: c for s, m, c in counts if s == "queued"},
+                "oldest_wait": {m: max(0.0, (now - t).total_seconds()) for m, t in oldest if t}}
+    return snapshot
+
+
+def create_app(settings: Settings, executor: Executor | None = None, *, catalog: Catalog | None = None,
+               storage: Storage | None = None, resolve_input: InputResolver | None = None,
+               run_runner: bool | None = None, run_maintenance: bool = True,
+               extras: dict[str, Any] | None = None) -> FastAPI:
+    """Build the API. With an executor (and ``runner_enabled``), the app also runs a runner."""
+    db = Database(settings)
+    storage = storage or make_storage(settings.resolved_storage_url(),
+                                      signing_secret=settings.resolved_signing_secret(),
+                                      public_base_url=settings.public_url or f"http://{settings.host}:{settings.port}")
+    catalog = catalog or Catalog.load(settings.models_dir)
+    bus = EventBus()
+    metrics = Metrics(snapshot=_db_snapshot(db))
+    state = AppState(settings=settings, db=db, storage=storage, catalog=catalog, bus=bus,
+                     jobs=JobService(db, settings, catalog, storage, bus, metrics=metrics), metrics=metrics,
+                     uploads=UploadService(db, settings, storage), admin=AdminService(db, settings),
+                     executor=executor, extras=dict(extras or {}))
+    want_runner = settings.runner_enabled if run_runner is None else run_runner
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await asyncio.to_thread(db.migrate)
+        bus.bind(asyncio.get_running_loop())
+        state.webhooks = WebhookDispatcher(db, settings, state.job_view, metrics=metrics)
+        bus.add_listener(state.webhooks.on_event)
+        state.webhooks.start()
+        if executor is not None and want_runner:
+            state.runner = Runner(db, executor, settings, storage, bus, resolve_input=resolve_input,
+                                  metrics=metrics)
+            state.runner.start()
+        maintenance_task = None
+        if run_maintenance:
+            maintenance = Maintenance(db, settings, storage)
+            maintenance_task = asyncio.create_task(maintenance.run_forever(), name="maintenance")
+        try:
+            yield
+        finally:
+            if maintenance_task is not None:
+                maintenance_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await maintenance_task
+            if state.runner is not None:
+                await state.runner.stop()
+            await state.webhooks.stop()
+            db.dispose()
+
+    app = FastAPI(title="CineWeave", version="1.0", lifespan=lifespan,
+                  description="Image and video generation and LoRA training, paid in credits.")
+    app.state.cineweave = state
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_credentials=False,
+                           allow_methods=["*"], allow_headers=["*"],
+                           expose_headers=["Idempotent-Replayed", "Retry-After"])
+
+    @app.exception_handler(CineWeaveError)
+    async def _domain_error(_request: Request, exc: CineWeaveError) -> JSONResponse:
+        metrics.rejected.labels(exc.code).inc()
+        headers = {"Retry-After": str(exc.details.get("retry_after_s", 60))} if exc.status == 429 else None
+        if exc.status == 401:
+            headers = {"WWW-Authenticate": "Bearer"}
+        return error_response(exc.status, exc.code, exc.message, exc.details, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"field": ".".join(str(p) for p in e.get("loc", ()) if p != "body"),
+                   "message": e.get("msg", "")} for e in exc.errors()]
+        first = errors[0] if errors else {"field": "", "message": "invalid request"}
+        metrics.rejected.labels("invalid_input").inc()
+        if any(e.get("type") == "json_invalid" for e in exc.errors()):
+            return error_response(422, "invalid_input", "the request body is not valid JSON", {"errors": errors})
+        return error_response(422, "invalid_input", f"{first['field'] or 'body'}: {first['message']}",
+                              {"errors": errors})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = HTTP_CODES.get(exc.status_code, "error")
+        return error_response(exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error")
+        return error_response(500, "internal_error", "internal error")
+
+    for module in (system, jobs, account, admin, files):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,41 @@
+"""Everything a request needs, built once per app by ``create_app`` and kept on ``app.state``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from api.core.executor import Executor
+from api.db.engine import Database
+from api.http.webhooks import WebhookDispatcher
+from api.metrics import Metrics
+from api.runner.runner import Runner
+from api.services.admin import AdminService
+from api.services.events import EventBus
+from api.services.jobs import JobService
+from api.services.uploads import UploadService
+from api.settings import Settings
+from api.storage.base import Storage
+from models.catalog import Catalog
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    db: Database
+    storage: Storage
+    catalog: Catalog
+    bus: EventBus
+    jobs: JobService
+    metrics: Metrics
+    uploads: UploadService
+    admin: AdminService
+    executor: Executor | None = None
+    runner: Runner | None = None
+    webhooks: WebhookDispatcher | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def job_view(self, job: Any) -> dict[str, Any]:
+        from api.http.schemas import job_view
+
+        return job_view(job, self.storage, self.settings.url_ttl_s)

@@ -1,0 +1,84 @@
+"""Prometheus metrics: one registry per app, so tests and several apps in a process do not clash."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+
+class _DbCollector(Collector):
+    """Queue depth, active jobs and queue wait per model, read from the database at scrape time."""
+
+    def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        snap = self._snapshot()
+        jobs = GaugeMetricFamily("cineweave_jobs", "Jobs by status and model", labels=["status", "model"])
+        for (status, model), count in snap.get("jobs", {}).items():
+            jobs.add_metric([status, model], count)
+        depth = GaugeMetricFamily("cineweave_queue_depth", "Queued jobs per model", labels=["model"])
+        for model, count in snap.get("queued", {}).items():
+            depth.add_metric([model], count)
+        wait = GaugeMetricFamily("cineweave_queue_oldest_wait_seconds",
+                                 "Age of the oldest queued job per model", labels=["model"])
+        for model, seconds in snap.get("oldest_wait", {}).items():
+            wait.add_metric([model], seconds)
+        yield from (jobs, depth, wait)
+
+
+class Metrics:
+    def __init__(self, snapshot: Callable[[], dict[str, Any]] | None = None) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.submitted = Counter("cineweave_jobs_submitted_total", "Jobs accepted", ["model", "kind"], registry=r)
+        self.rejected = Counter("cineweave_jobs_rejected_total", "Submissions refused", ["code"], registry=r)
+        self.finished_total = Counter("cineweave_jobs_finished_total", "Jobs ended", ["model", "status"],
+                                      registry=r)
+        self.run_seconds = Histogram("cineweave_job_run_seconds", "Run time of finished jobs",
+                                     ["model", "status"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_seconds = Histogram("cineweave_job_queue_seconds", "Wait before the first start",
+                                       ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.stage_seconds = Histogram("cineweave_job_stage_seconds", "Time spent per stage",
+                                       ["model", "stage"], buckets=LATENCY_BUCKETS, registry=r)
+        self.overflow = Counter("cineweave_overflow_jobs_total", "Jobs sent to a provider",
+                                ["provider", "reason"], registry=r)
+        self.overflow_cost = Counter("cineweave_overflow_cost_usd_total", "Provider cost", ["provider"],
+                                     registry=r)
+        self.credits = Counter("cineweave_credits_moved_total", "Credits moved by ledger kind", ["kind"],
+                               registry=r)
+        self.webhooks = Counter("cineweave_webhook_deliveries_total", "Client webhook deliveries",
+                                ["result"], registry=r)
+        if snapshot is not None:
+            r.register(_DbCollector(snapshot))
+
+    # runner hooks -------------------------------------------------------------------------
+    def job_submitted(self, model: str, kind: str, credits: int) -> None:
+        self.submitted.labels(model, kind).inc()
+        self.credits.labels("reserve").inc(credits)
+
+    def routed(self, job_id: str, event: Any) -> None:
+        if event.provider and event.provider != "local":
+            self.overflow.labels(event.provider, event.reason or "").inc()
+            if event.cost_usd:
+                self.overflow_cost.labels(event.provider).inc(event.cost_usd)
+
+    def finished(self, job: Any) -> None:
+        self.finished_total.labels(job.model, job.status).inc()
+        if job.run_s is not None:
+            self.run_seconds.labels(job.model, job.status).observe(job.run_s)
+        if job.queue_s is not None and job.attempts <= 1:
+            self.queue_seconds.labels(job.model).observe(job.queue_s)
+        if job.credits_charged:
+            self.credits.labels("capture").inc(job.credits_charged)
+        if job.credits_refunded:
+            self.credits.labels("refund").inc(job.credits_refunded)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

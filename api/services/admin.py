@@ -1,0 +1,81 @@
+"""Operator views: users with balances, credit grants, stats over jobs, credits and overflow."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from sqlalchemy import func, select
+
+from api.core import ledger
+from api.core.errors import InvalidInput
+from api.db.engine import Database
+from api.db.tables import Job, LedgerEntry, User
+from api.services.users import get_user
+from api.settings import Settings
+
+
+class AdminService:
+    def __init__(self, db: Database, settings: Settings) -> None:
+        self.db = db
+        self.settings = settings
+
+    def list_users(self, limit: int = 100, offset: int = 0) -> list[tuple[User, ledger.BalanceView]]:
+        with self.db.read() as session:
+            users = session.execute(select(User).order_by(User.created_at).offset(offset).limit(limit)).scalars().all()
+            return [(u, ledger.get_balance(session, u.id)) for u in users]
+
+    def user(self, user_id: str) -> tuple[User, ledger.BalanceView]:
+        with self.db.read() as session:
+            user = get_user(session, user_id)
+            return user, ledger.get_balance(session, user_id)
+
+    def update_user(self, user_id: str, plan: str | None, disabled: bool | None) -> User:
+        with self.db.session() as session:
+            user = get_user(session, user_id)
+            if plan is not None:
+                try:
+                    self.settings.plan(plan)
+                except KeyError:
+                    raise InvalidInput(f"unknown plan {plan!r}", {"field": "plan"}) from None
+                user.plan = plan
+            if disabled is not None:
+                user.disabled = disabled
+            session.commit()
+            return user
+
+    def grant(self, user_id: str, amount: int, kind: str, note: str, key: str | None) -> LedgerEntry:
+        with self.db.session() as session:
+            get_user(session, user_id)
+            entry = ledger.credit(session, user_id, amount,
+                                  f"admin:{user_id}:{key}" if key else f"admin:{uuid.uuid4().hex}",
+                                  kind=ledger.EntryKind(kind), note=note or "admin grant")
+            session.commit()
+            return entry
+
+    def stats(self) -> dict[str, Any]:
+        with self.db.read() as session:
+            by_status = session.execute(select(Job.model, Job.status, func.count()).group_by(Job.model, Job.status)).all()
+            by_route = session.execute(select(Job.provider, Job.route_reason, func.count(), func.sum(Job.cost_usd))
+                                       .where(Job.provider.is_not(None))
+                                       .group_by(Job.provider, Job.route_reason)).all()
+            credits = session.execute(select(LedgerEntry.kind, func.sum(LedgerEntry.amount), func.count())
+                                      .group_by(LedgerEntry.kind)).all()
+            run = session.execute(select(Job.model, func.avg(Job.run_s), func.avg(Job.queue_s))
+                                  .where(Job.status == "succeeded").group_by(Job.model)).all()
+            users = session.execute(select(func.count()).select_from(User)).scalar_one()
+        jobs: dict[str, dict[str, int]] = {}
+        for model, status, count in by_status:
+            jobs.setdefault(model, {})[status] = count
+        return {
+            "users": users,
+            "jobs": jobs,
+            "routes": [{"provider": p, "reason": r, "jobs": c, "cost_usd": round(float(s or 0), 4)}
+                       for p, r, c, s in by_route],
+            "credits": {kind: {"amount": int(total or 0), "entries": n} for kind, total, n in credits},
+            "timings": {model: {"avg_run_s": _round(r), "avg_queue_s": _round(q)} for model, r, q in run},
+        }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(float(value), 3)

@@ -1,0 +1,117 @@
+"""Scheduled tasks: monthly plan grants, output expiry, and the stuck-job reaper.
+
+``cineweave maintenance run`` runs them once; the API server runs them every
+``maintenance_interval_s``. Each task is idempotent, so running it twice (or on two servers) is safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+
+from sqlalchemy import select
+
+from api.core.events import ErrorEvent
+from api.core.jobs import JobStatus
+from api.db.engine import Database
+from api.db.tables import Job, User, utcnow
+from api.services.events import EventBus
+from api.services.settlement import delete_job_outputs, finish_job, locked_job, reclaim_expired
+from api.services.users import grant_plan_month
+from api.settings import Settings
+from api.storage.base import Storage
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MaintenanceReport:
+    plan_grants: int = 0
+    credits_granted: int = 0
+    outputs_expired: int = 0
+    leases_reclaimed: int = 0
+    stuck_failed: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class Maintenance:
+    def __init__(self, db: Database, settings: Settings, storage: Storage, bus: EventBus | None = None) -> None:
+        self.db = db
+        self.settings = settings
+        self.storage = storage
+        self.bus = bus or EventBus()
+
+    def run_once(self, period: str | None = None) -> MaintenanceReport:
+        report = MaintenanceReport()
+        self.grant_plans(report, period)
+        self.expire_outputs(report)
+        report.leases_reclaimed = reclaim_expired(self.db, self.settings, self.storage, self.bus)
+        self.reap_stuck(report)
+        logger.info("maintenance: %s", report.as_dict())
+        return report
+
+    async def run_forever(self) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(self.run_once)
+            except Exception:  # noqa: BLE001 - try again next interval
+                logger.exception("maintenance run failed")
+            await asyncio.sleep(self.settings.maintenance_interval_s)
+
+    def grant_plans(self, report: MaintenanceReport, period: str | None = None) -> None:
+        paid = [p.id for p in self.settings.plans if p.monthly_credits]
+        with self.db.read() as session:
+            user_ids = session.execute(select(User.id).where(User.plan.in_(paid), User.disabled.is_(False))
+                                       ).scalars().all()
+        for user_id in user_ids:
+            with self.db.session() as session:
+                user = session.get(User, user_id)
+                if user is None:
+                    continue
+                granted = grant_plan_month(session, self.settings, user, period)
+                session.commit()
+            if granted:
+                report.plan_grants += 1
+                report.credits_granted += granted
+
+    def expire_outputs(self, report: MaintenanceReport) -> None:
+        days = self.settings.output_retention_days
+        if days <= 0:
+            return
+        cutoff = utcnow() - timedelta(days=days)
+        with self.db.read() as session:
+            job_ids = session.execute(select(Job.id).where(
+                Job.completed_at < cutoff, Job.outputs_deleted_at.is_(None),
+                Job.status == JobStatus.SUCCEEDED.value)).scalars().all()
+        for job_id in job_ids:
+            with self.db.session() as session:
+                job = session.get(Job, job_id)
+                if job is None or job.outputs_deleted_at is not None:
+                    continue
+                delete_job_outputs(self.storage, job)
+                job.outputs = []
+                job.outputs_deleted_at = utcnow()
+                session.commit()
+            report.outputs_expired += 1
+
+    def reap_stuck(self, report: MaintenanceReport) -> None:
+        """Queued jobs no runner took within ``stuck_job_s``: fail and refund them."""
+        cutoff = utcnow() - timedelta(seconds=self.settings.stuck_job_s)
+        with self.db.read() as session:
+            job_ids = session.execute(select(Job.id).where(
+                Job.status == JobStatus.QUEUED.value, Job.created_at < cutoff)).scalars().all()
+        for job_id in job_ids:
+            with self.db.session() as session:
+                job = locked_job(session, job_id)
+                if job is None or job.status != JobStatus.QUEUED:
+                    continue
+                finish_job(session, self.storage, job, JobStatus.FAILED,
+                           ErrorEvent("queue_timeout", f"no worker started this job within "
+                                      f"{self.settings.stuck_job_s:.0f} s; credits refunded"))
+                session.commit()
+            report.stuck_failed += 1
+            self.bus.publish(job_id, "completed", {"status": "failed"})

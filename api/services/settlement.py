@@ -1,0 +1,137 @@
+"""Ending a job: terminal state plus exactly one settlement (capture or refund), or a requeue.
+
+Used by the runner, by cancel (a queued job) and by maintenance (expired leases, stuck jobs).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import select
+from sqlmodel import Session
+
+from api.core import ledger
+from api.core.events import ErrorEvent
+from api.core.jobs import JobStatus, retry, transition
+from api.db.engine import Database, is_postgres
+from api.db.tables import Job, utcnow
+from api.services.events import EventBus, record_event
+from api.settings import Settings
+from api.storage.base import Storage
+
+logger = logging.getLogger(__name__)
+
+
+def delete_job_outputs(storage: Storage, job: Job) -> int:
+    removed = storage.delete_prefix(output_prefix(job.user_id, job.id))
+    for out in job.outputs:
+        for key in (out.get("key"), out.get("thumbnail_key")):
+            if key and storage.exists(key):
+                storage.delete(key)
+                removed += 1
+    return removed
+
+
+def output_prefix(user_id: str, job_id: str) -> str:
+    return f"outputs/{user_id}/{job_id}/"
+
+
+def locked_job(session: Session, job_id: str) -> Job | None:
+    """The job row, locked for update on PostgreSQL (SQLite already holds the write lock)."""
+    query = select(Job).where(Job.id == job_id)
+    if is_postgres(session.get_bind()):
+        query = query.with_for_update()
+    return session.execute(query).scalars().first()
+
+
+def reclaim_expired(db: Database, settings: Settings, storage: Storage, bus: EventBus,
+                metrics: Any = None) -> int:
+    """Jobs whose runner vanished: retry them, or fail and refund when out of attempts."""
+    now = utcnow()
+    reclaimed = 0
+    with db.read() as session:
+        stale = session.execute(select(Job.id).where(
+            Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < now)).scalars().all()
+    for job_id in stale:
+        with db.session() as session:
+            job = locked_job(session, job_id)
+            if job is None or job.status != JobStatus.RUNNING or not job.lease_expires_at \
+                    or job.lease_expires_at >= now:
+                continue
+            logger.warning("lease of job %s (runner %s) expired; reclaiming", job.id, job.lease_owner)
+            if job.cancel_requested:
+                finish_job(session, storage, job, JobStatus.CANCELED, None, metrics)
+            elif job.attempts < job.max_attempts:
+                requeue_job(session, settings, storage, job, "worker_lost", "the worker running this job stopped")
+            else:
+                finish_job(session, storage, job, JobStatus.FAILED,
+                           ErrorEvent("worker_lost", "the worker running this job stopped", True), metrics)
+            session.commit()
+            reclaimed += 1
+        announce(db, bus, job_id)
+    return reclaimed
+
+
+def requeue_job(session: Session, settings: Settings, storage: Storage, job: Job, code: str,
+                message: str) -> None:
+    """Back to the queue after a retryable failure, with exponential backoff."""
+    status = retry(job.status, job.attempts, job.max_attempts)
+    backoff = settings.retry_backoff_s * (2 ** max(0, job.attempts - 1))
+    logger.warning("job %s attempt %d failed (%s: %s); retrying in %.1fs", job.id, job.attempts,
+                   code, message, backoff)
+    delete_job_outputs(storage, job)
+    job.status = status.value
+    job.stage = "retrying"
+    job.progress = 0.0
+    job.outputs = []
+    job.lease_owner = None
+    job.lease_expires_at = None
+    job.next_attempt_at = utcnow() + timedelta(seconds=backoff)
+    job.updated_at = utcnow()
+    record_event(session, job.id, "status", {"status": job.status, "stage": job.stage,
+                                             "error": {"code": code, "message": message},
+                                             "attempt": job.attempts})
+
+def finish_job(session: Session, storage: Storage, job: Job, status: JobStatus, error: ErrorEvent | None,
+               metrics: Any = None) -> None:
+    """Terminal state plus exactly one settlement, in the caller's transaction."""
+    transition(job.status, status)
+    now = utcnow()
+    job.status = status.value
+    job.stage = status.value
+    job.completed_at = now
+    job.updated_at = now
+    job.lease_owner = None
+    job.lease_expires_at = None
+    if job.started_at is not None:
+        job.run_s = round((now - job.started_at).total_seconds(), 3)
+    if status is JobStatus.SUCCEEDED:
+        job.progress = 1.0
+        entry = ledger.capture(session, job.id)
+        job.credits_charged = entry.amount
+    else:
+        entry = ledger.refund(session, job.id)
+        job.credits_refunded = entry.amount
+        if status is JobStatus.CANCELED:
+            delete_job_outputs(storage, job)  # a canceled job keeps no output
+            job.outputs = []
+    if error is not None:
+        job.error_code = error.code
+        job.error_message = error.message
+    record_event(session, job.id, "status", {"status": job.status, "stage": job.stage})
+    record_event(session, job.id, "completed", {"status": job.status})
+    logger.info("job %s %s (charged %d, refunded %d)", job.id, job.status, job.credits_charged,
+                job.credits_refunded)
+    if metrics is not None:
+        metrics.finished(job)
+
+
+def announce(db: Database, bus: EventBus, job_id: str) -> None:
+    """Tell listeners (SSE, webhooks) about a committed status change."""
+    with db.read() as session:
+        job = session.get(Job, job_id)
+        status = job.status if job else None
+    type_ = "completed" if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED) else "status"
+    bus.publish(job_id, type_, {"status": status})
