@@ -24,9 +24,10 @@ from api.http.routes import account, admin, files, jobs, system
 from api.http.state import AppState
 from api.http.webhooks import WebhookDispatcher
 from api.metrics import Metrics
-from api.runner.runner import InputResolver, Runner
+from api.runner.runner import InputFn, Runner
 from api.services.admin import AdminService
 from api.services.events import EventBus
+from api.services.inputs import InputResolver
 from api.services.jobs import JobService
 from api.services.maintenance import Maintenance
 from api.services.uploads import UploadService
@@ -64,7 +65,7 @@ def _db_snapshot(db: Database) -> Callable[[], dict[str, Any]]:
 
 
 def create_app(settings: Settings, executor: Executor | None = None, *, catalog: Catalog | None = None,
-               storage: Storage | None = None, resolve_input: InputResolver | None = None,
+               storage: Storage | None = None, resolve_input: InputFn | None = None,
                run_runner: bool | None = None, run_maintenance: bool = True,
                extras: dict[str, Any] | None = None) -> FastAPI:
     """Build the API. With an executor (and ``runner_enabled``), the app also runs a runner."""
@@ -89,8 +90,8 @@ def create_app(settings: Settings, executor: Executor | None = None, *, catalog:
         bus.add_listener(state.webhooks.on_event)
         state.webhooks.start()
         if executor is not None and want_runner:
-            state.runner = Runner(db, executor, settings, storage, bus, resolve_input=resolve_input,
-                                  metrics=metrics)
+            state.runner = Runner(db, executor, settings, storage, bus, metrics=metrics,
+                                  resolve_input=resolve_input or InputResolver(db, settings, storage, catalog))
             state.runner.start()
         maintenance_task = None
         if run_maintenance:

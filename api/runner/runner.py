@@ -63,13 +63,13 @@ class LeaseLost(Exception):
     """This runner no longer owns the job: another runner reclaimed it."""
 
 
-InputResolver = Callable[[Job], dict[str, Any]]
+InputFn = Callable[[Job], dict[str, Any]]
 
 
 class Runner:
     def __init__(self, db: Database, executor: Executor, settings: Settings, storage: Storage,
                  bus: EventBus | None = None, *, runner_id: str | None = None,
-                 resolve_input: InputResolver | None = None, metrics: Any = None) -> None:
+                 resolve_input: InputFn | None = None, metrics: Any = None) -> None:
         self.db = db
         self.executor = executor
         self.settings = settings

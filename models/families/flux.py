@@ -36,6 +36,14 @@ class FluxFamily(Family):
             kwargs.update(image=as_rgb(image), strength=float(request.get("strength") or self.default_strength))
         return kwargs
 
+    def expected_steps(self, kwargs: Mapping[str, Any], task: str) -> int:
+        # FluxImg2ImgPipeline skips int(steps - steps × strength) steps (SD skips steps - int(steps × strength)).
+        steps = int(kwargs["num_inference_steps"])
+        strength = kwargs.get("strength")
+        if strength is None:
+            return steps
+        return max(1, steps - int(max(steps - steps * float(strength), 0)))
+
     def pipeline_for_task(self, base: DiffusionPipeline, task: str) -> DiffusionPipeline:
         self.check_task(task)
         if task == "t2i":

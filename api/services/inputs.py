@@ -1,0 +1,99 @@
+"""Turn a job's stored input into what an executor needs, just before it runs.
+
+``input.image`` may be an upload id, ``job:<id>`` of the caller's finished image job, or an
+http(s) URL. Executors get a storage key (``image_key``) that a replica reads directly; remote
+providers get the image inline (``image`` as a ``data:`` URI), since our storage is not public.
+A URL is fetched once (bounded in size and time), checked like an upload, and stored.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from typing import Any
+
+import httpx
+
+from api.core.errors import InvalidInput
+from api.db.engine import Database
+from api.db.tables import Job, Upload
+from api.services.uploads import check_image
+from api.settings import Settings
+from api.storage.base import Storage
+from models.catalog import Catalog
+
+logger = logging.getLogger(__name__)
+
+FETCH_TIMEOUT_S = 20.0
+
+
+class InputResolver:
+    def __init__(self, db: Database, settings: Settings, storage: Storage, catalog: Catalog) -> None:
+        self.db = db
+        self.settings = settings
+        self.storage = storage
+        self.catalog = catalog
+
+    def __call__(self, job: Job) -> dict[str, Any]:
+        data = dict(job.input)
+        ref = data.get("image")
+        if ref:
+            key, content_type = self._image_key(job, ref)
+            data["image_key"] = key
+            spec = self.catalog.get(job.model)
+            if spec is not None and spec.remote_only:
+                blob = self.storage.get_bytes(key)
+                data["image"] = f"data:{content_type};base64,{base64.b64encode(blob).decode()}"
+        if data.get("loras"):
+            data["loras"] = self._lora_weights(job, data["loras"])
+        return data
+
+    def _image_key(self, job: Job, ref: str) -> tuple[str, str]:
+        if ref.startswith("job:"):
+            with self.db.read() as session:
+                source = session.get(Job, ref[4:])
+            if source is None or source.user_id != job.user_id or not source.outputs:
+                raise InvalidInput(f"input.image: job {ref[4:]} has no output", {"field": "image"})
+            first = source.outputs[0]
+            return first["key"], first.get("content_type", "image/png")
+        if ref.startswith(("http://", "https://")):
+            return self._fetch(job, ref)
+        with self.db.read() as session:
+            upload = session.get(Upload, ref)
+        if upload is None or upload.user_id != job.user_id:
+            raise InvalidInput(f"input.image: upload {ref} not found", {"field": "image"})
+        return upload.key, upload.content_type
+
+    def _fetch(self, job: Job, url: str) -> tuple[str, str]:
+        limit = self.settings.max_upload_bytes
+        try:
+            with httpx.stream("GET", url, timeout=FETCH_TIMEOUT_S, follow_redirects=True) as response:
+                response.raise_for_status()
+                chunks: list[bytes] = []
+                size = 0
+                for chunk in response.iter_bytes():
+                    size += len(chunk)
+                    if size > limit:
+                        raise InvalidInput("input.image: the URL's image is too large", {"field": "image"})
+                    chunks.append(chunk)
+        except httpx.HTTPError as exc:
+            raise InvalidInput(f"input.image: could not fetch the URL ({type(exc).__name__})",
+                               {"field": "image"}) from None
+        image = check_image(b"".join(chunks), self.settings, name="input.image")
+        key = f"uploads/{job.user_id}/fetched-{job.id}.{image.extension}"
+        self.storage.put_bytes(key, image.data, image.content_type)
+        return key, image.content_type
+
+    def _lora_weights(self, job: Job, refs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        from api.db.tables import Lora
+
+        out = []
+        with self.db.read() as session:
+            for ref in refs:
+                lora = session.get(Lora, ref["id"])
+                if lora is None or lora.user_id != job.user_id or lora.deleted_at is not None \
+                        or not lora.weights_key:
+                    raise InvalidInput(f"LoRA {ref['id']} was deleted", {"field": "loras"},
+                                       code="lora_unavailable")
+                out.append({"id": lora.id, "scale": ref.get("scale", 1.0), "weights_key": lora.weights_key})
+        return out
