@@ -72,7 +72,7 @@ class Settings(BaseSettings):
     output_retention_days: int = 0
     url_ttl_s: int = 3600
     runner_enabled: bool = True
-    runner_concurrency: int = 4
+    runner_concurrency: int = 32
     runner_poll_s: float = 0.5
     lease_s: float = 30.0
     max_attempts: int = 3

@@ -5,4 +5,5 @@ from __future__ import annotations
 pytest_plugins = [
     "tests.fixtures.core",
     "tests.fixtures.s3",
+    "tests.fixtures.harness",
 ]

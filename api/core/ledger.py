@@ -169,8 +169,12 @@ def _settle(session: Session, job_id: str, kind: EntryKind) -> LedgerEntry:
         raise LedgerError(f"job {job_id} was already settled by {done.kind}", {"settled": done.kind})
     back = held.amount if kind is EntryKind.REFUND else 0
     # One key for capture and refund alike: the database admits only one of the two per job.
-    return _apply(session, held.user_id, kind, held.amount, f"settle:{job_id}", job_id=job_id,
-                  note="", d_available=back, d_reserved=-held.amount, guard_reserved=held.amount)
+    entry = _apply(session, held.user_id, kind, held.amount, f"settle:{job_id}", job_id=job_id,
+                   note="", d_available=back, d_reserved=-held.amount, guard_reserved=held.amount)
+    if entry.kind != kind.value:
+        # A concurrent transaction settled the job the other way first (its entry won the key).
+        raise LedgerError(f"job {job_id} was already settled by {entry.kind}", {"settled": entry.kind})
+    return entry
 
 
 def entries(session: Session, user_id: str, limit: int = 50, before_id: int | None = None) -> list[LedgerEntry]:

@@ -17,11 +17,24 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import diffusers
 import torch
+import transformers
 from diffusers import DiffusionPipeline
+from packaging.version import Version
 from PIL import Image
 
 logger = logging.getLogger(__name__)
+
+# diffusers 0.42 and transformers 4.56 renamed from_pretrained's ``torch_dtype`` to ``dtype``
+# (the old name still works there but warns).
+_DIFFUSERS_DTYPE_KW = "dtype" if Version(diffusers.__version__) >= Version("0.42") else "torch_dtype"
+_TRANSFORMERS_DTYPE_KW = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+
+
+def dtype_kwargs(dtype: torch.dtype, library: str = "diffusers") -> dict[str, torch.dtype]:
+    """``{"dtype": dtype}`` or ``{"torch_dtype": dtype}``, whichever the installed library takes."""
+    return {_DIFFUSERS_DTYPE_KW if library == "diffusers" else _TRANSFORMERS_DTYPE_KW: dtype}
 
 
 def image_fingerprint(image: Any) -> str:
@@ -108,7 +121,7 @@ class Family:
 
     def load(self, path: Path, torch_dtype: torch.dtype) -> DiffusionPipeline:
         """Load the checkpoint at ``path`` (a diffusers directory) on the CPU."""
-        return DiffusionPipeline.from_pretrained(str(path), torch_dtype=torch_dtype)
+        return DiffusionPipeline.from_pretrained(str(path), **dtype_kwargs(torch_dtype))
 
     def pipeline_for_task(self, base: DiffusionPipeline, task: str) -> DiffusionPipeline:
         """The pipeline that runs ``task``: ``base`` itself or one built from its components."""

@@ -14,7 +14,7 @@ from typing import Any
 
 from diffusers import DiffusionPipeline, FluxImg2ImgPipeline
 
-from models.families.base import Family, as_rgb, common_kwargs
+from models.families.base import Family, as_rgb, common_kwargs, dtype_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class FluxFamily(Family):
         self.check_task(task)
         if task == "t2i":
             return base
-        return FluxImg2ImgPipeline.from_pipe(base, torch_dtype=base.dtype)
+        return FluxImg2ImgPipeline.from_pipe(base, **dtype_kwargs(base.dtype))
 
 
 FAMILY = FluxFamily()

@@ -14,7 +14,7 @@ from typing import Any
 
 from diffusers import DiffusionPipeline, LTXImageToVideoPipeline
 
-from models.families.base import Family, as_rgb, common_kwargs
+from models.families.base import Family, as_rgb, common_kwargs, dtype_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class LTXFamily(Family):
         self.check_task(task)
         if task == "t2v":
             return base
-        return LTXImageToVideoPipeline.from_pipe(base, torch_dtype=base.dtype)
+        return LTXImageToVideoPipeline.from_pipe(base, **dtype_kwargs(base.dtype))
 
 
 FAMILY = LTXFamily()

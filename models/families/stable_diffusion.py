@@ -21,7 +21,7 @@ from diffusers import (
 )
 from PIL import Image
 
-from models.families.base import Family, as_rgb, common_kwargs
+from models.families.base import Family, as_rgb, common_kwargs, dtype_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class StableDiffusionFamily(Family):
             return base
         cls = _IMG2IMG.get(type(base))
         if cls is not None:
-            return cls.from_pipe(base, torch_dtype=base.dtype)
+            return cls.from_pipe(base, **dtype_kwargs(base.dtype))
         return AutoPipelineForImage2Image.from_pipe(base)
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKLWan, DiffusionPipeline, WanImageToVideoPipeline, WanPipeline
 
-from models.families.base import Family, as_rgb, common_kwargs
+from models.families.base import Family, as_rgb, common_kwargs, dtype_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -64,14 +64,14 @@ class WanFamily(Family):
         overrides: dict[str, Any] = {}
         if torch_dtype != torch.float32:
             overrides["vae"] = AutoencoderKLWan.from_pretrained(str(path), subfolder="vae",
-                                                                torch_dtype=torch.float32)
+                                                                **dtype_kwargs(torch.float32))
             index = json.loads((Path(path) / "model_index.json").read_text())
             if (index.get("image_encoder") or [None])[0]:
                 from transformers import CLIPVisionModel
 
                 overrides["image_encoder"] = CLIPVisionModel.from_pretrained(
-                    str(path), subfolder="image_encoder", torch_dtype=torch.float32)
-        return DiffusionPipeline.from_pretrained(str(path), torch_dtype=torch_dtype, **overrides)
+                    str(path), subfolder="image_encoder", **dtype_kwargs(torch.float32, "transformers"))
+        return DiffusionPipeline.from_pretrained(str(path), **dtype_kwargs(torch_dtype), **overrides)
 
     def pipeline_for_task(self, base: DiffusionPipeline, task: str) -> DiffusionPipeline:
         self.check_task(task)

@@ -1,0 +1,78 @@
+"""Build Serve applications from the catalog: one generator deployment per local model.
+
+``build_generator_app`` is used by ``cineweave up`` and the tests; ``build`` is the import path
+a Serve config file names (``serve.app:build``) on a cluster, with the same arguments.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from models.spec import ModelSpec
+from serve.generator import GeneratorServer, RuntimeConfig
+
+logger = logging.getLogger(__name__)
+
+
+def deployment_name(model_id: str) -> str:
+    return f"gen-{model_id}"
+
+
+def app_name(model_id: str) -> str:
+    return model_id
+
+
+def deployment_options(spec: ModelSpec, *, embedded: bool = False) -> dict[str, Any]:
+    """Serve options from the spec's resources and serving sections.
+
+    ``embedded`` (one machine, no GPU): zero GPUs and the spec's fractional CPUs, so several
+    replicas fit on two cores.
+    """
+    res, srv = spec.resources, spec.serving
+    actor: dict[str, Any] = {"num_cpus": res.num_cpus, "num_gpus": 0 if embedded else res.num_gpus}
+    if res.accelerator_type and not embedded:
+        actor["accelerator_type"] = res.accelerator_type
+    if res.memory_gb and not embedded:
+        actor["memory"] = int(res.memory_gb * 1024**3)
+    options: dict[str, Any] = {
+        "name": deployment_name(spec.id),
+        "ray_actor_options": actor,
+        "max_ongoing_requests": srv.max_ongoing_requests,
+        "max_queued_requests": srv.max_queued_requests,
+        "user_config": {"source": spec.source.model_dump(exclude_none=True) if spec.source else {}},
+        "health_check_period_s": 10,
+        "health_check_timeout_s": 60,
+        "graceful_shutdown_timeout_s": 30,
+    }
+    if srv.max_replicas > srv.min_replicas:
+        options["autoscaling_config"] = {
+            "min_replicas": srv.min_replicas, "max_replicas": srv.max_replicas,
+            "initial_replicas": srv.initial_replicas if srv.initial_replicas is not None else max(1, srv.min_replicas),
+            "target_ongoing_requests": srv.target_ongoing_requests,
+            "upscale_delay_s": srv.upscale_delay_s, "downscale_delay_s": srv.downscale_delay_s,
+        }
+    else:
+        options["num_replicas"] = srv.min_replicas
+    return options
+
+
+def build_generator_app(spec: ModelSpec, runtime: RuntimeConfig, *, embedded: bool = False) -> Application:
+    deployment = serve.deployment(GeneratorServer).options(**deployment_options(spec, embedded=embedded))
+    return deployment.bind(spec.model_dump(mode="json"), runtime.__dict__)
+
+
+def build(args: dict[str, Any]) -> Application:
+    """Serve config entry point: ``args`` = {"model": id, "runtime": {...}, "models_dir": optional}."""
+    from pathlib import Path
+
+    from models.catalog import Catalog
+
+    catalog = Catalog.load(Path(args["models_dir"]) if args.get("models_dir") else None)
+    spec = catalog.get(args["model"])
+    if spec is None:
+        raise ValueError(f"unknown model {args['model']!r}")
+    return build_generator_app(spec, RuntimeConfig(**args["runtime"]), embedded=bool(args.get("embedded")))

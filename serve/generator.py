@@ -1,0 +1,233 @@
+"""``GeneratorServer``: one model on one replica, batching requests and streaming their events.
+
+A plain class (testable without Ray); :mod:`serve.app` turns it into a Serve deployment. Per
+request it streams event dicts (``api.core.events`` shapes): stage, progress (step/total),
+output (already stored under the job's prefix), then done or error.
+
+Batching and streaming together (checked on Ray 2.60): the batched method is an async generator
+that yields one list per step, one item per request (``None`` when a request has nothing new);
+the per-request method wraps it. Serve splits batches by multiplexed model id, and the id is the
+LoRA adapter set, so every request in a batch shares one adapter set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import logging
+import tempfile
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from ray import serve
+
+from api.core.events import DoneEvent, ErrorEvent, OutputEvent, ProgressEvent, StageEvent, event_to_dict
+from api.storage.base import Storage, make_storage
+from models.adapters import LoraAdapter
+from models.spec import ModelSpec
+from serve.errors import classify
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """What a replica needs besides its spec; plain values so it crosses process boundaries."""
+
+    storage_url: str
+    signing_secret: str = ""
+    public_base_url: str = ""
+    tiny_dir: str | None = None
+    cache_dir: str | None = None
+    threads: int | None = None
+
+    def storage(self) -> Storage:
+        return make_storage(self.storage_url, signing_secret=self.signing_secret,
+                            public_base_url=self.public_base_url)
+
+
+def adapter_set_id(loras: list[dict[str, Any]]) -> str:
+    """The multiplexed model id of a request: its LoRA set (ids, weights and scales), or ``""``."""
+    if not loras:
+        return ""
+    return json.dumps(sorted([str(x["id"]), str(x["weights_key"]), float(x.get("scale", 1.0))] for x in loras),
+                      separators=(",", ":"))
+
+
+class GeneratorServer:
+    def __init__(self, spec: dict[str, Any], runtime: dict[str, Any]) -> None:
+        from models.generator import Generator
+
+        self.spec = ModelSpec.model_validate(spec)
+        self.runtime = RuntimeConfig(**runtime)
+        self.storage = self.runtime.storage()
+        self._generator_cls = Generator
+        self.generator = self._load(self.spec)
+        self.source = self.spec.source.model_dump(exclude_none=True) if self.spec.source else {}
+        self.batch_sizes: list[int] = []
+        self.canceled: set[str] = set()
+        self.adapter_loads: Counter[str] = Counter()
+        self.swaps = 0
+        self._lora_dir = Path(self.runtime.cache_dir or tempfile.gettempdir()) / "loras"
+        self._configure_batching()
+
+    def _load(self, spec: ModelSpec) -> Any:
+        started = time.perf_counter()
+        generator = self._generator_cls.load(
+            spec, Path(self.runtime.tiny_dir) if self.runtime.tiny_dir else None,
+            Path(self.runtime.cache_dir) if self.runtime.cache_dir else None, threads=self.runtime.threads)
+        logger.info("%s loaded in %.2fs", spec.id, time.perf_counter() - started)
+        return generator
+
+    def _configure_batching(self) -> None:
+        with contextlib.suppress(AttributeError):
+            self._batched.set_max_batch_size(self.spec.serving.max_batch_size)
+            self._batched.set_batch_wait_timeout_s(self.spec.serving.batch_wait_timeout_s)
+
+    # Serve hooks -------------------------------------------------------------------------
+    async def reconfigure(self, config: dict[str, Any]) -> None:
+        """Swap the checkpoint without downtime: load the new one beside the old, then switch.
+
+        Loading runs in a thread, so requests keep running on the old pipeline meanwhile; the
+        switch is one assignment, so every request runs wholly on one pipeline or the other.
+        """
+        source = config.get("source")
+        if not source or source == self.source:
+            return
+        new_spec = self.spec.model_copy(update={"source": type(self.spec.source).model_validate(source)})
+        new_generator = await asyncio.to_thread(self._load, new_spec)
+        old, self.generator = self.generator, new_generator
+        self.spec, self.source = new_spec, source
+        self.swaps += 1
+        logger.info("%s swapped to %s", self.spec.id, source)
+        await asyncio.to_thread(old.close)
+
+    def check_health(self) -> None:
+        if self.generator is None:
+            raise RuntimeError("no pipeline loaded")
+
+    def stats(self) -> dict[str, Any]:
+        return {"batch_sizes": list(self.batch_sizes), "adapter_loads": dict(self.adapter_loads),
+                "swaps": self.swaps, "source": self.source, "canceled": sorted(self.canceled)}
+
+    # LoRA sets (multiplexed) --------------------------------------------------------------
+    @serve.multiplexed(max_num_models_per_replica=4)
+    async def adapter_set(self, set_id: str) -> list[LoraAdapter]:
+        """Fetch a LoRA set's weights to the replica's disk; Serve keeps the last few (LRU)."""
+        adapters = []
+        for lora_id, weights_key, scale in json.loads(set_id):
+            path = self._lora_dir / lora_id / "pytorch_lora_weights.safetensors"
+            if not path.exists():
+                await asyncio.to_thread(self.storage.download, weights_key, path)
+            adapters.append(LoraAdapter(name=lora_id, path=path, scale=float(scale)))
+        self.adapter_loads[set_id] += 1
+        return adapters
+
+    # generation ----------------------------------------------------------------------------
+    async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Stream one request's events. ``request``: job_id, input, output_prefix."""
+        try:
+            async for event in self._batched(request):
+                if event is not None:
+                    yield event
+        except asyncio.CancelledError:
+            # The caller canceled: the batch stops at its next step if every request in it did.
+            self.canceled.add(request["job_id"])
+            raise
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
+    async def _batched(self, requests: list[dict[str, Any]]) -> AsyncIterator[list[dict[str, Any] | None]]:
+        n = len(requests)
+        self.batch_sizes.append(n)
+        job_ids = [r["job_id"] for r in requests]
+        generator = self.generator  # the pipeline this batch runs on, even if a swap lands meanwhile
+        try:
+            set_id = requests[0].get("adapter_set", "")
+            adapters = await self.adapter_set(set_id) if set_id else None
+            inputs = [await asyncio.to_thread(self._prepare_input, r["input"]) for r in requests]
+        except Exception as exc:  # noqa: BLE001 - becomes the requests' error event
+            yield [self._error(exc)] * n
+            return
+        yield [event_to_dict(StageEvent("generating"))] * n
+        loop = asyncio.get_running_loop()
+        progress: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+
+        def on_step(done: int, total: int) -> None:
+            loop.call_soon_threadsafe(progress.put_nowait, (done, total))
+
+        def should_cancel() -> bool:
+            return all(job_id in self.canceled for job_id in job_ids)
+
+        run = asyncio.ensure_future(asyncio.to_thread(generator.generate, inputs, on_step, should_cancel,
+                                                      adapters))
+        while not run.done() or not progress.empty():
+            getter = asyncio.ensure_future(progress.get())
+            await asyncio.wait({run, getter}, return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                done, total = getter.result()
+                yield [event_to_dict(ProgressEvent(done, total))] * n
+            else:
+                getter.cancel()
+        try:
+            media = run.result()
+        except Exception as exc:  # noqa: BLE001 - classified into code + retryable
+            yield [self._error(exc)] * n
+            return
+        yield [event_to_dict(StageEvent("encoding"))] * n
+        outputs: list[dict[str, Any] | None] = []
+        for request, item in zip(requests, media, strict=True):
+            if request["job_id"] in self.canceled:
+                outputs.append(event_to_dict(ErrorEvent("canceled", "canceled")))
+                continue
+            try:
+                out = await asyncio.to_thread(self._store, request, item)
+                outputs.append(event_to_dict(out))
+            except Exception as exc:  # noqa: BLE001
+                outputs.append(self._error(exc))
+        yield outputs
+        yield [event_to_dict(DoneEvent({"seed": item.seed, "device": generator.device}))
+               if out and out["type"] == "output" else None for out, item in zip(outputs, media, strict=True)]
+
+    def _error(self, exc: BaseException) -> dict[str, Any]:
+        code, retryable = classify(exc)
+        if code != "canceled":
+            logger.warning("%s: %s (%s, retryable=%s)", self.spec.id, exc, code, retryable)
+        return event_to_dict(ErrorEvent(code, str(exc) or type(exc).__name__, retryable))
+
+    def _prepare_input(self, data: dict[str, Any]) -> dict[str, Any]:
+        prepared = {k: v for k, v in data.items() if k not in ("image", "image_key", "loras")}
+        if data.get("image_key"):
+            blob = self.storage.get_bytes(data["image_key"])
+            with Image.open(io.BytesIO(blob)) as img:
+                prepared["image"] = img.convert("RGB")
+        return prepared
+
+    def _store(self, request: dict[str, Any], item: Any) -> OutputEvent:
+        from models.media import encode_mp4, encode_png, thumbnail_png
+
+        prefix = request["output_prefix"]
+        meta = dict(item.metadata)
+        if item.kind == "image":
+            key = f"{prefix}0.png"
+            self.storage.put_bytes(key, encode_png(item.image, meta), "image/png")
+            thumb = f"{prefix}0.thumb.png"
+            self.storage.put_bytes(thumb, thumbnail_png(item.image), "image/png")
+            return OutputEvent(key=key, content_type="image/png", width=item.width, height=item.height,
+                               thumbnail_key=thumb)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = encode_mp4(item.frames, item.fps, Path(tmp) / "video.mp4")
+            key = f"{prefix}0.mp4"
+            self.storage.put_file(key, path, "video/mp4")
+        poster = f"{prefix}0.poster.png"
+        self.storage.put_bytes(poster, thumbnail_png(item.poster, max_side=max(item.width, item.height)),
+                               "image/png")
+        return OutputEvent(key=key, content_type="video/mp4", width=item.width, height=item.height,
+                           num_frames=item.num_frames, fps=item.fps, duration_s=item.duration_s,
+                           thumbnail_key=poster)
