@@ -86,6 +86,7 @@ class Settings(BaseSettings):
     # models
     models_dir: Path | None = None
     tiny_models_dir: Path | None = None
+    ray_address: str | None = None
     api_url: str = "http://127.0.0.1:8000"
     api_key: str | None = None
 

@@ -146,6 +146,84 @@ def models_make_tiny(out_dir: Path | None = typer.Argument(None, help="default: 
         print(f"{name}: {path}")
 
 
+@app.command("up")
+def up(host: str | None = typer.Option(None, help="default 127.0.0.1"),
+       port: int | None = typer.Option(None, help="default 8000"),
+       model: list[str] | None = typer.Option(None, "--model", help="deploy only these models")) -> None:
+    """Start the embedded stack: local Ray, tiny checkpoints, every available model, the API."""
+    from ops.server import run_foreground
+
+    settings = get_settings()
+    settings = settings.model_copy(update={"host": host or settings.host, "port": port or settings.port})
+    run_foreground(settings, models=model or None)
+
+
+@app.command("generate")
+def generate(model: str = typer.Option(..., "--model", "-m"), prompt: str = typer.Option(..., "--prompt", "-p"),
+             out: Path = typer.Option(Path("."), "--out", help="directory for the outputs"),
+             width: int | None = typer.Option(None), height: int | None = typer.Option(None),
+             steps: int | None = typer.Option(None), seed: int | None = typer.Option(None),
+             num_frames: int | None = typer.Option(None, "--num-frames"), fps: int | None = typer.Option(None),
+             duration: float | None = typer.Option(None, help="seconds (video)"),
+             image: str | None = typer.Option(None, help="upload id, job:<id>, URL, or a local file"),
+             negative_prompt: str | None = typer.Option(None, "--negative-prompt")) -> None:
+    """Submit a job through the HTTP API and follow it with a progress bar (SSE)."""
+    from ops.client import ApiError, Client
+    from ops.progress import follow
+
+    settings = get_settings()
+    if not settings.api_key:
+        _fail("set CINEWEAVE_API_KEY (create one with `cineweave users create`)")
+    client = Client(settings.api_url, settings.api_key)
+    inputs = {k: v for k, v in {"prompt": prompt, "width": width, "height": height, "steps": steps, "seed": seed,
+                                "num_frames": num_frames, "fps": fps, "duration": duration,
+                                "negative_prompt": negative_prompt}.items() if v is not None}
+    try:
+        if image:
+            local = Path(image)
+            inputs["image"] = client.upload(local)["id"] if local.is_file() else image
+        job = client.submit(model, inputs)
+        console.print(f"job {job['id']} queued ({job['credits']['reserved']} credits reserved)")
+        job = follow(client, job["id"], label=f"{model}")
+    except ApiError as exc:
+        _fail(str(exc))
+    if job["status"] != "succeeded":
+        _fail(f"job {job['id']} {job['status']}: {(job.get('error') or {}).get('message', '')}")
+    for i, output in enumerate(job["outputs"]):
+        ext = {"image/png": "png", "video/mp4": "mp4"}.get(output["content_type"], "bin")
+        path = client.download(output["url"], out / f"{job['id']}-{i}.{ext}")
+        print(path.resolve())
+
+
+@models_app.command("swap")
+def models_swap(model: str = typer.Argument(...), source: str = typer.Option(..., "--source",
+                help="a directory, s3://bucket/prefix, tiny:NAME, or HF repo[@revision]")) -> None:
+    """Point a running model at another checkpoint, without downtime (admin key)."""
+    import httpx
+
+    settings = get_settings()
+    key = settings.admin_key
+    if not key:
+        _fail("set CINEWEAVE_ADMIN_KEY")
+    response = httpx.post(f"{settings.api_url}/v1/admin/models/{model}/swap", json={"source": parse_source(source)},
+                          headers={"Authorization": f"Bearer {key}"}, timeout=600)
+    if response.status_code >= 400:
+        _fail(response.text)
+    print(json.dumps(response.json()))
+
+
+def parse_source(text: str) -> dict[str, str]:
+    """``s3://…`` → s3, ``tiny:NAME`` → tiny, an existing directory → path, else an HF repo[@rev]."""
+    if text.startswith("s3://"):
+        return {"s3": text}
+    if text.startswith("tiny:"):
+        return {"tiny": text[5:]}
+    if Path(text).exists() or text.startswith(("/", "./", "../")):
+        return {"path": str(Path(text).resolve())}
+    repo, _, revision = text.partition("@")
+    return {"hf_repo": repo, **({"revision": revision} if revision else {})}
+
+
 @app.command("api")
 def run_api(host: str | None = typer.Option(None), port: int | None = typer.Option(None)) -> None:
     """Run the API alone (no compute: jobs wait for a runner with an executor)."""

@@ -30,6 +30,7 @@ from api.services.events import EventBus
 from api.services.inputs import InputResolver
 from api.services.jobs import JobService
 from api.services.maintenance import Maintenance
+from api.services.models import Availability, ModelService, Swapper
 from api.services.uploads import UploadService
 from api.settings import Settings
 from api.storage.base import Storage, make_storage
@@ -67,6 +68,7 @@ def _db_snapshot(db: Database) -> Callable[[], dict[str, Any]]:
 def create_app(settings: Settings, executor: Executor | None = None, *, catalog: Catalog | None = None,
                storage: Storage | None = None, resolve_input: InputFn | None = None,
                run_runner: bool | None = None, run_maintenance: bool = True,
+               availability: Availability | None = None, swapper: Swapper | None = None,
                extras: dict[str, Any] | None = None) -> FastAPI:
     """Build the API. With an executor (and ``runner_enabled``), the app also runs a runner."""
     db = Database(settings)
@@ -79,6 +81,7 @@ def create_app(settings: Settings, executor: Executor | None = None, *, catalog:
     state = AppState(settings=settings, db=db, storage=storage, catalog=catalog, bus=bus,
                      jobs=JobService(db, settings, catalog, storage, bus, metrics=metrics), metrics=metrics,
                      uploads=UploadService(db, settings, storage), admin=AdminService(db, settings),
+                     models=ModelService(catalog, availability, swapper),
                      executor=executor, extras=dict(extras or {}))
     want_runner = settings.runner_enabled if run_runner is None else run_runner
 

@@ -45,6 +45,12 @@ class UserUpdate(BaseModel):
     disabled: bool | None = None
 
 
+class ModelSwap(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source: dict[str, Any] = Field(description="a catalog source: {path}, {s3}, {hf_repo, revision} or {tiny}")
+
+
 class ApiKeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -13,6 +13,7 @@ from api.runner.runner import Runner
 from api.services.admin import AdminService
 from api.services.events import EventBus
 from api.services.jobs import JobService
+from api.services.models import ModelService
 from api.services.uploads import UploadService
 from api.settings import Settings
 from api.storage.base import Storage
@@ -30,6 +31,7 @@ class AppState:
     metrics: Metrics
     uploads: UploadService
     admin: AdminService
+    models: ModelService
     executor: Executor | None = None
     runner: Runner | None = None
     webhooks: WebhookDispatcher | None = None

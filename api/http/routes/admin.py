@@ -8,7 +8,16 @@ from fastapi import APIRouter, Depends, Query
 
 from api.db.tables import User
 from api.http.deps import get_state, require_admin
-from api.http.schemas import ApiKeyCreate, CreditGrant, UserCreate, UserUpdate, iso, ledger_view, user_view
+from api.http.schemas import (
+    ApiKeyCreate,
+    CreditGrant,
+    ModelSwap,
+    UserCreate,
+    UserUpdate,
+    iso,
+    ledger_view,
+    user_view,
+)
 from api.http.state import AppState
 from api.services import users
 
@@ -84,6 +93,12 @@ def get_job(job_id: str, state: AppState = Depends(get_state)) -> dict[str, Any]
 @router.post("/jobs/{job_id}/cancel")
 def cancel_job(job_id: str, state: AppState = Depends(get_state)) -> dict[str, Any]:
     return state.job_view(state.jobs.cancel(None, job_id))
+
+
+@router.post("/models/{model_id}/swap")
+def swap_model(model_id: str, body: ModelSwap, state: AppState = Depends(get_state)) -> dict[str, Any]:
+    """Point a deployed model at another checkpoint; replicas load it beside the old one."""
+    return state.models.swap(model_id, body.source)
 
 
 @router.get("/stats")

@@ -44,8 +44,7 @@ def metrics(state: AppState = Depends(get_state)) -> Response:
 
 
 def model_view(state: AppState, spec: Any) -> dict[str, Any]:
-    availability = state.extras.get("availability")
-    available, reason = availability(spec) if availability else (spec.enabled, None)
+    available, reason = state.models.availability(spec)
     return {
         "id": spec.id, "name": spec.name or spec.id, "description": spec.description, "kind": spec.kind,
         "tasks": list(spec.tasks), "family": spec.family, "enabled": spec.enabled, "available": available,

@@ -1,0 +1,80 @@
+"""Run the API (uvicorn) beside the embedded stack, in the foreground or in a thread."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+import uvicorn
+
+from api.http.app import create_app
+from api.settings import Settings
+from ops.stack import EmbeddedStack
+
+logger = logging.getLogger(__name__)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def build_server(settings: Settings, stack: EmbeddedStack, log_level: str = "warning") -> uvicorn.Server:
+    app = create_app(settings, stack.executor(), catalog=stack.catalog, availability=stack.availability,
+                     swapper=stack.swap)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
+                            timeout_graceful_shutdown=5)
+    return uvicorn.Server(config)
+
+
+def run_foreground(settings: Settings, models: list[str] | None = None) -> None:
+    """``cineweave up``: uvicorn handles Ctrl-C and SIGTERM; Ray and Serve stop afterwards."""
+    stack = EmbeddedStack(settings, models=models)
+    try:
+        stack.start()
+        server = build_server(settings, stack, log_level="info")
+        logger.info("CineWeave API on http://%s:%d (models: %s)", settings.host, settings.port,
+                    ", ".join(sorted(stack.handles)) or "none")
+        server.run()
+    finally:
+        stack.stop()
+
+
+@contextmanager
+def running_stack(settings: Settings, models: list[str] | None = None,
+                  startup_timeout_s: float = 600.0) -> Iterator[tuple[str, EmbeddedStack]]:
+    """The whole stack with the API in a background thread; yields (base_url, stack)."""
+    stack = EmbeddedStack(settings, models=models)
+    server: uvicorn.Server | None = None
+    thread: threading.Thread | None = None
+    try:
+        stack.start()
+        server = build_server(settings, stack)
+        thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+        thread.start()
+        base_url = f"http://{settings.host}:{settings.port}"
+        deadline = time.monotonic() + startup_timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{base_url}/healthz", timeout=1).status_code == 200 and server.started:
+                    break
+            except httpx.HTTPError:
+                pass
+            if not thread.is_alive():
+                raise RuntimeError("the API server stopped during start-up")
+            time.sleep(0.1)
+        else:
+            raise TimeoutError("the API did not start in time")
+        yield base_url, stack
+    finally:
+        if server is not None:
+            server.should_exit = True
+        if thread is not None:
+            thread.join(timeout=30)
+        stack.stop()

@@ -1,0 +1,175 @@
+"""The embedded stack: local Ray, tiny checkpoints, one Serve app per local model, the API beside it.
+
+Why the API runs beside Ray (a plain uvicorn process holding deployment handles) rather than as a
+Serve ingress deployment: the API and its runner own the database, the ledger and long-lived SSE
+connections; they must keep answering (status, credits, queueing) while GPU replicas restart or
+scale, and they scale on CPUs independently of GPU nodes. Tests of the credit/job layer then need
+no Ray at all. The cost is one extra hop from the API process to the replicas through handles,
+measured in ``bench/serving.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from api.core.executor import Executor
+from api.settings import Settings
+from models.catalog import Catalog
+from models.spec import ModelSpec, Source
+
+logger = logging.getLogger(__name__)
+
+
+def tiny_models_dir(settings: Settings) -> Path:
+    return Path(settings.tiny_models_dir or settings.data_dir / "tiny-models").resolve()
+
+
+class EmbeddedStack:
+    """Starts (or joins) Ray, deploys the catalog's local models, and builds the executor."""
+
+    def __init__(self, settings: Settings, catalog: Catalog | None = None, *,
+                 models: Iterable[str] | None = None, embedded: bool = True) -> None:
+        self.settings = settings
+        self.catalog = catalog or Catalog.load(settings.models_dir)
+        self.only = set(models) if models is not None else None
+        self.embedded = embedded
+        self.handles: dict[str, Any] = {}
+        self.specs: dict[str, ModelSpec] = {}
+        self.sources: dict[str, dict[str, Any]] = {}
+        self._started_ray = False
+        self._lock = threading.Lock()
+
+    # lifecycle ---------------------------------------------------------------------------
+    def runtime(self) -> Any:
+        from serve.generator import RuntimeConfig
+
+        settings = self.settings
+        return RuntimeConfig(
+            storage_url=settings.resolved_storage_url(), signing_secret=settings.resolved_signing_secret(),
+            public_base_url=settings.public_url or f"http://{settings.host}:{settings.port}",
+            tiny_dir=str(tiny_models_dir(settings)), cache_dir=str((settings.data_dir / "cache").resolve()),
+            threads=1 if self.embedded else None)
+
+    def start_ray(self) -> None:
+        import ray
+
+        if ray.is_initialized():
+            return
+        address = os.environ.get("RAY_ADDRESS") or self.settings.ray_address
+        if address:
+            ray.init(address=address, logging_level=logging.WARNING)
+        else:
+            ray.init(num_cpus=max(4, os.cpu_count() or 2), include_dashboard=False,
+                     logging_level=logging.WARNING, log_to_driver=False)
+            self._started_ray = True
+
+    def deployable(self) -> list[ModelSpec]:
+        from models.loading import availability
+
+        out = []
+        for spec in self.catalog.enabled():
+            if spec.remote_only or (self.only is not None and spec.id not in self.only):
+                continue
+            ok, reason = availability(spec, tiny_models_dir(self.settings), None)
+            if ok:
+                out.append(spec)
+            else:
+                logger.info("not deploying %s: %s", spec.id, reason)
+        return out
+
+    def build_tiny(self) -> None:
+        from models.tiny import make_tiny
+
+        make_tiny(tiny_models_dir(self.settings))
+
+    def deploy(self, specs: Iterable[ModelSpec] | None = None) -> dict[str, Any]:
+        """Deploy the models together (replicas start in parallel) and wait until all run."""
+        from ray import serve
+        from ray.serve import RunTarget
+
+        from serve.app import app_name, build_generator_app
+
+        specs = list(specs if specs is not None else self.deployable())
+        if not specs:
+            return self.handles
+        runtime = self.runtime()
+        started = time.perf_counter()
+        targets = [RunTarget(build_generator_app(spec, runtime, embedded=self.embedded), name=app_name(spec.id),
+                             route_prefix=None) for spec in specs]
+        handles = serve.run_many(targets)
+        with self._lock:
+            for spec, handle in zip(specs, handles, strict=True):
+                self.handles[spec.id] = handle
+                self.specs[spec.id] = spec
+                self.sources[spec.id] = spec.source.model_dump(exclude_none=True) if spec.source else {}
+        logger.info("deployed %s in %.1fs", ", ".join(s.id for s in specs), time.perf_counter() - started)
+        return self.handles
+
+    def start(self, build_tiny: bool = True) -> None:
+        self.start_ray()
+        if build_tiny:
+            self.build_tiny()
+        self.deploy()
+
+    def stop(self) -> None:
+        import ray
+        from ray import serve
+
+        if not ray.is_initialized():
+            return
+        try:
+            serve.shutdown()
+        except Exception:  # noqa: BLE001 - shutting down anyway
+            logger.exception("serve shutdown failed")
+        if self._started_ray:
+            ray.shutdown()
+
+    # the executor the API uses ------------------------------------------------------------
+    def executor(self) -> Executor:
+        from serve.executor import RayExecutor
+
+        local = RayExecutor(lambda model: self.handles.get(model))
+        try:
+            from serve.wiring import overflow_executor
+        except ImportError:
+            return local
+        return overflow_executor(local, self.catalog, self.settings)
+
+    def availability(self, spec: ModelSpec) -> tuple[bool, str | None]:
+        if spec.remote_only:
+            return True, None
+        if spec.id in self.handles:
+            return True, None
+        return False, "not deployed on this cluster (weights missing or model disabled)"
+
+    # checkpoint swap -----------------------------------------------------------------------
+    def swap(self, model_id: str, source: dict[str, Any]) -> dict[str, Any]:
+        """Point a running model at another checkpoint, without downtime.
+
+        Only ``user_config`` changes, so Serve calls ``reconfigure`` on the live replicas (which
+        load the new pipeline beside the old one) instead of restarting them.
+        """
+        from ray import serve
+
+        from serve.app import app_name, deployment_options
+        from serve.generator import GeneratorServer
+
+        spec = self.specs.get(model_id)
+        if spec is None:
+            raise KeyError(model_id)
+        Source.model_validate(source)  # a clear error before anything changes
+        options = deployment_options(spec, embedded=self.embedded)
+        options["user_config"] = {"source": source}
+        app = serve.deployment(GeneratorServer).options(**options).bind(spec.model_dump(mode="json"),
+                                                                         self.runtime().__dict__)
+        handle = serve.run(app, name=app_name(model_id), route_prefix=None)
+        with self._lock:
+            self.handles[model_id] = handle
+            self.sources[model_id] = source
+        return {"model": model_id, "source": source}

@@ -1,0 +1,144 @@
+"""Ending a job: exactly one settlement, requeue with backoff, reclaiming expired leases."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import update
+
+from api.core import ledger
+from api.core.errors import InvalidTransition
+from api.core.events import ErrorEvent
+from api.core.jobs import JobStatus
+from api.db.engine import Database
+from api.db.tables import Job, utcnow
+from api.services.events import EventBus, events_after
+from api.services.jobs import JobService, Submission
+from api.services.settlement import finish_job, reclaim_expired, requeue_job
+from api.settings import Settings
+from api.storage.local import LocalStorage
+from tests.fixtures.harness import add_user, balance, get_job, ledger_rows
+
+
+@pytest.fixture
+def running(db: Database, settings: Settings, jobs: JobService) -> tuple[str, str]:
+    created = add_user(db, settings, credits=100)
+    job, _ = jobs.submit(created.user, Submission("veo-3.1", {"prompt": "p", "duration": 4}))
+    with db.session() as s:
+        s.execute(update(Job).where(Job.id == job.id).values(
+            status="running", attempts=1, lease_owner="r1", started_at=utcnow() - timedelta(seconds=2),
+            lease_expires_at=utcnow() + timedelta(seconds=30)))
+        s.commit()
+    return created.user.id, job.id
+
+
+def _finish(db: Database, storage: LocalStorage, job_id: str, status: JobStatus,
+            error: ErrorEvent | None = None) -> Job:
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        finish_job(s, storage, job, status, error)
+        s.commit()
+    return get_job(db, job_id)
+
+
+def test_success_captures(db: Database, storage: LocalStorage, running: tuple[str, str]) -> None:
+    user, job_id = running
+    job = _finish(db, storage, job_id, JobStatus.SUCCEEDED)
+    assert (job.status, job.progress, job.credits_charged, job.credits_refunded) == ("succeeded", 1.0, 40, 0)
+    assert job.run_s is not None and job.run_s >= 2 and job.lease_owner is None
+    assert balance(db, user) == ledger.BalanceView(60, 0)
+    with db.read() as s:
+        types = [e.type for e in events_after(s, job_id, 0)]
+    assert types[-2:] == ["status", "completed"]
+
+
+def test_failure_refunds_and_records_the_error(db: Database, storage: LocalStorage,
+                                               running: tuple[str, str]) -> None:
+    user, job_id = running
+    job = _finish(db, storage, job_id, JobStatus.FAILED, ErrorEvent("oom", "out of memory"))
+    assert (job.status, job.error_code, job.error_message, job.credits_refunded) == (
+        "failed", "oom", "out of memory", 40)
+    assert balance(db, user) == ledger.BalanceView(100, 0)
+
+
+def test_cancel_refunds_and_deletes_outputs(db: Database, storage: LocalStorage, running: tuple[str, str]) -> None:
+    user, job_id = running
+    key = f"outputs/{user}/{job_id}/0.png"
+    storage.put_bytes(key, b"x", "image/png")
+    with db.session() as s:
+        s.execute(update(Job).where(Job.id == job_id).values(outputs=[{"key": key, "content_type": "image/png"}]))
+        s.commit()
+    job = _finish(db, storage, job_id, JobStatus.CANCELED)
+    assert job.outputs == [] and not storage.exists(key)
+    assert balance(db, user) == ledger.BalanceView(100, 0)
+
+
+def test_finishing_twice_is_refused_and_settles_once(db: Database, storage: LocalStorage,
+                                                     running: tuple[str, str]) -> None:
+    user, job_id = running
+    _finish(db, storage, job_id, JobStatus.SUCCEEDED)
+    with pytest.raises(InvalidTransition):
+        _finish(db, storage, job_id, JobStatus.FAILED)
+    assert [e.kind for e in ledger_rows(db, job_id=job_id)] == ["reserve", "capture"]
+    assert balance(db, user) == ledger.BalanceView(60, 0)
+
+
+def test_requeue_backs_off_exponentially(db: Database, storage: LocalStorage, settings: Settings,
+                                         running: tuple[str, str]) -> None:
+    _, job_id = running
+    s10 = settings.model_copy(update={"retry_backoff_s": 10.0})
+    for attempt, backoff in ((1, 10), (2, 20)):
+        with db.session() as s:
+            s.execute(update(Job).where(Job.id == job_id).values(status="running", attempts=attempt,
+                                                                 lease_owner="r1"))
+            job = s.get(Job, job_id)
+            assert job is not None
+            s.refresh(job)
+            before = utcnow()
+            requeue_job(s, s10, storage, job, "flaky", "try again")
+            s.commit()
+        job = get_job(db, job_id)
+        assert (job.status, job.stage, job.lease_owner, job.attempts) == ("queued", "retrying", None, attempt)
+        assert job.next_attempt_at is not None
+        wait = (job.next_attempt_at - before).total_seconds()
+        assert backoff - 1 < wait <= backoff + 1
+    with db.session() as s:
+        s.execute(update(Job).where(Job.id == job_id).values(status="running", attempts=3))
+        job = s.get(Job, job_id)
+        assert job is not None
+        s.refresh(job)
+        with pytest.raises(InvalidTransition):
+            requeue_job(s, s10, storage, job, "flaky", "no attempts left")
+    assert [e.kind for e in ledger_rows(db, job_id=job_id)] == ["reserve"]
+
+
+@pytest.mark.parametrize(("attempts", "cancel", "status", "settled"), [
+    (1, False, "queued", []),
+    (3, False, "failed", ["refund"]),
+    (1, True, "canceled", ["refund"]),
+])
+def test_reclaim_expired(db: Database, storage: LocalStorage, settings: Settings, running: tuple[str, str],
+                         attempts: int, cancel: bool, status: str, settled: list[str]) -> None:
+    user, job_id = running
+    with db.session() as s:
+        s.execute(update(Job).where(Job.id == job_id).values(
+            attempts=attempts, cancel_requested=cancel, lease_expires_at=utcnow() - timedelta(seconds=1)))
+        s.commit()
+    assert reclaim_expired(db, settings, storage, EventBus()) == 1
+    job = get_job(db, job_id)
+    assert job.status == status and job.lease_owner is None
+    assert [e.kind for e in ledger_rows(db, job_id=job_id)] == ["reserve", *settled]
+    if status == "failed":
+        assert job.error_code == "worker_lost"
+    assert reclaim_expired(db, settings, storage, EventBus()) == 0
+    expected = ledger.BalanceView(60, 40) if not settled else ledger.BalanceView(100, 0)
+    assert balance(db, user) == expected
+
+
+def test_live_lease_is_not_reclaimed(db: Database, storage: LocalStorage, settings: Settings,
+                                     running: tuple[str, str]) -> None:
+    _, job_id = running
+    assert reclaim_expired(db, settings, storage, EventBus()) == 0
+    assert get_job(db, job_id).status == "running"
