@@ -18,7 +18,7 @@ from serve.generator import adapter_set_id
 
 logger = logging.getLogger(__name__)
 
-DRAIN_TIMEOUT_S = 120.0
+TRAINER_KEY = "__trainer__"
 
 
 class RayExecutor:
@@ -34,6 +34,10 @@ class RayExecutor:
             return self._handles(model)
         return self._handles.get(model)
 
+    def handle_for_request(self, request: ExecutionRequest) -> Any | None:
+        """Training jobs go to the trainer deployment; generations to their model's deployment."""
+        return self.handle_for(TRAINER_KEY if request.kind == "training" else request.model)
+
     def serves(self, model: str) -> bool:
         return self.handle_for(model) is not None
 
@@ -41,12 +45,14 @@ class RayExecutor:
         return self.in_flight.get(model, 0)
 
     async def run(self, request: ExecutionRequest) -> AsyncIterator[ExecutorEvent]:
-        handle = self.handle_for(request.model)
+        handle = self.handle_for_request(request)
         if handle is None:
             yield ErrorEvent("not_deployed", f"{request.model} is not deployed on this cluster", retryable=True)
             return
-        payload = {"job_id": request.job_id, "input": request.input, "output_prefix": request.output_prefix,
-                   "task": request.task, "adapter_set": adapter_set_id(request.input.get("loras") or [])}
+        payload = {"job_id": request.job_id, "user_id": request.user_id, "model": request.model,
+                   "input": request.input, "output_prefix": request.output_prefix, "task": request.task,
+                   "attempt": request.attempt, "resume": request.resume,
+                   "adapter_set": adapter_set_id(request.input.get("loras") or [])}
         method = "train" if request.kind == "training" else "generate"
         options: dict[str, Any] = {"stream": True}
         if payload["adapter_set"]:

@@ -61,6 +61,15 @@ class ProviderEvent:
 
 
 @dataclass(frozen=True)
+class CheckpointEvent:
+    """A resumable checkpoint was stored (training): a retry resumes from ``key`` at ``step``."""
+
+    key: str
+    step: int
+    type: Literal["checkpoint"] = "checkpoint"
+
+
+@dataclass(frozen=True)
 class DoneEvent:
     result: dict[str, Any] = field(default_factory=dict)
     type: Literal["done"] = "done"
@@ -74,11 +83,12 @@ class ErrorEvent:
     type: Literal["error"] = "error"
 
 
-ExecutorEvent = StageEvent | ProgressEvent | OutputEvent | LogEvent | ProviderEvent | DoneEvent | ErrorEvent
+ExecutorEvent = (StageEvent | ProgressEvent | OutputEvent | LogEvent | ProviderEvent | CheckpointEvent
+                 | DoneEvent | ErrorEvent)
 
 _BY_TYPE: dict[str, type] = {
     "stage": StageEvent, "progress": ProgressEvent, "output": OutputEvent, "log": LogEvent,
-    "provider": ProviderEvent, "done": DoneEvent, "error": ErrorEvent,
+    "provider": ProviderEvent, "checkpoint": CheckpointEvent, "done": DoneEvent, "error": ErrorEvent,
 }
 
 

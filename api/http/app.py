@@ -20,7 +20,7 @@ from api.core.errors import CineWeaveError
 from api.core.executor import Executor
 from api.db.engine import Database
 from api.db.tables import Job
-from api.http.routes import account, admin, files, jobs, system
+from api.http.routes import account, admin, files, jobs, loras, system
 from api.http.state import AppState
 from api.http.webhooks import WebhookDispatcher
 from api.metrics import Metrics
@@ -29,6 +29,7 @@ from api.services.admin import AdminService
 from api.services.events import EventBus
 from api.services.inputs import InputResolver
 from api.services.jobs import JobService
+from api.services.loras import LoraService
 from api.services.maintenance import Maintenance
 from api.services.models import Availability, ModelService, Swapper
 from api.services.uploads import UploadService
@@ -78,8 +79,10 @@ def create_app(settings: Settings, executor: Executor | None = None, *, catalog:
     catalog = catalog or Catalog.load(settings.models_dir)
     bus = EventBus()
     metrics = Metrics(snapshot=_db_snapshot(db))
+    jobs_service = JobService(db, settings, catalog, storage, bus, metrics=metrics)
     state = AppState(settings=settings, db=db, storage=storage, catalog=catalog, bus=bus,
-                     jobs=JobService(db, settings, catalog, storage, bus, metrics=metrics), metrics=metrics,
+                     jobs=jobs_service, metrics=metrics,
+                     loras=LoraService(db, settings, catalog, storage, bus, jobs_service),
                      uploads=UploadService(db, settings, storage), admin=AdminService(db, settings),
                      models=ModelService(catalog, availability, swapper),
                      executor=executor, extras=dict(extras or {}))
@@ -149,6 +152,6 @@ def create_app(settings: Settings, executor: Executor | None = None, *, catalog:
         logger.exception("unhandled error")
         return error_response(500, "internal_error", "internal error")
 
-    for module in (system, jobs, account, admin, files):
+    for module in (system, jobs, loras, account, admin, files):
         app.include_router(module.router)
     return app

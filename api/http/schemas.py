@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.db.tables import Job, LedgerEntry, Upload, User
+from api.db.tables import Job, LedgerEntry, Lora, Upload, User
 from api.storage.base import Storage
 
 
@@ -43,6 +43,21 @@ class UserUpdate(BaseModel):
 
     plan: str | None = None
     disabled: bool | None = None
+
+
+class LoraCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=100)
+    base_model: str = Field(min_length=1, max_length=64)
+    images: list[str] | None = Field(default=None, max_length=100, description="upload ids of images")
+    dataset: str | None = Field(default=None, max_length=64, description="upload id of a ZIP dataset")
+    trigger_word: str = Field(default="TOK", min_length=1, max_length=32)
+    steps: int = Field(default=1200, ge=1, le=100_000)
+    rank: int = Field(default=16, ge=1, le=256)
+    learning_rate: float = Field(default=1e-4, gt=0, le=1e-2)
+    resolution: int | None = Field(default=None, ge=16, le=4096)
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
 
 
 class ModelSwap(BaseModel):
@@ -125,3 +140,19 @@ def upload_view(upload: Upload, storage: Storage, ttl_s: int) -> dict[str, Any]:
 def user_view(user: User) -> dict[str, Any]:
     return {"id": user.id, "email": user.email, "plan": user.plan, "is_admin": user.is_admin,
             "disabled": user.disabled, "created_at": iso(user.created_at)}
+
+
+def lora_view(lora: Lora, job: Job | None, storage: Storage, ttl_s: int) -> dict[str, Any]:
+    return {
+        "id": lora.id, "name": lora.name, "base_model": lora.base_model, "trigger_word": lora.trigger_word,
+        "status": job.status if job is not None else lora.status,
+        "stage": job.stage if job is not None else None,
+        "progress": job.progress if job is not None else None,
+        "params": lora.params, "summary": lora.summary or None, "job_id": lora.job_id,
+        "weights_url": storage.url(lora.weights_key, ttl_s) if lora.weights_key else None,
+        "validation_url": storage.url(lora.validation_key, ttl_s) if lora.validation_key else None,
+        "error": {"code": job.error_code, "message": job.error_message} if job is not None and job.error_code else None,
+        "credits": {"reserved": job.credits_reserved, "charged": job.credits_charged,
+                    "refunded": job.credits_refunded} if job is not None else None,
+        "created_at": iso(lora.created_at),
+    }

@@ -13,6 +13,7 @@ from api.runner.runner import Runner
 from api.services.admin import AdminService
 from api.services.events import EventBus
 from api.services.jobs import JobService
+from api.services.loras import LoraService
 from api.services.models import ModelService
 from api.services.uploads import UploadService
 from api.settings import Settings
@@ -32,6 +33,7 @@ class AppState:
     uploads: UploadService
     admin: AdminService
     models: ModelService
+    loras: LoraService
     executor: Executor | None = None
     runner: Runner | None = None
     webhooks: WebhookDispatcher | None = None

@@ -28,6 +28,7 @@ from sqlmodel import Session
 
 from api.core.errors import CineWeaveError
 from api.core.events import (
+    CheckpointEvent,
     DoneEvent,
     ErrorEvent,
     ExecutorEvent,
@@ -314,6 +315,9 @@ class Runner:
                 type_, data = "provider", {"provider": event.provider, "reason": event.reason}
             elif isinstance(event, LogEvent):
                 type_, data = "logs", {"message": event.message}
+            elif isinstance(event, CheckpointEvent):
+                job.resume = {"checkpoint_key": event.key, "step": event.step}
+                type_, data = "logs", {"message": f"checkpoint at step {event.step}"}
             else:
                 return
             record_event(session, job.id, type_, data)

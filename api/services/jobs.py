@@ -149,7 +149,7 @@ class JobService:
                     self._check_image(session, user, spec, normalized["image"])
                 if normalized.get("loras"):
                     self._check_loras(session, user, spec, normalized["loras"])
-                self._admit(session, user.id, max_active, per_minute)
+                self.admit(session, user.id, max_active, per_minute)
                 session.add(job)
                 session.flush()
                 ledger.reserve(session, user.id, job.id, price)
@@ -170,11 +170,14 @@ class JobService:
         logger.info("job %s queued: user=%s model=%s credits=%d", job.id, user.id, spec.id, price)
         return job, True
 
-    def _admit(self, session: Session, user_id: str, max_active: int, per_minute: int) -> None:
+    def admit(self, session: Session, user_id: str, max_active: int, per_minute: int | None) -> None:
+        """Limits checked inside the submitting transaction, with the user row locked."""
         lock_user(session, user_id)
         active = session.execute(select(func.count()).select_from(Job).where(
             Job.user_id == user_id, Job.status.in_([s.value for s in ACTIVE]))).scalar_one()
         check_active_jobs(active, max_active)
+        if per_minute is None:
+            return
         since = utcnow() - timedelta(seconds=60)
         recent = session.execute(select(func.count()).select_from(Job).where(
             Job.user_id == user_id, Job.created_at >= since, Job.kind != "training")).scalar_one()

@@ -16,7 +16,7 @@ from api.core import ledger
 from api.core.events import ErrorEvent
 from api.core.jobs import JobStatus, retry, transition
 from api.db.engine import Database, is_postgres
-from api.db.tables import Job, utcnow
+from api.db.tables import Job, Lora, utcnow
 from api.services.events import EventBus, record_event
 from api.settings import Settings
 from api.storage.base import Storage
@@ -120,6 +120,8 @@ def finish_job(session: Session, storage: Storage, job: Job, status: JobStatus, 
     if error is not None:
         job.error_code = error.code
         job.error_message = error.message
+    if job.lora_id:
+        _settle_lora(session, job)
     record_event(session, job.id, "status", {"status": job.status, "stage": job.stage})
     record_event(session, job.id, "completed", {"status": job.status})
     logger.info("job %s %s (charged %d, refunded %d)", job.id, job.status, job.credits_charged,
@@ -135,3 +137,17 @@ def announce(db: Database, bus: EventBus, job_id: str) -> None:
         status = job.status if job else None
     type_ = "completed" if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED) else "status"
     bus.publish(job_id, type_, {"status": status})
+
+
+def _settle_lora(session: Session, job: Job) -> None:
+    """Copy a training job's outcome onto its LoRA."""
+    lora = session.get(Lora, job.lora_id)
+    if lora is None:
+        return
+    lora.status = job.status
+    if job.status == JobStatus.SUCCEEDED:
+        result = job.result or {}
+        lora.weights_key = result.get("weights_key")
+        lora.validation_key = result.get("validation_key")
+        lora.summary = {k: result[k] for k in ("loss", "rank", "alpha", "steps") if k in result}
+    session.add(lora)

@@ -23,7 +23,8 @@ def _bucket() -> str:
 
 @pytest.fixture
 def store(s3_server: S3Server) -> S3Storage:
-    return S3Storage.from_url(s3_server.url_for(_bucket()))
+    """An empty storage: a fresh key prefix in the shared bucket (every bucket costs volumes)."""
+    return S3Storage.from_url(s3_server.url_for(s3_server.bucket, prefix="t-" + secrets.token_hex(6)))
 
 
 class TestS3Storage(StorageContract):
@@ -79,7 +80,7 @@ class TestS3Storage(StorageContract):
             store.put_bytes("a/b", b"x", "text/plain")
 
     def test_make_storage_builds_s3(self, s3_server: S3Server, tmp_path: Path) -> None:
-        built = make_storage(s3_server.url_for(_bucket()))
+        built = make_storage(s3_server.url_for(s3_server.bucket, prefix="t-" + secrets.token_hex(6)))
         assert isinstance(built, S3Storage)
         built.put_bytes("k/v.txt", b"v", "text/plain")
         assert built.get_bytes("k/v.txt") == b"v"
