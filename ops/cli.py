@@ -195,6 +195,52 @@ def generate(model: str = typer.Option(..., "--model", "-m"), prompt: str = type
         print(path.resolve())
 
 
+@app.command("train")
+def train(images: Path = typer.Option(..., "--images", help="a directory of images (+ .txt captions) or a ZIP"),
+          name: str = typer.Option(..., "--name"), base: str = typer.Option(..., "--base", help="base model id"),
+          steps: int = typer.Option(1200, "--steps", help="600, 1200, 2000 or any value the model allows"),
+          trigger_word: str = typer.Option("TOK", "--trigger-word"), rank: int = typer.Option(16, "--rank"),
+          resolution: int | None = typer.Option(None, "--resolution")) -> None:
+    """Upload photos, train a personal LoRA with a progress bar (loss), and print its id."""
+    import io
+    import zipfile
+
+    from ops.client import ApiError, Client
+    from ops.progress import follow
+
+    settings = get_settings()
+    if not settings.api_key:
+        _fail("set CINEWEAVE_API_KEY")
+    client = Client(settings.api_url, settings.api_key, timeout_s=120)
+    if images.is_dir():
+        files = sorted(p for p in images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp", ".txt"))
+        if not any(p.suffix.lower() != ".txt" for p in files):
+            _fail(f"no JPEG, PNG or WebP images in {images}")
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as archive:
+            for path in files:
+                archive.write(path, arcname=path.name)
+        payload = ("dataset.zip", buffer.getvalue())
+    elif images.is_file():
+        payload = (images.name, images.read_bytes())
+    else:
+        _fail(f"{images} does not exist")
+    try:
+        upload = client._json(client.http.post("/v1/uploads", files={"file": payload}))
+        console.print(f"uploaded {len((upload.get('meta') or {}).get('images', [])) or 1} image(s) as {upload['id']}")
+        body = {"name": name, "base_model": base, "dataset" if upload["kind"] == "dataset" else "images":
+                upload["id"] if upload["kind"] == "dataset" else [upload["id"]], "steps": steps,
+                "trigger_word": trigger_word, "rank": rank, **({"resolution": resolution} if resolution else {})}
+        lora = client._json(client.http.post("/v1/loras", json=body))
+        console.print(f"LoRA {lora['id']} training as job {lora['job_id']} ({lora['credits']['reserved']} credits)")
+        job = follow(client, lora["job_id"], label=f"train {name}")
+    except ApiError as exc:
+        _fail(str(exc))
+    if job["status"] != "succeeded":
+        _fail(f"training {job['status']}: {(job.get('error') or {}).get('message', '')}")
+    print(lora["id"])
+
+
 @models_app.command("swap")
 def models_swap(model: str = typer.Argument(...), source: str = typer.Option(..., "--source",
                 help="a directory, s3://bucket/prefix, tiny:NAME, or HF repo[@revision]")) -> None:
