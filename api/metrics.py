@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+logger = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
@@ -30,7 +34,75 @@ class _DbCollector(Collector):
                                  "Age of the oldest queued job per model", labels=["model"])
         for model, seconds in snap.get("oldest_wait", {}).items():
             wait.add_metric([model], seconds)
-        yield from (jobs, depth, wait)
+        idle = GaugeMetricFamily("cineweave_running_job_idle_seconds",
+                                 "Seconds since the least recently updated running job of a model "
+                                 "reported anything (a stuck job keeps its lease but stops reporting)",
+                                 labels=["model"])
+        for model, seconds in snap.get("running_idle", {}).items():
+            idle.add_metric([model], seconds)
+        yield from (jobs, depth, wait, idle)
+
+
+GpuMemorySource = Callable[[], Mapping[str, Mapping[str, float]]]
+
+
+class _GpuMemoryCollector(Collector):
+    """GPU memory per replica, from a callable returning ``{model: {replica: bytes}}`` at scrape time."""
+
+    def __init__(self, source: GpuMemorySource) -> None:
+        self._source = source
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        family = GaugeMetricFamily("cineweave_replica_gpu_memory_bytes",
+                                   "CUDA memory reserved by each model replica (absent without CUDA)",
+                                   labels=["model", "replica"])
+        try:
+            data = self._source()
+        except Exception:  # noqa: BLE001 - a scrape must not fail because the cluster is busy
+            logger.warning("GPU memory source failed", exc_info=True)
+            data = {}
+        for model, replicas in data.items():
+            for replica, used in replicas.items():
+                family.add_metric([model, replica], float(used))
+        yield family
+
+
+class StageTimer:
+    """Time one job run spends in each stage; ``enter`` closes the stage before it.
+
+    The run starts in ``starting`` (claimed, input resolved, waiting for a replica) and each
+    stage change (``generating``, ``encoding``, …) observes the time spent in the previous one
+    under ``cineweave_job_stage_seconds{model, stage}``; ``close`` ends the last stage.
+    """
+
+    def __init__(self, histogram: Histogram, model: str, stage: str = "starting",
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._histogram = histogram
+        self._model = model
+        self._clock = clock
+        self._stage: str | None = stage
+        self._since = clock()
+
+    @property
+    def stage(self) -> str | None:
+        return self._stage
+
+    def enter(self, stage: str | None) -> None:
+        if not stage or stage == self._stage:
+            return
+        now = self._observe()
+        self._stage, self._since = stage, now
+
+    def close(self) -> None:
+        if self._stage is not None:
+            self._observe()
+            self._stage = None
+
+    def _observe(self) -> float:
+        now = self._clock()
+        if self._stage is not None:
+            self._histogram.labels(self._model, self._stage).observe(max(0.0, now - self._since))
+        return now
 
 
 class Metrics:
@@ -57,6 +129,18 @@ class Metrics:
                                 ["result"], registry=r)
         if snapshot is not None:
             r.register(_DbCollector(snapshot))
+        self._gpu_memory: _GpuMemoryCollector | None = None
+
+    def watch_gpu_memory(self, source: GpuMemorySource) -> None:
+        """Export ``cineweave_replica_gpu_memory_bytes`` from ``source`` (replaces an earlier one)."""
+        if self._gpu_memory is not None:
+            self.registry.unregister(self._gpu_memory)
+        self._gpu_memory = _GpuMemoryCollector(source)
+        self.registry.register(self._gpu_memory)
+
+    def stage_timer(self, model: str, stage: str = "starting") -> StageTimer:
+        """A timer for one run of a job on ``model`` (the runner feeds it the executor's stages)."""
+        return StageTimer(self.stage_seconds, model, stage)
 
     # runner hooks -------------------------------------------------------------------------
     def job_submitted(self, model: str, kind: str, credits: int) -> None:

@@ -78,14 +78,21 @@ class AdapterManager:
             if adapter.name in self._loaded:
                 self._loaded.move_to_end(adapter.name)
                 continue
-            while len(self._loaded) >= self.max_loaded:
-                victim = next(n for n in self._loaded if n not in keep)
-                self.unload(victim)
+            self._evict(keep, room_for=1)
             self._load(adapter)
+        self._evict(keep, room_for=0)
         self.pipe.enable_lora()
         self.pipe.set_adapters([_peft_name(a.name) for a in wanted],
                                adapter_weights=[float(a.scale) for a in wanted])
         self._active = key
+
+    def _evict(self, keep: set[str], room_for: int) -> None:
+        """Unload least recently used adapters outside ``keep`` until ``room_for`` more fit."""
+        while len(self._loaded) + room_for > self.max_loaded:
+            victim = next((n for n in self._loaded if n not in keep), None)
+            if victim is None:
+                return
+            self.unload(victim)
 
     def unload(self, name: str) -> None:
         if self._loaded.pop(name, None) is not None:

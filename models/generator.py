@@ -197,6 +197,8 @@ class Generator:
         if not batch:
             return []
         with self._lock:
+            if self.pipe is None:
+                raise RuntimeError(f"the generator for {self.spec.id} is closed")
             return self._generate(batch, on_step, should_cancel, adapters)
 
     def _generate(self, batch: Sequence[Mapping[str, Any]], on_step: OnStep | None,
@@ -263,9 +265,14 @@ class Generator:
                               metadata={**meta, "fps": fps, "num_frames": len(frames)})
 
     def close(self) -> None:
-        """Drop the pipelines (a swap loads the new one beside this, then closes this)."""
-        self._task_pipes.clear()
-        self.pipe = None  # type: ignore[assignment]
-        self.loaded.pipe = None  # type: ignore[assignment]
+        """Drop the pipelines (a swap loads the new one beside this, then closes this).
+
+        Waits for a batch still running on this generator to finish first.
+        """
+        with self._lock:
+            self._task_pipes.clear()
+            self.adapters.pipe = None
+            self.pipe = None  # type: ignore[assignment]
+            self.loaded.pipe = None  # type: ignore[assignment]
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -37,7 +37,8 @@ from diffusers import (
     WanPipeline,
     WanTransformer3DModel,
 )
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers import models as tok_models
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
@@ -93,7 +94,7 @@ def _t5_like_tokenizer(model_max_length: int = 512) -> PreTrainedTokenizerFast:
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
     for ch in _CHARS:
         vocab.setdefault(ch, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok = Tokenizer(tok_models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex("."), behavior="isolated")])
@@ -104,7 +105,7 @@ def _t5_like_tokenizer(model_max_length: int = 512) -> PreTrainedTokenizerFast:
                                    pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
-def _clip_text_encoder(projection: bool = False) -> CLIPTextModel:
+def _clip_text_encoder() -> CLIPTextModel:
     config = CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4,
                             num_hidden_layers=5, vocab_size=1000, bos_token_id=0, eos_token_id=1,
                             pad_token_id=1, projection_dim=32, max_position_embeddings=77)

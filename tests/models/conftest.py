@@ -17,11 +17,16 @@ ALL_TINY = ["tiny-sd", "tiny-wan", "tiny-wan-i2v", "tiny-flux", "tiny-ltx"]
 
 @pytest.fixture(scope="session", autouse=True)
 def _offline_and_two_threads() -> Iterator[None]:
-    """Nothing here may reach a hub, and torch gets the machine's two cores, no more."""
+    """Nothing here may reach a hub, and torch runs one thread.
+
+    One thread, not the machine's two: when other processes share the two cores (parallel test
+    runs, a local Ray), OpenMP's spinning threads make a 2-thread tiny pipeline 5-10x slower, while
+    one thread stays within a few percent of the unloaded 2-thread speed.
+    """
     mp = pytest.MonkeyPatch()
     mp.setenv("HF_HUB_OFFLINE", "1")
     mp.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    previous = limit_threads(2)
+    previous = limit_threads(1)
     yield
     limit_threads(previous)
     mp.undo()

@@ -109,6 +109,19 @@ def test_fps_separates_ltx_batches_but_not_wan() -> None:
         WAN.map_request(request(fps=24), "t2v"))
 
 
+def test_wan_i2v_survives_a_missing_ftfy(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from diffusers.pipelines.wan import pipeline_wan_i2v
+
+    from models.families import wan
+
+    monkeypatch.setitem(sys.modules, "ftfy", None)  # "import ftfy" now raises ImportError
+    monkeypatch.delattr(pipeline_wan_i2v, "ftfy", raising=False)
+    wan._ensure_ftfy()
+    assert pipeline_wan_i2v.basic_clean("  caf\u00e9 &amp; co ") == "caf\u00e9 & co"
+
+
 @pytest.mark.parametrize(("family", "steps", "strength", "expected"), [
     (SD, 10, None, 10), (SD, 10, 0.5, 5), (SD, 4, 0.8, 3), (SD, 4, 0.1, 1),
     (FLUX, 4, 0.8, 4), (FLUX, 10, 0.5, 5), (WAN, 7, None, 7),

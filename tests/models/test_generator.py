@@ -147,8 +147,9 @@ def test_text_to_video(wan_gen: Generator) -> None:
         assert media.duration_s == pytest.approx(9 / fps)
         assert media.poster is media.frames[0]
     assert progress.steps[-1] == (4, 4)
-    again = wan_gen.generate([{"prompt": "waves", "seed": 3, "num_frames": 9, "fps": 12}])[0]
-    assert np.array_equal(pixels(again), pixels(outputs[0]))
+    solo = [wan_gen.generate([{"prompt": "waves", "seed": 3, "num_frames": 9, "fps": 12}])[0] for _ in range(2)]
+    assert np.array_equal(pixels(solo[0]), pixels(solo[1]))
+    assert np.abs(pixels(solo[0]).astype(int) - pixels(outputs[0]).astype(int)).max() <= 2
 
 
 def test_image_to_video_from_an_image(wan_i2v_gen: Generator, sd_gen: Generator) -> None:
@@ -161,8 +162,10 @@ def test_image_to_video_from_an_image(wan_i2v_gen: Generator, sd_gen: Generator)
     assert wan_i2v_gen.last_batch_sizes == [2]  # same input image: one call
     assert all(m.num_frames == 9 and m.metadata["task"] == "i2v" for m in outputs)
     assert progress.steps[-1] == (4, 4)
-    again = wan_i2v_gen.generate([{"prompt": "it moves", "seed": 1, "image": still.image, "num_frames": 9}])[0]
-    assert np.array_equal(pixels(again), pixels(outputs[0]))
+    solo = [wan_i2v_gen.generate([{"prompt": "it moves", "seed": 1, "image": still.image, "num_frames": 9}])[0]
+            for _ in range(2)]
+    assert np.array_equal(pixels(solo[0]), pixels(solo[1]))
+    assert np.abs(pixels(solo[0]).astype(int) - pixels(outputs[0]).astype(int)).max() <= 2
     other = wan_i2v_gen.generate([{"prompt": "x", "seed": 1, "image": gradient(), "num_frames": 5},
                                   {"prompt": "y", "seed": 1, "image": still.image, "num_frames": 5}])
     assert wan_i2v_gen.last_batch_sizes == [1, 1]  # different images: separate calls

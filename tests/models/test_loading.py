@@ -271,3 +271,48 @@ def test_s3_empty_prefix_is_unavailable(tmp_path: Path) -> None:
     empty.mkdir()
     with pytest.raises(ModelUnavailable, match="no objects under s3://b/nothing"):
         fetch_s3(FakeS3(empty, "b", "nothing"), "s3://b/nothing", tmp_path / "cache")
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_s3_source_on_a_real_s3_server(s3_server: Any, tiny_dir: Path, tmp_path: Path, catalog: Catalog) -> None:
+    from minio import Minio
+
+    from models.sources import S3Config
+
+    config = S3Config(endpoint=s3_server.endpoint, access_key=s3_server.access_key,
+                      secret_key=s3_server.secret_key, secure=False, region=s3_server.region)
+    client: Minio = config.client()
+    bucket = "cineweave-models-test"
+    if not client.bucket_exists(bucket):
+        client.make_bucket(bucket)
+    source = tiny_dir / "tiny-wan"
+    for path in sorted(p for p in source.rglob("*") if p.is_file()):
+        client.fput_object(bucket, f"checkpoints/tiny-wan/{path.relative_to(source).as_posix()}", str(path))
+    spec = spec_with(tiny_spec(catalog, "tiny-wan"), source={"tiny": None, "s3": f"s3://{bucket}/checkpoints/tiny-wan"})
+    cache = tmp_path / "cache"
+    assert availability(spec, None, cache, s3=config)[0]
+    loaded = load_pipeline(spec, cache_dir=cache, s3=config)
+    assert loaded.path == cache / "s3" / bucket / "checkpoints" / "tiny-wan" and manifest_ok(loaded.path)
+    assert type(loaded.pipe).__name__ == "WanPipeline"
+    assert availability(spec, None, cache) == (True, f"cached copy of s3://{bucket}/checkpoints/tiny-wan in {cache}")
+
+
+def test_wan_half_precision_keeps_vae_and_image_encoder_in_float32(tiny_dir: Path) -> None:
+    from models.registry import get_family
+
+    pipe = get_family("wan").load(tiny_dir / "tiny-wan-i2v", torch.bfloat16)
+    assert pipe.transformer.dtype == torch.bfloat16 and pipe.text_encoder.dtype == torch.bfloat16
+    assert pipe.vae.dtype == torch.float32 and pipe.image_encoder.dtype == torch.float32
+
+
+def test_img2img_from_pipe_shares_modules_and_keeps_dtype(tiny_dir: Path) -> None:
+    from models.registry import get_family
+
+    family = get_family("stable_diffusion")
+    base = family.load(tiny_dir / "tiny-sd", torch.float16)
+    i2i = family.pipeline_for_task(base, "i2i")
+    assert type(i2i).__name__ == "StableDiffusionImg2ImgPipeline"
+    assert i2i.unet is base.unet and i2i.vae is base.vae  # no second copy of the weights
+    assert base.unet.dtype == torch.float16  # from_pipe did not upcast the shared modules
+    assert family.pipeline_for_task(base, "t2i") is base

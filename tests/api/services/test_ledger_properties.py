@@ -8,14 +8,24 @@ with its settlement.
 
 from __future__ import annotations
 
+import shutil
 import uuid
 from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, settings as hsettings, strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
+from hypothesis import HealthCheck
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 from sqlalchemy import select, update
 
 from api.core import ledger
@@ -43,19 +53,25 @@ SUBMISSIONS = [
 
 
 class World:
-    """What one test run shares across examples: the database, services and runners."""
+    """A migrated SQLite template; every example runs on its own copy (examples never interact)."""
 
     def __init__(self, tmp: Path) -> None:
-        self.settings = Settings(data_dir=tmp, signing_secret="s", max_active_jobs=4, rate_limit_per_minute=10**6,
-                                 retry_backoff_s=0.0, max_attempts=2, _env_file=None)
-        self.db = Database(self.settings)
-        self.db.migrate()
+        self.tmp = tmp
+        self.settings = Settings(data_dir=tmp / "template", signing_secret="s", max_active_jobs=4,
+                                 rate_limit_per_minute=10**6, retry_backoff_s=0.0, max_attempts=2, _env_file=None)
+        db = Database(self.settings)
+        db.migrate()
+        db.dispose()
+        self.template = self.settings.data_dir / "cineweave.db"
+        self.catalog = Catalog.load()
         self.storage = LocalStorage(tmp / "storage", signing_secret="s")
-        bus = EventBus()
-        self.jobs = JobService(self.db, self.settings, Catalog.load(), self.storage, bus, metrics=Metrics())
-        self.runners = [Runner(self.db, object(), self.settings, self.storage, bus, runner_id=f"r{i}")  # type: ignore[arg-type]
-                        for i in range(2)]
-        self.bus = bus
+
+    def fresh(self) -> tuple[Settings, Database]:
+        data_dir = self.tmp / uuid.uuid4().hex
+        data_dir.mkdir()
+        shutil.copyfile(self.template, data_dir / "cineweave.db")
+        settings = self.settings.model_copy(update={"data_dir": data_dir})
+        return settings, Database(settings)
 
 
 WORLD: World | None = None
@@ -65,13 +81,18 @@ class LedgerMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         assert WORLD is not None
-        self.w = WORLD
+        self.settings, self.db = WORLD.fresh()
+        self.storage = WORLD.storage
+        self.bus = EventBus()
+        self.jobs = JobService(self.db, self.settings, WORLD.catalog, self.storage, self.bus, metrics=Metrics())
+        self.runners = [Runner(self.db, object(), self.settings, self.storage, self.bus,  # type: ignore[arg-type]
+                               runner_id=f"r{i}") for i in range(2)]
         self.users: list[NewUser] = []
         self.job_ids: list[str] = []
 
     # helpers -------------------------------------------------------------------------------
     def _jobs(self, status: str) -> list[Job]:
-        with self.w.db.read() as s:
+        with self.db.read() as s:
             return list(s.execute(select(Job).where(Job.id.in_(self.job_ids), Job.status == status)
                                   .order_by(Job.id)).scalars())
 
@@ -80,13 +101,13 @@ class LedgerMachine(RuleBasedStateMachine):
         return rows[index % len(rows)] if rows else None
 
     def _runner(self, job: Job) -> Runner:
-        return next((r for r in self.w.runners if r.id == job.lease_owner), self.w.runners[0])
+        return next((r for r in self.runners if r.id == job.lease_owner), self.runners[0])
 
     # rules ---------------------------------------------------------------------------------
     @initialize(credits=st.lists(st.integers(0, 300), min_size=2, max_size=3))
     def make_users(self, credits: list[int]) -> None:
         for amount in credits:
-            self.users.append(add_user(self.w.db, self.w.settings, email=f"{uuid.uuid4().hex}@p.test",
+            self.users.append(add_user(self.db, self.settings, email=f"{uuid.uuid4().hex}@p.test",
                                        credits=amount))
 
     @rule(user=st.integers(0, 2), which=st.integers(0, len(SUBMISSIONS) - 1), keyed=st.booleans())
@@ -94,42 +115,51 @@ class LedgerMachine(RuleBasedStateMachine):
         owner = self.users[user % len(self.users)]
         key = f"idem-{which}" if keyed else None  # repeats replay the same job, charged once
         try:
-            job, _ = self.w.jobs.submit(owner.user, SUBMISSIONS[which], idempotency_key=key)
+            job, _ = self.jobs.submit(owner.user, SUBMISSIONS[which], idempotency_key=key)
         except (InsufficientCredits, ConcurrencyLimit):
             return
         if job.id not in self.job_ids:
             self.job_ids.append(job.id)
 
+    def _has(self, status: str) -> bool:
+        return bool(self.job_ids) and bool(self._jobs(status))
+
+    @precondition(lambda self: self._has("queued"))
     @rule(runner=st.integers(0, 1))
     def claim(self, runner: int) -> None:
-        job = self.w.runners[runner].claim_next()
-        assert job is None or job.id in self.job_ids  # earlier examples leave nothing claimable
+        job = self.runners[runner].claim_next()
+        assert job is None or job.id in self.job_ids
 
+    @precondition(lambda self: self._has("running"))
     @rule(index=st.integers(0, 50))
     def succeed(self, index: int) -> None:
         job = self._pick("running", index)
         if job is not None:
             self._runner(job)._settle_success(job.id, DoneEvent({"ok": True}))
 
+    @precondition(lambda self: self._has("running"))
     @rule(index=st.integers(0, 50))
     def fail(self, index: int) -> None:
         job = self._pick("running", index)
         if job is not None:
             self._runner(job)._settle_error(job.id, ErrorEvent("boom", "broken input", retryable=False))
 
+    @precondition(lambda self: self._has("running"))
     @rule(index=st.integers(0, 50))
     def retry(self, index: int) -> None:
         job = self._pick("running", index)
         if job is not None:
             self._runner(job)._settle_error(job.id, ErrorEvent("flaky", "try again", retryable=True))
 
+    @precondition(lambda self: self._has("queued") or self._has("running"))
     @rule(index=st.integers(0, 50), running=st.booleans())
     def cancel(self, index: int, running: bool) -> None:
         job = self._pick("running" if running else "queued", index)
         if job is not None:
             owner = next(u for u in self.users if u.user.id == job.user_id)
-            self.w.jobs.cancel(owner.user, job.id)
+            self.jobs.cancel(owner.user, job.id)
 
+    @precondition(lambda self: self._has("running"))
     @rule(index=st.integers(0, 50))
     def lose_lease(self, index: int) -> None:
         """The runner of a job vanishes: its lease expires and is reclaimed; the old runner writes nothing."""
@@ -137,11 +167,11 @@ class LedgerMachine(RuleBasedStateMachine):
         if job is None:
             return
         stale = self._runner(job)
-        with self.w.db.session() as s:
+        with self.db.session() as s:
             s.execute(update(Job).where(Job.id == job.id)
                       .values(lease_expires_at=utcnow() - timedelta(seconds=1)))
             s.commit()
-        reclaim_expired(self.w.db, self.w.settings, self.w.storage, self.w.bus)
+        reclaim_expired(self.db, self.settings, self.storage, self.bus)
         before = self._snapshot(job.id)
         with pytest.raises(LeaseLost):
             stale._settle_success(job.id, DoneEvent())
@@ -150,14 +180,14 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule(user=st.integers(0, 2), amount=st.integers(1, 200), kind=st.sampled_from(["grant", "purchase", "adjust"]))
     def grant(self, user: int, amount: int, kind: str) -> None:
         owner = self.users[user % len(self.users)]
-        with self.w.db.session() as s:
+        with self.db.session() as s:
             ledger.credit(s, owner.user.id, amount, f"g-{uuid.uuid4().hex}", kind=ledger.EntryKind(kind))
             s.commit()
 
     @rule(user=st.integers(0, 2), amount=st.integers(0, 400))
     def expire(self, user: int, amount: int) -> None:
         owner = self.users[user % len(self.users)]
-        with self.w.db.session() as s:
+        with self.db.session() as s:
             ledger.expire(s, owner.user.id, amount, f"e-{uuid.uuid4().hex}")
             s.commit()
 
@@ -166,23 +196,18 @@ class LedgerMachine(RuleBasedStateMachine):
     def regrant_same_key(self, user: int) -> None:
         """Replaying an operation with its key changes nothing."""
         owner = self.users[user % len(self.users)]
-        with self.w.db.session() as s:
+        with self.db.session() as s:
             first = ledger.credit(s, owner.user.id, 5, f"fixed-{owner.user.id}")
             again = ledger.credit(s, owner.user.id, 5, f"fixed-{owner.user.id}")
             s.commit()
         assert first.id == again.id
 
     def teardown(self) -> None:
-        """Settle what this example left active, so the next example starts from an idle queue."""
-        for job in self._jobs("running"):
-            self._runner(job)._settle_error(job.id, ErrorEvent("teardown", "end of example"))
-        for job in self._jobs("queued"):
-            self.w.jobs.cancel(None, job.id)
-        assert not self._jobs("running") and not self._jobs("queued")
+        self.db.dispose()
 
     # checks --------------------------------------------------------------------------------
     def _snapshot(self, job_id: str) -> tuple:
-        with self.w.db.read() as s:
+        with self.db.read() as s:
             job = s.get(Job, job_id)
             rows = s.execute(select(LedgerEntry.kind).where(LedgerEntry.job_id == job_id)).scalars().all()
             assert job is not None
@@ -191,7 +216,7 @@ class LedgerMachine(RuleBasedStateMachine):
 
     @invariant()
     def books_balance(self) -> None:
-        with self.w.db.read() as s:
+        with self.db.read() as s:
             for owner in self.users:
                 uid = owner.user.id
                 sums = Counter()
@@ -214,7 +239,7 @@ class LedgerMachine(RuleBasedStateMachine):
     def one_settlement_per_job(self) -> None:
         if not self.job_ids:
             return
-        with self.w.db.read() as s:
+        with self.db.read() as s:
             kinds: dict[str, Counter] = {}
             for job_id, kind in s.execute(select(LedgerEntry.job_id, LedgerEntry.kind)
                                           .where(LedgerEntry.job_id.in_(self.job_ids))).all():
@@ -242,5 +267,4 @@ def test_ledger_properties(tmp_path: Path) -> None:
             max_examples=40, stateful_step_count=30, deadline=None, derandomize=False,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]))
     finally:
-        WORLD.db.dispose()
         WORLD = None

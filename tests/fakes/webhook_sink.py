@@ -1,0 +1,58 @@
+"""Our side of provider webhooks for tests: ``POST /v1/webhooks/{provider}`` on 127.0.0.1.
+
+It does what the API route does — hands the raw body and headers to a ProviderWebhookReceiver
+and answers 200 or 401 — but runs in a thread, so it forwards each call to the event loop the
+receiver lives on (the test's).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from types import TracebackType
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from api.core.executor import ProviderWebhookReceiver
+from tests.fakes.server import ServerThread
+
+FORWARD_TIMEOUT_S = 10.0
+
+
+class WebhookSink:
+    def __init__(self, receiver: ProviderWebhookReceiver, loop: asyncio.AbstractEventLoop) -> None:
+        self.receiver = receiver
+        self.loop = loop
+        self.deliveries: list[dict[str, Any]] = []
+        self.server = ServerThread(Starlette(routes=[
+            Route("/v1/webhooks/{provider}", self._receive, methods=["POST"])]), name="webhook-sink")
+
+    @property
+    def url(self) -> str:
+        """What ``settings.public_url`` should be."""
+        return self.server.url
+
+    def __enter__(self) -> WebhookSink:
+        self.server.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.server.stop()
+
+    async def _receive(self, request: Request) -> Response:
+        body = await request.body()
+        headers = dict(request.headers)
+        future = asyncio.run_coroutine_threadsafe(
+            self.receiver.handle_webhook(request.path_params["provider"], headers, body), self.loop)
+        accepted = await asyncio.wait_for(asyncio.wrap_future(future), FORWARD_TIMEOUT_S)
+        self.deliveries.append({"provider": request.path_params["provider"],
+                                "webhook_id": headers.get("webhook-id"), "accepted": accepted})
+        if not accepted:
+            return JSONResponse({"error": {"code": "invalid_signature",
+                                           "message": "webhook signature or timestamp is invalid"}},
+                                status_code=401)
+        return JSONResponse({"ok": True})
