@@ -170,8 +170,7 @@ class Generator:
         return compatible_key(fill_defaults(self.spec, request), self.family, adapters)
 
     def pipeline_for(self, task: str) -> DiffusionPipeline:
-        if task not in self.spec.tasks:
-            raise ValueError(f"{self.spec.id} does not do {task} (tasks: {', '.join(self.spec.tasks)})")
+        """The pipeline running ``task`` (built once from the base pipeline's components)."""
         pipe = self._task_pipes.get(task)
         if pipe is None:
             pipe = self.family.pipeline_for_task(self.pipe, task)
@@ -208,26 +207,36 @@ class Generator:
             if r.get("seed") is None:
                 r["seed"] = secrets.randbelow(2**32)
         tasks = [task_of(r, self.family.kind) for r in requests]
+        for task in tasks:
+            if task not in self.spec.tasks:
+                raise ValueError(f"{self.spec.id} does not do {task} (tasks: {', '.join(self.spec.tasks)})")
         mapped = [self.family.map_request(r, t) for r, t in zip(requests, tasks, strict=True)]
         groups: dict[tuple[Any, ...], list[int]] = {}
         for i, (t, m) in enumerate(zip(tasks, mapped, strict=True)):
             groups.setdefault((t, self.family.shared_key(m)), []).append(i)
         calls = [(key[0], idx, self.family.batch_kwargs([mapped[i] for i in idx])) for key, idx in groups.items()]
         total = sum(self.family.expected_steps(kw, task) for task, _, kw in calls)
-        done = 0
+        reported = 0
+
+        def report(done: int) -> None:
+            nonlocal reported
+            done = min(done, total)
+            if on_step is not None and done > reported:
+                on_step(done, total)
+            reported = max(reported, done)
+
         self.adapters.activate(adapters)
         self.last_batch_sizes = [len(idx) for _, idx, _ in calls]
         results: list[GeneratedMedia | None] = [None] * len(requests)
+        offset = 0
         for task, idx, kwargs in calls:
             if should_cancel is not None and should_cancel():
-                raise GenerationCanceled(f"canceled before step {done} of {total}")
+                raise GenerationCanceled(f"canceled before step {offset} of {total}")
             pipe = self.pipeline_for(task)
-            offset = done
 
             def callback(pipeline: Any, step: int, timestep: Any, tensors: dict[str, Any],
                          _offset: int = offset) -> dict[str, Any]:
-                if on_step is not None:
-                    on_step(min(_offset + step + 1, total), total)
+                report(_offset + step + 1)
                 if should_cancel is not None and should_cancel():
                     raise GenerationCanceled(f"canceled after step {_offset + step + 1} of {total}")
                 return {}
@@ -238,13 +247,16 @@ class Generator:
             started = time.perf_counter()
             try:
                 result = pipe(**call)
-            except GenerationCanceled:
+            except BaseException:
+                # Canceled or failed mid-call (e.g. out of memory): release offload hooks and
+                # cached blocks so the replica can take the next batch.
                 pipe.maybe_free_model_hooks()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
                 raise
             logger.debug("%s: %s × %d in %.2fs", self.spec.id, task, len(idx), time.perf_counter() - started)
-            done = offset + self.family.expected_steps(kwargs, task)
-            if on_step is not None:
-                on_step(done, total)
+            offset += self.family.expected_steps(kwargs, task)
+            report(offset)  # in case the pipeline ran fewer steps than expected
             for i, output in zip(idx, self.family.outputs(result), strict=True):
                 results[i] = self._media(requests[i], task, output)
         return [r for r in results if r is not None]

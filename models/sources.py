@@ -58,8 +58,7 @@ class S3Config:
 class S3Client(Protocol):
     """The part of ``minio.Minio`` this module uses (a fake in unit tests)."""
 
-    def list_objects(self, bucket_name: str, prefix: str | None = None, recursive: bool = False,
-                     ) -> Any: ...
+    def list_objects(self, bucket_name: str, prefix: str | None = None, recursive: bool = False) -> Any: ...
 
     def fget_object(self, bucket_name: str, object_name: str, file_path: str) -> Any: ...
 

@@ -35,6 +35,9 @@ from models.spec import ModelSpec
 logger = logging.getLogger(__name__)
 
 IMPORT_PATH = "serve.app:build"
+# A config rendered without secrets names this wrapper: it reads them where the app is built.
+ENV_IMPORT_PATH = "ops.serve_config:build"
+IMPORT_PATHS = (IMPORT_PATH, ENV_IMPORT_PATH)
 SECRET_RUNTIME_FIELDS = ("storage_url", "signing_secret")
 HEADER = ("# Ray Serve config rendered from the CineWeave catalog by `cineweave ops serve-config`.\n"
           "# Do not edit by hand: change the model's YAML spec (or the settings) and render again.\n")
@@ -114,7 +117,7 @@ def render(settings: Settings, catalog: Catalog | None = None, *, models: Iterab
         applications.append({
             "name": app_name(spec.id),
             "route_prefix": None,  # reached through handles by the API, not over Serve's HTTP proxy
-            "import_path": IMPORT_PATH,
+            "import_path": IMPORT_PATH if include_secrets else ENV_IMPORT_PATH,
             "args": args,
             "deployments": [deployment_options(spec, embedded=embedded)],
         })
@@ -128,16 +131,22 @@ def render(settings: Settings, catalog: Catalog | None = None, *, models: Iterab
 def validate(config: Mapping[str, Any]) -> Any:
     """Parse ``config`` with Ray's own ``ServeDeploySchema``; also check what Ray cannot know."""
     from pydantic import ValidationError
-    from ray.serve.schema import ServeDeploySchema
+    from ray.serve.schema import DeploymentSchema, ServeApplicationSchema, ServeDeploySchema
 
     from serve.app import deployment_name
 
+    # Ray's schemas drop unknown keys silently, so a misspelt option would just vanish: refuse it.
+    _known_keys("config", config, ServeDeploySchema)
+    for app in config.get("applications") or []:
+        _known_keys(f"application {app.get('name')}", app, ServeApplicationSchema)
+        for dep in app.get("deployments") or []:
+            _known_keys(f"deployment {dep.get('name')}", dep, DeploymentSchema)
     try:
         schema = ServeDeploySchema.model_validate(dict(config))
     except ValidationError as exc:
         raise ServeConfigError(f"not a valid Serve config: {exc}") from exc
     for app in schema.applications:
-        if app.import_path != IMPORT_PATH:
+        if app.import_path not in IMPORT_PATHS:
             continue
         model = (app.args or {}).get("model")
         expected = deployment_name(str(model))
@@ -151,8 +160,34 @@ def validate(config: Mapping[str, Any]) -> Any:
     return schema
 
 
+def _known_keys(where: str, data: Any, schema: Any) -> None:
+    if not isinstance(data, Mapping):
+        return  # the schema reports the wrong type
+    unknown = sorted(set(data) - set(schema.model_fields))
+    if unknown:
+        raise ServeConfigError(f"{where}: unknown option(s) {unknown} (Ray would ignore them)")
+
+
 def dump(config: Mapping[str, Any]) -> str:
     return HEADER + yaml.safe_dump(dict(config), sort_keys=False, width=120)
+
+
+def build(args: dict[str, Any]) -> Any:
+    """``serve.app:build`` for a config rendered without secrets.
+
+    The storage URL and the signing secret come from the ``CINEWEAVE_*`` settings of the process
+    that builds the application (Serve's build task, on any node of the cluster: every Ray node
+    gets them from the same Kubernetes Secret), so the config itself carries none.
+    """
+    from api.settings import get_settings
+    from serve.app import build as build_app
+
+    settings = get_settings()
+    runtime = dict(args.get("runtime") or {})
+    runtime.setdefault("storage_url", settings.resolved_storage_url())
+    if settings.signing_secret:
+        runtime.setdefault("signing_secret", settings.signing_secret)
+    return build_app({**args, "runtime": runtime})
 
 
 # --- changing a running deployment --------------------------------------------------------------

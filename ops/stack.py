@@ -157,17 +157,15 @@ class EmbeddedStack:
         """
         from ray import serve
 
-        from serve.app import app_name, deployment_options
-        from serve.generator import GeneratorServer
+        from serve.app import app_name, build_generator_app
 
         spec = self.specs.get(model_id)
         if spec is None:
             raise KeyError(model_id)
         Source.model_validate(source)  # a clear error before anything changes
-        options = deployment_options(spec, embedded=self.embedded)
-        options["user_config"] = {"source": source}
-        app = serve.deployment(GeneratorServer).options(**options).bind(spec.model_dump(mode="json"),
-                                                                         self.runtime().__dict__)
+        # The same spec and runtime as at deploy time (so the same deployment version): only
+        # user_config differs, and Serve reconfigures the live replicas in place.
+        app = build_generator_app(spec, self.runtime(), embedded=self.embedded, user_config={"source": source})
         handle = serve.run(app, name=app_name(model_id), route_prefix=None)
         with self._lock:
             self.handles[model_id] = handle

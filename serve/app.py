@@ -6,6 +6,8 @@ a Serve config file names (``serve.app:build``) on a cluster, with the same argu
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from typing import Any
 
@@ -60,8 +62,31 @@ def deployment_options(spec: ModelSpec, *, embedded: bool = False) -> dict[str, 
     return options
 
 
-def build_generator_app(spec: ModelSpec, runtime: RuntimeConfig, *, embedded: bool = False) -> Application:
-    deployment = serve.deployment(GeneratorServer).options(**deployment_options(spec, embedded=embedded))
+def code_version(spec: ModelSpec, runtime: RuntimeConfig) -> str:
+    """A deployment version that changes with the replica's constructor arguments, not its source.
+
+    Serve versions each ``serve.run`` randomly unless told otherwise, so redeploying the same app
+    with only ``user_config`` changed would restart every replica (a swap with downtime, loading
+    the checkpoint twice). With a version fixed by the spec and runtime, Serve calls
+    ``reconfigure`` on the live replicas instead.
+    """
+    payload = json.dumps({"spec": spec.model_dump(mode="json"), "runtime": runtime.__dict__,
+                          "server": f"{GeneratorServer.__module__}.{GeneratorServer.__qualname__}"},
+                         sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def build_generator_app(spec: ModelSpec, runtime: RuntimeConfig, *, embedded: bool = False,
+                        user_config: dict[str, Any] | None = None) -> Application:
+    """The generator app; ``user_config`` (e.g. ``{"source": ...}``) overrides the spec's for a swap."""
+    options = deployment_options(spec, embedded=embedded)
+    if user_config is not None:
+        options["user_config"] = user_config
+    deployment = serve.deployment(GeneratorServer).options(**options)
+    try:  # private in Ray 2.x: the only way to keep the version across serve.run calls
+        deployment = deployment.options(version=code_version(spec, runtime), _internal=True)
+    except (TypeError, ValueError):  # pragma: no cover - a Ray without it: swaps restart replicas
+        logger.warning("this Ray cannot pin deployment versions; a swap will restart replicas")
     return deployment.bind(spec.model_dump(mode="json"), runtime.__dict__)
 
 

@@ -130,20 +130,26 @@ class TrainerServer:
         run = asyncio.ensure_future(asyncio.to_thread(self._run_job, request, emit, cancel.is_set))
         # A canceled caller never reads the result: retrieve it so asyncio does not log it.
         run.add_done_callback(lambda f: f.cancelled() or f.exception())
+        finished = False
         try:
             while not run.done() or not queue.empty():
                 getter = asyncio.ensure_future(queue.get())
-                await asyncio.wait({run, getter}, return_when=asyncio.FIRST_COMPLETED)
-                if getter.done():
+                try:
+                    await asyncio.wait({run, getter}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    if not getter.done():
+                        getter.cancel()
+                if getter.done() and not getter.cancelled():
                     yield getter.result()
-                else:
-                    getter.cancel()
-        except asyncio.CancelledError:
-            # The caller canceled (response.cancel()): training stops before its next step.
-            cancel.set()
-            self.canceled.add(str(request.get("job_id")))
-            logger.info("training job %s canceled by its caller", request.get("job_id"))
-            raise
+            finished = True
+        finally:
+            if not finished:
+                # The caller is gone: canceled while we awaited (CancelledError, what
+                # response.cancel() raises) or while it held an event (the stream is closed,
+                # GeneratorExit). Training stops before its next step.
+                cancel.set()
+                self.canceled.add(str(request.get("job_id")))
+                logger.info("training job %s canceled by its caller", request.get("job_id"))
         try:
             run.result()
         except Exception as exc:  # noqa: BLE001 - becomes the job's error event

@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.fixtures.core",
     "tests.fixtures.s3",
     "tests.fixtures.harness",
+    "tests.fixtures.ray",
 ]

@@ -1,7 +1,7 @@
 """What one training step computes, per kind of denoiser: how text and images are encoded and
 which noise objective the loss uses.
 
-- :class:`DDPMObjective`: Stable Diffusion UNets. Noise at a random DDPM timestep; the target is
+- :class:`DDPMObjective`: Stable Diffusion 1.x/2.x and SDXL UNets. Noise at a random DDPM timestep; the target is
   the noise (``epsilon``), the velocity (``v_prediction``) or the clean latents (``sample``), as
   the checkpoint's scheduler config says.
 - :class:`WanObjective`, :class:`FluxObjective`: flow-matching transformers. A point
@@ -58,7 +58,15 @@ class Objective:
         Cached by the trainer per (image, flip): a step then only draws ``mean + std·ε``, which is
         what sampling the distribution each step would give, without running the encoder again.
         """
-        dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
+        vae = self.vae
+        upcast = vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+        if upcast:  # the SDXL VAE overflows to NaN in fp16; latents are cached, so this runs rarely
+            vae.to(torch.float32)
+        try:
+            dist = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
+        finally:
+            if upcast:
+                vae.to(torch.float16)
         return dist.mean.float(), dist.std.float()
 
     def normalize(self, latents: torch.Tensor) -> torch.Tensor:
@@ -83,13 +91,14 @@ class Objective:
 
 
 class DDPMObjective(Objective):
-    """Stable Diffusion 1.x/2.x UNets (epsilon or v-prediction)."""
+    """Stable Diffusion UNets (epsilon or v-prediction). SDXL adds the pooled text embedding and
+    the size/crop "time ids" as extra conditioning: here the target size, no crop offset, which is
+    what inference passes by default."""
 
     def __init__(self, pipe: DiffusionPipeline, denoiser: torch.nn.Module, device: str,
                  pipeline_kwargs: Mapping[str, Any] | None = None) -> None:
         super().__init__(pipe, denoiser, device, pipeline_kwargs)
-        if getattr(pipe, "text_encoder_2", None) is not None:
-            raise NotImplementedError("LoRA training for SDXL (two text encoders, time ids) is not implemented yet")
+        self.xl = getattr(pipe, "text_encoder_2", None) is not None
         self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.prediction_type = self.scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
@@ -101,8 +110,20 @@ class DDPMObjective(Objective):
 
     @torch.no_grad()
     def encode_text(self, caption: str) -> TextEmbeds:
+        if self.xl:
+            embeds, _, pooled, _ = self.pipe.encode_prompt(prompt=caption, device=self.device,
+                                                           num_images_per_prompt=1, do_classifier_free_guidance=False)
+            return {"encoder_hidden_states": embeds, "text_embeds": pooled}
         embeds, _ = self.pipe.encode_prompt(caption, self.device, 1, False)
         return {"encoder_hidden_states": embeds}
+
+    def _added_cond(self, latents: torch.Tensor, text: TextEmbeds) -> dict[str, torch.Tensor] | None:
+        if not self.xl:
+            return None
+        scale = int(self.pipe.vae_scale_factor)
+        h, w = latents.shape[-2] * scale, latents.shape[-1] * scale
+        time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=self.dtype, device=self.device)
+        return {"text_embeds": text["text_embeds"].to(self.dtype), "time_ids": time_ids.repeat(latents.shape[0], 1)}
 
     def loss(self, latents: torch.Tensor, text: TextEmbeds, generator: torch.Generator) -> torch.Tensor:
         latents = latents.to(self.dtype)
@@ -110,7 +131,8 @@ class DDPMObjective(Objective):
         n = int(self.scheduler.config.num_train_timesteps)
         timesteps = torch.randint(0, n, (latents.shape[0],), generator=generator).to(self.device)
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
-        pred = self.denoiser(noisy, timesteps, text["encoder_hidden_states"].to(self.dtype), return_dict=False)[0]
+        pred = self.denoiser(noisy, timesteps, text["encoder_hidden_states"].to(self.dtype),
+                             added_cond_kwargs=self._added_cond(latents, text), return_dict=False)[0]
         if self.prediction_type == "epsilon":
             target = noise
         elif self.prediction_type == "v_prediction":

@@ -386,7 +386,7 @@ class LoraTrainer:
             yield self._run
         finally:
             self._run = None
-            if getattr(denoiser, "gradient_checkpointing", False):
+            if getattr(denoiser, "is_gradient_checkpointing", False):
                 denoiser.disable_gradient_checkpointing()
             denoiser.unload_lora()
             denoiser.requires_grad_(False)

@@ -32,7 +32,8 @@ _DIFFUSERS_DTYPE_KW = "dtype" if Version(diffusers.__version__) >= Version("0.42
 _TRANSFORMERS_DTYPE_KW = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
 
 
-def dtype_kwargs(dtype: torch.dtype, library: str = "diffusers") -> dict[str, torch.dtype]:
+def dtype_kwargs(dtype: torch.dtype | dict[str, torch.dtype], library: str = "diffusers",
+                 ) -> dict[str, torch.dtype | dict[str, torch.dtype]]:
     """``{"dtype": dtype}`` or ``{"torch_dtype": dtype}``, whichever the installed library takes."""
     return {_DIFFUSERS_DTYPE_KW if library == "diffusers" else _TRANSFORMERS_DTYPE_KW: dtype}
 

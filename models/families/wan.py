@@ -10,7 +10,6 @@ the Wan model cards recommend (their decode is unstable in fp16/bf16).
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,7 +17,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKLWan, DiffusionPipeline, WanImageToVideoPipeline, WanPipeline
+from diffusers import DiffusionPipeline, WanImageToVideoPipeline, WanPipeline
 
 from models.families.base import Family, as_rgb, common_kwargs, dtype_kwargs
 
@@ -61,17 +60,11 @@ class WanFamily(Family):
         return kwargs
 
     def load(self, path: Path, torch_dtype: torch.dtype) -> DiffusionPipeline:
-        overrides: dict[str, Any] = {}
-        if torch_dtype != torch.float32:
-            overrides["vae"] = AutoencoderKLWan.from_pretrained(str(path), subfolder="vae",
-                                                                **dtype_kwargs(torch.float32))
-            index = json.loads((Path(path) / "model_index.json").read_text())
-            if (index.get("image_encoder") or [None])[0]:
-                from transformers import CLIPVisionModel
-
-                overrides["image_encoder"] = CLIPVisionModel.from_pretrained(
-                    str(path), subfolder="image_encoder", **dtype_kwargs(torch.float32, "transformers"))
-        return DiffusionPipeline.from_pretrained(str(path), **dtype_kwargs(torch_dtype), **overrides)
+        if torch_dtype == torch.float32:
+            return super().load(path, torch_dtype)
+        # A per-component dtype mapping: everything in torch_dtype but the VAE and CLIP encoder.
+        dtypes = {"default": torch_dtype, "vae": torch.float32, "image_encoder": torch.float32}
+        return DiffusionPipeline.from_pretrained(str(path), **dtype_kwargs(dtypes))
 
     def pipeline_for_task(self, base: DiffusionPipeline, task: str) -> DiffusionPipeline:
         self.check_task(task)

@@ -65,6 +65,8 @@ class RunState:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     remote_cancel_sent: bool = False
     finished: bool = False
+    loop: asyncio.AbstractEventLoop | None = None
+    """The loop the run lives on: updates from other threads (webhooks) are handed to it."""
 
 
 def default_client() -> httpx.AsyncClient:
@@ -220,7 +222,7 @@ class ProviderExecutor:
             del self._runs[state.job_id]
 
     async def run(self, request: ExecutionRequest) -> AsyncIterator[ExecutorEvent]:
-        state = RunState(job_id=request.job_id, model=request.model)
+        state = RunState(job_id=request.job_id, model=request.model, loop=asyncio.get_running_loop())
         deadline = Deadline(self.settings.provider_timeout_s)
         self._register(state)
         closed_early = True

@@ -19,6 +19,7 @@ A failure naming E005 ("flagged as sensitive") is a safety block: ``content_poli
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -415,9 +416,15 @@ class ReplicateExecutor(ProviderExecutor):
                 self._early.popitem(last=False)
             return True
         self.webhook_stats["applied"] += 1
+        if False:
+            state.loop.call_soon_threadsafe(self._update, state, prediction)  # asyncio.Event is not thread-safe
+        else:
+            self._update(state, prediction)
+        return True
+
+    def _update(self, state: RunState, prediction: dict[str, Any]) -> None:
         if self._apply(state, prediction):
             state.wake.set()
-        return True
 
 
 __all__ = ["ReplicateExecutor", "is_safety_block", "map_input", "output_urls", "parse_progress"]

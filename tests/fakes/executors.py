@@ -36,15 +36,7 @@ class ScriptedExecutor:
             events = list(self.script(request) if callable(self.script) else self.script)
             for index, event in enumerate(events):
                 if index == len(events) - 1 and self.gate is not None:
-                    waiter = asyncio.ensure_future(self.gate.wait())
-                    deadline = asyncio.get_running_loop().time() + self.gate_timeout_s
-                    try:
-                        while not waiter.done() and request.job_id not in self._canceled:
-                            if asyncio.get_running_loop().time() > deadline:
-                                raise TimeoutError(f"{self.name}: gate not opened in {self.gate_timeout_s}s")
-                            await asyncio.wait({waiter}, timeout=0.01)
-                    finally:
-                        waiter.cancel()
+                    await self._hold(request.job_id)
                 if request.job_id in self._canceled:
                     yield ErrorEvent("canceled", "canceled")
                     return
@@ -52,6 +44,16 @@ class ScriptedExecutor:
                 await asyncio.sleep(0)
         finally:
             self.active.discard(request.job_id)
+
+    async def _hold(self, job_id: str) -> None:
+        """Wait (bounded) until the gate opens or the job is canceled."""
+        assert self.gate is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.gate_timeout_s
+        while not self.gate.is_set() and job_id not in self._canceled:
+            if loop.time() > deadline:
+                raise TimeoutError(f"{self.name}: gate not opened in {self.gate_timeout_s}s")
+            await asyncio.sleep(0.01)
 
     async def cancel(self, job_id: str) -> None:
         self.cancels.append(job_id)

@@ -1,8 +1,9 @@
 """Our side of provider webhooks for tests: ``POST /v1/webhooks/{provider}`` on 127.0.0.1.
 
 It does what the API route does — hands the raw body and headers to a ProviderWebhookReceiver
-and answers 200 or 401 — but runs in a thread, so it forwards each call to the event loop the
-receiver lives on (the test's).
+and answers 200 or 401 — but runs in a thread. Given a ``loop`` it forwards each call to that loop
+(the test's, where the runs live); with ``loop=None`` it calls the receiver on its own loop, in its
+own thread, as an API served apart from the runner would.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ FORWARD_TIMEOUT_S = 10.0
 
 
 class WebhookSink:
-    def __init__(self, receiver: ProviderWebhookReceiver, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, receiver: ProviderWebhookReceiver, loop: asyncio.AbstractEventLoop | None) -> None:
         self.receiver = receiver
         self.loop = loop
         self.deliveries: list[dict[str, Any]] = []
@@ -46,9 +47,12 @@ class WebhookSink:
     async def _receive(self, request: Request) -> Response:
         body = await request.body()
         headers = dict(request.headers)
-        future = asyncio.run_coroutine_threadsafe(
-            self.receiver.handle_webhook(request.path_params["provider"], headers, body), self.loop)
-        accepted = await asyncio.wait_for(asyncio.wrap_future(future), FORWARD_TIMEOUT_S)
+        call = self.receiver.handle_webhook(request.path_params["provider"], headers, body)
+        if self.loop is None:
+            accepted = await asyncio.wait_for(call, FORWARD_TIMEOUT_S)
+        else:
+            future = asyncio.run_coroutine_threadsafe(call, self.loop)
+            accepted = await asyncio.wait_for(asyncio.wrap_future(future), FORWARD_TIMEOUT_S)
         self.deliveries.append({"provider": request.path_params["provider"],
                                 "webhook_id": headers.get("webhook-id"), "accepted": accepted})
         if not accepted:

@@ -9,15 +9,13 @@ import pytest
 
 from models.catalog import Catalog
 from models.generator import Generator, limit_threads
-from models.spec import ModelSpec
 from models.tiny import make_tiny
+from tests.models.helpers import ALL_TINY, tiny_spec
 
-ALL_TINY = ["tiny-sd", "tiny-wan", "tiny-wan-i2v", "tiny-flux", "tiny-ltx"]
 
-
-@pytest.fixture(scope="session", autouse=True)
-def _offline_and_two_threads() -> Iterator[None]:
-    """Nothing here may reach a hub, and torch runs one thread.
+@pytest.fixture(scope="package", autouse=True)
+def _offline_and_one_thread() -> Iterator[None]:
+    """While these tests run, nothing may reach a hub and torch runs one thread (undone after).
 
     One thread, not the machine's two: when other processes share the two cores (parallel test
     runs, a local Ray), OpenMP's spinning threads make a 2-thread tiny pipeline 5-10x slower, while
@@ -42,26 +40,6 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def catalog() -> Catalog:
     return Catalog.load()
-
-
-def tiny_spec(catalog: Catalog, model_id: str) -> ModelSpec:
-    spec = catalog.get(model_id)
-    assert spec is not None, model_id
-    return spec
-
-
-def make_spec(model_id: str, family: str, kind: str, tasks: list[str], **extra: object) -> ModelSpec:
-    """A spec for a tiny checkpoint the catalog does not ship (tiny-flux, tiny-ltx)."""
-    video = kind == "video"
-    data: dict[str, object] = {
-        "id": model_id, "kind": kind, "tasks": tasks, "family": family, "source": {"tiny": model_id},
-        "dtype": "float32",
-        "defaults": {"width": 64, "height": 64, "steps": 3, "guidance": 3.0,
-                     **({"num_frames": 9, "fps": 8} if video else {})},
-        "resources": {"num_gpus": 0, "num_cpus": 0.25}, "optimizations": {"xformers": False},
-    }
-    data.update(extra)
-    return ModelSpec.model_validate(data)
 
 
 @pytest.fixture(scope="session")

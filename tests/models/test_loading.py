@@ -23,7 +23,7 @@ from models.loading import (
 )
 from models.sources import MANIFEST, fetch_s3, manifest_ok, s3_cache_path
 from models.spec import ModelSpec
-from tests.models.conftest import tiny_spec
+from tests.models.helpers import tiny_spec
 
 
 def spec_with(base: ModelSpec, **changes: Any) -> ModelSpec:

@@ -64,6 +64,38 @@ def tiny_training_spec(model_id: str) -> ModelSpec:
     })
 
 
+def build_tiny_sdxl(out: Path, tiny_sd: Path) -> Path:
+    """A tiny SDXL checkpoint (``models.tiny`` builds none): two CLIP text encoders, a UNet with
+    ``text_time`` conditioning, sized as in diffusers' own SDXL tests, and tiny-sd's tokenizer."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    if (out / "model_index.json").is_file():
+        return out
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        unet = UNet2DConditionModel(
+            block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+            transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80, cross_attention_dim=64)
+        vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3,
+                            down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                            latent_channels=4, scaling_factor=0.13025)
+        config = CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                                vocab_size=1000, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=32)
+        tokenizer = CLIPTokenizer.from_pretrained(str(tiny_sd / "tokenizer"))
+        pipe = StableDiffusionXLPipeline(
+            vae=vae, text_encoder=CLIPTextModel(config), text_encoder_2=CLIPTextModelWithProjection(config),
+            tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
+            scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                             steps_offset=1))
+    pipe.save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="package", autouse=True)
 def _one_thread() -> Iterator[None]:
     mp = pytest.MonkeyPatch()

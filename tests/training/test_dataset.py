@@ -60,7 +60,7 @@ def test_tensor_array_is_chw_in_minus_one_to_one() -> None:
     img = Image.fromarray(np.array([[[0, 255, 128]]], np.uint8))
     arr = to_tensor_array(img)
     assert arr.shape == (3, 1, 1) and arr.dtype == np.float32
-    assert arr[:, 0, 0] == pytest.approx([-1.0, 1.0, 128 / 127.5 - 1.0])
+    assert arr[:, 0, 0] == pytest.approx([-1.0, 1.0, 128 / 127.5 - 1.0], abs=1e-6)
 
 
 # --- captions ------------------------------------------------------------------------------------

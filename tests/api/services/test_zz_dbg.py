@@ -33,7 +33,7 @@ def test_mut2(tmp_path, monkeypatch):
     orig = st.finish_job
     def fj(session, storage, job, status, error, metrics=None):
         if status.value == "canceled" and job.status == "running":
-            status = type(status)("succeeded")   # a canceled running job is charged
+            status = type(status)("succeeded")
         return orig(session, storage, job, status, error, metrics)
     monkeypatch.setattr("api.runner.runner.finish_job", fj)
     m.test_ledger_properties(tmp_path)

@@ -310,6 +310,24 @@ async def test_webhooks_deliver_the_updates(webhook_adapter, replicate_fake: Fak
     assert storage.get_bytes(output.key) == replicate_fake.mp4
 
 
+async def test_webhooks_from_another_thread_reach_the_run(tmp_path: Path, replicate_fake: FakeReplicate,
+                                                          storage: LocalStorage, catalog: Catalog,
+                                                          fast_retry: RetryPolicy) -> None:
+    adapter = ReplicateExecutor(make_settings(tmp_path, replicate_base_url=replicate_fake.base_url,
+                                              replicate_api_token=replicate_fake.token,
+                                              replicate_webhook_secret=replicate_fake.webhook_secret,
+                                              provider_poll_s=2.0),
+                                storage, catalog, retry=fast_retry, slow_poll_factor=3.0)
+    with WebhookSink(adapter, None) as sink:  # handle_webhook runs on the sink's loop, not the run's
+        adapter.settings.public_url = sink.url
+        replicate_fake.behavior.max_prefer_wait_s = 0.01
+        started = time.monotonic()
+        events = await collect(adapter.run(video_job(catalog, MODEL)))
+    assert isinstance(events[-1], DoneEvent)
+    assert time.monotonic() - started < 3.0 and replicate_fake.api_calls("GET", "/v1/predictions/") == []
+    assert adapter.webhook_stats["applied"] >= 1
+
+
 async def test_duplicated_webhooks_are_applied_once(webhook_adapter, replicate_fake: FakeReplicate,  # noqa: ANN001
                                                     catalog: Catalog) -> None:
     adapter, sink = webhook_adapter

@@ -18,7 +18,7 @@ from api.core.events import DoneEvent, ErrorEvent, OutputEvent, ProviderEvent, S
 from api.settings import Settings
 from api.storage.local import LocalStorage
 from models.catalog import Catalog
-from serve.fallback.http import RetryPolicy
+from serve.fallback.http import ProviderError, RetryPolicy
 from serve.fallback.veo import VeoExecutor, build_body, parse_data_uri
 from tests.fakes.server import ServerThread
 from tests.fakes.veo_server import FakeVeo
@@ -220,5 +220,6 @@ def test_build_body_and_data_uris() -> None:
                     "parameters": {"sampleCount": 1, "aspectRatio": "16:9", "durationSeconds": 6,
                                    "resolution": "720p"}}
     assert parse_data_uri("data:image/jpeg;base64,/9j/") == ("image/jpeg", b"\xff\xd8\xff")
-    with pytest.raises(ValueError.__mro__[1]):  # ProviderError is an Exception
+    with pytest.raises(ProviderError, match="not base64") as raised:
         parse_data_uri("data:image/png,notbase64")
+    assert raised.value.code == "invalid_input"

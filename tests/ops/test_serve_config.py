@@ -1,0 +1,172 @@
+"""The Serve config rendered from the catalog, checked with Ray's own ServeDeploySchema."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+from typer.testing import CliRunner
+
+from api.settings import Settings
+from models.catalog import Catalog
+from ops import serve_config
+from ops.opscmd import ops_app
+from ops.serve_config import (
+    ENV_IMPORT_PATH,
+    IMPORT_PATH,
+    ServeConfigError,
+    render,
+    runtime_args,
+    scaled_autoscaling,
+    select_models,
+    validate,
+)
+from ops.stack import EmbeddedStack
+from serve.app import deployment_options
+
+
+@pytest.fixture
+def catalog() -> Catalog:
+    return Catalog.load()
+
+
+def _apps(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {app["name"]: app for app in config["applications"]}
+
+
+def test_gpu_config_has_one_application_per_enabled_local_model(settings: Settings, catalog: Catalog) -> None:
+    config = render(settings, catalog)
+    ServeDeploySchema.model_validate(config)  # Ray's own schema, independently of render()
+    expected = {s.id for s in catalog.enabled() if not s.remote_only and not (s.source and s.source.tiny)}
+    apps = _apps(config)
+    assert set(apps) == expected
+    assert {"veo-3.1", "veo-3.1-replicate", "tiny-sd"}.isdisjoint(apps)
+    for model, app in apps.items():
+        spec = catalog.get(model)
+        assert spec is not None
+        assert app["import_path"] == IMPORT_PATH and app["route_prefix"] is None
+        assert app["args"]["model"] == model and app["args"]["embedded"] is False
+        assert app["deployments"] == [deployment_options(spec, embedded=False)]
+        assert app["deployments"][0]["ray_actor_options"]["num_gpus"] == spec.resources.num_gpus
+
+
+def test_autoscaling_and_actor_options_come_from_the_spec(settings: Settings, catalog: Catalog) -> None:
+    sdxl = _apps(render(settings, catalog, models=["sdxl"]))["sdxl"]["deployments"][0]
+    spec = catalog.get("sdxl")
+    assert spec is not None
+    assert sdxl["name"] == "gen-sdxl"
+    assert sdxl["autoscaling_config"]["min_replicas"] == spec.serving.min_replicas
+    assert sdxl["autoscaling_config"]["max_replicas"] == spec.serving.max_replicas
+    assert sdxl["autoscaling_config"]["target_ongoing_requests"] == spec.serving.target_ongoing_requests
+    assert sdxl["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 1.0, "memory": 32 * 1024**3}
+    assert sdxl["user_config"] == {"source": {"hf_repo": "stabilityai/stable-diffusion-xl-base-1.0"}}
+
+
+def test_embedded_config_serves_the_tiny_models_without_gpus(settings: Settings, catalog: Catalog) -> None:
+    apps = _apps(render(settings, catalog, embedded=True))
+    assert set(apps) == {"tiny-sd", "tiny-wan", "tiny-wan-i2v"}
+    for app in apps.values():
+        assert app["deployments"][0]["ray_actor_options"]["num_gpus"] == 0
+        assert app["args"]["embedded"] is True and app["args"]["runtime"]["threads"] == 1
+
+
+def test_runtime_is_the_one_the_embedded_stack_builds(settings: Settings, catalog: Catalog) -> None:
+    stack = EmbeddedStack(settings, catalog, embedded=True)
+    assert runtime_args(settings, embedded=True) == stack.runtime().__dict__
+    apps = _apps(render(settings, catalog, models=["tiny-sd"], embedded=True))
+    assert apps["tiny-sd"]["args"]["runtime"] == stack.runtime().__dict__
+
+
+def test_no_secrets_config_leaves_out_credentials_and_names_the_env_wrapper(tmp_path: Path, catalog: Catalog) -> None:
+    secret_url = "s3://key:very-secret@minio:9000/bucket?secure=false"
+    settings = Settings(data_dir=tmp_path, storage_url=secret_url, signing_secret="sign-me", _env_file=None)
+    config = render(settings, catalog, models=["sdxl"], include_secrets=False)
+    text = yaml.safe_dump(config)
+    assert "very-secret" not in text and "sign-me" not in text
+    app = config["applications"][0]
+    assert app["import_path"] == ENV_IMPORT_PATH
+    assert "storage_url" not in app["args"]["runtime"]
+    with_secrets = render(settings, catalog, models=["sdxl"])
+    assert with_secrets["applications"][0]["args"]["runtime"]["storage_url"] == secret_url
+
+
+def test_env_wrapper_fills_the_secrets_from_the_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import api.settings
+    import serve.app
+
+    settings = Settings(data_dir=tmp_path, storage_url="s3://a:b@minio:9000/bkt", signing_secret="s3cret",
+                        _env_file=None)
+    monkeypatch.setattr(api.settings, "get_settings", lambda fresh=False: settings)
+    seen: list[dict[str, Any]] = []
+    monkeypatch.setattr(serve.app, "build", lambda args: seen.append(args) or "app")
+    args = {"model": "tiny-sd", "runtime": {"tiny_dir": "/x", "threads": 1}, "embedded": True}
+    assert serve_config.build(args) == "app"
+    assert seen[0]["runtime"] == {"tiny_dir": "/x", "threads": 1, "storage_url": "s3://a:b@minio:9000/bkt",
+                                  "signing_secret": "s3cret"}
+    assert args["runtime"] == {"tiny_dir": "/x", "threads": 1}  # the caller's args untouched
+    # a value the config does carry wins over the settings
+    serve_config.build({**args, "runtime": {"storage_url": "file:///elsewhere"}})
+    assert seen[1]["runtime"]["storage_url"] == "file:///elsewhere"
+
+
+def test_model_selection_errors(catalog: Catalog) -> None:
+    with pytest.raises(ServeConfigError, match="unknown model"):
+        select_models(catalog, ["nope"])
+    with pytest.raises(ServeConfigError, match="remote only"):
+        select_models(catalog, ["veo-3.1"])
+    disabled = catalog.get("sdxl").model_copy(update={"enabled": False})  # type: ignore[union-attr]
+    catalog.replace(disabled)
+    with pytest.raises(ServeConfigError, match="disabled"):
+        select_models(catalog, ["sdxl"])
+    assert [s.id for s in select_models(catalog, ["tiny-sd", "tiny-sd", "ltx-video"])] == ["tiny-sd", "ltx-video"]
+
+
+@pytest.mark.parametrize("break_it, message", [
+    (lambda c: c["applications"][0]["deployments"][0].update(max_ongoing_requests="many"), "not a valid Serve"),
+    (lambda c: c["applications"][0]["deployments"][0].update(max_replica=4), "unknown option"),
+    (lambda c: c["applications"][0].update(deployment=[]), "unknown option"),
+    (lambda c: c["applications"].append(copy.deepcopy(c["applications"][0])), "not a valid Serve"),
+    (lambda c: c["applications"][0]["deployments"][0].update(name="gen-other"), "expected"),
+    (lambda c: c["applications"][0]["args"].update(runtime="file:///x"), "args.runtime"),
+])
+def test_validation_rejects_what_ray_or_build_would_refuse(settings: Settings, catalog: Catalog, break_it: Any,
+                                                          message: str) -> None:
+    config = render(settings, catalog, models=["sdxl", "ltx-video"])
+    validate(config)
+    broken = copy.deepcopy(config)
+    break_it(broken)
+    with pytest.raises(ServeConfigError, match=message):
+        validate(broken)
+
+
+def test_scaled_autoscaling_keeps_the_rest_and_clamps_initial_replicas() -> None:
+    current = {"min_replicas": 1, "max_replicas": 4, "initial_replicas": 1, "target_ongoing_requests": 2.0,
+               "upscale_delay_s": 10.0, "downscale_delay_s": 120.0, "policy": {"policy_function": "x"}}
+    scaled = scaled_autoscaling(current, None, 2, 6)
+    assert scaled == {"min_replicas": 2, "max_replicas": 6, "initial_replicas": 2, "target_ongoing_requests": 2.0,
+                      "upscale_delay_s": 10.0, "downscale_delay_s": 120.0}
+    assert scaled_autoscaling(None, 3, 0, 2)["initial_replicas"] == 2  # from num_replicas, clamped
+    assert scaled_autoscaling(None, None, 0, 2, upscale_delay_s=1.0)["upscale_delay_s"] == 1.0
+    for low, high in [(3, 2), (-1, 2), (0, 0)]:
+        with pytest.raises(ServeConfigError):
+            scaled_autoscaling(current, None, low, high)
+
+
+def test_cli_writes_the_rendered_config(settings: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import ops.opscmd
+
+    monkeypatch.setattr(ops.opscmd, "get_settings", lambda: settings)
+    out = tmp_path / "serve.yaml"
+    result = CliRunner().invoke(ops_app, ["serve-config", "--out", str(out), "--embedded", "--model", "tiny-sd"])
+    assert result.exit_code == 0, result.output
+    written = yaml.safe_load(out.read_text())
+    assert written == render(settings, models=["tiny-sd"], embedded=True)
+    assert oct(out.stat().st_mode & 0o777) == "0o600"  # it holds the storage URL and signing secret
+    result = CliRunner().invoke(ops_app, ["serve-config", "--model", "veo-3.1"])
+    assert result.exit_code == 1 and "remote only" in result.output
+    result = CliRunner().invoke(ops_app, ["serve-config", "--json", "--model", "sdxl", "--no-secrets"])
+    assert result.exit_code == 0 and '"import_path": "ops.serve_config:build"' in result.output
