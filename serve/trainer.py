@@ -174,11 +174,18 @@ class TrainerServer:
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir(parents=True)
             started = time.perf_counter()
+            self.last_run = {"job_id": job_id, "step": 0, "outcome": "running"}
+            outcome = "failed"
             try:
                 self._train(request, work, emit, cancelled)
+                outcome = "done"
+            except TrainingCanceled:
+                outcome = "canceled"
+                raise
             finally:
                 shutil.rmtree(work, ignore_errors=True)
-                self.last_run = {"job_id": job_id, "seconds": round(time.perf_counter() - started, 3)}
+                self.last_run = {**self.last_run, "outcome": outcome,
+                                 "seconds": round(time.perf_counter() - started, 3)}
 
     def _train(self, request: dict[str, Any], work: Path, emit: Emit, cancelled: Callable[[], bool]) -> None:
         from training.trainer import LoraTrainer, TrainingCanceled
@@ -196,7 +203,7 @@ class TrainerServer:
 
         def on_step(step: int, total: int, loss: float) -> None:
             emit(ProgressEvent(step, total, stage="training", metrics={"loss": loss}))
-            self.last_run = {**self.last_run, "job_id": request["job_id"], "step": step}
+            self.last_run = {**self.last_run, "step": step}
 
         def on_checkpoint(path: Path, step: int) -> None:
             key = self._store_checkpoint(path, step, prefix)

@@ -416,7 +416,7 @@ class ReplicateExecutor(ProviderExecutor):
                 self._early.popitem(last=False)
             return True
         self.webhook_stats["applied"] += 1
-        if False:
+        if state.loop is not None and state.loop is not asyncio.get_running_loop():
             state.loop.call_soon_threadsafe(self._update, state, prediction)  # asyncio.Event is not thread-safe
         else:
             self._update(state, prediction)

@@ -240,7 +240,8 @@ async def test_cancel_stops_training_within_a_step(server: TrainerServer, where:
         await asyncio.sleep(0.05)
     assert job_id in server.canceled and not server._lock.locked()
     last_seen = max(e["step"] for e in seen if e["type"] == "progress")
-    assert server.last_run["job_id"] == job_id and server.last_run["step"] <= last_seen + 1 < 40
+    assert server.last_run["job_id"] == job_id and server.last_run["outcome"] == "canceled"
+    assert server.last_run["step"] <= last_seen + 1 < 40
     events = await collect(server, request("job-after", steps=2, checkpoint_every=0))
     assert events[-1]["type"] == "done"
 
@@ -271,3 +272,67 @@ def test_a_foreign_checkpoint_key_is_refused(server: TrainerServer) -> None:
     events = asyncio.run(collect(server, request(
         "bad-resume", resume={"checkpoint_key": "loras/u2/other/checkpoints/step-2/checkpoint.json", "step": 2})))
     assert events[-1]["type"] == "error" and "does not belong" in events[-1]["message"]
+
+
+# --- through Ray Serve ---------------------------------------------------------------------------------
+
+@pytest.mark.ray
+@pytest.mark.slow
+async def test_training_through_ray_serve_and_the_executor(ray_session: Any, ray_tiny_dir: Path,
+                                                         storage: LocalStorage) -> None:
+    """The deployment ``build_trainer_app`` makes, reached as the runner reaches it: RayExecutor
+    sends ``kind="training"`` to the ``__trainer__`` handle and streams ``train``; a cancel through
+    the executor stops the replica's training."""
+    from ray import serve
+
+    from api.core.events import CheckpointEvent, DoneEvent, ErrorEvent, OutputEvent, ProgressEvent
+    from api.core.executor import ExecutionRequest
+    from serve.executor import TRAINER_KEY, RayExecutor
+    from serve.generator import RuntimeConfig
+
+    runtime = RuntimeConfig(storage_url=f"file://{storage.root}", signing_secret="x", tiny_dir=str(ray_tiny_dir),
+                            threads=1)
+    app = build_trainer_app(runtime, num_gpus=0, num_cpus=0.5, embedded=True,
+                            specs=[Catalog.load().get("tiny-sd")])  # type: ignore[list-item]
+    handle = serve.run(app, name="trainer-test", route_prefix=None)
+    try:
+        executor = RayExecutor({TRAINER_KEY: handle})
+
+        def execution(job_id: str, **over: Any) -> ExecutionRequest:
+            return ExecutionRequest(job_id=job_id, user_id="u1", model="tiny-sd", kind="training", task="train",
+                                    input=job_input(weights_prefix=f"loras/u1/{job_id}/", **over))
+
+        events = [e async for e in executor.run(execution("ray-job", steps=4, checkpoint_every=2))]
+        assert [type(e).__name__ for e in events if not isinstance(e, ProgressEvent)] == [
+            "StageEvent", "StageEvent", "CheckpointEvent", "StageEvent", "StageEvent", "OutputEvent",
+            "OutputEvent", "DoneEvent"]
+        assert [e.step for e in events if isinstance(e, ProgressEvent)] == [1, 2, 3, 4]
+        checkpoint = next(e for e in events if isinstance(e, CheckpointEvent))
+        assert checkpoint.step == 2 and storage.exists(checkpoint.key)
+        assert {e.role for e in events if isinstance(e, OutputEvent)} == {"weights", "validation"}
+        done = events[-1]
+        assert isinstance(done, DoneEvent) and storage.exists(done.result["weights_key"])
+
+        seen: list[Any] = []
+
+        async def long_job() -> None:
+            async for event in executor.run(execution("ray-cancel", steps=200, checkpoint_every=0)):
+                seen.append(event)
+
+        task = asyncio.create_task(long_job())
+        for _ in range(1200):
+            if sum(isinstance(e, ProgressEvent) for e in seen) >= 2:
+                break
+            await asyncio.sleep(0.05)
+        await executor.cancel("ray-cancel")
+        await asyncio.wait_for(task, timeout=60)
+        assert isinstance(seen[-1], ErrorEvent) and seen[-1].code == "canceled"
+        for _ in range(300):
+            stats = await handle.stats.remote()
+            if stats["last_run"].get("outcome") == "canceled":
+                break
+            await asyncio.sleep(0.1)
+        assert stats["last_run"]["job_id"] == "ray-cancel" and stats["last_run"]["outcome"] == "canceled"
+        assert stats["last_run"]["step"] < 200 and "ray-cancel" in stats["canceled"]
+    finally:
+        serve.delete("trainer-test")

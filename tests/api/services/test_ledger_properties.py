@@ -264,6 +264,8 @@ class LedgerMachine(RuleBasedStateMachine):
                 else:
                     assert not k["capture"] and not k["refund"]
                 assert job.attempts <= job.max_attempts
+                if job.cancel_requested:
+                    assert job.status != "succeeded", job.id  # a canceled job is never charged
 
 
 @pytest.mark.slow

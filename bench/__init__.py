@@ -1,0 +1,1 @@
+"""Benchmarks: the speed figures live here, not in timed tests."""

@@ -1,0 +1,191 @@
+"""The serving behaviours on the real Ray path: batching, cancel, a replica lost mid-job, a
+checkpoint swap under load. Over the HTTP API of the shared stack (``ray_api``), asserting from
+the replica itself (``stats``) and from the ledger and storage.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+
+from ops.client import Client
+from tests.fixtures.harness import ADMIN_KEY, bearer
+from tests.fixtures.ray import RayApi
+
+pytestmark = pytest.mark.ray
+
+# A request slow enough to act on mid-run: 50 denoising steps at ~0.1-0.2 s each on one thread.
+SLOW = {"prompt": "a slow one", "width": 64, "height": 64, "steps": 50, "seed": 99}
+
+
+def parse_time(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def replica_names(model: str) -> list[str]:
+    """Names of the live Serve replica actors of a model's app (``SERVE_REPLICA::<app>#<deployment>#<id>``)."""
+    prefix = f"SERVE_REPLICA::{model}#"
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix))
+
+
+def first_progress(api: RayApi, key: str, job_id: str, timeout_s: float = 60.0) -> dict[str, Any]:
+    """Follow the job's SSE stream until its first denoising-step progress event."""
+    client = Client(api.url, key)
+    try:
+        for event, data in client.events(job_id, timeout_s=timeout_s):
+            if event == "progress" and data.get("step"):
+                return data
+            assert event != "completed", f"job {job_id} ended before any progress: {data}"
+    finally:
+        client.close()
+    raise AssertionError(f"no progress event for {job_id}")
+
+
+def test_eight_concurrent_requests_run_batched(ray_api: RayApi) -> None:
+    users = [ray_api.user() for _ in range(2)]
+    before = ray_api.stats("tiny-sd")["batch_sizes"]
+
+    def submit(i: int) -> tuple[str, str]:
+        key = users[i % 2].api_key
+        job = ray_api.submit(key, "tiny-sd", {"prompt": f"picture {i}", "width": 64, "height": 64, "steps": 4,
+                                              "seed": 100 + i})
+        return key, job["id"]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        submitted = list(pool.map(submit, range(8)))
+    jobs = [ray_api.wait(key, job_id, timeout_s=90) for key, job_id in submitted]
+    assert [j["status"] for j in jobs] == ["succeeded"] * 8, [(j["id"], j["status"], j["error"]) for j in jobs]
+    assert len({j["outputs"][0]["url"] for j in jobs}) == 8
+    assert all(j["result"]["seed"] == j["input"]["seed"] for j in jobs)
+    sizes = ray_api.stats("tiny-sd")["batch_sizes"][len(before):]
+    print("SIZES", sizes)
+    assert sum(sizes) == 8, sizes  # every request ran once, and only these ran
+    assert max(sizes) > 1, f"no batch larger than one ran: {sizes}"
+
+
+def test_cancel_mid_run(ray_api: RayApi) -> None:
+    user = ray_api.user(credits=50)
+    start_balance = ray_api.credits(user.api_key)["balance"]
+    job = ray_api.submit(user.api_key, "tiny-sd", SLOW)
+    assert ray_api.credits(user.api_key)["reserved"] == job["credits"]["reserved"] > 0
+    progress = first_progress(ray_api, user.api_key, job["id"])
+    assert progress["total"] == 50 and progress["step"] < 50
+    with ray_api.http(user.api_key) as client:
+        response = client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert response.status_code == 200, response.text
+    canceled_at = time.monotonic()
+    done = ray_api.wait(user.api_key, job["id"], timeout_s=30)
+    assert done["status"] == "canceled", done
+    # The replica stopped the pipeline early: it recorded the cancel, and the job never got near the end.
+    assert job["id"] in ray_api.stats("tiny-sd")["canceled"]
+    assert done["progress"] < 0.5, done["progress"]
+    assert time.monotonic() - canceled_at < 10
+    # Refunded in full, exactly once; nothing charged; no output kept.
+    assert done["credits"]["charged"] == 0 and done["credits"]["refunded"] == done["credits"]["reserved"]
+    kinds = [e.kind for e in ray_api.ledger(user.user.id, job["id"])]
+    assert kinds == ["reserve", "refund"], kinds
+    credits = ray_api.credits(user.api_key)
+    assert credits["balance"] == start_balance and credits["reserved"] == 0
+    assert done["outputs"] == [] and ray_api.output_keys(user.user.id, job["id"]) == []
+    # The replica is free again: a new job on it succeeds.
+    ray_api.run(user.api_key, "tiny-sd", {"prompt": "after cancel", "steps": 2, "seed": 1})
+
+
+@pytest.mark.slow
+def test_replica_killed_mid_job_is_retried_and_charged_once(ray_api: RayApi) -> None:
+    user = ray_api.user(credits=50)
+    start_balance = ray_api.credits(user.api_key)["balance"]
+    before = replica_names("tiny-sd")
+    assert len(before) == 1, before
+    job = ray_api.submit(user.api_key, "tiny-sd", {**SLOW, "steps": 30})
+    first_progress(ray_api, user.api_key, job["id"])
+    ray.kill(ray.get_actor(before[0], namespace="serve"), no_restart=True)
+    done = ray_api.wait(user.api_key, job["id"], timeout_s=150)
+    assert done["status"] == "succeeded", done
+    assert done["attempts"] == 2
+    after = replica_names("tiny-sd")
+    assert after and before[0] not in after, "Serve replaced the killed replica"
+    # Charged once, never refunded; the output of the second attempt is there.
+    assert done["credits"]["charged"] == done["credits"]["reserved"] and done["credits"]["refunded"] == 0
+    kinds = [e.kind for e in ray_api.ledger(user.user.id, job["id"])]
+    assert kinds == ["reserve", "capture"], kinds
+    assert ray_api.credits(user.api_key)["balance"] == start_balance - done["credits"]["charged"]
+    assert len(ray_api.output_keys(user.user.id, job["id"])) == 2
+    with ray_api.http(user.api_key) as client:
+        events = client.get(f"/v1/jobs/{job['id']}/events", headers={"Accept": "text/event-stream"}).text
+    assert "retrying" in events, "the first attempt's failure was recorded as a retry"
+
+
+@pytest.mark.slow
+def test_checkpoint_swap_under_steady_load(ray_api: RayApi, tmp_path: Path) -> None:
+    original = ray_api.stats("tiny-sd")
+    replicas = replica_names("tiny-sd")
+    copy = tmp_path / "tiny-sd-copy"
+    shutil.copytree(ray_api.settings.tiny_models_dir / "tiny-sd", copy)
+    user = ray_api.user(credits=1000)
+    submitted: list[tuple[float, str]] = []
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def load() -> None:  # a steady stream of small jobs, bounded in time and count
+        deadline = time.monotonic() + 30
+        with ray_api.http(user.api_key) as client:
+            while not stop.is_set() and time.monotonic() < deadline and len(submitted) < 120:
+                response = client.post("/v1/jobs", json={"model": "tiny-sd", "input": {
+                    "prompt": f"load {len(submitted)}", "width": 64, "height": 64, "steps": 2}})
+                if response.status_code != 202:
+                    errors.append(response.text)
+                else:
+                    submitted.append((time.monotonic(), response.json()["id"]))
+                time.sleep(0.1)
+
+    loader = threading.Thread(target=load, name="swap-load")
+    loader.start()
+    try:
+        time.sleep(1.5)
+        swap_started, wall_started = time.monotonic(), datetime.now(UTC)
+        with ray_api.http(ADMIN_KEY, timeout_s=120) as admin:
+            response = admin.post("/v1/admin/models/tiny-sd/swap", json={"source": {"path": str(copy)}})
+        swap_ended, wall_ended = time.monotonic(), datetime.now(UTC)
+        assert response.status_code == 200, response.text
+        time.sleep(1.5)
+    finally:
+        stop.set()
+        loader.join(timeout=40)
+    try:
+        assert not loader.is_alive() and not errors, errors
+        jobs = [ray_api.wait(user.api_key, job_id, timeout_s=120) for _, job_id in submitted]
+        failed = [(j["id"], j["status"], j["error"]) for j in jobs if j["status"] != "succeeded"]
+        assert not failed, f"{len(failed)} of {len(jobs)} requests failed during the swap: {failed}"
+        assert any(t < swap_started for t, _ in submitted) and any(t > swap_ended for t, _ in submitted)
+        assert len(jobs) >= 10
+        during = [j for j in jobs if parse_time(j["started_at"]) < wall_ended and parse_time(j["completed_at"]) > wall_started]
+        assert during, "no job ran while the swap was in progress"
+        stats = ray_api.stats("tiny-sd")
+        assert stats["source"] == {"path": str(copy)}
+        assert stats["swaps"] == original["swaps"] + 1
+        assert replica_names("tiny-sd") == replicas, "swapped in place: the replica was not restarted"
+        with ray_api.http(ADMIN_KEY) as admin:
+            listed = admin.get("/v1/models").json()
+        assert listed  # the API kept answering
+    finally:  # back to the catalog's checkpoint for the other tests (in place, about a second)
+        ray_api.stack.swap("tiny-sd", {"tiny": "tiny-sd"})
+    assert ray_api.stats("tiny-sd")["source"] == {"tiny": "tiny-sd"}
+
+
+def test_swap_needs_an_admin_and_a_deployed_model(ray_api: RayApi) -> None:
+    with ray_api.http(ADMIN_KEY) as admin:
+        response = admin.post("/v1/admin/models/no-such-model/swap", json={"source": {"tiny": "tiny-sd"}})
+    assert response.status_code == 404, response.text
+    with ray_api.http() as client:
+        response = client.post("/v1/admin/models/tiny-sd/swap", json={"source": {"tiny": "tiny-sd"}},
+                               headers=bearer(ray_api.user().api_key))
+    assert response.status_code == 403, response.text
