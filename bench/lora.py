@@ -3,7 +3,7 @@ LoRA (already loaded in the pipeline) and with a cold LoRA (load, then generate)
 steps per second.
 
     .venv/bin/python -m bench.lora [--model tiny-sd] [--size 64] [--steps 4] [--repeats 8]
-                                   [--train-steps 20] [--rank 16] [--threads N]
+                                   [--train-steps 20] [--rank 16] [--threads 1]
 
 Generation uses ``models.generator.Generator`` and its ``models.adapters`` manager, as a serving
 replica does; the three cases run interleaved (none, cached, cold, none, …) so that a change in the
@@ -161,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--train-steps", type=int, default=20)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1 by default: tiny models gain little from more, and on a shared "
+                             "machine two OpenMP threads fighting other work ran 10x slower than one)")
     parser.add_argument("--tiny-dir", type=Path, default=Path("var/tiny-models"))
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)

@@ -179,8 +179,10 @@ def _print_status(report: Mapping[str, Any]) -> None:
                       f"CPUs: {free.get('CPU', 0):g} free of {total.get('CPU', 0):g}")
     jobs = report.get("jobs") or {}
     per_model = jobs.get("models", {})
-    table = Table("model", "app", "replicas (running/target)", "min..max", "queued", "running", "oldest wait s",
-                  title="Models")
+    table = Table(title="Models")
+    table.add_column("model", no_wrap=True)
+    for column in ("app", "replicas (running/target)", "min..max", "queued", "running", "oldest wait s"):
+        table.add_column(column)
     serve_apps = report.get("serve") or {}
     for model in sorted(set(serve_apps) | set(per_model)):
         app = serve_apps.get(model)

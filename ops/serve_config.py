@@ -203,8 +203,13 @@ def serve_client() -> Any:
 
 
 def serve_details(client: Any | None = None) -> dict[str, Any]:
-    """``ServeInstanceDetails`` as a dict: applications, deployments, their configs and replicas."""
-    return dict((client or serve_client()).get_serve_details())
+    """``ServeInstanceDetails`` as plain JSON types: applications, deployments, configs, replicas.
+
+    Ray's dict holds enums (``ApplicationStatus.RUNNING``); the JSON round trip turns them into
+    their values (``"RUNNING"``), which is what callers compare with.
+    """
+    details = (client or serve_client()).get_serve_details()
+    return dict(json.loads(json.dumps(details, default=str)))
 
 
 def _deployment_detail(details: Mapping[str, Any], app: str, deployment: str | None) -> tuple[str, dict[str, Any]]:

@@ -100,6 +100,11 @@ class EmbeddedStack:
             return self.handles
         runtime = self.runtime()
         started = time.perf_counter()
+        # The API reaches replicas through handles and the apps have no route prefix, so Serve's
+        # HTTP proxy would serve nothing; left on, it takes 127.0.0.1:8000, the API's own default
+        # port, and `cineweave up` fails to bind. (No effect when Serve already runs: then its
+        # existing options stay.)
+        serve.start(proxy_location="Disabled")
         targets = [RunTarget(build_generator_app(spec, runtime, embedded=self.embedded), name=app_name(spec.id),
                              route_prefix=None) for spec in specs]
         handles = serve.run_many(targets)

@@ -21,6 +21,8 @@ kept; the trainer removes its adapter after every run, so the next job starts cl
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import io
 import json
 import logging
@@ -57,6 +59,7 @@ logger = logging.getLogger(__name__)
 
 DEPLOYMENT_NAME = "trainer"
 APP_NAME = "trainer"
+TRAINER_IMPORT_PATH = "serve.trainer:build"
 MANIFEST = "checkpoint.json"
 OCTET = "application/octet-stream"
 
@@ -291,7 +294,14 @@ class TrainerServer:
         key = (spec.id, source)
         if self._pipeline is not None and self._pipeline[0] == key:
             return self._pipeline[1]
-        self._pipeline = None  # free the old one before loading the next
+        if self._pipeline is not None:  # free the old one before loading the next
+            self._pipeline = None
+            gc.collect()
+            with contextlib.suppress(Exception):
+                import torch
+
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
         # CPU offload moves modules between steps and a compiled denoiser would recompile once the
         # adapter is attached: neither suits training.
         opts = spec.optimizations.model_copy(update={"cpu_offload": False, "torch_compile": False})
@@ -379,3 +389,16 @@ def build_trainer_app(runtime: RuntimeConfig, num_gpus: float = 1.0, num_cpus: f
     spec_dicts = [s.model_dump(mode="json") for s in specs] if specs is not None else None
     return deployment.bind(dict(runtime.__dict__), spec_dicts)
 
+
+
+def build(args: dict[str, Any]) -> Application:
+    """Serve config entry point (``import_path: serve.trainer:build``) with the arguments
+    ``{"runtime": {...}, "num_gpus": 1, "num_cpus": 4, "embedded": false, "models_dir": optional}``;
+    the replica trains the catalog's enabled trainable models."""
+    from models.catalog import Catalog
+
+    catalog = Catalog.load(Path(args["models_dir"]) if args.get("models_dir") else None)
+    specs = [s for s in catalog.enabled() if s.trainable]
+    return build_trainer_app(RuntimeConfig(**args["runtime"]), float(args.get("num_gpus", 1.0)),
+                             float(args.get("num_cpus", 1.0)), bool(args.get("embedded", False)), specs=specs,
+                             num_replicas=int(args.get("num_replicas", 1)))

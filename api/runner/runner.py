@@ -271,10 +271,14 @@ class Runner:
     async def _watch_cancel(self, job_id: str) -> None:
         while True:
             waiter = self.bus.waiter(job_id)
+            # asyncio.wait, not wait_for: on Python 3.11 wait_for swallows a cancellation that
+            # arrives as the event is set (a publish right before the job ends), and drive() would
+            # then wait for this task forever.
+            woken = asyncio.ensure_future(waiter.wait())
             try:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(waiter.wait(), timeout=max(self.settings.runner_poll_s, 0.05) * 4)
+                await asyncio.wait({woken}, timeout=max(self.settings.runner_poll_s, 0.05) * 4)
             finally:
+                woken.cancel()
                 self.bus.release(job_id, waiter)
             with self.db.read() as session:
                 requested = session.execute(select(Job.cancel_requested).where(Job.id == job_id)).scalar()

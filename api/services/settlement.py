@@ -114,9 +114,10 @@ def finish_job(session: Session, storage: Storage, job: Job, status: JobStatus, 
     else:
         entry = ledger.refund(session, job.id)
         job.credits_refunded = entry.amount
-        if status is JobStatus.CANCELED:
-            delete_job_outputs(storage, job)  # a canceled job keeps no output
-            job.outputs = []
+        # A refunded job (canceled, or failed on its last attempt) keeps no output: it delivered
+        # nothing, and output expiry only sweeps succeeded jobs.
+        delete_job_outputs(storage, job)
+        job.outputs = []
     if error is not None:
         job.error_code = error.code
         job.error_message = error.message

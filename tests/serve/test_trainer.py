@@ -125,6 +125,17 @@ def test_build_trainer_app_binds_the_server(tmp_path: Path) -> None:
     assert isinstance(app, Application)
 
 
+def test_serve_config_entry_point_builds_the_app(tmp_path: Path) -> None:
+    from ray.serve import Application
+
+    from serve.trainer import build
+
+    app = build({"runtime": {"storage_url": f"file://{tmp_path}"}, "num_gpus": 0, "num_cpus": 0.5, "embedded": True})
+    assert isinstance(app, Application)
+    specs = app._bound_deployment.init_args[1]  # what the replica will train
+    assert "tiny-sd" in [s["id"] for s in specs] and all(s["trainable"] for s in specs)
+
+
 def test_error_classes() -> None:
     from training.trainer import CheckpointMismatch, TrainingCanceled
 

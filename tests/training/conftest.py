@@ -68,7 +68,12 @@ def build_tiny_sdxl(out: Path, tiny_sd: Path) -> Path:
     """A tiny SDXL checkpoint (``models.tiny`` builds none): two CLIP text encoders, a UNet with
     ``text_time`` conditioning, sized as in diffusers' own SDXL tests, and tiny-sd's tokenizer."""
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     if (out / "model_index.json").is_file():

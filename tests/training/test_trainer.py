@@ -286,6 +286,10 @@ def test_gradient_checkpointing_gives_the_same_losses(sd_loaded: LoadedPipeline,
         on_step=lambda *_: during.append(sd_loaded.pipe.unet.is_gradient_checkpointing))
     assert during == [True, True, True]
     assert np.allclose(plain.losses, checkpointed.losses, rtol=1e-4)
+    # Gradients reached the LoRA through the recomputed blocks: the weights moved, and alike.
+    a, b = load_file(str(plain.weights_path)), load_file(str(checkpointed.weights_path))
+    assert max(float(t.abs().max()) for k, t in b.items() if ".lora_B." in k) > 0
+    assert all(torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-7) for k in a)
     assert not sd_loaded.pipe.unet.is_gradient_checkpointing  # switched off again
 
 
@@ -350,3 +354,27 @@ def test_sdxl_unets_train_with_their_extra_conditioning(tiny_dir: Path, tmp_path
     fresh.load_lora_weights(str(result.weights_path), adapter_name="xl")
     assert fresh.unet.peft_config["xl"].r == 4
     assert not np.array_equal(generate(fresh), base)
+
+
+def test_training_never_imports_api_or_serve() -> None:
+    """The import boundary (DESIGN.md): training may use models, never the job layer or Serve
+    (``tests/models`` checks that models does not either, so the rule holds transitively)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[2] / "training"
+    found = []
+    for path in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            found += [(path.name, n) for n in names if n.split(".")[0] in ("api", "serve", "ray")]
+    assert len(list(root.glob("*.py"))) >= 4 and found == []
+
+
+def test_cpu_training_did_not_load_bitsandbytes(trained: Trained) -> None:
+    import sys
+
+    assert "bitsandbytes" not in sys.modules
