@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 import threading
 import time
@@ -33,17 +34,44 @@ def build_server(settings: Settings, stack: EmbeddedStack, log_level: str = "war
     return uvicorn.Server(config)
 
 
+class StopRequested(Exception):
+    """SIGTERM arrived: leave the foreground run through its clean-up."""
+
+
+def _stop_on_sigterm() -> None:
+    def handler(signum: int, _frame: object) -> None:
+        raise StopRequested(signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def run_foreground(settings: Settings, models: list[str] | None = None) -> None:
-    """``cineweave up``: uvicorn handles Ctrl-C and SIGTERM; Ray and Serve stop afterwards."""
+    """``cineweave up``: runs until Ctrl-C or SIGTERM, then stops the API, Serve and Ray, and returns.
+
+    ``ray.init`` installs a SIGTERM handler that exits with status 15 and uvicorn re-raises the
+    signal once it has shut down, so without our own handler a SIGTERM ends ``up`` with a failure
+    status (and one during start-up would skip the clean-up). Ours turns it into a normal stop.
+    """
     stack = EmbeddedStack(settings, models=models)
+    _stop_on_sigterm()
     try:
-        stack.start()
+        stack.start_ray()
+        _stop_on_sigterm()  # ray.init replaced it
+        stack.build_tiny()
+        stack.deploy()
         server = build_server(settings, stack, log_level="info")
         logger.info("CineWeave API on http://%s:%d (models: %s)", settings.host, settings.port,
                     ", ".join(sorted(stack.handles)) or "none")
-        server.run()
+        server.run()  # handles Ctrl-C and SIGTERM itself, then re-raises the signal to our handler
+    except (StopRequested, KeyboardInterrupt):
+        logger.info("stopping")
     finally:
-        stack.stop()
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
+        try:
+            stack.stop()
+        finally:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        logger.info("stopped: Serve and Ray are down")
 
 
 @contextmanager

@@ -107,7 +107,20 @@ class EmbeddedStack:
         serve.start(proxy_location="Disabled")
         targets = [RunTarget(build_generator_app(spec, runtime, embedded=self.embedded), name=app_name(spec.id),
                              route_prefix=None) for spec in specs]
+        trainable = [s for s in specs if s.trainable]
+        if trainable:
+            from serve.trainer import APP_NAME, build_trainer_app
+
+            targets.append(RunTarget(build_trainer_app(
+                runtime, max(s.resources.num_gpus for s in trainable), max(s.resources.num_cpus for s in trainable),
+                self.embedded, specs=trainable), name=APP_NAME, route_prefix=None))
         handles = serve.run_many(targets)
+        if trainable:
+            from serve.executor import TRAINER_KEY
+
+            with self._lock:
+                self.handles[TRAINER_KEY] = handles[-1]
+            handles = handles[:-1]
         with self._lock:
             for spec, handle in zip(specs, handles, strict=True):
                 self.handles[spec.id] = handle

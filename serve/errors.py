@@ -9,8 +9,12 @@ def classify(exc: BaseException) -> tuple[str, bool]:
     """``(code, retryable)``: out of memory and lost replicas are worth a retry; bad input is not."""
     name = type(exc).__name__
     text = str(exc).lower()
-    if name == "GenerationCanceled":
+    if name in ("GenerationCanceled", "TrainingCanceled"):
         return "canceled", False
+    if isinstance(exc, FloatingPointError):
+        return "training_diverged", False  # same seed and data: a retry diverges again
+    if isinstance(exc, NotImplementedError):
+        return "invalid_input", False  # e.g. a family the trainer cannot train
     if name == "OutOfMemoryError" or "out of memory" in text:
         return "out_of_memory", True
     if name in ("ActorDiedError", "RayActorError", "ActorUnavailableError", "WorkerCrashedError",

@@ -20,9 +20,11 @@ cost) follows with the same reason.
 
 The wait estimate comes from a :class:`WaitEstimator`. :class:`InFlightWaitEstimator` (the default)
 counts the local runs this router has in flight per model and learns a moving average of their run
-times (the spec's ``measured_run_s`` until it has one). The API builds the router with the
-RayExecutor as ``local``, :func:`serve.fallback.make_providers` as ``providers`` and, unless it has
-a better source of queue lengths, ``InFlightWaitEstimator(catalog_slots(catalog))``.
+times (the spec's ``measured_run_s`` until it has one). The API wires it: it builds the router with
+:func:`build_overflow_router` — the RayExecutor as ``local``, :func:`serve.fallback.make_providers`
+as ``providers`` and ``InFlightWaitEstimator(catalog_slots(catalog))`` — and passes the router to
+``create_app`` as its executor; the router is also the receiver of ``POST /v1/webhooks/replicate``.
+Give it a better estimator (e.g. Serve queue lengths) by passing ``wait_estimator``.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from typing import Any, Protocol, runtime_checkable
 from api.core.events import DoneEvent, ErrorEvent, ExecutorEvent, OutputEvent, ProviderEvent
 from api.core.executor import ExecutionRequest, Executor, ProviderWebhookReceiver
 from api.settings import Settings
+from api.storage.base import Storage
 
 logger = logging.getLogger(__name__)
 
@@ -285,6 +288,25 @@ class OverflowRouter:
                 await closer()
 
 
+def build_overflow_router(local: Executor | None, catalog: Any, settings: Settings,
+                          storage: Storage | None = None) -> OverflowRouter:
+    """The router the API runs: ``local`` plus every configured provider, the in-flight estimator.
+
+    ``storage`` defaults to the one the settings describe (as ``create_app`` builds it), so the
+    providers write outputs where the API serves them from.
+    """
+    from api.storage.base import make_storage
+    from serve.fallback import make_providers
+
+    if storage is None:
+        storage = make_storage(settings.resolved_storage_url(), signing_secret=settings.resolved_signing_secret(),
+                               public_base_url=settings.public_url or f"http://{settings.host}:{settings.port}")
+    providers = make_providers(settings, storage, catalog)
+    logger.info("overflow: %s (overflow %s)", ", ".join(sorted(providers)) or "no provider configured",
+                "on" if settings.overflow_enabled else "off")
+    return OverflowRouter(local, providers, catalog, settings, InFlightWaitEstimator(catalog_slots(catalog)))
+
+
 @dataclass(frozen=True)
 class _CapacityFailure:
     """Internal marker: the local run failed for lack of capacity (not passed to the runner)."""
@@ -293,4 +315,4 @@ class _CapacityFailure:
 
 
 __all__ = ["CAPACITY_CODES", "InFlightWaitEstimator", "OverflowRouter", "Route", "RunTracker", "WaitEstimator",
-           "catalog_slots"]
+           "build_overflow_router", "catalog_slots"]

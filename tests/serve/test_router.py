@@ -19,7 +19,7 @@ from models.spec import ModelSpec
 from serve.fallback.http import RetryPolicy
 from serve.fallback.replicate import ReplicateExecutor
 from serve.fallback.veo import VeoExecutor
-from serve.router import InFlightWaitEstimator, OverflowRouter, Route, catalog_slots
+from serve.router import InFlightWaitEstimator, OverflowRouter, Route, build_overflow_router, catalog_slots
 from tests.fakes.executors import ScriptedExecutor
 from tests.fakes.replicate_server import FakeReplicate
 
@@ -289,3 +289,15 @@ async def test_saturated_local_overflows_to_the_real_replicate_adapter(
     assert own.cost_usd == pytest.approx(2.125 * settings.replicate_cost_per_second_usd)
     assert fake.created[0]["input"]["num_frames"] == 17  # a non-Veo model gets the generic mapping
     assert (_first(remote_only).reason, type(remote_only[-1])) == ("remote_only", DoneEvent)
+
+
+def test_build_overflow_router_wires_the_configured_providers(tmp_path: Path, catalog: Catalog) -> None:
+    local = ScriptedExecutor(name="local")
+    bare = build_overflow_router(local, catalog, _settings(tmp_path))
+    assert bare.local is local and bare.providers == {}
+    assert isinstance(bare.estimator, InFlightWaitEstimator)
+    full = build_overflow_router(None, catalog, _settings(tmp_path, replicate_api_token="r8_x", gemini_api_key="AIzaX"))
+    assert isinstance(full.providers["replicate"], ReplicateExecutor)
+    assert isinstance(full.providers["veo"], VeoExecutor)
+    assert full.providers["veo"].storage is full.providers["replicate"].storage
+    assert isinstance(full.providers["veo"].storage, LocalStorage)
