@@ -148,10 +148,13 @@ class Metrics:
         self.credits.labels("reserve").inc(credits)
 
     def routed(self, job_id: str, event: Any) -> None:
-        if event.provider and event.provider != "local":
+        # An overflow job yields two ProviderEvents: the router's decision (no provider id yet),
+        # counted here, then the adapter's with the provider's id and the cost.
+        remote = bool(event.provider) and event.provider != "local"
+        if remote and event.provider_job_id is None:
             self.overflow.labels(event.provider, event.reason or "").inc()
-            if event.cost_usd:
-                self.overflow_cost.labels(event.provider).inc(event.cost_usd)
+        if remote and event.cost_usd:
+            self.overflow_cost.labels(event.provider).inc(event.cost_usd)
 
     def finished(self, job: Any) -> None:
         self.finished_total.labels(job.model, job.status).inc()

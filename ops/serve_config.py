@@ -10,7 +10,10 @@ the attached API's checkpoint swap) keeps everything but the changed options ide
 updates the live replicas instead of replacing them:
 
 - an application deployed from a config (``serve deploy``, KubeRay) is re-applied with the same
-  import path and args (the same code version) and only the deployment's options changed;
+  import path and args (the same code version) and only the deployment's options changed. One
+  exception: Ray 2.60 counts the deployments' autoscaling policies in the code version, so turning
+  a fixed-size deployment (``num_replicas``) into an autoscaling one rebuilds the application
+  once (its replicas are replaced); between autoscaling bounds, nothing restarts;
 - an application deployed from Python (``serve.run``, the embedded stack) is redeployed with the
   deployment's current class, init args, actor options and *version*: ``serve.run`` otherwise
   draws a random version, and a new version restarts every replica (checked on Ray 2.60).
@@ -58,7 +61,7 @@ def runtime_args(settings: Settings, *, embedded: bool, include_secrets: bool = 
 
     ``include_secrets=False`` leaves out the storage URL (it carries S3 credentials) and the
     signing secret, for configs stored where secrets do not belong (a Kubernetes custom
-    resource); ``serve.app.build`` must then read them from the settings where the app is built.
+    resource); :func:`build` then reads them from the settings where the app is built.
     """
     runtime: dict[str, Any] = {
         "public_base_url": settings.public_url or f"http://{settings.host}:{settings.port}",
@@ -331,11 +334,14 @@ def _wait_applied(client: Any, app: str, deployment: str, autoscaling: dict[str,
                   user_config: dict[str, Any] | None, wait_s: float) -> dict[str, Any]:
     deadline = time.monotonic() + wait_s
     while True:
-        _, detail = _deployment_detail(serve_details(client), app, deployment)
+        try:
+            _, detail = _deployment_detail(serve_details(client), app, deployment)
+        except ServeConfigError:  # an application being rebuilt lists no deployment for a moment
+            detail = {}
         live = dict(detail.get("deployment_config") or {})
         bounds = live.get("autoscaling_config") or {}
-        ok = autoscaling is None or (bounds.get("min_replicas") == autoscaling["min_replicas"]
-                                     and bounds.get("max_replicas") == autoscaling["max_replicas"])
+        ok = bool(live) and (autoscaling is None or (bounds.get("min_replicas") == autoscaling["min_replicas"]
+                                                     and bounds.get("max_replicas") == autoscaling["max_replicas"]))
         ok = ok and (user_config is None or live.get("user_config") == user_config)
         if ok:
             return live

@@ -152,12 +152,10 @@ class EmbeddedStack:
     def executor(self) -> Executor:
         from serve.executor import RayExecutor
 
+        from serve.router import build_overflow_router
+
         local = RayExecutor(lambda model: self.handles.get(model))
-        try:
-            from serve.wiring import overflow_executor
-        except ImportError:
-            return local
-        return overflow_executor(local, self.catalog, self.settings)
+        return build_overflow_router(local, self.catalog, self.settings)
 
     def availability(self, spec: ModelSpec) -> tuple[bool, str | None]:
         if spec.remote_only:

@@ -112,6 +112,9 @@ def create_app(settings: Settings, executor: Executor | None = None, *, catalog:
                     await maintenance_task
             if state.runner is not None:
                 await state.runner.stop()
+            close_executor = getattr(executor, "aclose", None)
+            if close_executor is not None:
+                await close_executor()  # provider HTTP clients
             await state.webhooks.stop()
             db.dispose()
 

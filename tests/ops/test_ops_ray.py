@@ -87,7 +87,10 @@ def replica_ids(state: str = "RUNNING") -> list[str]:
 def ops_catalog_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("ops-catalog")
     spec = yaml.safe_load((BUILTIN_DIR / "tiny-sd.yaml").read_text())
+    # autoscaling from the start (1..2), so a declarative scale changes options only (see
+    # ops/serve_config.py on fixed-size deployments); the slow default delays keep it at 1 here
     spec.update(id=MODEL, name="Tiny SD (ops tests)")
+    spec["serving"].update(min_replicas=1, max_replicas=2)
     (directory / f"{MODEL}.yaml").write_text(yaml.safe_dump(spec))
     return directory
 
@@ -140,7 +143,7 @@ def test_status_reports_nodes_replicas_queue_and_jobs(ops_stack: Ops, user: NewU
     app = report["serve"][MODEL]
     assert app["status"] == "RUNNING" and app["source"] == "imperative"
     dep = app["deployments"][DEPLOYMENT]
-    assert (dep["running"], dep["target"], dep["min"], dep["max"]) == (1, 1, 1, 1)
+    assert (dep["running"], dep["target"], dep["min"], dep["max"]) == (1, 1, 1, 2)
     jobs = report["jobs"]
     assert jobs["by_status"] == {"succeeded": 2, "queued": 1}
     assert jobs["models"][MODEL] == {"queued": 0, "running": 0, "oldest_wait_s": None}
@@ -257,10 +260,10 @@ def test_rendered_config_deploys_and_scales_declaratively(ops_stack: Ops) -> Non
     assert (settings.data_dir / "storage" / outputs[0]["key"]).is_file()  # the storage URL came from the env
 
     before = replica_ids()
-    applied = update_deployment(MODEL, DEPLOYMENT, min_replicas=1, max_replicas=2)
+    applied = update_deployment(MODEL, DEPLOYMENT, min_replicas=1, max_replicas=3)
     assert applied["source"] == "declarative"
     assert replica_ids() == before
     import ray
 
     (deployed,) = ray.get(serve_client()._controller.get_app_configs.remote())[MODEL].deployments
-    assert deployed.autoscaling_config["max_replicas"] == 2 and deployed.user_config == app["deployments"][0]["user_config"]
+    assert deployed.autoscaling_config["max_replicas"] == 3 and deployed.user_config == app["deployments"][0]["user_config"]
