@@ -151,7 +151,6 @@ class EmbeddedStack:
     # the executor the API uses ------------------------------------------------------------
     def executor(self) -> Executor:
         from serve.executor import RayExecutor
-
         from serve.router import build_overflow_router
 
         local = RayExecutor(lambda model: self.handles.get(model))
