@@ -23,7 +23,7 @@ from PIL import Image
 
 from models.media import probe_mp4, read_png_metadata
 from ops.server import free_port
-from tests.fixtures.ray import RayApi
+from tests.fixtures.ray import RayApi, RaySession
 
 pytestmark = pytest.mark.ray
 
@@ -72,11 +72,12 @@ def log_tail(path: Path, n: int = 40) -> str:
 
 
 @pytest.mark.slow
-def test_up_starts_and_stops_cleanly_on_sigterm(tmp_path: Path, ray_tiny_dir: Path) -> None:
+def test_up_starts_and_stops_cleanly_on_sigterm(tmp_path: Path, ray_tiny_dir: Path, ray_session: RaySession) -> None:
     port = free_port()
     log = tmp_path / "up.log"
-    # Other Ray sessions on this machine (e.g. the one this test run shares) must survive.
-    others = [p for p in psutil.process_iter() if p.name() in ("raylet", "gcs_server") and alive(p)]
+    # This test run's shared Ray session runs beside it and must survive it.
+    ours = [p for p in processes_of_session(ray_session.session_dir.name) if p.name() in ("raylet", "gcs_server")]
+    assert {p.name() for p in ours} == {"raylet", "gcs_server"}, ours
     with log.open("wb") as out:
         proc = subprocess.Popen([str(CINEWEAVE), "up", "--host", "127.0.0.1", "--port", str(port),
                                  "--model", "tiny-sd"], cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
@@ -118,7 +119,8 @@ def test_up_starts_and_stops_cleanly_on_sigterm(tmp_path: Path, ray_tiny_dir: Pa
         assert not left, [f"{p.pid} {p.name()}" for p in left]
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
-        assert all(alive(p) for p in others), "another Ray session's processes were stopped"
+        assert all(alive(p) for p in ours), "the test run's own Ray session was stopped"
+        assert session != ray_session.session_dir.name
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
