@@ -300,11 +300,18 @@ class AttachedStack(EmbeddedStack):
 
         from ops.serve_config import serve_details
         from serve.app import app_name
+        from serve.executor import TRAINER_KEY
+        from serve.trainer import APP_NAME as TRAINER_APP
 
         details = serve_details()
         apps = details.get("applications") or {}
         attached = []
         with self._lock:
+            trainer = apps.get(TRAINER_APP)
+            if trainer is not None and str(trainer.get("status")) in ACTIVE_APP_STATES:
+                self.handles.setdefault(TRAINER_KEY, serve.get_app_handle(TRAINER_APP))
+            else:
+                self.handles.pop(TRAINER_KEY, None)
             for spec in self.catalog.enabled():
                 if spec.remote_only:
                     continue
@@ -377,12 +384,15 @@ def serve_config_cmd(
         secrets: bool = typer.Option(True, "--secrets/--no-secrets",
                                      help="--no-secrets leaves the storage URL and signing secret out "
                                           "(read from CINEWEAVE_* where the app is built)"),
+        trainer: bool = typer.Option(True, "--trainer/--no-trainer",
+                                     help="the LoRA trainer application (when a served model is trainable)"),
         as_json: bool = typer.Option(False, "--json")) -> None:
     """Render the Serve config (serve deploy / KubeRay serveConfigV2) from the catalog and settings."""
     from ops.serve_config import ServeConfigError, dump, render
 
     try:
-        config = render(get_settings(), models=model or None, embedded=embedded, include_secrets=secrets)
+        config = render(get_settings(), models=model or None, embedded=embedded, include_secrets=secrets,
+                        trainer=trainer)
     except ServeConfigError as exc:
         _fail(str(exc))
     text = json.dumps(config, indent=2) + "\n" if as_json else dump(config)

@@ -38,9 +38,12 @@ from models.spec import ModelSpec
 logger = logging.getLogger(__name__)
 
 IMPORT_PATH = "serve.app:build"
-# A config rendered without secrets names this wrapper: it reads them where the app is built.
+TRAINER_IMPORT_PATH = "serve.trainer:build"
+# A config rendered without secrets names these wrappers: they read them where the app is built.
 ENV_IMPORT_PATH = "ops.serve_config:build"
+ENV_TRAINER_IMPORT_PATH = "ops.serve_config:build_trainer"
 IMPORT_PATHS = (IMPORT_PATH, ENV_IMPORT_PATH)
+TRAINER_IMPORT_PATHS = (TRAINER_IMPORT_PATH, ENV_TRAINER_IMPORT_PATH)
 SECRET_RUNTIME_FIELDS = ("storage_url", "signing_secret")
 HEADER = ("# Ray Serve config rendered from the CineWeave catalog by `cineweave ops serve-config`.\n"
           "# Do not edit by hand: change the model's YAML spec (or the settings) and render again.\n")
@@ -102,9 +105,14 @@ def select_models(catalog: Catalog, models: Iterable[str] | None = None, *, embe
 
 
 def render(settings: Settings, catalog: Catalog | None = None, *, models: Iterable[str] | None = None,
-           embedded: bool = False, include_secrets: bool = True,
+           embedded: bool = False, include_secrets: bool = True, trainer: bool = True,
            proxy_location: str = "EveryNode", http_port: int = 8000) -> dict[str, Any]:
-    """The Serve config (a plain, JSON-able dict), validated against ``ServeDeploySchema``."""
+    """The Serve config (a plain, JSON-able dict), validated against ``ServeDeploySchema``.
+
+    With ``trainer`` and a trainable model among the served ones, the config also has the LoRA
+    trainer application (``serve.trainer:build``), sized like :class:`ops.stack.EmbeddedStack`
+    sizes it: the largest GPU and CPU needs of those models, one replica.
+    """
     from serve.app import app_name, deployment_options
 
     catalog = catalog or Catalog.load(settings.models_dir)
@@ -124,11 +132,29 @@ def render(settings: Settings, catalog: Catalog | None = None, *, models: Iterab
             "args": args,
             "deployments": [deployment_options(spec, embedded=embedded)],
         })
+    trainable = [s for s in specs if s.trainable]
+    if trainer and trainable:
+        applications.append(_trainer_application(settings, trainable, runtime, embedded=embedded,
+                                                 include_secrets=include_secrets))
     config = {"proxy_location": proxy_location, "http_options": {"host": "0.0.0.0", "port": http_port},
               "applications": applications}
     config = json.loads(json.dumps(config))  # plain types only (what YAML and KubeRay carry)
     validate(config)
     return config
+
+
+def _trainer_application(settings: Settings, trainable: list[ModelSpec], runtime: dict[str, Any], *,
+                         embedded: bool, include_secrets: bool) -> dict[str, Any]:
+    from serve.trainer import APP_NAME, trainer_deployment_options
+
+    num_gpus = max(s.resources.num_gpus for s in trainable)
+    num_cpus = max(s.resources.num_cpus for s in trainable)
+    args: dict[str, Any] = {"runtime": runtime, "num_gpus": num_gpus, "num_cpus": num_cpus, "embedded": embedded}
+    if settings.models_dir:
+        args["models_dir"] = str(settings.models_dir)
+    return {"name": APP_NAME, "route_prefix": None,
+            "import_path": TRAINER_IMPORT_PATH if include_secrets else ENV_TRAINER_IMPORT_PATH, "args": args,
+            "deployments": [trainer_deployment_options(num_gpus, num_cpus, embedded)]}
 
 
 def validate(config: Mapping[str, Any]) -> Any:
@@ -148,15 +174,19 @@ def validate(config: Mapping[str, Any]) -> Any:
         schema = ServeDeploySchema.model_validate(dict(config))
     except ValidationError as exc:
         raise ServeConfigError(f"not a valid Serve config: {exc}") from exc
+    from serve.trainer import DEPLOYMENT_NAME as TRAINER_DEPLOYMENT
+
     for app in schema.applications:
-        if app.import_path not in IMPORT_PATHS:
+        if app.import_path in IMPORT_PATHS:
+            expected = deployment_name(str((app.args or {}).get("model")))
+        elif app.import_path in TRAINER_IMPORT_PATHS:
+            expected = TRAINER_DEPLOYMENT
+        else:
             continue
-        model = (app.args or {}).get("model")
-        expected = deployment_name(str(model))
         names = [d.name for d in app.deployments]
         if names != [expected]:
             raise ServeConfigError(f"application {app.name}: deployments {names}, expected [{expected!r}] "
-                                   f"(the name serve.app:build gives the model's deployment)")
+                                   f"(the name {app.import_path} gives its deployment)")
         runtime = (app.args or {}).get("runtime")
         if not isinstance(runtime, dict):
             raise ServeConfigError(f"application {app.name}: args.runtime must be a mapping")
@@ -175,6 +205,17 @@ def dump(config: Mapping[str, Any]) -> str:
     return HEADER + yaml.safe_dump(dict(config), sort_keys=False, width=120)
 
 
+def _with_env_secrets(args: dict[str, Any]) -> dict[str, Any]:
+    from api.settings import get_settings
+
+    settings = get_settings()
+    runtime = dict(args.get("runtime") or {})
+    runtime.setdefault("storage_url", settings.resolved_storage_url())
+    if settings.signing_secret:
+        runtime.setdefault("signing_secret", settings.signing_secret)
+    return {**args, "runtime": runtime}
+
+
 def build(args: dict[str, Any]) -> Any:
     """``serve.app:build`` for a config rendered without secrets.
 
@@ -182,15 +223,16 @@ def build(args: dict[str, Any]) -> Any:
     that builds the application (Serve's build task, on any node of the cluster: every Ray node
     gets them from the same Kubernetes Secret), so the config itself carries none.
     """
-    from api.settings import get_settings
     from serve.app import build as build_app
 
-    settings = get_settings()
-    runtime = dict(args.get("runtime") or {})
-    runtime.setdefault("storage_url", settings.resolved_storage_url())
-    if settings.signing_secret:
-        runtime.setdefault("signing_secret", settings.signing_secret)
-    return build_app({**args, "runtime": runtime})
+    return build_app(_with_env_secrets(args))
+
+
+def build_trainer(args: dict[str, Any]) -> Any:
+    """``serve.trainer:build`` for a config rendered without secrets (see :func:`build`)."""
+    from serve.trainer import build as build_trainer_app
+
+    return build_trainer_app(_with_env_secrets(args))
 
 
 # --- changing a running deployment --------------------------------------------------------------

@@ -274,6 +274,9 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         created, job_id = raw.split("|", 1)
-        return datetime.fromisoformat(created), job_id
+        created_at = datetime.fromisoformat(created)
+        if created_at.tzinfo is None:  # ours always carry one; a naive time cannot be compared
+            raise ValueError("naive timestamp")
+        return created_at, job_id
     except Exception:  # noqa: BLE001 - any garbage is the same client error
         raise InvalidInput("cursor is not valid", {"field": "cursor"}) from None

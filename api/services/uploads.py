@@ -49,6 +49,11 @@ def check_image(data: bytes, settings: Settings, name: str = "file") -> CheckedI
         with Image.open(io.BytesIO(data)) as probe:
             fmt = probe.format or ""
             width, height = probe.size
+    except Image.DecompressionBombError:
+        # Pillow refuses to even open images this large (it is not an OSError: catch it by name).
+        raise InvalidInput(f"{name} declares more pixels than the limit of {settings.max_upload_pixels}",
+                           {"file": name, "max_pixels": settings.max_upload_pixels},
+                           code="image_too_large") from None
     except (UnidentifiedImageError, OSError, ValueError):
         raise InvalidInput(f"{name} is not an image (JPEG, PNG or WebP)", {"file": name},
                            code="invalid_upload") from None

@@ -66,6 +66,16 @@ def processes_of_session(session: str) -> list[psutil.Process]:
     return [p for p in psutil.process_iter() if session in cmdline(p) and alive(p)]
 
 
+def listening_ports(procs: list[psutil.Process]) -> set[int]:
+    ports: set[int] = set()
+    for p in procs:
+        try:
+            ports |= {c.laddr.port for c in p.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN}
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            pass
+    return ports
+
+
 def log_tail(path: Path, n: int = 40) -> str:
     lines = path.read_text(errors="replace").splitlines() if path.exists() else []
     return "\n".join(line for line in lines[-n:] if "fork_posix" not in line)
@@ -105,6 +115,11 @@ def test_up_starts_and_stops_cleanly_on_sigterm(tmp_path: Path, ray_tiny_dir: Pa
         assert len(sessions) == 1, sessions
         session = sessions.pop()
         assert processes_of_session(session)
+        # Only the API listens on HTTP: Serve's proxy is off, so it cannot take 127.0.0.1:8000
+        # (the API's default port) from `cineweave up` run with its defaults.
+        listening = listening_ports([psutil.Process(proc.pid), *started])
+        assert port in listening and 8000 not in listening, sorted(listening)
+        assert not [p for p in started if "ProxyActor" in cmdline(p)]
 
         proc.send_signal(signal.SIGTERM)
         try:

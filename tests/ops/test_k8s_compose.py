@@ -14,7 +14,7 @@ import yaml
 
 from models.catalog import Catalog
 from ops.k8s import render as k8s_render
-from ops.serve_config import ENV_IMPORT_PATH, validate
+from ops.serve_config import ENV_IMPORT_PATH, ENV_TRAINER_IMPORT_PATH, validate
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "ops" / "k8s"
@@ -60,9 +60,9 @@ def test_rayservice_carries_a_fresh_render_of_the_serve_config() -> None:
     assert carried == k8s_render.serve_config(Catalog.load())
     validate(carried)
     assert (K8S / "rayservice.yaml").read_text() == k8s_render.manifest()  # `python -m ops.k8s.render` ran
-    assert {a["name"] for a in carried["applications"]} == set(k8s_render.MODELS)
+    assert {a["name"] for a in carried["applications"]} == set(k8s_render.MODELS) | {"trainer"}
     for app in carried["applications"]:
-        assert app["import_path"] == ENV_IMPORT_PATH
+        assert app["import_path"] == (ENV_IMPORT_PATH if app["name"] != "trainer" else ENV_TRAINER_IMPORT_PATH)
         assert "storage_url" not in app["args"]["runtime"] and "signing_secret" not in app["args"]["runtime"]
         assert app["args"]["runtime"]["cache_dir"] == "/data/cache"
         assert app["deployments"][0]["ray_actor_options"]["num_gpus"] == 1

@@ -26,6 +26,9 @@ from tests.fixtures.harness import ApiHarness, bearer, wait_job
 ROOT = Path(__file__).resolve().parents[2]
 MakeApi = Callable[..., Awaitable[ApiHarness]]
 
+snapshot_has_running_idle = pytest.mark.skipif(
+    "running_idle" not in inspect.getsource(__import__("api.http.app", fromlist=["_db_snapshot"])._db_snapshot),
+    reason="api/http/app.py's snapshot does not report running_idle yet (the diff in the ops report)")
 runner_feeds_stages = pytest.mark.skipif(
     "stage_timer" not in inspect.getsource(Runner.drive),
     reason="api/runner/runner.py does not feed Metrics.stage_timer yet (the diff in the ops report)")
@@ -108,6 +111,21 @@ async def test_stage_latency_series_after_jobs(make_api: MakeApi, storage: Local
     for stage in ("starting", "generating"):
         count = value(scraped, "cineweave_job_stage_seconds_count", model="tiny-sd", stage=stage)
         assert count == 4, (stage, count)  # every run passed through both stages once
+
+
+@snapshot_has_running_idle
+async def test_running_idle_series_shows_a_stuck_job(make_api: MakeApi, storage: LocalStorage) -> None:
+    h = await make_api()
+    user = h.user(credits=10)
+    with h.db.session() as session:  # another runner's job: leased for an hour, silent for 20 minutes
+        session.add(Job(user_id=user.user.id, model="tiny-sd", kind="image", task="t2i", status="running",
+                        lease_owner="elsewhere", lease_expires_at=utcnow() + timedelta(hours=1),
+                        updated_at=utcnow() - timedelta(minutes=20)))
+        session.commit()
+    scraped = samples((await h.client.get("/metrics")).text)
+    idle = value(scraped, "cineweave_running_job_idle_seconds", model="tiny-sd")
+    assert idle is not None and 1200 <= idle < 1300
+    assert value(scraped, "cineweave_jobs", status="running", model="tiny-sd") == 1
 
 
 def test_stage_timer_observes_each_stage_once() -> None:

@@ -89,7 +89,8 @@ def ops_catalog_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     spec = yaml.safe_load((BUILTIN_DIR / "tiny-sd.yaml").read_text())
     # autoscaling from the start (1..2), so a declarative scale changes options only (see
     # ops/serve_config.py on fixed-size deployments); the slow default delays keep it at 1 here
-    spec.update(id=MODEL, name="Tiny SD (ops tests)")
+    # not trainable: no trainer application of ours replaces the one the shared stack deploys
+    spec.update(id=MODEL, name="Tiny SD (ops tests)", trainable=False)
     spec["serving"].update(min_replicas=1, max_replicas=2)
     (directory / f"{MODEL}.yaml").write_text(yaml.safe_dump(spec))
     return directory
@@ -232,24 +233,34 @@ def test_autoscaling_scales_up_under_load_and_back_down(ops_stack: Ops) -> None:
              sum(r["state"] == "RUNNING" for r in d["replicas"]) == 1, 150, "scale down to one replica", interval_s=1)
 
 
-def test_rendered_config_deploys_and_scales_declaratively(ops_stack: Ops) -> None:
-    """The no-secrets Serve config, deployed as `serve deploy` would, serves a request; then scale."""
-    from ray import serve
+def deploy_rendered_config(settings: Settings) -> dict[str, Any]:
+    """The no-secrets Serve config of MODEL, applied as `serve deploy` applies one (idempotent)."""
     from ray.serve.schema import ServeDeploySchema
 
     from ops.serve_config import serve_client
 
-    settings = ops_stack.settings
     config = render(settings, models=[MODEL], embedded=True, include_secrets=False)
     (app,) = config["applications"]
     assert "storage_url" not in app["args"]["runtime"]
     # What a Kubernetes Secret gives every Ray pod; here, the application's runtime env.
     app["runtime_env"] = {"env_vars": {"CINEWEAVE_STORAGE_URL": settings.resolved_storage_url(),
                                        "CINEWEAVE_SIGNING_SECRET": str(settings.signing_secret)}}
-    serve_client().deploy_apps(ServeDeploySchema.model_validate(config))
+    if serve_details()["applications"].get(MODEL, {}).get("source") != "declarative":
+        serve_client().deploy_apps(ServeDeploySchema.model_validate(config))
     wait_for(lambda: serve_details()["applications"][MODEL],
              lambda a: a["source"] == "declarative" and a["status"] == "RUNNING", 180, "the config to deploy",
              interval_s=1)
+    return app
+
+
+def test_rendered_config_deploys_and_scales_declaratively(ops_stack: Ops) -> None:
+    """The no-secrets Serve config, deployed as `serve deploy` would, serves a request; then scale."""
+    from ray import serve
+
+    from ops.serve_config import serve_client
+
+    settings = ops_stack.settings
+    app = deploy_rendered_config(settings)
 
     job = uuid.uuid4().hex
     events = list(serve.get_app_handle(MODEL).options(stream=True).generate.remote({
@@ -267,3 +278,60 @@ def test_rendered_config_deploys_and_scales_declaratively(ops_stack: Ops) -> Non
 
     (deployed,) = ray.get(serve_client()._controller.get_app_configs.remote())[MODEL].deployments
     assert deployed.autoscaling_config["max_replicas"] == 3 and deployed.user_config == app["deployments"][0]["user_config"]
+
+
+def test_attached_api_serves_jobs_and_swaps_checkpoints(ops_stack: Ops, ray_tiny_dir: Path) -> None:
+    """`cineweave ops api`: an API that deploys nothing, attached to the config-deployed application."""
+    import threading as _threading
+
+    from ops.opscmd import AttachedStack, watch_replica_gpu_memory
+    from ops.server import build_server
+
+    deploy_rendered_config(ops_stack.settings)
+    # its own database (so only its runner takes the job), the same storage as the replicas
+    settings = ops_stack.settings.model_copy(update={
+        "data_dir": ops_stack.settings.data_dir.parent / "attached", "port": free_port(),
+        "storage_url": ops_stack.settings.resolved_storage_url()})
+    stack = AttachedStack(settings, refresh_s=1.0)
+    stack.start()
+    server = build_server(settings, stack)
+    sampler = watch_replica_gpu_memory(server.config.app, stack)
+    thread = _threading.Thread(target=server.run, name="attached-api", daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{settings.port}"
+    try:
+        wait_for(lambda: server.started, bool, 60, "the attached API to start", interval_s=0.1)
+        assert MODEL in stack.handles and stack.sources[MODEL]
+        assert stack.availability(stack.catalog.get(MODEL)) == (True, None)  # type: ignore[arg-type]
+        available, reason = stack.availability(stack.catalog.get("sdxl"))  # type: ignore[arg-type]
+        assert not available and reason
+        db = Database(settings)
+        try:
+            db.migrate()
+            user = add_user(db, settings, credits=50)
+        finally:
+            db.dispose()
+        attached = Ops(url, stack, settings, Database(settings))
+        try:
+            assert attached.run_job(user.api_key, "through the attached API")["status"] == "succeeded"
+        finally:
+            attached.db.dispose()
+
+        before = replica_ids()
+        source = {"path": str(ray_tiny_dir / "tiny-sd")}
+        with httpx.Client(base_url=url, timeout=600) as client:
+            response = client.post(f"/v1/admin/models/{MODEL}/swap", json={"source": source},
+                                   headers=bearer(ADMIN_KEY))
+        assert response.status_code == 200, response.text
+        assert deployment()["deployment_config"]["user_config"] == {"source": source}
+        assert serve_details()["applications"][MODEL]["source"] == "declarative"
+        stats = wait_for(lambda: stack.handles[MODEL].stats.remote().result(timeout_s=60),
+                         lambda s: s["source"] == source, 120, "the replica to take the new source")
+        assert stats["swaps"] >= 1 and replica_ids() == before
+        assert sampler() == {}  # no CUDA here: the replicas report no GPU memory
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        stack.stop()
+    assert not thread.is_alive()
+    assert MODEL in serve_details()["applications"]  # stopping the API leaves the cluster's apps alone

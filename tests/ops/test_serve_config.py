@@ -43,7 +43,8 @@ def test_gpu_config_has_one_application_per_enabled_local_model(settings: Settin
     ServeDeploySchema.model_validate(config)  # Ray's own schema, independently of render()
     expected = {s.id for s in catalog.enabled() if not s.remote_only and not (s.source and s.source.tiny)}
     apps = _apps(config)
-    assert set(apps) == expected
+    assert set(apps) == expected | {"trainer"}  # sdxl is trainable
+    del apps["trainer"]
     assert {"veo-3.1", "veo-3.1-replicate", "tiny-sd"}.isdisjoint(apps)
     for model, app in apps.items():
         spec = catalog.get(model)
@@ -67,11 +68,29 @@ def test_autoscaling_and_actor_options_come_from_the_spec(settings: Settings, ca
 
 
 def test_embedded_config_serves_the_tiny_models_without_gpus(settings: Settings, catalog: Catalog) -> None:
-    apps = _apps(render(settings, catalog, embedded=True))
+    apps = _apps(render(settings, catalog, embedded=True, trainer=False))
     assert set(apps) == {"tiny-sd", "tiny-wan", "tiny-wan-i2v"}
     for app in apps.values():
         assert app["deployments"][0]["ray_actor_options"]["num_gpus"] == 0
         assert app["args"]["embedded"] is True and app["args"]["runtime"]["threads"] == 1
+
+
+def test_trainer_application_when_a_served_model_is_trainable(settings: Settings, catalog: Catalog) -> None:
+    from serve.trainer import trainer_deployment_options
+
+    apps = _apps(render(settings, catalog, models=["sdxl", "ltx-video"]))
+    trainer = apps["trainer"]
+    assert trainer["import_path"] == "serve.trainer:build"
+    assert trainer["args"]["num_gpus"] == 1.0 and trainer["args"]["num_cpus"] == 2.0
+    assert trainer["args"]["runtime"] == apps["sdxl"]["args"]["runtime"]
+    assert trainer["deployments"] == [trainer_deployment_options(1.0, 2.0, False)]
+    assert "trainer" not in _apps(render(settings, catalog, models=["ltx-video"]))  # not trainable
+    assert "trainer" not in _apps(render(settings, catalog, models=["sdxl"], trainer=False))
+    embedded = _apps(render(settings, catalog, embedded=True))["trainer"]
+    assert embedded["deployments"][0]["ray_actor_options"]["num_gpus"] == 0
+    no_secrets = _apps(render(settings, catalog, models=["sdxl"], include_secrets=False))["trainer"]
+    assert no_secrets["import_path"] == "ops.serve_config:build_trainer"
+    assert "storage_url" not in no_secrets["args"]["runtime"]
 
 
 def test_runtime_is_the_one_the_embedded_stack_builds(settings: Settings, catalog: Catalog) -> None:
@@ -100,9 +119,14 @@ def test_env_wrapper_fills_the_secrets_from_the_settings(monkeypatch: pytest.Mon
 
     settings = Settings(data_dir=tmp_path, storage_url="s3://a:b@minio:9000/bkt", signing_secret="s3cret",
                         _env_file=None)
+    import serve.trainer
+
     monkeypatch.setattr(api.settings, "get_settings", lambda fresh=False: settings)
     seen: list[dict[str, Any]] = []
     monkeypatch.setattr(serve.app, "build", lambda args: seen.append(args) or "app")
+    monkeypatch.setattr(serve.trainer, "build", lambda args: seen.append(args) or "trainer-app")
+    assert serve_config.build_trainer({"runtime": {}, "num_gpus": 1}) == "trainer-app"
+    assert seen.pop()["runtime"] == {"storage_url": "s3://a:b@minio:9000/bkt", "signing_secret": "s3cret"}
     args = {"model": "tiny-sd", "runtime": {"tiny_dir": "/x", "threads": 1}, "embedded": True}
     assert serve_config.build(args) == "app"
     assert seen[0]["runtime"] == {"tiny_dir": "/x", "threads": 1, "storage_url": "s3://a:b@minio:9000/bkt",
@@ -132,10 +156,12 @@ def test_model_selection_errors(catalog: Catalog) -> None:
     (lambda c: c["applications"].append(copy.deepcopy(c["applications"][0])), "not a valid Serve"),
     (lambda c: c["applications"][0]["deployments"][0].update(name="gen-other"), "expected"),
     (lambda c: c["applications"][0]["args"].update(runtime="file:///x"), "args.runtime"),
+    (lambda c: c["applications"][-1]["deployments"][0].update(name="gen-trainer"), "expected"),
 ])
 def test_validation_rejects_what_ray_or_build_would_refuse(settings: Settings, catalog: Catalog, break_it: Any,
                                                           message: str) -> None:
     config = render(settings, catalog, models=["sdxl", "ltx-video"])
+    assert config["applications"][-1]["name"] == "trainer"
     validate(config)
     broken = copy.deepcopy(config)
     break_it(broken)

@@ -190,9 +190,3 @@ def test_swap_needs_an_admin_and_a_deployed_model(ray_api: RayApi) -> None:
                                headers=bearer(ray_api.user().api_key))
     assert response.status_code == 403, response.text
 
-
-def test_embedded_stack_starts_no_http_proxy(ray_api: RayApi) -> None:
-    """The API reaches replicas by handle; a Serve proxy would only take 127.0.0.1:8000 (the API's port)."""
-    actors = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
-    assert any(name.startswith("SERVE_CONTROLLER") for name in actors), actors
-    assert not [name for name in actors if name.startswith("SERVE_PROXY_ACTOR")], actors

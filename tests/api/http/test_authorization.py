@@ -8,6 +8,7 @@ left untouched); the owner (or the admin) gets through.
 
 from __future__ import annotations
 
+import asyncio
 import io
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -193,7 +194,11 @@ def _body(method: str, path: str) -> dict[str, Any]:
 
 async def _call(client: httpx.AsyncClient, method: str, url: str, key: str | None, path: str) -> httpx.Response:
     headers = bearer(key) if key else {}
-    return await client.request(method, url, headers=headers, **_body(method, path))
+    # bounded: an event stream let through by mistake would otherwise run until the job ends
+    try:
+        return await asyncio.wait_for(client.request(method, url, headers=headers, **_body(method, path)), 10)
+    except TimeoutError:
+        raise AssertionError(f"{method} {url} with key {key!r} did not answer within 10 s") from None
 
 
 def test_every_route_is_classified() -> None:
@@ -252,8 +257,8 @@ async def test_route_authorization(world: World) -> None:
             body = _body(method, path)
             if path == "/v1/loras" and method == "POST":
                 body["json"]["images"] = [world.alice_upload]
-            r = await client.request(method, _url(world, method, path, "alice"), headers=bearer(world.alice.api_key),
-                                     **body)
+            r = await asyncio.wait_for(client.request(
+                method, _url(world, method, path, "alice"), headers=bearer(world.alice.api_key), **body), 10)
             expect(route, "owner", r, {200, 201, 202, 204})
         elif kind == ADMIN:
             for key in (ADMIN_KEY, world.admin_user.api_key):

@@ -1,0 +1,259 @@
+"""Serving benchmark, in one run on one tiny model and size: what the whole stack costs over a bare
+diffusers pipeline call, and what batching buys back.
+
+    .venv/bin/python -m bench.serving [--size 64] [--steps 4] [--repeats 8] [--concurrency 16]
+                                      [--rounds 2] [--threads 1] [--runner-poll-s S]
+
+(a) **Overhead.** One request at a time: a raw call (``StableDiffusionPipeline.from_pretrained`` of
+    the tiny-sd checkpoint, called directly in this process) against the full HTTP path of the
+    embedded stack (``POST /v1/jobs`` → runner claim → ``RayExecutor`` → Serve replica: pipeline,
+    PNG + thumbnail encoding, storage → job ``succeeded`` → the PNG downloaded from its signed URL).
+    Ratio = median full path / median raw call. The two alternate, so a change in the machine's
+    load hits both alike. The job's own metrics split the full path: ``queue_s`` (waiting for a
+    runner to claim it: up to ``runner_poll_s``) and ``run_s`` (claim to settled).
+(b) **Throughput.** ``--concurrency`` requests submitted at once through the stack (the replica
+    batches them) against the same number of raw calls one after another. Ratio = stack
+    requests/s / raw requests/s (above 1: the stack is faster than a loop of bare calls).
+
+Both sides use the same size, steps, guidance and thread count (the replica runs with one torch
+thread, as ``cineweave up`` configures it; ``--threads`` sets the raw side, default 1 to match).
+The stack is ``ops.server.running_stack`` with only tiny-sd deployed, on a fresh data dir.
+
+Prints a table and writes JSON to ``bench/results/serving.json``. The figures depend on the machine
+and on what else runs on it: the JSON records the load average around the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import secrets
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+RESULTS = Path(__file__).resolve().parent / "results" / "serving.json"
+MODEL = "tiny-sd"
+JOB_TIMEOUT_S = 300.0
+
+
+def _stats(values_s: list[float]) -> dict[str, float]:
+    ms = [v * 1000 for v in values_s]
+    return {"median_ms": round(statistics.median(ms), 2), "mean_ms": round(statistics.fmean(ms), 2),
+            "min_ms": round(min(ms), 2), "max_ms": round(max(ms), 2), "n": len(ms)}
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # pragma: no cover - not on every platform
+        return None
+
+
+class RawPipeline:
+    """The tiny-sd checkpoint loaded with plain diffusers, called the way the replica calls it."""
+
+    def __init__(self, path: Path, request: dict[str, Any]) -> None:
+        from diffusers import StableDiffusionPipeline
+
+        self.pipe = StableDiffusionPipeline.from_pretrained(str(path), safety_checker=None,
+                                                            requires_safety_checker=False)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.request = request
+
+    def __call__(self, seed: int) -> Any:
+        import torch
+
+        r = self.request
+        out = self.pipe(r["prompt"], width=r["width"], height=r["height"], num_inference_steps=r["steps"],
+                        guidance_scale=r["guidance"], generator=torch.Generator("cpu").manual_seed(seed),
+                        output_type="pil")
+        return out.images[0]
+
+
+class StackClient:
+    """Submit, wait for ``succeeded``, download the output: the full path, timed.
+
+    Waiting follows the job's server-sent events (``ops.client.Client``, as ``cineweave generate``
+    does), so the client does not load the API (and the two cores the replica shares) with polling.
+    """
+
+    def __init__(self, url: str, api_key: str, request: dict[str, Any]) -> None:
+        self.url, self.api_key, self.request = url, api_key, request
+
+    def one(self, seed: int) -> dict[str, Any]:
+        from ops.client import Client
+
+        client = Client(self.url, self.api_key, timeout_s=60)
+        try:
+            job = client.submit(MODEL, {**self.request, "seed": seed})
+            job = client.wait(job["id"], timeout_s=JOB_TIMEOUT_S)
+            if job["status"] != "succeeded":
+                raise RuntimeError(f"job {job['id']} {job['status']}: {job.get('error')}")
+            png = client.http.get(job["outputs"][0]["url"])
+            if png.status_code != 200 or not png.content.startswith(b"\x89PNG"):
+                raise RuntimeError(f"job {job['id']}: output not downloadable ({png.status_code})")
+            return job
+        finally:
+            client.close()
+
+
+def run(size: int, steps: int, repeats: int, concurrency: int, rounds: int, threads: int,
+        runner_poll_s: float | None, tiny_dir: Path, data_dir: Path) -> dict[str, Any]:
+    import diffusers
+    import ray
+    import torch
+
+    from api.settings import Settings
+    from models.catalog import Catalog
+    from models.generator import limit_threads
+    from ops.server import free_port, running_stack
+
+    spec = Catalog.load().get(MODEL)
+    assert spec is not None
+    request = {"prompt": "a lighthouse at dusk", "width": size, "height": size, "steps": steps,
+               "guidance": spec.defaults.guidance}
+    overrides: dict[str, Any] = {}
+    if runner_poll_s is not None:
+        overrides["runner_poll_s"] = runner_poll_s
+    settings = Settings(data_dir=data_dir, tiny_models_dir=tiny_dir.resolve(), port=free_port(),
+                        admin_key=secrets.token_urlsafe(24), max_active_jobs=max(64, concurrency * 2),
+                        rate_limit_per_minute=1_000_000, overflow_enabled=False, _env_file=None, **overrides)
+    load_before = _load_average()
+    limit_threads(threads)
+    started = time.perf_counter()
+    with running_stack(settings, models=[MODEL]) as (url, stack):
+        startup_s = time.perf_counter() - started
+        import httpx
+
+        created = httpx.post(f"{url}/v1/admin/users", headers={"Authorization": f"Bearer {settings.admin_key}"},
+                             json={"email": f"bench-{uuid.uuid4().hex[:8]}@example.com", "credits": 1_000_000})
+        created.raise_for_status()
+        client = StackClient(url, created.json()["api_key"], request)
+        raw = RawPipeline(tiny_dir / MODEL, request)
+        handle = stack.handles[MODEL]
+
+        for seed in range(2):  # warm-up: the first calls of each path (allocations, thread pools, caches)
+            raw(seed)
+            client.one(seed)
+
+        # (a) one request at a time, alternating raw and full path ------------------------------
+        raw_s: list[float] = []
+        http_s: list[float] = []
+        queue_s: list[float] = []
+        run_s: list[float] = []
+        for i in range(repeats):
+            t0 = time.perf_counter()
+            raw(100 + i)
+            raw_s.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            job = client.one(100 + i)
+            http_s.append(time.perf_counter() - t0)
+            queue_s.append(job["metrics"]["queue_s"] or 0.0)
+            run_s.append(job["metrics"]["run_s"] or 0.0)
+
+        # (b) N concurrent through the stack against N sequential raw calls ---------------------
+        seq_walls: list[float] = []
+        stack_walls: list[float] = []
+        batch_sizes: list[int] = []
+        for r in range(rounds):
+            t0 = time.perf_counter()
+            for i in range(concurrency):
+                raw(1000 * (r + 1) + i)
+            seq_walls.append(time.perf_counter() - t0)
+
+            before = len(handle.stats.remote().result(timeout_s=60)["batch_sizes"])
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(max_workers=concurrency) as pool:
+                list(pool.map(client.one, [2000 * (r + 1) + i for i in range(concurrency)]))
+            stack_walls.append(time.perf_counter() - t0)
+            batch_sizes.extend(handle.stats.remote().result(timeout_s=60)["batch_sizes"][before:])
+
+    raw_median = statistics.median(raw_s)
+    http_median = statistics.median(http_s)
+    seq_wall = statistics.median(seq_walls)
+    stack_wall = statistics.median(stack_walls)
+    return {
+        "model": MODEL, "size": f"{size}x{size}", "inference_steps": steps, "guidance": request["guidance"],
+        "overhead": {
+            "raw_call": _stats(raw_s), "http_path": _stats(http_s),
+            "ratio": round(http_median / raw_median, 2),
+            "added_ms": round((http_median - raw_median) * 1000, 1),
+            "job_queue_s": _stats(queue_s), "job_run_s": _stats(run_s),
+        },
+        "throughput": {
+            "requests": concurrency, "rounds": rounds,
+            "raw_sequential_s": [round(x, 3) for x in seq_walls], "stack_concurrent_s": [round(x, 3) for x in stack_walls],
+            "raw_rps": round(concurrency / seq_wall, 3), "stack_rps": round(concurrency / stack_wall, 3),
+            "ratio": round(seq_wall / stack_wall, 2), "replica_batch_sizes": batch_sizes,
+        },
+        "stack": {"startup_s": round(startup_s, 1), "runner_poll_s": settings.runner_poll_s,
+                  "max_batch_size": spec.serving.max_batch_size, "batch_wait_timeout_s": spec.serving.batch_wait_timeout_s,
+                  "replica_torch_threads": 1},
+        "machine": {"cpus": os.cpu_count(), "torch_threads_raw": threads, "load_average_before": load_before,
+                    "load_average_after": _load_average(), "cuda": torch.cuda.is_available(),
+                    "python": platform.python_version(), "torch": torch.__version__,
+                    "diffusers": diffusers.__version__, "ray": ray.__version__},
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def table(report: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    o, t = report["overhead"], report["throughput"]
+    out = Table(title=f"serving: {report['model']} {report['size']}, {report['inference_steps']} steps "
+                      f"(runner poll {report['stack']['runner_poll_s']}s)")
+    out.add_column("measure")
+    out.add_column("raw diffusers call", justify="right")
+    out.add_column("through the stack", justify="right")
+    out.add_column("ratio", justify="right")
+    out.add_row("(a) one request, median latency", f"{o['raw_call']['median_ms']:.0f} ms",
+                f"{o['http_path']['median_ms']:.0f} ms", f"{o['ratio']:.2f}× (+{o['added_ms']:.0f} ms)")
+    out.add_row("    of which: queued for a runner", "", f"{o['job_queue_s']['median_ms']:.0f} ms", "")
+    out.add_row("    of which: claim → settled", "", f"{o['job_run_s']['median_ms']:.0f} ms", "")
+    out.add_row(f"(b) {t['requests']} requests, throughput", f"{t['raw_rps']:.2f} req/s (sequential)",
+                f"{t['stack_rps']:.2f} req/s (concurrent)", f"{t['ratio']:.2f}×")
+    out.add_row("    replica batch sizes", "", ",".join(map(str, t["replica_batch_sizes"])), "")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=4, help="denoising steps per generation")
+    parser.add_argument("--repeats", type=int, default=8, help="single requests per side for (a)")
+    parser.add_argument("--concurrency", type=int, default=16, help="requests per round for (b)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of (b); the median is reported")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the raw side (replicas use 1)")
+    parser.add_argument("--runner-poll-s", type=float, default=None,
+                        help="the runner's polling interval (default: the product default, CINEWEAVE_RUNNER_POLL_S)")
+    parser.add_argument("--tiny-dir", type=Path, default=Path("var/tiny-models"))
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from rich.console import Console
+
+    with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
+        report = run(args.size, args.steps, args.repeats, args.concurrency, args.rounds, args.threads,
+                     args.runner_poll_s, args.tiny_dir, Path(tmp))
+    Console().print(table(report))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
