@@ -1,9 +1,10 @@
 """The Serve config rendered from the catalog, and option changes on a running Serve instance.
 
 Rendering: one application per local model (``import_path: serve.app:build``, the args ``build``
-takes, and one deployment whose options come from :func:`serve.app.deployment_options`), checked
-against ``ray.serve.schema.ServeDeploySchema`` before it is returned. ``serve deploy`` takes the
-YAML; KubeRay carries the same document as a ``RayService``'s ``serveConfigV2``.
+takes, and one deployment whose options come from :func:`serve.app.deployment_options`), plus the
+LoRA trainer application when a served model is trainable, checked against
+``ray.serve.schema.ServeDeploySchema`` before it is returned. ``serve deploy`` takes the YAML;
+KubeRay carries the same document as a ``RayService``'s ``serveConfigV2``.
 
 Changing a running deployment (:func:`update_deployment`, used by ``cineweave ops scale`` and by
 the attached API's checkpoint swap) keeps everything but the changed options identical, so Serve
@@ -15,8 +16,8 @@ updates the live replicas instead of replacing them:
   a fixed-size deployment (``num_replicas``) into an autoscaling one rebuilds the application
   once (its replicas are replaced); between autoscaling bounds, nothing restarts;
 - an application deployed from Python (``serve.run``, the embedded stack) is redeployed with the
-  deployment's current class, init args, actor options and *version*: ``serve.run`` otherwise
-  draws a random version, and a new version restarts every replica (checked on Ray 2.60).
+  deployment's current class, init args, actor options and *version* (``serve.run`` draws a
+  random version unless one is pinned, and a new version restarts every replica: Ray 2.60).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import json
 import logging
 import time
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -34,6 +34,7 @@ import yaml
 from api.settings import Settings
 from models.catalog import Catalog
 from models.spec import ModelSpec
+from ops.stack import tiny_models_dir
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,6 @@ ENV_IMPORT_PATH = "ops.serve_config:build"
 ENV_TRAINER_IMPORT_PATH = "ops.serve_config:build_trainer"
 IMPORT_PATHS = (IMPORT_PATH, ENV_IMPORT_PATH)
 TRAINER_IMPORT_PATHS = (TRAINER_IMPORT_PATH, ENV_TRAINER_IMPORT_PATH)
-SECRET_RUNTIME_FIELDS = ("storage_url", "signing_secret")
 HEADER = ("# Ray Serve config rendered from the CineWeave catalog by `cineweave ops serve-config`.\n"
           "# Do not edit by hand: change the model's YAML spec (or the settings) and render again.\n")
 
@@ -54,10 +54,6 @@ class ServeConfigError(ValueError):
 
 
 # --- rendering ----------------------------------------------------------------------------------
-
-def tiny_models_dir(settings: Settings) -> Path:
-    return Path(settings.tiny_models_dir or settings.data_dir / "tiny-models").resolve()
-
 
 def runtime_args(settings: Settings, *, embedded: bool, include_secrets: bool = True) -> dict[str, Any]:
     """The ``RuntimeConfig`` fields a replica needs, as :meth:`ops.stack.EmbeddedStack.runtime` builds them.
@@ -124,7 +120,7 @@ def render(settings: Settings, catalog: Catalog | None = None, *, models: Iterab
     for spec in specs:
         args: dict[str, Any] = {"model": spec.id, "runtime": runtime, "embedded": embedded}
         if settings.models_dir:
-            args["models_dir"] = str(settings.models_dir)
+            args["models_dir"] = str(settings.models_dir.resolve())  # where the nodes find it too
         applications.append({
             "name": app_name(spec.id),
             "route_prefix": None,  # reached through handles by the API, not over Serve's HTTP proxy
@@ -151,7 +147,7 @@ def _trainer_application(settings: Settings, trainable: list[ModelSpec], runtime
     num_cpus = max(s.resources.num_cpus for s in trainable)
     args: dict[str, Any] = {"runtime": runtime, "num_gpus": num_gpus, "num_cpus": num_cpus, "embedded": embedded}
     if settings.models_dir:
-        args["models_dir"] = str(settings.models_dir)
+        args["models_dir"] = str(settings.models_dir.resolve())  # where the nodes find it too
     return {"name": APP_NAME, "route_prefix": None,
             "import_path": TRAINER_IMPORT_PATH if include_secrets else ENV_TRAINER_IMPORT_PATH, "args": args,
             "deployments": [trainer_deployment_options(num_gpus, num_cpus, embedded)]}

@@ -141,12 +141,16 @@ class EmbeddedStack:
 
         if not ray.is_initialized():
             return
+        if not self._started_ray:
+            # Joined a Ray someone else runs (a cluster, a RayService, a test session): its Serve
+            # and the apps on it may serve other API instances, so leave them running.
+            logger.info("leaving Serve running on the Ray this stack joined")
+            return
         try:
             serve.shutdown()
         except Exception:  # noqa: BLE001 - shutting down anyway
             logger.exception("serve shutdown failed")
-        if self._started_ray:
-            ray.shutdown()
+        ray.shutdown()
 
     # the executor the API uses ------------------------------------------------------------
     def executor(self) -> Executor:

@@ -71,7 +71,9 @@ class RayExecutor:
                     continue
                 if final is None:
                     yield event
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
+            # The runner's task was canceled, or it closed this stream early (it lost the job's
+            # lease to another runner): stop the request on the replica too, not leave it running.
             response = self._responses.get(request.job_id)
             if response is not None:
                 response.cancel()

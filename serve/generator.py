@@ -61,6 +61,15 @@ def adapter_set_id(loras: list[dict[str, Any]]) -> str:
                       separators=(",", ":"))
 
 
+CANCELED_KEPT = 1024
+
+
+def request_key(request: dict[str, Any]) -> str:
+    """One attempt of one job. A cancel applies to that attempt only: when an API stops mid-job it
+    cancels its request here, and the job's next attempt (same job id) may land on this replica."""
+    return f"{request['job_id']}#{request.get('attempt', 1)}"
+
+
 class GeneratorServer:
     def __init__(self, spec: dict[str, Any], runtime: dict[str, Any]) -> None:
         from models.generator import Generator
@@ -72,7 +81,8 @@ class GeneratorServer:
         self.generator = self._load(self.spec)
         self.source = self.spec.source.model_dump(exclude_none=True) if self.spec.source else {}
         self.batch_sizes: list[int] = []
-        self.canceled: set[str] = set()
+        self.canceled: dict[str, str] = {}
+        """Canceled requests, ``request_key`` → job id, oldest first (the last CANCELED_KEPT)."""
         self.adapter_loads: Counter[str] = Counter()
         self.swaps = 0
         self._lora_dir = Path(self.runtime.cache_dir or tempfile.gettempdir()) / "loras"
@@ -115,7 +125,7 @@ class GeneratorServer:
 
     def stats(self) -> dict[str, Any]:
         return {"batch_sizes": list(self.batch_sizes), "adapter_loads": dict(self.adapter_loads),
-                "swaps": self.swaps, "source": self.source, "canceled": sorted(self.canceled)}
+                "swaps": self.swaps, "source": self.source, "canceled": sorted(set(self.canceled.values()))}
 
     # LoRA sets (multiplexed) --------------------------------------------------------------
     @serve.multiplexed(max_num_models_per_replica=4)
@@ -139,14 +149,16 @@ class GeneratorServer:
                     yield event
         except asyncio.CancelledError:
             # The caller canceled: the batch stops at its next step if every request in it did.
-            self.canceled.add(request["job_id"])
+            self.canceled[request_key(request)] = request["job_id"]
+            while len(self.canceled) > CANCELED_KEPT:
+                del self.canceled[next(iter(self.canceled))]
             raise
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
     async def _batched(self, requests: list[dict[str, Any]]) -> AsyncIterator[list[dict[str, Any] | None]]:
         n = len(requests)
         self.batch_sizes.append(n)
-        job_ids = [r["job_id"] for r in requests]
+        keys = [request_key(r) for r in requests]
         generator = self.generator  # the pipeline this batch runs on, even if a swap lands meanwhile
         try:
             set_id = requests[0].get("adapter_set", "")
@@ -163,7 +175,7 @@ class GeneratorServer:
             loop.call_soon_threadsafe(progress.put_nowait, (done, total))
 
         def should_cancel() -> bool:
-            return all(job_id in self.canceled for job_id in job_ids)
+            return all(key in self.canceled for key in keys)
 
         run = asyncio.ensure_future(asyncio.to_thread(generator.generate, inputs, on_step, should_cancel,
                                                       adapters))
@@ -183,7 +195,7 @@ class GeneratorServer:
         yield [event_to_dict(StageEvent("encoding"))] * n
         outputs: list[dict[str, Any] | None] = []
         for request, item in zip(requests, media, strict=True):
-            if request["job_id"] in self.canceled:
+            if request_key(request) in self.canceled:
                 outputs.append(event_to_dict(ErrorEvent("canceled", "canceled")))
                 continue
             try:

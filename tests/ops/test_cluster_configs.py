@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import re
 import shlex
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +141,7 @@ def test_dockerfile_builds_the_gpu_image_the_issue_asks_for() -> None:
     assert args["PYTHON"] == "python3.11"
     assert args["TORCH_CUDA"].startswith("cu12")
     assert args["RAY_VERSION"] == __import__("ray").__version__  # the cluster and this venv agree
+    assert args["TORCH_VERSION"] == version("torch").split("+")[0]  # the torch the tests run on
     runs = " ".join(rest for word, rest in instructions if word == "RUN")
     assert "download.pytorch.org/whl/${TORCH_CUDA}" in runs
     assert '".[gpu]"' in runs and "--constraint /opt/constraints.txt" in runs

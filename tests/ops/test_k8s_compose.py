@@ -210,6 +210,8 @@ def test_compose_command_deploys_the_rendered_config_then_runs_the_api() -> None
              ("ray start --head", "cineweave ops serve-config --out /data/serve.yaml",
               "serve deploy /data/serve.yaml", "exec cineweave ops api --address auto")]
     assert order == sorted(order)
+    assert app["environment"]["CINEWEAVE_SERVE_OPTIONS"] == "${CINEWEAVE_SERVE_OPTIONS:---no-trainer}"
+    assert '"${models[@]}" ${CINEWEAVE_SERVE_OPTIONS}' in script  # one GPU: no trainer by default
     default = app["environment"]["CINEWEAVE_SERVE_MODELS"].split(":-", 1)[1].rstrip("}")
     catalog = Catalog.load()
     for model in shlex.split(default):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -176,9 +177,12 @@ def test_checkpoint_swap_under_steady_load(ray_api: RayApi, tmp_path: Path) -> N
         with ray_api.http(ADMIN_KEY) as admin:
             listed = admin.get("/v1/models").json()
         assert listed  # the API kept answering
-    finally:  # back to the catalog's checkpoint for the other tests (in place, about a second)
-        ray_api.stack.swap("tiny-sd", {"tiny": "tiny-sd"})
+    finally:  # back to the shipped checkpoint for the other tests (in place, about a second)
+        with ray_api.http(ADMIN_KEY, timeout_s=120) as admin:
+            back = admin.post("/v1/admin/models/tiny-sd/swap", json={"source": {"tiny": "tiny-sd"}})
+    assert back.status_code == 200, back.text
     assert ray_api.stats("tiny-sd")["source"] == {"tiny": "tiny-sd"}
+    assert ray_api.stack.catalog.get("tiny-sd").source.tiny == "tiny-sd"
 
 
 def test_swap_needs_an_admin_and_a_deployed_model(ray_api: RayApi) -> None:
@@ -190,3 +194,44 @@ def test_swap_needs_an_admin_and_a_deployed_model(ray_api: RayApi) -> None:
                                headers=bearer(ray_api.user().api_key))
     assert response.status_code == 403, response.text
 
+
+
+def test_a_canceled_attempt_does_not_cancel_the_jobs_retry(ray_api: RayApi) -> None:
+    """An API that stops mid-job cancels its request on the replica; the job is retried later (next
+    attempt, same job id), maybe on that same replica, and must then run, not end as canceled."""
+    handle = ray_api.stack.handles["tiny-sd"].options(stream=True)
+    job_id = f"job_direct_{uuid.uuid4().hex[:12]}"
+    payload = {"job_id": job_id, "attempt": 1, "task": "t2i", "adapter_set": "",
+               "input": {**SLOW, "steps": 30}, "output_prefix": f"outputs/direct/{job_id}/"}
+    first = handle.generate.remote(payload)
+    deadline = time.monotonic() + 60
+    for event in first:
+        if event["type"] == "progress" or time.monotonic() > deadline:
+            break
+    first.cancel()
+    deadline = time.monotonic() + 30
+    while job_id not in ray_api.stats("tiny-sd")["canceled"]:
+        assert time.monotonic() < deadline, "the replica never saw the cancel"
+        time.sleep(0.1)
+    retry = handle.generate.remote({**payload, "attempt": 2, "input": {**SLOW, "steps": 3}})
+    events = list(retry)
+    assert events[-1]["type"] == "done", events[-3:]
+    assert [e["type"] for e in events if e["type"] in ("output", "error")] == ["output"]
+
+
+def test_a_stack_that_joined_a_running_ray_leaves_its_serve_running(ray_api: RayApi) -> None:
+    """Stopping an API that joined someone else's Ray (a cluster, a RayService) must not take the
+    models down for everyone else: only a stack that started Ray shuts Serve down."""
+    from ray import serve
+
+    from ops.stack import EmbeddedStack
+
+    other = EmbeddedStack(ray_api.settings, models=["tiny-sd"])
+    other.start_ray()
+    assert not other._started_ray
+    other.stop()
+    assert ray.is_initialized()
+    apps = serve.status().applications
+    assert {"tiny-sd", "tiny-wan", "tiny-wan-i2v"} <= set(apps)
+    assert apps["tiny-sd"].status == "RUNNING"
+    ray_api.run(ray_api.user().api_key, "tiny-sd", {"prompt": "still here", "steps": 2, "seed": 3})

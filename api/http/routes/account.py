@@ -27,7 +27,7 @@ def get_credits(user: User = Depends(current_user), state: AppState = Depends(ge
 
 @router.get("/credits/transactions", tags=["credits"])
 def list_transactions(user: User = Depends(current_user), state: AppState = Depends(get_state),
-                      cursor: int | None = Query(default=None, ge=1),
+                      cursor: int | None = Query(default=None, ge=1, le=2**63 - 1),
                       limit: int = Query(default=50, ge=1, le=200)) -> dict[str, Any]:
     with state.db.read() as session:
         rows = ledger.entries(session, user.id, limit=limit + 1, before_id=cursor)

@@ -30,7 +30,7 @@ def _with_balance(user: User, balance: Any) -> dict[str, Any]:
 
 @router.get("/users")
 def list_users(state: AppState = Depends(get_state), limit: int = Query(default=100, ge=1, le=1000),
-               offset: int = Query(default=0, ge=0)) -> dict[str, Any]:
+               offset: int = Query(default=0, ge=0, le=2**63 - 1)) -> dict[str, Any]:
     return {"data": [_with_balance(u, b) for u, b in state.admin.list_users(limit, offset)]}
 
 

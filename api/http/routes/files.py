@@ -18,7 +18,7 @@ router = APIRouter()
 
 @router.get("/v1/files/{key:path}", tags=["files"], response_class=FileResponse)
 def get_file(key: str, state: AppState = Depends(get_state), expires: int = Query(..., ge=0, le=2**40),
-             signature: str = Query(..., min_length=64, max_length=64)) -> FileResponse:
+             signature: str = Query(..., pattern="^[0-9a-f]{64}$")) -> FileResponse:
     storage = state.storage
     if not isinstance(storage, LocalStorage):
         raise NotFound("files are served by the object store")

@@ -157,3 +157,20 @@ async def test_other_bad_queries(h: ApiHarness) -> None:
         assert r.json()["error"]["code"] == "invalid_input"
     r = await h.client.get("/v1/credits/transactions?cursor=0", headers=headers)
     assert r.status_code == 422
+
+
+async def test_out_of_range_numbers_and_odd_signatures_are_4xx(h: ApiHarness) -> None:
+    """Found by schemathesis: these were 500s (an int64 overflow in the driver, a non-ASCII HMAC compare)."""
+    from tests.fixtures.harness import ADMIN_KEY
+
+    user = h.user(credits=100)
+    huge = "59716541581652295637088413736239104"
+    r = await h.client.get(f"/v1/credits/transactions?cursor={huge}", headers=bearer(user.api_key))
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_input"
+    r = await h.client.get(f"/v1/admin/users?offset={huge}", headers=bearer(ADMIN_KEY))
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_input"
+    r = await h.client.get("/v1/admin/users?offset=9223372036854775807", headers=bearer(ADMIN_KEY))
+    assert r.status_code == 200 and r.json()["data"] == []
+    for signature in ("é" * 64, "Z" * 64, "0" * 63):
+        r = await h.client.get("/v1/files/outputs/x.png", params={"expires": 1981036390, "signature": signature})
+        assert r.status_code == 422, signature

@@ -19,7 +19,7 @@ from api.storage.local import LocalStorage
 from tests.fixtures.fake_executor import FakeExecutor
 from tests.fixtures.harness import ADMIN_KEY, add_user
 
-EXAMPLES = {GenerationMode.POSITIVE: 25, GenerationMode.NEGATIVE: 15}
+EXAMPLES = {GenerationMode.POSITIVE: 20, GenerationMode.NEGATIVE: 12}
 BUDGET_S = 150.0  # stop starting new operations after this long (the run stays bounded on a slow machine)
 
 

@@ -54,12 +54,19 @@ def test_success_captures(db: Database, storage: LocalStorage, running: tuple[st
     assert types[-2:] == ["status", "completed"]
 
 
-def test_failure_refunds_and_records_the_error(db: Database, storage: LocalStorage,
-                                               running: tuple[str, str]) -> None:
+def test_failure_refunds_records_the_error_and_keeps_no_output(db: Database, storage: LocalStorage,
+                                                                running: tuple[str, str]) -> None:
     user, job_id = running
+    key = f"outputs/{user}/{job_id}/0.png"
+    storage.put_bytes(key, b"x", "image/png")
+    with db.session() as s:
+        s.execute(update(Job).where(Job.id == job_id).values(outputs=[{"key": key, "content_type": "image/png"}]))
+        s.commit()
     job = _finish(db, storage, job_id, JobStatus.FAILED, ErrorEvent("oom", "out of memory"))
     assert (job.status, job.error_code, job.error_message, job.credits_refunded) == (
         "failed", "oom", "out of memory", 40)
+    # refunded, so nothing was delivered: no output left behind (expiry only sweeps succeeded jobs)
+    assert job.outputs == [] and not storage.exists(key)
     assert balance(db, user) == ledger.BalanceView(100, 0)
 
 
