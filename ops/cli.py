@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from api.settings import get_settings
+from ops.opscmd import ops_app
 
 app = typer.Typer(help="CineWeave: self-hosted image/video generation and LoRA training.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
@@ -23,6 +24,7 @@ app.add_typer(users_app, name="users")
 app.add_typer(credits_app, name="credits")
 app.add_typer(maintenance_app, name="maintenance")
 app.add_typer(models_app, name="models")
+app.add_typer(ops_app, name="ops")
 
 console = Console(stderr=True)
 

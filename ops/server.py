@@ -27,8 +27,11 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def build_server(settings: Settings, stack: EmbeddedStack, log_level: str = "warning") -> uvicorn.Server:
+    from ops.opscmd import watch_replica_gpu_memory
+
     app = create_app(settings, stack.executor(), catalog=stack.catalog, availability=stack.availability,
                      swapper=stack.swap)
+    watch_replica_gpu_memory(app, stack)  # cineweave_replica_gpu_memory_bytes on /metrics
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
                             timeout_graceful_shutdown=5)
     return uvicorn.Server(config)

@@ -70,6 +70,26 @@ def request_key(request: dict[str, Any]) -> str:
     return f"{request['job_id']}#{request.get('attempt', 1)}"
 
 
+def replica_id() -> str:
+    """This replica's id as Serve reports it (``serve status``), or host-pid outside Serve."""
+    try:
+        return str(serve.get_replica_context().replica_id.unique_id)
+    except Exception:  # noqa: BLE001 - a plain GeneratorServer (tests) has no replica context
+        import os
+        import socket
+
+        return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def gpu_memory_bytes() -> int | None:
+    """CUDA memory this process holds (the caching allocator's reserve), or None without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return int(sum(torch.cuda.memory_reserved(i) for i in range(torch.cuda.device_count())))
+
+
 class GeneratorServer:
     def __init__(self, spec: dict[str, Any], runtime: dict[str, Any]) -> None:
         from models.generator import Generator
@@ -125,7 +145,8 @@ class GeneratorServer:
 
     def stats(self) -> dict[str, Any]:
         return {"batch_sizes": list(self.batch_sizes), "adapter_loads": dict(self.adapter_loads),
-                "swaps": self.swaps, "source": self.source, "canceled": sorted(set(self.canceled.values()))}
+                "swaps": self.swaps, "source": self.source, "canceled": sorted(set(self.canceled.values())),
+                "replica": replica_id(), "gpu_memory_bytes": gpu_memory_bytes()}
 
     # LoRA sets (multiplexed) --------------------------------------------------------------
     @serve.multiplexed(max_num_models_per_replica=4)

@@ -59,10 +59,15 @@ def _db_snapshot(db: Database) -> Callable[[], dict[str, Any]]:
                                      .group_by(Job.status, Job.model)).all()
             oldest = session.execute(select(Job.model, func.min(Job.created_at))
                                      .where(Job.status == "queued").group_by(Job.model)).all()
+            # updated_at moves with every recorded event (not with lease renewals): a running job
+            # whose updated_at stays old is stuck even while its runner keeps the lease
+            idle = session.execute(select(Job.model, func.min(Job.updated_at))
+                                   .where(Job.status == "running").group_by(Job.model)).all()
         now = utcnow()
         return {"jobs": {(s, m): c for s, m, c in counts},
                 "queued": {m: c for s, m, c in counts if s == "queued"},
-                "oldest_wait": {m: max(0.0, (now - t).total_seconds()) for m, t in oldest if t}}
+                "oldest_wait": {m: max(0.0, (now - t).total_seconds()) for m, t in oldest if t},
+                "running_idle": {m: max(0.0, (now - t).total_seconds()) for m, t in idle if t}}
     return snapshot
 
 

@@ -219,11 +219,15 @@ class Runner:
         cancel_watch = asyncio.create_task(self._watch_cancel(job.id))
         final: ExecutorEvent | None = None
         last_progress = 0.0
+        timer = getattr(self.metrics, "stage_timer", None)
+        stages = timer(job.model) if timer is not None else None  # "starting" until the first stage
         stream = self.executor.run(request)
         try:
             async for event in stream:
                 if heartbeat.done():
                     heartbeat.result()  # raises LeaseLost
+                if stages is not None and isinstance(event, StageEvent | ProgressEvent):
+                    stages.enter(event.stage)
                 if isinstance(event, ProgressEvent):
                     now = asyncio.get_running_loop().time()
                     if now - last_progress < PROGRESS_MIN_INTERVAL_S and event.step < event.total:
@@ -241,6 +245,8 @@ class Runner:
             logger.exception("executor failed on job %s", job.id)
             final = ErrorEvent("executor_error", f"{type(exc).__name__}: {exc}", retryable=True)
         finally:
+            if stages is not None:
+                stages.close()
             heartbeat.cancel()
             cancel_watch.cancel()
             await asyncio.gather(heartbeat, cancel_watch, return_exceptions=True)

@@ -21,7 +21,7 @@ from tests.fixtures.harness import add_user
 
 @pytest.fixture
 def rsettings(settings: Settings) -> Settings:
-    return settings.model_copy(update={"max_active_jobs": 50, "rate_limit_per_minute": 1000, "lease_s": 0.6,
+    return settings.model_copy(update={"max_active_jobs": 50, "rate_limit_per_minute": 1000, "lease_s": 3.0,
                                        "retry_backoff_s": 0.05, "runner_poll_s": 0.02})
 
 

@@ -33,6 +33,9 @@ def submit(jobs: JobService, user: NewUser, prompt: str = "a cat", model: str = 
     return job.id
 
 
+SHORT_LEASE_S = 0.6  # for runners that die or stall: their lease runs out quickly
+
+
 def settlements(rdb: Database, job_id: str) -> list[str]:
     return [e.kind for e in ledger_rows(rdb, job_id=job_id) if e.kind != "reserve"]
 
@@ -297,8 +300,8 @@ async def test_lease_lost_runner_writes_nothing(rdb: Database, rsettings: Settin
 async def test_heartbeat_keeps_a_long_job_from_being_reclaimed(
         rdb: Database, rsettings: Settings, storage: LocalStorage, bus: EventBus, jobs: JobService,
         alice: NewUser) -> None:
-    slow = FakeExecutor(storage=storage, steps=8, step_s=0.25)  # 2 s, more than three leases of 0.6 s
-    r1 = make_runner(rdb, rsettings, storage, bus, slow, "r1")
+    slow = FakeExecutor(storage=storage, steps=8, step_s=0.3)  # 2.4 s: three leases of 0.8 s
+    r1 = make_runner(rdb, rsettings, storage, bus, slow, "r1", lease_s=0.8)
     r2 = make_runner(rdb, rsettings, storage, bus, FakeExecutor(storage=storage), "r2")
     job_id = submit(jobs, alice)
     await r1.tick()
@@ -317,7 +320,7 @@ async def test_heartbeat_keeps_a_long_job_from_being_reclaimed(
 async def _runner_dies_mid_job(rdb: Database, rsettings: Settings, storage: LocalStorage, bus: EventBus,
                                jobs: JobService, alice: NewUser, attempts_before: int) -> tuple[str, FakeExecutor]:
     hanging = FakeExecutor(storage=storage, hang={"slow"})
-    r1 = make_runner(rdb, rsettings, storage, bus, hanging, "r1")
+    r1 = make_runner(rdb, rsettings, storage, bus, hanging, "r1", lease_s=SHORT_LEASE_S)
     job_id = submit(jobs, alice, prompt="slow")
     if attempts_before:
         with rdb.session() as s:
@@ -371,8 +374,9 @@ class StalledRunner(Runner):
 async def test_stalled_runner_finishing_late_writes_nothing_and_job_is_charged_once(
         rdb: Database, rsettings: Settings, storage: LocalStorage, bus: EventBus, jobs: JobService,
         alice: NewUser) -> None:
-    slow = FakeExecutor(storage=storage, steps=6, step_s=0.3)  # finishes long after its 0.6 s lease
-    stalled = StalledRunner(rdb, slow, rsettings, storage, bus, runner_id="stalled")
+    slow = FakeExecutor(storage=storage, steps=6, step_s=0.3)  # finishes long after its short lease
+    stalled = StalledRunner(rdb, slow, rsettings.model_copy(update={"lease_s": SHORT_LEASE_S}), storage, bus,
+                            runner_id="stalled")
     job_id = submit(jobs, alice, prompt="p")
     await stalled.tick()
     r2_exec = FakeExecutor(storage=storage, steps=1)
