@@ -176,16 +176,36 @@ class EmbeddedStack:
         """
         from ray import serve
 
+        from api.core.errors import InvalidInput
+        from models.sources import availability
         from serve.app import app_name, build_generator_app
 
         spec = self.specs.get(model_id)
         if spec is None:
             raise KeyError(model_id)
-        Source.model_validate(source)  # a clear error before anything changes
-        # The same spec and runtime as at deploy time (so the same deployment version): only
-        # user_config differs, and Serve reconfigures the live replicas in place.
-        app = build_generator_app(spec, self.runtime(), embedded=self.embedded, user_config={"source": source})
-        handle = serve.run(app, name=app_name(model_id), route_prefix=None)
+        parsed = Source.model_validate(source)  # a clear error before anything changes
+        if parsed.path or parsed.tiny:  # local weights: check them here first (S3/HF: the replica fetches)
+            ok, reason = availability(spec.model_copy(update={"source": parsed}), tiny_models_dir(self.settings), None)
+            if not ok:
+                raise InvalidInput(f"source: {reason}", {"field": "source"})
+        previous = self.sources.get(model_id) or {}
+
+        def apply(user_source: dict[str, Any]) -> Any:
+            # The same spec and runtime as at deploy time (so the same deployment version): only
+            # user_config differs, and Serve reconfigures the live replicas in place.
+            app = build_generator_app(spec, self.runtime(), embedded=self.embedded,
+                                      user_config={"source": user_source})
+            return serve.run(app, name=app_name(model_id), route_prefix=None)
+
+        handle = apply(source)
+        stats = handle.stats.remote().result(timeout_s=60)
+        if stats.get("source") != source:
+            # The replica could not load it and kept the old pipeline: put the old source back
+            # into user_config too, so that replicas started later load what is being served.
+            apply(previous)
+            error = (stats.get("swap_error") or {}).get("error", "unknown error")
+            raise InvalidInput(f"source: the replicas could not load it ({error}); still serving {previous}",
+                               {"field": "source"})
         with self._lock:
             self.handles[model_id] = handle
             self.sources[model_id] = source

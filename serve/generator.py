@@ -105,6 +105,7 @@ class GeneratorServer:
         """Canceled requests, ``request_key`` → job id, oldest first (the last CANCELED_KEPT)."""
         self.adapter_loads: Counter[str] = Counter()
         self.swaps = 0
+        self.swap_error: dict[str, Any] | None = None
         self._lora_dir = Path(self.runtime.cache_dir or tempfile.gettempdir()) / "loras"
         self._configure_batching()
 
@@ -127,15 +128,24 @@ class GeneratorServer:
 
         Loading runs in a thread, so requests keep running on the old pipeline meanwhile; the
         switch is one assignment, so every request runs wholly on one pipeline or the other.
+        A source that fails to load leaves the old pipeline serving: the failure is kept in
+        ``stats()["swap_error"]`` for the caller to report, and not raised, since Serve answers a
+        failed ``reconfigure`` by replacing the replica and the model would go down.
         """
         source = config.get("source")
         if not source or source == self.source:
             return
-        new_spec = self.spec.model_copy(update={"source": type(self.spec.source).model_validate(source)})
-        new_generator = await asyncio.to_thread(self._load, new_spec)
+        try:
+            new_spec = self.spec.model_copy(update={"source": type(self.spec.source).model_validate(source)})
+            new_generator = await asyncio.to_thread(self._load, new_spec)
+        except Exception as exc:  # noqa: BLE001 - reported through stats(), see above
+            self.swap_error = {"source": source, "error": f"{type(exc).__name__}: {exc}"}
+            logger.error("%s: cannot load %s (%s); still serving %s", self.spec.id, source, exc, self.source)
+            return
         old, self.generator = self.generator, new_generator
         self.spec, self.source = new_spec, source
         self.swaps += 1
+        self.swap_error = None
         logger.info("%s swapped to %s", self.spec.id, source)
         await asyncio.to_thread(old.close)
 
@@ -145,7 +155,8 @@ class GeneratorServer:
 
     def stats(self) -> dict[str, Any]:
         return {"batch_sizes": list(self.batch_sizes), "adapter_loads": dict(self.adapter_loads),
-                "swaps": self.swaps, "source": self.source, "canceled": sorted(set(self.canceled.values())),
+                "swaps": self.swaps, "swap_error": self.swap_error, "source": self.source,
+                "canceled": sorted(set(self.canceled.values())),
                 "replica": replica_id(), "gpu_memory_bytes": gpu_memory_bytes()}
 
     # LoRA sets (multiplexed) --------------------------------------------------------------

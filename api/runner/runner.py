@@ -223,7 +223,7 @@ class Runner:
         stages = timer(job.model) if timer is not None else None  # "starting" until the first stage
         stream = self.executor.run(request)
         try:
-            async for event in stream:
+            async for event in self._events(stream, heartbeat):
                 if heartbeat.done():
                     heartbeat.result()  # raises LeaseLost
                 if stages is not None and isinstance(event, StageEvent | ProgressEvent):
@@ -258,6 +258,27 @@ class Runner:
             self._settle_success(job.id, final)
         else:
             self._settle_error(job.id, final)
+
+    @staticmethod
+    async def _events(stream: Any, heartbeat: asyncio.Task[None]) -> Any:
+        """The executor's events, until the heartbeat ends: a lost lease (LeaseLost) is raised at
+        once, even while the executor is silent, and the stale run is no longer waited on."""
+        events = stream.__aiter__()
+        while True:
+            step = asyncio.ensure_future(events.__anext__())
+            try:
+                await asyncio.wait({step, heartbeat}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not step.done():  # the lease is lost, or this task is being cancelled
+                    step.cancel()
+                    await asyncio.gather(step, return_exceptions=True)
+            if step.cancelled():
+                heartbeat.result()  # raises LeaseLost
+            try:
+                event = step.result()
+            except StopAsyncIteration:
+                return
+            yield event
 
     async def _heartbeat(self, job_id: str) -> None:
         interval = max(0.05, self.settings.lease_s / 3)

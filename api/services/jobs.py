@@ -27,7 +27,7 @@ from api.core.limits import check_active_jobs, check_content_policy, check_rate
 from api.core.pricing import price_generation
 from api.core.requests import normalize_input
 from api.db.engine import Database, is_postgres
-from api.db.tables import Job, Lora, Upload, User, utcnow
+from api.db.tables import Balance, Job, Lora, Upload, User, utcnow
 from api.services.events import EventBus, record_event
 from api.services.settlement import delete_job_outputs, finish_job
 from api.settings import Settings
@@ -56,9 +56,14 @@ def request_hash(sub: Submission) -> str:
 
 
 def lock_user(session: Session, user_id: str) -> None:
-    """Serialize a user's submissions (PostgreSQL row lock; SQLite already holds the write lock)."""
+    """Serialize a user's submissions (PostgreSQL row lock; SQLite already holds the write lock).
+
+    The lock is taken on the balance row, which every credit movement locks first too, so a
+    submission and a settlement of the same user's jobs always lock in the same order.
+    """
     if is_postgres(session.get_bind()):
-        session.execute(select(User.id).where(User.id == user_id).with_for_update())
+        ledger.ensure_balance(session, user_id)
+        session.execute(select(Balance.user_id).where(Balance.user_id == user_id).with_for_update())
 
 
 class JobService:
@@ -243,7 +248,7 @@ class JobService:
             elif job.status == JobStatus.RUNNING and not job.cancel_requested:
                 job.cancel_requested = True
                 job.updated_at = utcnow()
-                record_event(session, job.id, "log", {"message": "cancel requested"})
+                record_event(session, job.id, "logs", {"message": "cancel requested"})
                 session.commit()
                 self.bus.publish(job.id, "cancel", {})
             return job

@@ -99,11 +99,11 @@ class Maintenance:
             report.outputs_expired += 1
 
     def reap_stuck(self, report: MaintenanceReport) -> None:
-        """Queued jobs no runner took within ``stuck_job_s``: fail and refund them."""
+        """Queued jobs no runner took within ``stuck_job_s`` (since queued or requeued): fail, refund."""
         cutoff = utcnow() - timedelta(seconds=self.settings.stuck_job_s)
         with self.db.read() as session:
             job_ids = session.execute(select(Job.id).where(
-                Job.status == JobStatus.QUEUED.value, Job.created_at < cutoff)).scalars().all()
+                Job.status == JobStatus.QUEUED.value, Job.updated_at < cutoff)).scalars().all()
         for job_id in job_ids:
             with self.db.session() as session:
                 job = locked_job(session, job_id)

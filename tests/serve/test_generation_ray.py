@@ -140,3 +140,28 @@ def test_same_seed_gives_identical_pixels(ray_api: RayApi) -> None:
     assert np.array_equal(pixels[0], pixels[1])
     assert not np.array_equal(pixels[0], pixels[2]), "another seed must give other pixels"
     assert pixels[0].std() > 0, "not a blank image"
+
+
+def decoded_frames(api: RayApi, job: dict[str, Any]) -> np.ndarray:
+    import imageio_ffmpeg
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "v.mp4"
+        path.write_bytes(api.download(job["outputs"][0]["url"]))
+        reader = imageio_ffmpeg.read_frames(str(path))
+        meta = next(reader)
+        width, height = meta["size"]
+        frames = [np.frombuffer(raw, dtype=np.uint8).reshape(height, width, 3) for raw in reader]
+    return np.stack(frames)
+
+
+def test_same_seed_gives_identical_video_frames(ray_api: RayApi) -> None:
+    user = ray_api.user()
+    inputs = {"prompt": "a windy field", "width": 64, "height": 64, "num_frames": 5, "fps": 8, "steps": 2,
+              "seed": 77}
+    first, second = (ray_api.run(user.api_key, "tiny-wan", inputs) for _ in range(2))
+    other = ray_api.run(user.api_key, "tiny-wan", {**inputs, "seed": 78})
+    frames = [decoded_frames(ray_api, j) for j in (first, second, other)]
+    assert frames[0].shape == (5, 64, 64, 3)
+    assert np.array_equal(frames[0], frames[1])
+    assert not np.array_equal(frames[0], frames[2])

@@ -235,3 +235,38 @@ def test_a_stack_that_joined_a_running_ray_leaves_its_serve_running(ray_api: Ray
     assert {"tiny-sd", "tiny-wan", "tiny-wan-i2v"} <= set(apps)
     assert apps["tiny-sd"].status == "RUNNING"
     ray_api.run(ray_api.user().api_key, "tiny-sd", {"prompt": "still here", "steps": 2, "seed": 3})
+
+
+@pytest.mark.slow
+def test_a_swap_to_a_checkpoint_that_does_not_load_keeps_the_old_one_serving(ray_api: RayApi, tmp_path: Path) -> None:
+    from ray import serve
+
+    from ops.serve_config import serve_details
+
+    replicas = replica_names("tiny-sd")
+    before = ray_api.stats("tiny-sd")
+    # Missing weights: refused before anything changes.
+    with ray_api.http(ADMIN_KEY, timeout_s=120) as admin:
+        missing = admin.post("/v1/admin/models/tiny-sd/swap", json={"source": {"path": str(tmp_path / "nowhere")}})
+    assert missing.status_code == 422, missing.text
+    assert "nowhere" in missing.json()["error"]["message"]
+    # Weights that look whole but do not load: the replica keeps its pipeline, the swap is reported failed.
+    broken = tmp_path / "tiny-sd-broken"
+    shutil.copytree(ray_api.settings.tiny_models_dir / "tiny-sd", broken)
+    (broken / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
+    with ray_api.http(ADMIN_KEY, timeout_s=120) as admin:
+        response = admin.post("/v1/admin/models/tiny-sd/swap", json={"source": {"path": str(broken)}})
+    assert response.status_code == 422, response.text
+    assert "could not load" in response.json()["error"]["message"]
+    stats = ray_api.stats("tiny-sd")
+    assert stats["source"] == before["source"] and stats["swaps"] == before["swaps"]
+    assert stats["swap_error"]["source"] == {"path": str(broken)}
+    assert replica_names("tiny-sd") == replicas, "the replica kept running"
+    assert serve.status().applications["tiny-sd"].status == "RUNNING"
+    live = serve.status().applications["tiny-sd"].deployments["gen-tiny-sd"]
+    assert live.status == "HEALTHY"
+    assert ray_api.stack.catalog.get("tiny-sd").source.model_dump(exclude_none=True) == before["source"]
+    # The deployment's user_config is back on the served source, so a replica started later loads it.
+    config = serve_details()["applications"]["tiny-sd"]["deployments"]["gen-tiny-sd"]["deployment_config"]
+    assert config["user_config"] == {"source": before["source"]}
+    ray_api.run(ray_api.user().api_key, "tiny-sd", {"prompt": "still the old weights", "steps": 2, "seed": 4})

@@ -201,11 +201,11 @@ async def _call(client: httpx.AsyncClient, method: str, url: str, key: str | Non
         raise AssertionError(f"{method} {url} with key {key!r} did not answer within 10 s") from None
 
 
-def test_every_route_is_classified() -> None:
+def test_every_route_is_classified(tmp_path: Any) -> None:
     from api.http.app import create_app
     from api.settings import Settings
 
-    app = create_app(Settings(signing_secret="x", _env_file=None), None)
+    app = create_app(Settings(data_dir=tmp_path, signing_secret="x", _env_file=None), None)
     served = set(app_routes(app))
     unclassified = sorted(served - ROUTES.keys())
     assert not unclassified, f"classify these routes in ROUTES: {unclassified}"

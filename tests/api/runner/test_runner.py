@@ -419,3 +419,23 @@ async def test_expired_queued_retry_waits_for_its_backoff(rdb: Database, rsettin
         s.commit()
     claimed = runner.claim_next()
     assert claimed is not None and claimed.id == job_id
+
+
+async def test_lease_loss_is_noticed_while_the_executor_is_silent(
+        rdb: Database, rsettings: Settings, storage: LocalStorage, bus: EventBus, jobs: JobService,
+        alice: NewUser) -> None:
+    """The executor hangs without a word; the job is taken over elsewhere. This runner must let go:
+    free its slot, stop consuming the stale run, and write nothing."""
+    hanging = FakeExecutor(storage=storage, hang={"stuck"})
+    r1 = make_runner(rdb, rsettings, storage, bus, hanging, "r1", lease_s=SHORT_LEASE_S)
+    job_id = submit(jobs, alice, prompt="stuck")
+    await r1.tick()
+    await wait_until(lambda: bool(hanging.runs), 10, what="the run to start")
+    with rdb.session() as s:  # another runner reclaimed and claimed the job
+        s.execute(update(Job).where(Job.id == job_id).values(lease_owner="r2", attempts=2))
+        s.commit()
+    await wait_until(lambda: not r1.active_job_ids, 5, what="r1 to let go of the job")
+    job = get_job(rdb, job_id)
+    assert (job.status, job.lease_owner, job.outputs) == ("running", "r2", [])
+    assert settlements(rdb, job_id) == []
+    await r1.stop(grace_s=1)

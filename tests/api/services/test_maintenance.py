@@ -78,7 +78,8 @@ def test_stuck_queued_jobs_fail_and_refund(db: Database, settings: Settings, sto
     old, _ = jobs.submit(created.user, Submission("veo-3.1", {"prompt": "p", "duration": 4}))
     fresh, _ = jobs.submit(created.user, Submission("tiny-sd", {"prompt": "p"}))
     with db.session() as s:
-        s.execute(update(Job).where(Job.id == old.id).values(created_at=utcnow() - timedelta(hours=2)))
+        stale = utcnow() - timedelta(hours=2)  # queued (or requeued) two hours ago
+        s.execute(update(Job).where(Job.id == old.id).values(created_at=stale, updated_at=stale))
         s.commit()
     report = Maintenance(db, settings, storage).run_once()
     assert report.stuck_failed == 1
@@ -103,3 +104,15 @@ def test_stale_lease_is_reclaimed_by_maintenance(db: Database, settings: Setting
     lost = get_job(db, job.id)
     assert (lost.status, lost.error_code, lost.credits_refunded) == ("failed", "worker_lost", 1)
     assert balance(db, created.user.id) == ledger.BalanceView(10, 0)
+
+
+def test_an_old_job_requeued_recently_is_not_reaped(db: Database, settings: Settings, storage: LocalStorage,
+                                                    jobs: JobService) -> None:
+    """The reaper goes by the last change (a retry requeues), not by the submission time."""
+    created = add_user(db, settings, credits=100)
+    job, _ = jobs.submit(created.user, Submission("tiny-sd", {"prompt": "p"}))
+    with db.session() as s:
+        s.execute(update(Job).where(Job.id == job.id).values(created_at=utcnow() - timedelta(hours=2)))
+        s.commit()
+    assert Maintenance(db, settings, storage).run_once().stuck_failed == 0
+    assert get_job(db, job.id).status == "queued"
