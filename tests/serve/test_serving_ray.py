@@ -67,7 +67,6 @@ def test_eight_concurrent_requests_run_batched(ray_api: RayApi) -> None:
     assert len({j["outputs"][0]["url"] for j in jobs}) == 8
     assert all(j["result"]["seed"] == j["input"]["seed"] for j in jobs)
     sizes = ray_api.stats("tiny-sd")["batch_sizes"][len(before):]
-    print("SIZES", sizes)
     assert sum(sizes) == 8, sizes  # every request ran once, and only these ran
     assert max(sizes) > 1, f"no batch larger than one ran: {sizes}"
 
@@ -193,7 +192,6 @@ def test_swap_needs_an_admin_and_a_deployed_model(ray_api: RayApi) -> None:
         response = client.post("/v1/admin/models/tiny-sd/swap", json={"source": {"tiny": "tiny-sd"}},
                                headers=bearer(ray_api.user().api_key))
     assert response.status_code == 403, response.text
-
 
 
 def test_a_canceled_attempt_does_not_cancel_the_jobs_retry(ray_api: RayApi) -> None:
