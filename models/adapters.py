@@ -46,11 +46,24 @@ class AdapterManager:
     adapter activated here applies to them too.
     """
 
-    def __init__(self, pipe: Any, max_loaded: int = 4) -> None:
+    def __init__(self, pipe: Any, max_loaded: int = 4, hotswap_rank: int | None = None) -> None:
+        """``hotswap_rank``: for a compiled denoiser, load LoRAs into fixed adapter slots and swap
+        weights in place (``enable_lora_hotswap``), so a new LoRA never triggers a recompile;
+        every LoRA's rank must then be at most this."""
         self.pipe = pipe
         self.max_loaded = max(1, max_loaded)
         self._loaded: OrderedDict[str, LoraAdapter] = OrderedDict()
         self._active: tuple[tuple[str, float], ...] = ()
+        self.hotswap_rank = hotswap_rank
+        self._slot_of: dict[str, str] = {}
+        self._free_slots: list[str] = []
+        self._slots_made = 0
+        self.hotswaps = 0
+        if hotswap_rank:
+            pipe.enable_lora_hotswap(target_rank=hotswap_rank)
+
+    def _adapter_name(self, name: str) -> str:
+        return self._slot_of[name] if self.hotswap_rank else _peft_name(name)
 
     def loaded(self) -> list[str]:
         return list(self._loaded)
@@ -82,7 +95,7 @@ class AdapterManager:
             self._load(adapter)
         self._evict(keep, room_for=0)
         self.pipe.enable_lora()
-        self.pipe.set_adapters([_peft_name(a.name) for a in wanted],
+        self.pipe.set_adapters([self._adapter_name(a.name) for a in wanted],
                                adapter_weights=[float(a.scale) for a in wanted])
         self._active = key
 
@@ -96,16 +109,28 @@ class AdapterManager:
 
     def unload(self, name: str) -> None:
         if self._loaded.pop(name, None) is not None:
-            self.pipe.delete_adapters(_peft_name(name))
+            if self.hotswap_rank:
+                self._free_slots.append(self._slot_of.pop(name))  # its weights get swapped over later
+            else:
+                self.pipe.delete_adapters(_peft_name(name))
             self._active = tuple(x for x in self._active if x[0] != name)
             logger.info("unloaded LoRA %s", name)
 
     def _load(self, adapter: LoraAdapter) -> None:
         path = Path(adapter.path)
-        if path.is_file():
-            self.pipe.load_lora_weights(str(path.parent), weight_name=path.name,
-                                        adapter_name=_peft_name(adapter.name))
+        where = {"weight_name": path.name} if path.is_file() else {}
+        source = str(path.parent if path.is_file() else path)
+        if self.hotswap_rank:
+            if self._free_slots:  # swap the weights of a slot in place: no new modules, no recompile
+                slot = self._free_slots.pop(0)
+                self.pipe.load_lora_weights(source, adapter_name=slot, hotswap=True, **where)
+                self.hotswaps += 1
+            else:
+                slot = f"slot_{self._slots_made}"
+                self._slots_made += 1
+                self.pipe.load_lora_weights(source, adapter_name=slot, **where)
+            self._slot_of[adapter.name] = slot
         else:
-            self.pipe.load_lora_weights(str(path), adapter_name=_peft_name(adapter.name))
+            self.pipe.load_lora_weights(source, adapter_name=_peft_name(adapter.name), **where)
         self._loaded[adapter.name] = adapter
         logger.info("loaded LoRA %s from %s", adapter.name, path)

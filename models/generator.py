@@ -146,7 +146,9 @@ class Generator:
         self._task_pipes: dict[str, DiffusionPipeline] = {}
         self._offload_owner: DiffusionPipeline | None = self.pipe
         self._lock = threading.Lock()
-        self.adapters = AdapterManager(self.pipe, max_loras or spec.serving.max_loras_per_replica)
+        # A compiled denoiser swaps LoRA weights in place (no recompile per new LoRA).
+        hotswap = spec.serving.lora_hotswap_rank if "torch_compile" in loaded.optimizations else None
+        self.adapters = AdapterManager(self.pipe, max_loras or spec.serving.max_loras_per_replica, hotswap)
         self.last_batch_sizes: list[int] = []
         """Sizes of the pipeline calls made by the latest :meth:`generate` (for tests and metrics)."""
 

@@ -112,6 +112,8 @@ class Serving(_Strict):
     max_batch_size: int = 4
     batch_wait_timeout_s: float = 0.05
     max_loras_per_replica: int = 4
+    lora_hotswap_rank: int = Field(default=64, ge=1, le=1024,
+                                   description="largest LoRA rank a compiled model can hot-swap")
     upscale_delay_s: float = 10.0
     downscale_delay_s: float = 120.0
 

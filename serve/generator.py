@@ -4,16 +4,21 @@ A plain class (testable without Ray); :mod:`serve.app` turns it into a Serve dep
 request it streams event dicts (``api.core.events`` shapes): stage, progress (step/total),
 output (already stored under the job's prefix), then done or error.
 
-Batching and streaming together (checked on Ray 2.60): the batched method is an async generator
-that yields one list per step, one item per request (``None`` when a request has nothing new);
-the per-request method wraps it. Serve splits batches by multiplexed model id, and the id is the
-LoRA adapter set, so every request in a batch shares one adapter set.
+Batching: the replica queues its requests and forms the next batch when the pipeline is free (up
+to ``max_batch_size`` requests with the same LoRA adapter set, waiting at most
+``batch_wait_timeout_s`` after the first one arrived). ``@serve.batch`` is not used: Ray 2.60 forms
+each batch as soon as its first request arrives (+ the wait) and only then queues it behind the
+running one, so requests arriving while a batch runs were split into batches of one or two by
+arrival time, and under steady load the replica fell behind running single requests. The batch
+itself is an async generator yielding one list per step, one item per request (``None`` when a
+request has nothing new); each request's ``generate`` stream passes its items on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import io
 import json
 import logging
@@ -21,7 +26,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +95,19 @@ def gpu_memory_bytes() -> int | None:
     return int(sum(torch.cuda.memory_reserved(i) for i in range(torch.cuda.device_count())))
 
 
+@dataclass(eq=False)
+class _Pending:
+    """A request waiting in the replica's queue, and the queue its events go to."""
+
+    request: dict[str, Any]
+    arrived: float
+    events: asyncio.Queue[dict[str, Any] | None] = field(default_factory=asyncio.Queue)
+
+    @property
+    def adapter_set(self) -> str:
+        return str(self.request.get("adapter_set") or "")
+
+
 class GeneratorServer:
     def __init__(self, spec: dict[str, Any], runtime: dict[str, Any]) -> None:
         from models.generator import Generator
@@ -107,6 +125,9 @@ class GeneratorServer:
         self.swaps = 0
         self.swap_error: dict[str, Any] | None = None
         self._lora_dir = Path(self.runtime.cache_dir or tempfile.gettempdir()) / "loras"
+        self._pending: list[_Pending] = []
+        self._arrived = asyncio.Event()
+        self._batcher: asyncio.Task[None] | None = None
         self._configure_batching()
 
     def _load(self, spec: ModelSpec) -> Any:
@@ -118,9 +139,8 @@ class GeneratorServer:
         return generator
 
     def _configure_batching(self) -> None:
-        with contextlib.suppress(AttributeError):
-            self._batched.set_max_batch_size(self.spec.serving.max_batch_size)
-            self._batched.set_batch_wait_timeout_s(self.spec.serving.batch_wait_timeout_s)
+        self.max_batch_size = max(1, int(self.spec.serving.max_batch_size))
+        self.batch_wait_timeout_s = max(0.0, float(self.spec.serving.batch_wait_timeout_s))
 
     # Serve hooks -------------------------------------------------------------------------
     async def reconfigure(self, config: dict[str, Any]) -> None:
@@ -152,6 +172,9 @@ class GeneratorServer:
     def check_health(self) -> None:
         if self.generator is None:
             raise RuntimeError("no pipeline loaded")
+        if self._batcher is not None and self._batcher.done() and not self._batcher.cancelled() \
+                and self._batcher.exception() is not None:
+            raise RuntimeError(f"the batching loop died: {self._batcher.exception()!r}")
 
     def stats(self) -> dict[str, Any]:
         return {"batch_sizes": list(self.batch_sizes), "adapter_loads": dict(self.adapter_loads),
@@ -174,19 +197,70 @@ class GeneratorServer:
 
     # generation ----------------------------------------------------------------------------
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Stream one request's events. ``request``: job_id, input, output_prefix."""
+        """Stream one request's events. ``request``: job_id, attempt, input, output_prefix, adapter_set."""
+        loop = asyncio.get_running_loop()
+        pending = _Pending(request, loop.time())
+        self._pending.append(pending)
+        self._arrived.set()
+        if self._batcher is None or self._batcher.done():
+            # A context of its own: the loop outlives the request that happened to start it.
+            self._batcher = loop.create_task(self._batch_loop(), name="batcher", context=contextvars.Context())
         try:
-            async for event in self._batched(request):
-                if event is not None:
-                    yield event
+            while (event := await pending.events.get()) is not None:
+                yield event
         except asyncio.CancelledError:
-            # The caller canceled: the batch stops at its next step if every request in it did.
+            # The caller canceled: a queued request never runs; a running batch stops at its next
+            # step if every request in it was canceled.
+            if pending in self._pending:
+                self._pending.remove(pending)
             self.canceled[request_key(request)] = request["job_id"]
             while len(self.canceled) > CANCELED_KEPT:
                 del self.canceled[next(iter(self.canceled))]
             raise
 
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
+    async def _batch_loop(self) -> None:
+        """Run batches one after another, each formed when the pipeline is free (see the module doc)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._pending:
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            first = self._pending[0]
+            while len(self._companions(first)) < self.max_batch_size:
+                remaining = first.arrived + self.batch_wait_timeout_s - loop.time()
+                if remaining <= 0:
+                    break
+                self._arrived.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._arrived.wait(), remaining)
+                if first not in self._pending:  # canceled while waiting
+                    break
+            if first not in self._pending:
+                continue
+            batch = self._companions(first)[:self.max_batch_size]
+            for pending in batch:
+                self._pending.remove(pending)
+            await self._run(batch)
+
+    def _companions(self, first: _Pending) -> list[_Pending]:
+        """Queued requests that can share ``first``'s batch (one adapter set per batch), oldest first."""
+        return [p for p in self._pending if p.adapter_set == first.adapter_set]
+
+    async def _run(self, batch: list[_Pending]) -> None:
+        try:
+            async for items in self._batched([p.request for p in batch]):
+                for pending, item in zip(batch, items, strict=True):
+                    if item is not None:
+                        pending.events.put_nowait(item)
+        except Exception as exc:  # noqa: BLE001 - a bug here must not stop the loop or hang callers
+            logger.exception("%s: batch failed", self.spec.id)
+            for pending in batch:
+                pending.events.put_nowait(self._error(exc))
+        finally:
+            for pending in batch:
+                pending.events.put_nowait(None)
+
     async def _batched(self, requests: list[dict[str, Any]]) -> AsyncIterator[list[dict[str, Any] | None]]:
         n = len(requests)
         self.batch_sizes.append(n)

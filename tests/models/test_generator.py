@@ -239,3 +239,28 @@ def test_lora_adapters_switch_per_call(tiny_dir: Path, catalog: Catalog, tmp_pat
     gen.generate([req], adapters=[other])
     assert gen.adapters.loaded() == ["other"]  # least recently used evicted
     assert np.array_equal(styled, pixels(gen.generate([req], adapters=[style])[0]))  # reloaded
+
+
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute")
+def test_lora_hotswap_reuses_one_slot_with_the_same_pixels(tiny_dir: Path, catalog: Catalog,
+                                                            tmp_path: Path) -> None:
+    """Hot-swap mode (what a compiled denoiser uses) swaps weights in place: the pipeline keeps one
+    adapter slot, and each LoRA gives exactly the pixels it gives when loaded the ordinary way."""
+    from models.adapters import AdapterManager
+
+    spec = catalog.get("tiny-sd")
+    assert spec is not None
+    plain_gen = Generator.load(spec, tiny_dir=tiny_dir)
+    first = LoraAdapter("a", _make_lora(tiny_dir, tmp_path / "a", 1))
+    second = LoraAdapter("b", _make_lora(tiny_dir, tmp_path / "b", 2))
+    req: dict[str, Any] = {"prompt": "p", "seed": 5, "steps": 2}
+    expected = [pixels(plain_gen.generate([req], adapters=[lora])[0]) for lora in (first, second)]
+
+    hot_gen = Generator.load(spec, tiny_dir=tiny_dir)
+    hot_gen.adapters = AdapterManager(hot_gen.pipe, max_loaded=1, hotswap_rank=8)
+    got_first = pixels(hot_gen.generate([req], adapters=[first])[0])
+    got_second = pixels(hot_gen.generate([req], adapters=[second])[0])
+    assert np.array_equal(got_first, expected[0]) and np.array_equal(got_second, expected[1])
+    assert hot_gen.adapters.hotswaps == 1
+    assert list(hot_gen.pipe.unet.peft_config) == ["slot_0"]  # swapped in place, no new modules
+    assert np.array_equal(pixels(hot_gen.generate([req], adapters=[first])[0]), expected[0])

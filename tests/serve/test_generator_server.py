@@ -1,0 +1,136 @@
+"""``GeneratorServer`` as a plain class (no Ray): how it forms batches, streams and cancels.
+
+The pipeline is a stand-in that takes a fixed time per call, so the batching behaviour is visible
+and fast; the real pipeline and the real Serve path are covered by ``test_serving_ray.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from models.catalog import Catalog
+from models.generator import GeneratedMedia, GenerationCanceled
+from serve.generator import GeneratorServer
+
+CALL_S = 0.3  # one pipeline call of the stand-in
+
+
+class FakeGenerator:
+    """``models.generator.Generator``'s surface: ``generate(batch, on_step, should_cancel, adapters)``."""
+
+    device = "cpu"
+
+    def __init__(self) -> None:
+        self.call_s = CALL_S
+        self.calls: list[int] = []
+        self._lock = threading.Lock()
+
+    def generate(self, batch: list[dict[str, Any]], on_step: Any = None, should_cancel: Any = None,
+                 adapters: Any = None) -> list[GeneratedMedia]:
+        with self._lock:
+            self.calls.append(len(batch))
+            for step in range(3):
+                time.sleep(self.call_s / 3)
+                if on_step:
+                    on_step(step + 1, 3)
+                if should_cancel and should_cancel():
+                    raise GenerationCanceled("canceled")
+            return [GeneratedMedia(kind="image", width=8, height=8, seed=int(r.get("seed") or 0),
+                                   prompt=r["prompt"], image=Image.new("RGB", (8, 8))) for r in batch]
+
+    def close(self) -> None:
+        pass
+
+
+class Server(GeneratorServer):
+    def _load(self, spec: Any) -> FakeGenerator:
+        return FakeGenerator()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Server:
+    spec = Catalog.load().get("tiny-sd")
+    assert spec is not None
+    data = spec.model_dump(mode="json")
+    data["serving"].update(max_batch_size=8, batch_wait_timeout_s=0.05)
+    return Server(data, {"storage_url": f"file://{tmp_path / 'storage'}", "signing_secret": "s"})
+
+
+def request(i: int, **extra: Any) -> dict[str, Any]:
+    return {"job_id": f"job_{i}", "attempt": 1, "input": {"prompt": f"p{i}", "seed": i},
+            "output_prefix": f"outputs/u/job_{i}/", "adapter_set": "", **extra}
+
+
+async def collect(server: Server, req: dict[str, Any]) -> list[dict[str, Any]]:
+    return [event async for event in server.generate(req)]
+
+
+async def test_requests_arriving_while_a_batch_runs_form_one_batch(server: Server) -> None:
+    """Ray's @serve.batch split these by arrival time (1, 1, 1, …); they must run as one batch."""
+    server.generator.call_s = 1.0
+    first = asyncio.create_task(collect(server, request(0)))
+    await asyncio.sleep(0.1)  # the first batch (of one) is running
+    later = []
+    for i in range(1, 7):  # spaced wider than batch_wait_timeout_s
+        later.append(asyncio.create_task(collect(server, request(i))))
+        await asyncio.sleep(0.03 + 0.05)
+    results = await asyncio.wait_for(asyncio.gather(first, *later), timeout=10)
+    assert server.batch_sizes == [1, 6]
+    assert server.generator.calls == [1, 6]
+    for i, events in enumerate(results):
+        types = [e["type"] for e in events]
+        assert types[0] == "stage" and types[-2:] == ["output", "done"], types
+        assert events[-2]["key"] == f"outputs/u/job_{i}/0.png"
+
+
+async def test_a_burst_fills_batches_up_to_the_maximum(server: Server) -> None:
+    server.max_batch_size = 4
+    results = await asyncio.wait_for(asyncio.gather(*(collect(server, request(i)) for i in range(10))), timeout=10)
+    assert server.batch_sizes == [4, 4, 2]
+    assert all(events[-1]["type"] == "done" for events in results)
+
+
+async def test_batches_hold_one_adapter_set(server: Server) -> None:
+    server.adapter_set = _no_adapters  # type: ignore[method-assign]
+    reqs = [request(i, adapter_set="" if i % 2 else '[["l1","k",1.0]]') for i in range(6)]
+    await asyncio.wait_for(asyncio.gather(*(collect(server, r) for r in reqs)), timeout=10)
+    assert sorted(server.batch_sizes) == [3, 3]
+
+
+async def _no_adapters(set_id: str) -> list[Any]:
+    return []
+
+
+async def test_a_request_canceled_while_queued_never_runs(server: Server) -> None:
+    first = asyncio.create_task(collect(server, request(0)))
+    await asyncio.sleep(0.1)
+    queued = asyncio.create_task(collect(server, request(1)))
+    await asyncio.sleep(0.1)
+    queued.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await queued
+    await asyncio.wait_for(first, timeout=5)
+    await asyncio.sleep(CALL_S)
+    assert server.batch_sizes == [1]
+    assert "job_1" in server.stats()["canceled"]
+
+
+async def test_a_running_batch_stops_when_all_its_requests_are_canceled(server: Server) -> None:
+    task = asyncio.create_task(collect(server, request(0)))
+    await asyncio.sleep(0.1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(CALL_S)
+    assert server.generator.calls == [1]
+    # the next request runs normally on the same loop
+    events = await asyncio.wait_for(collect(server, request(2)), timeout=5)
+    assert events[-1]["type"] == "done"
+    server.check_health()
