@@ -269,3 +269,36 @@ def test_training_resumes_after_its_replica_is_killed(ray_api: RayApi) -> None:
     with ray_api.http(user.api_key) as client:
         lora = client.get(f"/v1/loras/{body['id']}").json()
     assert lora["status"] == "succeeded" and lora["weights_url"]
+
+
+# 5. the CLI --------------------------------------------------------------------------------------
+
+def test_cli_train_uploads_a_folder_trains_and_prints_the_lora_id(ray_api: RayApi, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from api.settings import get_settings
+    from ops.cli import app
+
+    user = ray_api.user(credits=200)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, color in enumerate(COLORS):
+        (photos / f"p{i}.png").write_bytes(png_bytes(color))
+    (photos / "p0.txt").write_text("sks on a red background")
+    monkeypatch.setenv("CINEWEAVE_API_URL", ray_api.url)
+    monkeypatch.setenv("CINEWEAVE_API_KEY", user.api_key)
+    get_settings(fresh=True)
+    try:
+        result = CliRunner().invoke(app, ["train", "--images", str(photos), "--name", "cli", "--base", "tiny-sd",
+                                          "--steps", "4", "--resolution", "64", "--rank", "4"])
+    finally:
+        monkeypatch.undo()
+        get_settings(fresh=True)
+    assert result.exit_code == 0, result.output
+    lora_id = result.stdout.strip().splitlines()[-1]
+    assert lora_id.startswith("lora_")
+    with ray_api.http(user.api_key) as client:
+        lora = client.get(f"/v1/loras/{lora_id}").json()
+    assert lora["status"] == "succeeded" and lora["name"] == "cli" and lora["weights_url"]
+    assert lora["params"]["steps"] == 4

@@ -71,6 +71,23 @@ def test_eight_concurrent_requests_run_batched(ray_api: RayApi) -> None:
     assert max(sizes) > 1, f"no batch larger than one ran: {sizes}"
 
 
+def test_requests_arriving_during_a_batch_run_together_next(ray_api: RayApi) -> None:
+    """Requests that reach the replica while it generates wait and then run as ONE batch, however
+    their arrivals were spread (Ray's @serve.batch split them by arrival time into batches of one)."""
+    user = ray_api.user()
+    before = len(ray_api.stats("tiny-sd")["batch_sizes"])
+    slow = ray_api.submit(user.api_key, "tiny-sd", {**SLOW, "steps": 25})
+    first_progress(ray_api, user.api_key, slow["id"])
+    later = []
+    for i in range(6):  # arrivals spread wider than the spec's batch_wait_timeout_s (0.1 s)
+        later.append(ray_api.submit(user.api_key, "tiny-sd", {"prompt": f"later {i}", "steps": 3, "seed": i})["id"])
+        time.sleep(0.25)
+    assert ray_api.job(user.api_key, slow["id"])["status"] == "running", "the slow job ended too soon for this test"
+    jobs = [ray_api.wait(user.api_key, job_id, timeout_s=90) for job_id in [slow["id"], *later]]
+    assert [j["status"] for j in jobs] == ["succeeded"] * 7, [(j["status"], j["error"]) for j in jobs]
+    assert ray_api.stats("tiny-sd")["batch_sizes"][before:] == [1, 6]
+
+
 def test_cancel_mid_run(ray_api: RayApi) -> None:
     user = ray_api.user(credits=50)
     start_balance = ray_api.credits(user.api_key)["balance"]
