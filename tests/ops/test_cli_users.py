@@ -127,7 +127,8 @@ def test_maintenance_run(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     jobs = JobService(db, settings, Catalog.load(), _storage(settings), EventBus())
     job, _ = jobs.submit(queued_user, Submission("veo-3.1", {"prompt": "p", "duration": 4}))
     with db.session() as s:
-        s.execute(update(Job).where(Job.id == job.id).values(created_at=utcnow() - timedelta(hours=3)))
+        stale = utcnow() - timedelta(hours=3)  # queued three hours ago, untouched since
+        s.execute(update(Job).where(Job.id == job.id).values(created_at=stale, updated_at=stale))
         s.commit()
 
     first = run("maintenance", "run", "--period", "2032-05")
