@@ -23,29 +23,19 @@ import json
 import logging
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from bench.common import load_average, stats_ms
+
 logger = logging.getLogger(__name__)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "lora.json"
 
 
-def _stats(values_s: list[float]) -> dict[str, float]:
-    ms = [v * 1000 for v in values_s]
-    return {"median_ms": round(statistics.median(ms), 2), "mean_ms": round(statistics.fmean(ms), 2),
-            "min_ms": round(min(ms), 2), "max_ms": round(max(ms), 2), "n": len(ms)}
-
-
-def _load_average() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:  # pragma: no cover - not on every platform
-        return None
 
 
 def _images(n: int, size: int) -> list[Any]:
@@ -83,7 +73,7 @@ def run(model: str, size: int, steps: int, repeats: int, train_steps: int, rank:
         raise SystemExit(f"unknown model {model}")
     if spec.source and spec.source.tiny and spec.source.tiny in BUILDERS:
         make_tiny(tiny_dir, [spec.source.tiny])
-    load_before = _load_average()
+    load_before = load_average()
 
     # --- training -----------------------------------------------------------------------------
     loaded = load_pipeline(spec, tiny_dir)
@@ -123,15 +113,15 @@ def run(model: str, size: int, steps: int, repeats: int, train_steps: int, rank:
         t2 = time.perf_counter()
         times["cold"].append(t2 - t0)
         times["cold_load"].append(t1 - t0)
-    generation = {"none": _stats(times["none"]), "cached_lora": _stats(times["cached"]),
-                  "cold_lora": _stats(times["cold"]), "cold_lora_load_only": _stats(times["cold_load"])}
+    generation = {"none": stats_ms(times["none"]), "cached_lora": stats_ms(times["cached"]),
+                  "cold_lora": stats_ms(times["cold"]), "cold_lora_load_only": stats_ms(times["cold_load"])}
     gen.close()
     return {
         "model": spec.id, "size": f"{size}x{size}", "inference_steps": steps, "repeats": repeats,
         "generation": generation, "training": training,
         "lora_file_bytes": weights.stat().st_size,
         "machine": {"cpus": os.cpu_count(), "torch_threads": threads, "load_average_before": load_before,
-                    "load_average_after": _load_average(), "cuda": torch.cuda.is_available(),
+                    "load_average_after": load_average(), "cuda": torch.cuda.is_available(),
                     "python": platform.python_version(), "torch": torch.__version__,
                     "diffusers": diffusers.__version__},
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -40,6 +40,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from bench.common import load_average, stats_ms
+
 logger = logging.getLogger(__name__)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "serving.json"
@@ -47,17 +49,6 @@ MODEL = "tiny-sd"
 JOB_TIMEOUT_S = 300.0
 
 
-def _stats(values_s: list[float]) -> dict[str, float]:
-    ms = [v * 1000 for v in values_s]
-    return {"median_ms": round(statistics.median(ms), 2), "mean_ms": round(statistics.fmean(ms), 2),
-            "min_ms": round(min(ms), 2), "max_ms": round(max(ms), 2), "n": len(ms)}
-
-
-def _load_average() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:  # pragma: no cover - not on every platform
-        return None
 
 
 class RawPipeline:
@@ -129,7 +120,7 @@ def run(size: int, steps: int, repeats: int, concurrency: int, rounds: int, thre
     settings = Settings(data_dir=data_dir, tiny_models_dir=tiny_dir.resolve(), port=free_port(),
                         admin_key=secrets.token_urlsafe(24), max_active_jobs=max(64, concurrency * 2),
                         rate_limit_per_minute=1_000_000, overflow_enabled=False, _env_file=None, **overrides)
-    load_before = _load_average()
+    load_before = load_average()
     limit_threads(threads)
     started = time.perf_counter()
     with running_stack(settings, models=[MODEL]) as (url, stack):
@@ -186,10 +177,10 @@ def run(size: int, steps: int, repeats: int, concurrency: int, rounds: int, thre
     return {
         "model": MODEL, "size": f"{size}x{size}", "inference_steps": steps, "guidance": request["guidance"],
         "overhead": {
-            "raw_call": _stats(raw_s), "http_path": _stats(http_s),
+            "raw_call": stats_ms(raw_s), "http_path": stats_ms(http_s),
             "ratio": round(http_median / raw_median, 2),
             "added_ms": round((http_median - raw_median) * 1000, 1),
-            "job_queue_s": _stats(queue_s), "job_run_s": _stats(run_s),
+            "job_queue_s": stats_ms(queue_s), "job_run_s": stats_ms(run_s),
         },
         "throughput": {
             "requests": concurrency, "rounds": rounds,
@@ -201,7 +192,7 @@ def run(size: int, steps: int, repeats: int, concurrency: int, rounds: int, thre
                   "max_batch_size": spec.serving.max_batch_size, "batch_wait_timeout_s": spec.serving.batch_wait_timeout_s,
                   "replica_torch_threads": 1},
         "machine": {"cpus": os.cpu_count(), "torch_threads_raw": threads, "load_average_before": load_before,
-                    "load_average_after": _load_average(), "cuda": torch.cuda.is_available(),
+                    "load_average_after": load_average(), "cuda": torch.cuda.is_available(),
                     "python": platform.python_version(), "torch": torch.__version__,
                     "diffusers": diffusers.__version__, "ray": ray.__version__},
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
