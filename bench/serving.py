@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import platform
+import random
 import secrets
 import statistics
 import sys
@@ -143,10 +144,14 @@ def run(size: int, steps: int, repeats: int, concurrency: int, rounds: int, thre
         http_s: list[float] = []
         queue_s: list[float] = []
         run_s: list[float] = []
+        jitter = random.Random(0)
         for i in range(repeats):
             t0 = time.perf_counter()
             raw(100 + i)
             raw_s.append(time.perf_counter() - t0)
+            # Arrive at a random point of the runner's polling cycle, as a client would: a fixed
+            # rhythm here could lock onto the poll period and bias the queueing time either way.
+            time.sleep(jitter.uniform(0, settings.runner_poll_s))
             t0 = time.perf_counter()
             job = client.one(100 + i)
             http_s.append(time.perf_counter() - t0)
