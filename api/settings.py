@@ -106,6 +106,16 @@ class Settings(BaseSettings):
     max_upload_bytes: int = 20 * 1024 * 1024
     max_upload_pixels: int = 40_000_000
     max_upload_files: int = 30
+    # ZIP uploads: total uncompressed bytes of all members (the central directory is checked, then
+    # enforced while reading, since headers can lie)
+    max_upload_zip_bytes: int = 200 * 1024 * 1024
+
+    # outbound requests (image URLs, client webhooks, provider downloads): public addresses only,
+    # unless a host name or a network (CIDR) is allow-listed here (development and tests)
+    egress_allow_hosts: list[str] = Field(default_factory=list)
+    egress_allow_networks: list[str] = Field(default_factory=list)
+    egress_max_redirects: int = 3
+    egress_timeout_s: float = 20.0
 
     def resolved_database_url(self) -> str:
         """SQLAlchemy URL; a plain ``postgresql://`` URL is mapped to the psycopg 3 driver."""

@@ -1,0 +1,199 @@
+"""The egress policy: refused addresses never see a connection; allow-listed ones do; pinning holds."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from api.services import egress
+from api.services.egress import (
+    EgressPolicy,
+    UrlFetchFailed,
+    UrlNotAllowed,
+    check_url,
+    fetch,
+    fetch_sync,
+    post,
+)
+from api.settings import Settings
+
+
+class Listener:
+    """A loopback HTTP server that counts every request; ``routes`` maps a path to (status, headers, body)."""
+
+    def __init__(self) -> None:
+        self.hits: list[tuple[str, str, str]] = []  # (method, path, Host header)
+        self.routes: dict[str, tuple[int, dict[str, str], bytes]] = {}
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                outer.hits.append((self.command, self.path, self.headers.get("host", "")))
+                status, headers, body = outer.routes.get(self.path, (200, {"content-type": "image/png"}, b"ok"))
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = _answer  # noqa: N815
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+                                       daemon=True)
+
+    def __enter__(self) -> Listener:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def listener() -> Iterator[Listener]:
+    with Listener() as server:
+        yield server
+
+
+def stub_resolver(table: dict[str, list[str]]) -> Any:
+    calls: list[str] = []
+
+    def resolve(host: str, port: int) -> list[str]:
+        calls.append(host)
+        if host not in table:
+            raise OSError("no such host")
+        return table[host]
+
+    resolve.calls = calls  # type: ignore[attr-defined]
+    return resolve
+
+
+PUBLIC = "93.184.215.14"  # a public address; never connected to (only checked)
+
+
+def policy(**kw: Any) -> EgressPolicy:
+    kw.setdefault("resolve", stub_resolver({"public.test": [PUBLIC], "loop.test": ["127.0.0.1"],
+                                            "mixed.test": [PUBLIC, "10.1.2.3"]}))
+    return EgressPolicy(**kw)
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1/x", "http://10.0.0.1/x", "http://169.254.169.254/latest/meta-data/", "http://[::1]/",
+    "http://[::ffff:127.0.0.1]/", "http://[::ffff:7f00:1]/", "http://[::127.0.0.1]/", "http://[2002:7f00:1::]/",
+    "http://[64:ff9b::a00:1]/", "http://[fd00:ec2::254]/", "http://100.100.100.200/", "http://0.0.0.0/",
+    "http://224.0.0.1/", "http://240.0.0.1/", "http://192.168.1.1/", "http://172.16.0.1/", "http://[fe80::1]/",
+    "http://loop.test/", "http://mixed.test/", "http://metadata.google.internal/computeMetadata/v1/",
+    "http://localhost/", "ftp://public.test/", "file:///etc/passwd", "gopher://public.test/",
+    "http://user:pw@public.test/", "http://100.64.0.1/",
+])
+def test_refused(url: str) -> None:
+    with pytest.raises(UrlNotAllowed) as info:
+        check_url(policy(), url, field="input.image")
+    assert info.value.code == "url_not_allowed" and info.value.status == 422
+    assert info.value.message == "input.image: this URL cannot be fetched"
+    assert info.value.details == {"field": "input.image"}
+
+
+def test_public_allowed_and_resolved_once() -> None:
+    p = policy()
+    assert check_url(p, "https://public.test/a.png", field="f") == [PUBLIC]
+    assert p.resolve.calls == ["public.test"]  # type: ignore[attr-defined]
+
+
+def test_dns_failure_is_a_safe_fetch_error() -> None:
+    with pytest.raises(UrlFetchFailed) as info:
+        check_url(policy(), "http://nowhere.test/", field="f")
+    assert info.value.code == "url_fetch_failed" and "no such host" not in info.value.message
+
+
+def test_from_settings_allow_lists(tmp_path: Any) -> None:
+    s = Settings(data_dir=tmp_path, egress_allow_hosts=["Loop.Test"], egress_allow_networks=["10.0.0.0/8"],
+                 egress_max_redirects=1, egress_timeout_s=3)
+    p = EgressPolicy.from_settings(s, resolve=stub_resolver({"loop.test": ["127.0.0.1"]}))
+    assert check_url(p, "http://loop.test:8080/", field="f") == ["127.0.0.1"]
+    assert check_url(p, "http://10.9.9.9/", field="f") == ["10.9.9.9"]
+    with pytest.raises(UrlNotAllowed):
+        check_url(p, "http://127.0.0.1/", field="f")
+    assert p.max_redirects == 1 and p.timeout_s == 3
+
+
+def test_refused_fetch_never_connects(listener: Listener) -> None:
+    for url in (f"http://127.0.0.1:{listener.port}/", f"http://[::ffff:127.0.0.1]:{listener.port}/",
+                f"http://loop.test:{listener.port}/"):
+        with pytest.raises(UrlNotAllowed):
+            fetch_sync(policy(), url, field="input.image", max_bytes=100)
+    assert listener.hits == []
+
+
+def test_allow_listed_network_fetches(listener: Listener) -> None:
+    p = policy(allow_networks=(egress.ipaddress.ip_network("127.0.0.1/32"),))
+    body = fetch_sync(p, f"http://127.0.0.1:{listener.port}/img", field="f", max_bytes=100)
+    assert body.content == b"ok" and body.content_type == "image/png" and body.status == 200
+    assert len(listener.hits) == 1
+
+
+def test_pinned_to_checked_address_keeps_host_header(listener: Listener) -> None:
+    """The name resolves (once) to loopback; the connection goes there with the original Host header."""
+    p = policy(allow_hosts=frozenset({"pinned.test"}), resolve=stub_resolver({"pinned.test": ["127.0.0.1"]}))
+    fetch_sync(p, f"http://pinned.test:{listener.port}/x", field="f", max_bytes=100)
+    assert listener.hits == [("GET", "/x", f"pinned.test:{listener.port}")]
+    assert p.resolve.calls == ["pinned.test"]  # type: ignore[attr-defined]
+
+
+def test_redirect_to_loopback_refused(listener: Listener) -> None:
+    with Listener() as counting:
+        listener.routes["/r"] = (302, {"location": f"http://127.0.0.1:{counting.port}/"}, b"")
+        p = policy(allow_hosts=frozenset({"redirector.test"}),
+                   resolve=stub_resolver({"redirector.test": ["127.0.0.1"]}))
+        with pytest.raises(UrlNotAllowed):
+            fetch_sync(p, f"http://redirector.test:{listener.port}/r", field="f", max_bytes=100)
+        assert len(listener.hits) == 1 and counting.hits == []
+
+
+def test_redirects_bounded(listener: Listener) -> None:
+    listener.routes["/loop"] = (302, {"location": "/loop"}, b"")
+    p = policy(allow_networks=(egress.ipaddress.ip_network("127.0.0.0/8"),), max_redirects=2)
+    with pytest.raises(UrlFetchFailed) as info:
+        fetch_sync(p, f"http://127.0.0.1:{listener.port}/loop", field="f", max_bytes=100)
+    assert "redirected too many times" in info.value.message
+    assert len(listener.hits) == 3
+
+
+def test_size_cap_and_safe_status_error(listener: Listener) -> None:
+    listener.routes["/big"] = (200, {}, b"x" * 1000)
+    listener.routes["/err"] = (500, {}, b"secret internal detail")
+    p = policy(allow_networks=(egress.ipaddress.ip_network("127.0.0.0/8"),))
+    with pytest.raises(UrlFetchFailed) as info:
+        fetch_sync(p, f"http://127.0.0.1:{listener.port}/big", field="f", max_bytes=999)
+    assert "too large" in info.value.message
+    with pytest.raises(UrlFetchFailed) as info:
+        fetch_sync(p, f"http://127.0.0.1:{listener.port}/err", field="f", max_bytes=999)
+    assert "secret" not in info.value.message and info.value.details["status"] == 500
+
+
+async def test_async_fetch_and_post(listener: Listener) -> None:
+    ok = policy(allow_networks=(egress.ipaddress.ip_network("127.0.0.0/8"),))
+    body = await fetch(ok, f"http://127.0.0.1:{listener.port}/a", field="f", max_bytes=100)
+    assert body.content == b"ok"
+    listener.routes["/hook"] = (302, {"location": "/elsewhere"}, b"")
+    status = await post(ok, f"http://127.0.0.1:{listener.port}/hook", content=b"{}",
+                        headers={"content-type": "application/json"}, timeout_s=5)
+    assert status == 302  # never followed
+    assert [h[:2] for h in listener.hits] == [("GET", "/a"), ("POST", "/hook")]
+    with pytest.raises(UrlNotAllowed):
+        await post(policy(), f"http://127.0.0.1:{listener.port}/hook", content=b"{}", headers={}, timeout_s=5)
+    with pytest.raises(UrlNotAllowed):
+        await fetch(policy(), f"http://loop.test:{listener.port}/a", field="f", max_bytes=100)
+    assert len(listener.hits) == 2
