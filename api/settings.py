@@ -82,6 +82,14 @@ class Settings(BaseSettings):
     webhook_max_attempts: int = 5
     webhook_timeout_s: float = 10.0
     webhook_backoff_s: float = 1.0
+    # the webhook outbox: a claimed row is held this long (at least 3 × the timeout) before another
+    # process may take it; idle deliverers poll this often (they are woken on enqueue anyway); rows
+    # claimed per round; delivered/failed rows are kept this long, pruned this often
+    webhook_claim_s: float = 60.0
+    webhook_poll_s: float = 5.0
+    webhook_batch: int = 16
+    webhook_retention_s: float = 7 * 86400.0
+    webhook_prune_interval_s: float = 3600.0
 
     # models
     models_dir: Path | None = None

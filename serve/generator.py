@@ -12,6 +12,25 @@ running one, so requests arriving while a batch runs were split into batches of 
 arrival time, and under steady load the replica fell behind running single requests. The batch
 itself is an async generator yielding one list per step, one item per request (``None`` when a
 request has nothing new); each request's ``generate`` stream passes its items on.
+
+Replica-owned runs: once a request for job J reached the replica, the run is the replica's. A
+caller that goes away (its stream closed, its API restarted or SIGKILLed) only stops listening;
+only :meth:`GeneratorServer.cancel` stops a run. Each job's latest run and its event log are kept
+(every queued and running one, plus the last :data:`FINISHED_KEPT` finished ones for at most
+:data:`FINISHED_TTL_S`), and a later ``generate`` for J (any attempt: typically the attempt a new
+API reclaimed) attaches to it: replays the log (progress collapsed to the latest), streams the
+rest, or gets the finished result at once, so the pipeline runs once. A failed or canceled run is
+not reused. After the outputs are uploaded the replica writes ``{output_prefix}result.json``
+(:class:`~serve.messages.ResultRecord`); a request for a job that has one (another replica ran it,
+or this one restarted) collects it instead of running again.
+
+Limitation, several replicas: Serve routes a request to any replica of the deployment, so a reclaim
+attaches only if it lands on the replica that runs the job (or after the run finished, through the
+stored record); :meth:`cancel` likewise reaches the owner only when routed there, and
+``RayExecutor.cancel`` retries a few times for that reason. ``multiplexed_model_id`` cannot route by
+job since it already routes by LoRA set.
+
+Test hook (``RuntimeConfig.test_hooks_dir``, off by default): see :mod:`serve.testhooks`.
 """
 
 from __future__ import annotations
@@ -33,11 +52,13 @@ from typing import Any
 from PIL import Image
 from ray import serve
 
-from api.core.events import DoneEvent, ErrorEvent, OutputEvent, ProgressEvent, StageEvent, event_to_dict
+from api.core.events import DoneEvent, ErrorEvent, OutputEvent, ProgressEvent, StageEvent, event_to_wire
 from api.storage.base import Storage, make_storage
 from models.adapters import LoraAdapter
 from models.spec import ModelSpec
 from serve.errors import classify
+from serve.messages import RESULT_NAME, ReplicaRequest, ResultRecord
+from serve.testhooks import StepHooks
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +73,8 @@ class RuntimeConfig:
     tiny_dir: str | None = None
     cache_dir: str | None = None
     threads: int | None = None
+    test_hooks_dir: str | None = None
+    """Tests only (``serve.testhooks``): hold generations at a step until released. None: off."""
 
     def storage(self) -> Storage:
         return make_storage(self.storage_url, signing_secret=self.signing_secret,
@@ -66,13 +89,12 @@ def adapter_set_id(loras: list[dict[str, Any]]) -> str:
                       separators=(",", ":"))
 
 
-CANCELED_KEPT = 1024
-
-
-def request_key(request: dict[str, Any]) -> str:
-    """One attempt of one job. A cancel applies to that attempt only: when an API stops mid-job it
-    cancels its request here, and the job's next attempt (same job id) may land on this replica."""
-    return f"{request['job_id']}#{request.get('attempt', 1)}"
+FINISHED_KEPT = 256
+"""Finished runs a replica keeps (result and event log) for attaching callers, besides the TTL."""
+FINISHED_TTL_S = 3600.0
+"""How long a finished run stays attachable (a reclaim comes within a lease or two)."""
+COUNTS_KEPT = 4096
+"""Jobs kept in the per-job counters of ``stats()`` (runs, attaches) and the canceled list."""
 
 
 def replica_id() -> str:
@@ -96,16 +118,84 @@ def gpu_memory_bytes() -> int | None:
 
 
 @dataclass(eq=False)
-class _Pending:
-    """A request waiting in the replica's queue, and the queue its events go to."""
+class _Run:
+    """One job's run on this replica: its state and event log, and the callers streaming it.
 
-    request: dict[str, Any]
+    The run belongs to the replica, not to a caller: a caller that goes away (stream closed, API
+    restarted or killed) only stops listening. A later ``generate`` for the same job attaches: it
+    gets the log so far (progress collapsed to the latest) and then the live events.
+    """
+
+    request: ReplicaRequest
     arrived: float
-    events: asyncio.Queue[dict[str, Any] | None] = field(default_factory=asyncio.Queue)
+    state: str = "queued"  # queued | running | succeeded | failed | canceled
+    log: list[dict[str, Any]] = field(default_factory=list)
+    listeners: list[asyncio.Queue[dict[str, Any] | None]] = field(default_factory=list)
+    canceled: bool = False
+    finished_at: float | None = None
+    attempts: list[int] = field(default_factory=list)
+    hold: tuple[str, int] | None = None
+
+    @property
+    def job_id(self) -> str:
+        return self.request.job_id
 
     @property
     def adapter_set(self) -> str:
-        return str(self.request.get("adapter_set") or "")
+        return self.request.adapter_set
+
+    @property
+    def finished(self) -> bool:
+        return self.finished_at is not None
+
+    @property
+    def reusable(self) -> bool:
+        """A new attempt attaches to a queued, running or succeeded run; a failed one runs afresh."""
+        return self.state in ("queued", "running", "succeeded") and not self.canceled
+
+    def emit(self, event: dict[str, Any]) -> None:
+        if self.finished:
+            return
+        self.log.append(event)
+        if event.get("type") == "done":
+            self.state = "succeeded"
+        elif event.get("type") == "error":
+            self.state = "canceled" if event.get("code") == "canceled" else "failed"
+        for queue in self.listeners:
+            queue.put_nowait(event)
+
+    def close(self) -> None:
+        if self.finished:
+            return
+        if self.state in ("queued", "running"):
+            self.state = "failed"  # ended without a result (the caller reads "incomplete")
+        self.finished_at = time.monotonic()
+        for queue in self.listeners:
+            queue.put_nowait(None)
+        self.listeners.clear()
+
+    def listen(self) -> tuple[list[dict[str, Any]], asyncio.Queue[dict[str, Any]] | None]:
+        """The log so far (only the latest progress kept) and, unless finished, a queue for the rest."""
+        last_progress = max((i for i, e in enumerate(self.log) if e.get("type") == "progress"), default=-1)
+        replay = [e for i, e in enumerate(self.log) if e.get("type") != "progress" or i == last_progress]
+        if self.finished:
+            return replay, None
+        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self.listeners.append(queue)
+        return replay, queue
+
+
+def _bounded(counter: dict[str, Any], kept: int = COUNTS_KEPT) -> None:
+    while len(counter) > kept:
+        del counter[next(iter(counter))]
+
+
+BATCH_SIZES_KEPT = 1000
+
+
+def _bounded_list(items: list[Any], kept: int = BATCH_SIZES_KEPT) -> None:
+    if len(items) > kept:
+        del items[:len(items) - kept]
 
 
 class GeneratorServer:
@@ -119,13 +209,20 @@ class GeneratorServer:
         self.generator = self._load(self.spec)
         self.source = self.spec.source.model_dump(exclude_none=True) if self.spec.source else {}
         self.batch_sizes: list[int] = []
-        self.canceled: dict[str, str] = {}
-        """Canceled requests, ``request_key`` → job id, oldest first (the last CANCELED_KEPT)."""
+        self.runs: dict[str, _Run] = {}
+        """Job id → its latest run here: every queued and running one, and the last finished ones."""
+        self.runs_by_job: dict[str, int] = {}
+        """How many times the pipeline started for each job (an attach does not count)."""
+        self.attaches: dict[str, int] = {}
+        """How many callers attached to an existing run (or a stored result), by job."""
+        self.canceled: dict[str, None] = {}
+        """Jobs canceled here by an explicit ``cancel``, oldest first."""
+        self.hooks = StepHooks(self.runtime.test_hooks_dir) if self.runtime.test_hooks_dir else None
         self.adapter_loads: Counter[str] = Counter()
         self.swaps = 0
         self.swap_error: dict[str, Any] | None = None
         self._lora_dir = Path(self.runtime.cache_dir or tempfile.gettempdir()) / "loras"
-        self._pending: list[_Pending] = []
+        self._pending: list[_Run] = []
         self._arrived = asyncio.Event()
         self._batcher: asyncio.Task[None] | None = None
         self._configure_batching()
@@ -179,7 +276,10 @@ class GeneratorServer:
     def stats(self) -> dict[str, Any]:
         return {"batch_sizes": list(self.batch_sizes), "adapter_loads": dict(self.adapter_loads),
                 "swaps": self.swaps, "swap_error": self.swap_error, "source": self.source,
-                "canceled": sorted(set(self.canceled.values())),
+                "canceled": list(self.canceled), "runs_by_job": dict(self.runs_by_job),
+                "attaches": dict(self.attaches), "queued": len(self._pending),
+                "jobs": {job_id: {"state": run.state, "attempts": list(run.attempts),
+                                  "listeners": len(run.listeners)} for job_id, run in self.runs.items()},
                 "replica": replica_id(), "gpu_memory_bytes": gpu_memory_bytes()}
 
     # LoRA sets (multiplexed) --------------------------------------------------------------
@@ -197,26 +297,113 @@ class GeneratorServer:
 
     # generation ----------------------------------------------------------------------------
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Stream one request's events. ``request``: job_id, attempt, input, output_prefix, adapter_set."""
+        """Stream one job's events (a :class:`~serve.messages.ReplicaRequest` dict).
+
+        The first request for a job starts a run; a later one for the same job (the job's next
+        attempt after its API died, say) attaches to that run unless it failed or was canceled,
+        or collects the result stored beside the outputs. Leaving the stream never stops the run:
+        only :meth:`cancel` does.
+        """
+        req = ReplicaRequest.model_validate(request)
+        run = await self._attachable(req)
+        if run is None:
+            run = self._start(req)
+        else:
+            self.attaches[req.job_id] = self.attaches.get(req.job_id, 0) + 1
+            _bounded(self.attaches)
+            logger.info("job %s attempt %d attached to its %s run (attempts %s)", req.job_id, req.attempt,
+                        run.state, run.attempts)
+        run.attempts.append(req.attempt)
+        replay, queue = run.listen()
+        try:
+            for event in replay:
+                yield event
+            if queue is not None:
+                while (event := await queue.get()) is not None:
+                    yield event
+        finally:
+            # The caller went away or the run ended: stop listening, nothing else.
+            if queue is not None and queue in run.listeners:
+                run.listeners.remove(queue)
+
+    async def _attachable(self, req: ReplicaRequest) -> _Run | None:
+        run = self.runs.get(req.job_id)
+        if run is not None and run.reusable:
+            if run.state != "succeeded" or await asyncio.to_thread(self._outputs_exist, run.log):
+                return run
+            logger.warning("job %s: the outputs of its finished run are gone; running it again", req.job_id)
+        record = await asyncio.to_thread(self._stored_result, req) if req.output_prefix else None
+        if record is None:
+            return None
+        run = _Run(req, asyncio.get_running_loop().time())
+        for output in record.outputs:
+            run.emit(output)
+        run.emit(event_to_wire(DoneEvent(dict(record.result))))
+        run.close()
+        self._keep(run)
+        logger.info("job %s: collected the result stored by attempt %d", req.job_id, record.attempt)
+        return run
+
+    def _start(self, req: ReplicaRequest) -> _Run:
         loop = asyncio.get_running_loop()
-        pending = _Pending(request, loop.time())
-        self._pending.append(pending)
+        run = _Run(req, loop.time())
+        self._keep(run)
+        self._pending.append(run)
         self._arrived.set()
         if self._batcher is None or self._batcher.done():
             # A context of its own: the loop outlives the request that happened to start it.
             self._batcher = loop.create_task(self._batch_loop(), name="batcher", context=contextvars.Context())
+        return run
+
+    def _keep(self, run: _Run) -> None:
+        """Register ``run`` as its job's run (the latest one last)."""
+        self.runs.pop(run.job_id, None)
+        self.runs[run.job_id] = run
+        self._evict()
+
+    def _evict(self) -> None:
+        """Drop the oldest finished runs past FINISHED_KEPT, and those older than FINISHED_TTL_S."""
+        now = time.monotonic()
+        finished = [r for r in self.runs.values() if r.finished]
+        excess = len(finished) - FINISHED_KEPT
+        for old in finished:  # oldest first
+            if excess > 0 or now - (old.finished_at or now) > FINISHED_TTL_S:
+                del self.runs[old.job_id]
+                excess -= 1
+
+    async def cancel(self, job_id: str) -> bool:
+        """Stop the job's run here: a queued one never runs, a running batch stops at its next step
+        once all its runs are canceled. True when this replica had the job queued or running."""
+        run = self.runs.get(job_id)
+        if run is None or run.finished:
+            return False
+        run.canceled = True
+        self.canceled[job_id] = None
+        _bounded(self.canceled)
+        logger.info("job %s canceled on this replica (%s)", job_id, run.state)
+        if run in self._pending:
+            self._pending.remove(run)
+            run.emit(event_to_wire(ErrorEvent("canceled", "canceled")))
+            run.close()
+            self._evict()
+        return True
+
+    def _outputs_exist(self, log: list[dict[str, Any]]) -> bool:
+        keys = [e["key"] for e in log if e.get("type") == "output"]
+        return all(self.storage.exists(k) for k in keys)
+
+    def _stored_result(self, req: ReplicaRequest) -> ResultRecord | None:
+        key = f"{req.output_prefix}{RESULT_NAME}"
         try:
-            while (event := await pending.events.get()) is not None:
-                yield event
-        except asyncio.CancelledError:
-            # The caller canceled: a queued request never runs; a running batch stops at its next
-            # step if every request in it was canceled.
-            if pending in self._pending:
-                self._pending.remove(pending)
-            self.canceled[request_key(request)] = request["job_id"]
-            while len(self.canceled) > CANCELED_KEPT:
-                del self.canceled[next(iter(self.canceled))]
-            raise
+            if not self.storage.exists(key):
+                return None
+            record = ResultRecord.model_validate_json(self.storage.get_bytes(key))
+        except Exception as exc:  # noqa: BLE001 - an unreadable record: run the job again
+            logger.warning("job %s: cannot read %s (%s)", req.job_id, key, exc)
+            return None
+        if record.job_id != req.job_id or not self._outputs_exist(record.outputs):
+            return None
+        return record
 
     async def _batch_loop(self) -> None:
         """Run batches one after another, each formed when the pipeline is free (see the module doc)."""
@@ -239,85 +426,109 @@ class GeneratorServer:
             if first not in self._pending:
                 continue
             batch = self._companions(first)[:self.max_batch_size]
-            for pending in batch:
-                self._pending.remove(pending)
+            for run in batch:
+                self._pending.remove(run)
+                run.state = "running"
             await self._run(batch)
 
-    def _companions(self, first: _Pending) -> list[_Pending]:
-        """Queued requests that can share ``first``'s batch (one adapter set per batch), oldest first."""
+    def _companions(self, first: _Run) -> list[_Run]:
+        """Queued runs that can share ``first``'s batch (one adapter set per batch), oldest first."""
         return [p for p in self._pending if p.adapter_set == first.adapter_set]
 
-    async def _run(self, batch: list[_Pending]) -> None:
+    async def _run(self, batch: list[_Run]) -> None:
         try:
-            async for items in self._batched([p.request for p in batch]):
-                for pending, item in zip(batch, items, strict=True):
+            async for items in self._batched(batch):
+                for run, item in zip(batch, items, strict=True):
                     if item is not None:
-                        pending.events.put_nowait(item)
+                        run.emit(item)
         except Exception as exc:  # noqa: BLE001 - a bug here must not stop the loop or hang callers
             logger.exception("%s: batch failed", self.spec.id)
-            for pending in batch:
-                pending.events.put_nowait(self._error(exc))
+            for run in batch:
+                run.emit(self._error(exc))
         finally:
-            for pending in batch:
-                pending.events.put_nowait(None)
+            for run in batch:
+                run.close()
+            self._evict()
 
-    async def _batched(self, requests: list[dict[str, Any]]) -> AsyncIterator[list[dict[str, Any] | None]]:
-        n = len(requests)
+    async def _batched(self, batch: list[_Run]) -> AsyncIterator[list[dict[str, Any] | None]]:
+        n = len(batch)
         self.batch_sizes.append(n)
-        keys = [request_key(r) for r in requests]
+        _bounded_list(self.batch_sizes)
+        for run in batch:
+            self.runs_by_job[run.job_id] = self.runs_by_job.get(run.job_id, 0) + 1
+        _bounded(self.runs_by_job)
+        requests = [run.request for run in batch]
         generator = self.generator  # the pipeline this batch runs on, even if a swap lands meanwhile
         try:
-            set_id = requests[0].get("adapter_set", "")
+            set_id = requests[0].adapter_set
             adapters = await self.adapter_set(set_id) if set_id else None
-            inputs = [await asyncio.to_thread(self._prepare_input, r["input"]) for r in requests]
+            inputs = [await asyncio.to_thread(self._prepare_input, r.input) for r in requests]
+            if self.hooks is not None:
+                for run in batch:
+                    run.hold = await asyncio.to_thread(self.hooks.hold_for, str(run.request.input.get("prompt", "")))
         except Exception as exc:  # noqa: BLE001 - becomes the requests' error event
             yield [self._error(exc)] * n
             return
-        yield [event_to_dict(StageEvent("generating"))] * n
+        yield [event_to_wire(StageEvent("generating"))] * n
         loop = asyncio.get_running_loop()
         progress: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
 
+        def should_cancel() -> bool:
+            return all(run.canceled for run in batch)
+
         def on_step(done: int, total: int) -> None:
             loop.call_soon_threadsafe(progress.put_nowait, (done, total))
+            if self.hooks is not None:
+                for run in batch:
+                    if run.hold is not None and run.hold[1] == done:
+                        self.hooks.hold(run.job_id, run.hold[0], done, lambda r=run: r.canceled)
 
-        def should_cancel() -> bool:
-            return all(key in self.canceled for key in keys)
-
-        run = asyncio.ensure_future(asyncio.to_thread(generator.generate, inputs, on_step, should_cancel,
-                                                      adapters))
-        while not run.done() or not progress.empty():
+        run_task = asyncio.ensure_future(asyncio.to_thread(generator.generate, inputs, on_step, should_cancel,
+                                                           adapters))
+        while not run_task.done() or not progress.empty():
             getter = asyncio.ensure_future(progress.get())
-            await asyncio.wait({run, getter}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({run_task, getter}, return_when=asyncio.FIRST_COMPLETED)
             if getter.done():
                 done, total = getter.result()
-                yield [event_to_dict(ProgressEvent(done, total))] * n
+                yield [event_to_wire(ProgressEvent(done, total))] * n
             else:
                 getter.cancel()
         try:
-            media = run.result()
+            media = run_task.result()
         except Exception as exc:  # noqa: BLE001 - classified into code + retryable
             yield [self._error(exc)] * n
             return
-        yield [event_to_dict(StageEvent("encoding"))] * n
+        yield [event_to_wire(StageEvent("encoding"))] * n
         outputs: list[dict[str, Any] | None] = []
-        for request, item in zip(requests, media, strict=True):
-            if request_key(request) in self.canceled:
-                outputs.append(event_to_dict(ErrorEvent("canceled", "canceled")))
+        results: list[dict[str, Any] | None] = []
+        for run, item in zip(batch, media, strict=True):
+            result = {"seed": item.seed, "device": generator.device}
+            if run.canceled:
+                outputs.append(event_to_wire(ErrorEvent("canceled", "canceled")))
+                results.append(None)
                 continue
             try:
-                out = await asyncio.to_thread(self._store, request, item)
-                outputs.append(event_to_dict(out))
+                out = event_to_wire(await asyncio.to_thread(self._store, run.request, item))
+                await asyncio.to_thread(self._store_result, run.request, [out], result)
+                outputs.append(out)
+                results.append(event_to_wire(DoneEvent(result)))
             except Exception as exc:  # noqa: BLE001
                 outputs.append(self._error(exc))
+                results.append(None)
         yield outputs
-        yield [event_to_dict(DoneEvent({"seed": item.seed, "device": generator.device}))
-               if out and out["type"] == "output" else None for out, item in zip(outputs, media, strict=True)]
+        yield results
+
+    def _store_result(self, request: ReplicaRequest, outputs: list[dict[str, Any]], result: dict[str, Any]) -> None:
+        """The result record, written after the outputs (see :class:`~serve.messages.ResultRecord`)."""
+        record = ResultRecord(job_id=request.job_id, attempt=request.attempt, outputs=outputs, result=result)
+        self.storage.put_bytes(f"{request.output_prefix}{RESULT_NAME}", record.model_dump_json().encode(),
+                               "application/json")
 
     def _error(self, exc: BaseException) -> dict[str, Any]:
         code, retryable = classify(exc)
         if code != "canceled":
             logger.warning("%s: %s (%s, retryable=%s)", self.spec.id, exc, code, retryable)
-        return event_to_dict(ErrorEvent(code, str(exc) or type(exc).__name__, retryable))
+        return event_to_wire(ErrorEvent(code, str(exc) or type(exc).__name__, retryable))
 
     def _prepare_input(self, data: dict[str, Any]) -> dict[str, Any]:
         prepared = {k: v for k, v in data.items() if k not in ("image", "image_key", "loras")}
@@ -327,10 +538,10 @@ class GeneratorServer:
                 prepared["image"] = img.convert("RGB")
         return prepared
 
-    def _store(self, request: dict[str, Any], item: Any) -> OutputEvent:
+    def _store(self, request: ReplicaRequest, item: Any) -> OutputEvent:
         from models.media import encode_mp4, encode_png, thumbnail_png
 
-        prefix = request["output_prefix"]
+        prefix = request.output_prefix
         meta = dict(item.metadata)
         if item.kind == "image":
             key = f"{prefix}0.png"

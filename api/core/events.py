@@ -1,9 +1,21 @@
-"""What an executor yields while it runs a job. Plain dataclasses: they cross the Ray boundary too."""
+"""What an executor yields while it runs a job. Plain dataclasses: they cross the Ray boundary too.
+
+On the wire (replica → executor) an event is a dict with a ``type`` and the dataclass's fields, plus
+``v`` (:data:`EVENT_VERSION`). Reading is tolerant, for rolling upgrades: a field this version does
+not know is dropped, and an event type it does not know is skipped (``event_from_dict`` returns
+``None``), so a newer replica can add both without breaking an older API.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import logging
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
+
+logger = logging.getLogger(__name__)
+
+EVENT_VERSION = 1
+"""The version of the event shapes written by :func:`event_to_wire`; readers accept any."""
 
 
 @dataclass(frozen=True)
@@ -92,10 +104,28 @@ _BY_TYPE: dict[str, type] = {
 }
 
 
+_FIELDS: dict[type, frozenset[str]] = {cls: frozenset(f.name for f in fields(cls)) for cls in _BY_TYPE.values()}
+
+
 def event_to_dict(event: ExecutorEvent) -> dict[str, Any]:
+    """The event's fields and ``type`` (also how the runner stores outputs on the job)."""
     return asdict(event)
 
 
-def event_from_dict(data: dict[str, Any]) -> ExecutorEvent:
-    cls = _BY_TYPE[data["type"]]
-    return cls(**{k: v for k, v in data.items()})
+def event_to_wire(event: ExecutorEvent) -> dict[str, Any]:
+    """The event as it crosses a process boundary: :func:`event_to_dict` plus its version ``v``."""
+    return {**asdict(event), "v": EVENT_VERSION}
+
+
+def event_from_dict(data: dict[str, Any]) -> ExecutorEvent | None:
+    """The event a wire dict describes; unknown fields dropped; ``None`` for an unknown type.
+
+    A known type missing a required field is still an error (``TypeError``): that is a broken
+    sender, not a newer one.
+    """
+    cls = _BY_TYPE.get(str(data.get("type")))
+    if cls is None:
+        logger.debug("skipping an event of unknown type %r (from a newer sender?)", data.get("type"))
+        return None
+    known = _FIELDS[cls]
+    return cls(**{k: v for k, v in data.items() if k in known})

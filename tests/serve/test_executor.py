@@ -1,4 +1,4 @@
-"""``RayExecutor`` over a stand-in deployment handle (no Ray): what it sends, and when it cancels."""
+"""``RayExecutor`` over a stand-in deployment handle (no Ray): what it sends, and how it cancels."""
 
 from __future__ import annotations
 
@@ -30,11 +30,29 @@ class FakeResponse:
         self.canceled = True
 
 
+class FakeCall:
+    def __init__(self, fn: Any) -> None:
+        self.remote = fn
+
+
 class FakeHandle:
-    def __init__(self, response: FakeResponse) -> None:
+    """A deployment handle: ``options(...).generate.remote(payload)`` and ``cancel.remote(job_id)``
+    (which answers, call by call, whether the replica it reached owned the job)."""
+
+    def __init__(self, response: FakeResponse, owners: list[bool] | None = None) -> None:
         self.response = response
         self.payloads: list[dict[str, Any]] = []
         self.options_seen: list[dict[str, Any]] = []
+        self.cancels: list[str] = []
+        self.owners = list(owners or [True])
+
+    @property
+    def cancel(self) -> FakeCall:
+        async def remote(job_id: str) -> bool:
+            self.cancels.append(job_id)
+            return self.owners.pop(0) if self.owners else False
+
+        return FakeCall(remote)
 
     def options(self, **options: Any) -> FakeHandle:
         self.options_seen.append(options)
@@ -70,23 +88,45 @@ async def test_a_full_stream_is_passed_on_and_not_canceled() -> None:
     assert (payload["job_id"], payload["attempt"], payload["output_prefix"]) == ("job_1", 2, "outputs/usr_1/job_1/")
 
 
-async def test_closing_the_stream_early_cancels_the_replica_request() -> None:
-    """The runner closes the stream when it lost the job's lease: the replica must stop that request."""
-    response = FakeResponse(STREAM)
-    executor = RayExecutor({"tiny-sd": FakeHandle(response)})
+async def test_closing_the_stream_early_leaves_the_replica_run_going() -> None:
+    """The runner closes the stream on shutdown or a lost lease: the replica owns the run and keeps
+    it for the job's next attempt, so nothing is canceled."""
+    handle = FakeHandle(FakeResponse(STREAM))
+    executor = RayExecutor({"tiny-sd": handle})
     stream = executor.run(request())
     first = await anext(stream)
     assert isinstance(first, StageEvent) and executor.jobs_ahead("tiny-sd") == 1
     await stream.aclose()
-    assert response.canceled
+    assert not handle.response.canceled and handle.cancels == []
     assert executor.jobs_ahead("tiny-sd") == 0
 
 
-async def test_cancel_reaches_the_running_request() -> None:
-    response = FakeResponse(STREAM)
-    executor = RayExecutor({"tiny-sd": FakeHandle(response)})
+async def test_cancel_calls_the_deployments_cancel_until_a_replica_owns_the_job() -> None:
+    handle = FakeHandle(FakeResponse(STREAM), owners=[False, False, True])
+    executor = RayExecutor({"tiny-sd": handle})
     stream = executor.run(request())
     await anext(stream)
     await executor.cancel("job_1")
-    assert response.canceled
+    assert handle.cancels == ["job_1"] * 3
+    assert not handle.response.canceled  # the explicit cancel, not a dropped stream
     await stream.aclose()
+    await executor.cancel("job_1")  # no longer streamed here: nothing to do
+    assert len(handle.cancels) == 3
+
+
+async def test_the_request_is_a_versioned_message_and_unknown_events_are_skipped() -> None:
+    """A newer replica may add fields to events and new event types: consumed without error."""
+    newer = [{"type": "stage", "stage": "generating", "v": 2, "eta_s": 3.5},
+             {"type": "thinking", "v": 2, "about": "something new"},
+             {"type": "progress", "step": 1, "total": 2, "stage": "generating", "gpu": "H200", "v": 2},
+             {"type": "done", "result": {"seed": 1}, "v": 2, "cost": {"gpu_s": 1.0}}]
+    handle = FakeHandle(FakeResponse(newer))
+    events = [e async for e in RayExecutor({"tiny-sd": handle}).run(request())]
+    assert events == [StageEvent("generating"), ProgressEvent(1, 2), DoneEvent({"seed": 1})]
+    payload = handle.payloads[0]
+    assert payload["v"] == 1 and payload["adapter_set"] == ""
+    from serve.messages import ReplicaRequest
+
+    # and a replica reading a request from a newer API ignores what it does not know
+    parsed = ReplicaRequest.model_validate({**payload, "v": 2, "priority": "high"})
+    assert parsed.job_id == "job_1" and not hasattr(parsed, "priority")

@@ -108,29 +108,122 @@ async def _no_adapters(set_id: str) -> list[Any]:
     return []
 
 
-async def test_a_request_canceled_while_queued_never_runs(server: Server) -> None:
+async def test_a_queued_job_canceled_explicitly_never_runs(server: Server) -> None:
     first = asyncio.create_task(collect(server, request(0)))
     await asyncio.sleep(0.1)
     queued = asyncio.create_task(collect(server, request(1)))
     await asyncio.sleep(0.1)
-    queued.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await queued
+    assert await server.cancel("job_1") is True
+    events = await asyncio.wait_for(queued, timeout=5)
+    assert events[-1]["type"] == "error" and events[-1]["code"] == "canceled"
     await asyncio.wait_for(first, timeout=5)
-    await asyncio.sleep(CALL_S)
     assert server.batch_sizes == [1]
     assert "job_1" in server.stats()["canceled"]
+    assert await server.cancel("job_1") is False  # finished: nothing to cancel
+    assert await server.cancel("job_unknown") is False
 
 
-async def test_a_running_batch_stops_when_all_its_requests_are_canceled(server: Server) -> None:
+async def test_a_running_batch_stops_when_all_its_jobs_are_canceled(server: Server) -> None:
     task = asyncio.create_task(collect(server, request(0)))
     await asyncio.sleep(0.1)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    await asyncio.sleep(CALL_S)
+    assert await server.cancel("job_0")
+    events = await asyncio.wait_for(task, timeout=5)
+    assert events[-1]["code"] == "canceled"
     assert server.generator.calls == [1]
     # the next request runs normally on the same loop
     events = await asyncio.wait_for(collect(server, request(2)), timeout=5)
     assert events[-1]["type"] == "done"
     server.check_health()
+
+
+async def test_a_caller_that_goes_away_does_not_stop_the_run(server: Server) -> None:
+    """Replica-owned: closing the stream (API restart, SIGKILL) only stops listening."""
+    task = asyncio.create_task(collect(server, request(0)))
+    await asyncio.sleep(0.1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # the job's next attempt attaches: it gets the rest and the result; the pipeline ran once
+    events = await asyncio.wait_for(collect(server, request(0, attempt=2)), timeout=5)
+    types = [e["type"] for e in events]
+    assert types[-2:] == ["output", "done"] and types.count("stage") >= 1, types
+    assert server.generator.calls == [1]
+    stats = server.stats()
+    assert stats["runs_by_job"] == {"job_0": 1} and stats["attaches"] == {"job_0": 1}
+    assert stats["jobs"]["job_0"]["attempts"] == [1, 2] and stats["canceled"] == []
+
+
+async def test_an_attach_to_a_finished_run_gets_the_result_at_once(server: Server) -> None:
+    first = await asyncio.wait_for(collect(server, request(0)), timeout=5)
+    again = await asyncio.wait_for(collect(server, request(0, attempt=2)), timeout=5)
+    assert [e for e in again if e["type"] in ("output", "done")] == first[-2:]
+    assert len([e for e in again if e["type"] == "progress"]) <= 1  # progress collapsed to the latest
+    assert server.generator.calls == [1]
+
+
+async def test_a_failed_or_canceled_run_is_not_reused(server: Server) -> None:
+    task = asyncio.create_task(collect(server, request(0)))
+    await asyncio.sleep(0.1)
+    await server.cancel("job_0")
+    await asyncio.wait_for(task, timeout=5)
+    events = await asyncio.wait_for(collect(server, request(0, attempt=2)), timeout=5)
+    assert events[-1]["type"] == "done"
+    assert server.stats()["runs_by_job"] == {"job_0": 2}
+
+
+async def test_a_stored_result_is_collected_by_another_replica(server: Server, tmp_path: Path) -> None:
+    """Another replica (or this one after a restart) finds ``result.json`` and runs nothing."""
+    first = await asyncio.wait_for(collect(server, request(0)), timeout=5)
+    assert server.storage.exists("outputs/u/job_0/result.json")
+    other = Server(server.spec.model_dump(mode="json"), {"storage_url": server.runtime.storage_url,
+                                                         "signing_secret": "s"})
+    events = await asyncio.wait_for(collect(other, request(0, attempt=2)), timeout=5)
+    assert [e["type"] for e in events] == ["output", "done"]
+    assert events[0]["key"] == first[-2]["key"] and events[1]["result"] == first[-1]["result"]
+    assert other.generator.calls == [] and other.stats()["attaches"] == {"job_0": 1}
+    # outputs gone (deleted by a retry): the record is not trusted, the job runs again
+    server.storage.delete("outputs/u/job_0/0.png")
+    third = Server(server.spec.model_dump(mode="json"), {"storage_url": server.runtime.storage_url,
+                                                         "signing_secret": "s"})
+    events = await asyncio.wait_for(collect(third, request(0, attempt=3)), timeout=5)
+    assert events[-1]["type"] == "done" and third.generator.calls == [1]
+
+
+async def test_finished_runs_are_bounded(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    import serve.generator as generator
+
+    monkeypatch.setattr(generator, "FINISHED_KEPT", 3)
+    server.generator.call_s = 0.0
+    for i in range(6):
+        await asyncio.wait_for(collect(server, request(i)), timeout=5)
+    assert list(server.runs) == ["job_3", "job_4", "job_5"]
+
+
+async def test_the_test_hook_holds_a_job_at_a_step_until_released(tmp_path: Path) -> None:
+    spec = Catalog.load().get("tiny-sd")
+    assert spec is not None
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    server = Server(spec.model_dump(mode="json"), {"storage_url": f"file://{tmp_path / 'storage'}",
+                                                   "signing_secret": "s", "test_hooks_dir": str(hooks)})
+    server.generator.call_s = 0.0
+    (hooks / "tok-abcdefgh.hold").write_text("2")
+    held = asyncio.create_task(collect(server, {**request(0), "input": {"prompt": "x tok-abcdefgh y"}}))
+    for _ in range(200):  # bounded: 10 s
+        if (hooks / "job_0.held").exists():
+            break
+        await asyncio.sleep(0.05)
+    assert (hooks / "job_0.held").read_text() == "2"
+    other = asyncio.create_task(collect(server, request(1)))  # queued behind the held batch
+    for _ in range(100):
+        if server.stats()["queued"] == 1:
+            break
+        await asyncio.sleep(0.05)
+    assert server.stats()["queued"] == 1 and not held.done()
+    (hooks / "job_0.release").write_text("")
+    events = await asyncio.wait_for(held, timeout=5)
+    assert (await asyncio.wait_for(other, timeout=5))[-1]["type"] == "done"
+    assert events[-1]["type"] == "done"
+    steps = [e["step"] for e in events if e["type"] == "progress"]
+    assert steps == [1, 2, 3]
+    assert not (hooks / "job_1.held").exists()  # no token in its prompt: never held

@@ -1,0 +1,55 @@
+"""The messages that cross from the API process (``RayExecutor``) to a replica, typed and versioned.
+
+Rolling upgrades run an older API beside a newer replica (and the other way round) for a while, so
+every message carries a version ``v`` and ignores fields it does not know: a newer sender may add
+fields freely; renaming or removing one needs a new ``v`` that readers handle. The events going back
+are ``api.core.events`` dicts (see ``event_to_wire`` / ``event_from_dict`` there).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+REQUEST_VERSION = 1
+
+
+class ReplicaRequest(BaseModel):
+    """One attempt of one job, as a generator or trainer replica receives it."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    v: int = REQUEST_VERSION
+    job_id: str
+    attempt: int = 1
+    user_id: str = ""
+    model: str = ""
+    task: str = ""
+    input: dict[str, Any] = Field(default_factory=dict)
+    output_prefix: str = ""
+    adapter_set: str = ""
+    """The LoRA set (``serve.generator.adapter_set_id``), also the multiplexed model id; ``""``: none."""
+    resume: dict[str, Any] = Field(default_factory=dict)
+
+
+RESULT_NAME = "result.json"
+
+
+class ResultRecord(BaseModel):
+    """What a replica stores beside a finished job's outputs (``{output_prefix}result.json``).
+
+    Written after the outputs are uploaded, so its presence means the work is done: a reclaimed
+    attempt that lands on another replica, or on this one after it restarted, collects it instead of
+    running the pipeline again.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    v: int = 1
+    job_id: str
+    attempt: int = 1
+    outputs: list[dict[str, Any]] = Field(default_factory=list)
+    """``api.core.events.OutputEvent`` dicts, in order."""
+    result: dict[str, Any] = Field(default_factory=dict)
+    """The ``DoneEvent`` result."""
