@@ -95,6 +95,9 @@ class Settings(BaseSettings):
     models_dir: Path | None = None
     tiny_models_dir: Path | None = None
     ray_address: str | None = None
+    # tests only: a directory through which tests hold a generation at a step until they release
+    # it (serve.testhooks); None (the default) turns the hook off. Never set in production.
+    test_hooks_dir: str | None = None
     api_url: str = "http://127.0.0.1:8000"
     api_key: str | None = None
 
