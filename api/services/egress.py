@@ -389,6 +389,14 @@ async def _fetch_async(policy: EgressPolicy, url: str, *, field: str, max_bytes:
     raise UrlFetchFailed(field, "the URL redirected too many times", reason="redirects")
 
 
+async def pinned_client(policy: EgressPolicy, url: str, *, field: str, **kwargs: Any) -> httpx.AsyncClient:
+    """Check ``url`` (resolution in a thread) and return a client whose connections go only to the
+    checked address (no redirects, no proxies from the environment). The caller closes it."""
+    target = await asyncio.to_thread(_target, policy, url, field)
+    return httpx.AsyncClient(transport=AsyncPinnedTransport(target.addresses[0], target.port), trust_env=False,
+                             follow_redirects=False, **kwargs)
+
+
 async def post(policy: EgressPolicy, url: str, *, content: bytes, headers: dict[str, str],
                timeout_s: float, field: str = "webhook_url") -> int:
     """POST ``content`` to ``url`` (checked and pinned; redirects are never followed).
@@ -406,5 +414,5 @@ async def post(policy: EgressPolicy, url: str, *, content: bytes, headers: dict[
 __all__ = [
     "AsyncPinnedTransport", "EgressError", "EgressPolicy", "FetchedBody", "PinnedTransport",
     "UrlFetchFailed", "UrlNotAllowed", "check_url", "default_resolve", "fetch", "fetch_sync",
-    "forbidden_reason", "post",
+    "forbidden_reason", "pinned_client", "post",
 ]

@@ -3,7 +3,9 @@
 ``input.image`` may be an upload id, ``job:<id>`` of the caller's finished image job, or an
 http(s) URL. Executors get a storage key (``image_key``) that a replica reads directly; remote
 providers get the image inline (``image`` as a ``data:`` URI), since our storage is not public.
-A URL is fetched once (bounded in size and time), checked like an upload, and stored.
+A URL is fetched once through the egress policy (:mod:`api.services.egress`: public addresses
+only unless allow-listed, redirects re-checked, bounded in size and time), checked like an
+upload, and stored. It was checked at submit too; it is checked again here since DNS can change.
 """
 
 from __future__ import annotations
@@ -12,19 +14,16 @@ import base64
 import logging
 from typing import Any
 
-import httpx
-
 from api.core.errors import InvalidInput
 from api.db.engine import Database
 from api.db.tables import Job, Upload
+from api.services.egress import EgressPolicy, fetch_sync
 from api.services.uploads import check_image
 from api.settings import Settings
 from api.storage.base import Storage
 from models.catalog import Catalog
 
 logger = logging.getLogger(__name__)
-
-FETCH_TIMEOUT_S = 20.0
 
 
 class InputResolver:
@@ -33,6 +32,7 @@ class InputResolver:
         self.settings = settings
         self.storage = storage
         self.catalog = catalog
+        self.egress = EgressPolicy.from_settings(settings)
 
     def __call__(self, job: Job) -> dict[str, Any]:
         data = dict(job.input)
@@ -65,21 +65,8 @@ class InputResolver:
         return upload.key, upload.content_type
 
     def _fetch(self, job: Job, url: str) -> tuple[str, str]:
-        limit = self.settings.max_upload_bytes
-        try:
-            with httpx.stream("GET", url, timeout=FETCH_TIMEOUT_S, follow_redirects=True) as response:
-                response.raise_for_status()
-                chunks: list[bytes] = []
-                size = 0
-                for chunk in response.iter_bytes():
-                    size += len(chunk)
-                    if size > limit:
-                        raise InvalidInput("input.image: the URL's image is too large", {"field": "image"})
-                    chunks.append(chunk)
-        except httpx.HTTPError as exc:
-            raise InvalidInput(f"input.image: could not fetch the URL ({type(exc).__name__})",
-                               {"field": "image"}) from None
-        image = check_image(b"".join(chunks), self.settings, name="input.image")
+        body = fetch_sync(self.egress, url, field="input.image", max_bytes=self.settings.max_upload_bytes)
+        image = check_image(body.content, self.settings, name="input.image")
         key = f"uploads/{job.user_id}/fetched-{job.id}.{image.extension}"
         self.storage.put_bytes(key, image.data, image.content_type)
         return key, image.content_type

@@ -28,6 +28,7 @@ from api.core.pricing import price_generation
 from api.core.requests import normalize_input
 from api.db.engine import Database, is_postgres
 from api.db.tables import Balance, Job, Lora, Upload, User, utcnow
+from api.services.egress import EgressPolicy, check_url
 from api.services.events import EventBus, record_event
 from api.services.settlement import delete_job_outputs, finish_job
 from api.settings import Settings
@@ -75,6 +76,7 @@ class JobService:
         self.catalog = catalog
         self.storage = storage
         self.bus = bus
+        self.egress = EgressPolicy.from_settings(settings)
 
     # submission ----------------------------------------------------------------------------
     def spec_for(self, model_id: str) -> ModelSpec:
@@ -96,6 +98,8 @@ class JobService:
             if unknown:
                 raise InvalidInput(f"unknown webhook events {unknown}",
                                    {"field": "webhook_events_filter", "allowed": list(WEBHOOK_EVENTS)})
+        if sub.webhook is not None:
+            check_url(self.egress, sub.webhook, field="webhook")  # re-checked at delivery (DNS changes)
 
     def _check_image(self, session: Session, user: User, spec: ModelSpec, ref: str) -> None:
         """The input image must be the caller's upload, the caller's finished image job, or a URL."""
@@ -143,6 +147,10 @@ class JobService:
         check_content_policy([normalized["prompt"], normalized.get("negative_prompt") or ""],
                              self.settings.content_policy_words)
         self._check_webhook(sub)
+        image = normalized.get("image")
+        if isinstance(image, str) and image.startswith(("http://", "https://")):
+            # Resolved here, outside the transaction; fetched (and checked again) by the runner.
+            check_url(self.egress, image, field="input.image")
         price = price_generation(spec, normalized, self.settings)
         job = Job(user_id=user.id, model=spec.id, kind=spec.kind, task=task, input=normalized,
                   priority=sub.priority, max_attempts=self.settings.max_attempts,

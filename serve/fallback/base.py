@@ -33,6 +33,7 @@ import httpx
 
 from api.core.events import ErrorEvent, ExecutorEvent
 from api.core.executor import ExecutionRequest
+from api.services.egress import EgressPolicy
 from api.settings import Settings
 from api.storage.base import Storage
 from serve.fallback.http import Deadline, ProviderError, ProviderTimeout, Redactor, RetryPolicy
@@ -96,6 +97,9 @@ class ProviderExecutor:
         self._runs: dict[str, RunState] = {}
         self._background: set[asyncio.Task[None]] = set()
         self.redact = Redactor()
+        # File URLs named by a provider's answer are checked like user input (provider base URLs
+        # are configuration and are not).
+        self.egress = EgressPolicy.from_settings(settings)
 
     # plumbing ------------------------------------------------------------------------------
     def client(self) -> httpx.AsyncClient:

@@ -9,7 +9,10 @@
   paid generation.
 - :func:`download`: GET with a size cap that follows redirects by hand, sending the credential
   headers only to the provider's own origin (httpx would forward custom headers such as
-  ``x-goog-api-key`` to any host a redirect names).
+  ``x-goog-api-key`` to any host a redirect names). With an egress policy, every hop that is not
+  the provider's own (configured) origin is checked by :mod:`api.services.egress` and fetched
+  over a connection pinned to the checked address: a provider's answer names the file URL, so
+  it is not trusted more than user input.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from typing import Any
 
 import httpx
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
+
+from api.services.egress import EgressError, EgressPolicy, pinned_client
 
 logger = logging.getLogger(__name__)
 
@@ -308,17 +313,30 @@ class OutputGone(ProviderError):
 
 async def download(client: httpx.AsyncClient, url: str, *, deadline: Deadline, policy: RetryPolicy,
                    what: str, auth_headers: dict[str, str] | None = None, auth_origin: str | None = None,
-                   max_bytes: int = 2 * 1024**3) -> Downloaded:
+                   max_bytes: int = 2 * 1024**3, egress: EgressPolicy | None = None) -> Downloaded:
     """GET ``url`` into memory, following redirects by hand.
 
     ``auth_headers`` go only to URLs on ``auth_origin`` (the provider's API); a redirect to any
-    other host (the storage that actually serves the file) gets no credentials.
+    other host (the storage that actually serves the file) gets no credentials. With ``egress``,
+    each hop off ``auth_origin`` must pass the egress policy and uses a pinned connection.
     """
     current = url
-    for _hop in range(MAX_REDIRECTS + 1):
-        headers = dict(auth_headers or {}) if auth_origin and same_origin(current, auth_origin) else {}
-        answer = await _get_capped(client, current, headers=headers, deadline=deadline, policy=policy,
-                                   what=what, max_bytes=max_bytes)
+    hops = MAX_REDIRECTS if egress is None else min(MAX_REDIRECTS, egress.max_redirects)
+    for _hop in range(hops + 1):
+        trusted = bool(auth_origin and same_origin(current, auth_origin))
+        headers = dict(auth_headers or {}) if trusted else {}
+        if egress is None or trusted:
+            answer = await _get_capped(client, current, headers=headers, deadline=deadline, policy=policy,
+                                       what=what, max_bytes=max_bytes)
+        else:
+            try:
+                hop_client = await pinned_client(egress, current, field=what)
+            except EgressError as exc:
+                logger.warning("%s: refused by the egress policy (%s)", what, getattr(exc, "reason", exc.code))
+                raise ProviderError(f"{what}: the provider's file URL is not allowed", retryable=False) from None
+            async with hop_client:
+                answer = await _get_capped(hop_client, current, headers=headers, deadline=deadline,
+                                           policy=policy, what=what, max_bytes=max_bytes)
         if answer.status_code in (301, 302, 303, 307, 308):
             location = answer.headers.get("location")
             if not location:
@@ -331,7 +349,7 @@ async def download(client: httpx.AsyncClient, url: str, *, deadline: Deadline, p
             raise ProviderHTTPError(answer.status_code, answer.content[:200].decode("utf-8", "replace"), what)
         content_type = answer.headers.get("content-type", "application/octet-stream").split(";")[0].strip()
         return Downloaded(answer.content, content_type, current)
-    raise ProviderError(f"{what}: more than {MAX_REDIRECTS} redirects")
+    raise ProviderError(f"{what}: more than {hops} redirects")
 
 
 async def _get_capped(client: httpx.AsyncClient, url: str, *, headers: dict[str, str], deadline: Deadline,

@@ -342,7 +342,7 @@ class ReplicateExecutor(ProviderExecutor):
                 data = _decode_data_uri(url)
             else:  # output files need no credentials: never send our token to the file host
                 data = (await download(self.client(), url, deadline=download_deadline, policy=self.retry,
-                                       what="downloading the output")).content
+                                       what="downloading the output", egress=self.egress)).content
             yield await self.store_output(request, data, index)
         metrics = prediction.get("metrics") or {}
         yield DoneEvent(result={"provider": self.provider, "provider_job_id": state.provider_job_id,

@@ -107,7 +107,7 @@ class VeoExecutor(ProviderExecutor):
             mime, payload = parse_data_uri(image)
         elif image.startswith(("http://", "https://")):
             fetched = await download(self.client(), image, deadline=deadline, policy=self.retry,
-                                     what="fetching the input image", max_bytes=self.settings.max_upload_bytes)
+                                     what="fetching the input image", max_bytes=self.settings.max_upload_bytes, egress=self.egress)
             mime, payload = fetched.content_type, fetched.content
         else:
             raise ProviderError("the input image must be a URL or a data: URI by the time it reaches Veo",
@@ -206,7 +206,7 @@ class VeoExecutor(ProviderExecutor):
                 data = (await download(self.client(), str(video["uri"]), deadline=download_deadline,
                                        policy=self.retry, what="downloading the video",
                                        auth_headers={"x-goog-api-key": self.settings.gemini_api_key},
-                                       auth_origin=self.base_url)).content
+                                       auth_origin=self.base_url, egress=self.egress)).content
             else:
                 raise ProviderError("a generated sample has neither a URI nor bytes")
             yield await self.store_output(request, data, index)

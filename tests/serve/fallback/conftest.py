@@ -46,7 +46,8 @@ def veo_fake() -> Iterator[FakeVeo]:
 
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
     values: dict[str, Any] = {"data_dir": tmp_path / "var", "signing_secret": "test-secret",
-                              "provider_poll_s": 0.02, "provider_timeout_s": 10.0, "_env_file": None}
+                              "provider_poll_s": 0.02, "provider_timeout_s": 10.0, "_env_file": None,
+                              "egress_allow_networks": ["127.0.0.1/32"]}  # the fake file hosts
     values.update(overrides)
     return Settings(**values)
 
