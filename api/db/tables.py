@@ -190,3 +190,35 @@ class Lora(SQLModel, table=True):
     summary: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     created_at: datetime = Field(default_factory=utcnow)
     deleted_at: datetime | None = None
+
+
+class WebhookDelivery(SQLModel, table=True):
+    """The webhook outbox: one row per client webhook, written in the transaction of its change.
+
+    ``id`` is the ``webhook-id`` header (stable across retries). ``payload`` is a snapshot of the
+    job's columns at the time of the event, rendered into the public job shape when it is sent
+    (so presigned output URLs are fresh at every attempt). A deliverer in any API process claims
+    a due row (``claimed_by`` until ``claim_expires_at``), posts it, and marks it delivered, failed
+    for good, or due again at ``next_attempt_at``.
+    """
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        Index("ix_webhook_deliveries_due", "delivered_at", "failed_at", "next_attempt_at"),
+    )
+
+    id: str = Field(default_factory=lambda: new_id("msg"), primary_key=True)
+    job_id: str = Field(index=True)
+    user_id: str
+    event: str
+    url: str
+    payload: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    attempts: int = 0
+    next_attempt_at: datetime = Field(default_factory=utcnow)
+    last_status: int | None = None
+    last_error: str | None = None
+    delivered_at: datetime | None = None
+    failed_at: datetime | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    claimed_by: str | None = None
+    claim_expires_at: datetime | None = None

@@ -22,7 +22,7 @@ from api.db.engine import Database
 from api.db.tables import Job
 from api.http.routes import account, admin, files, jobs, loras, system
 from api.http.state import AppState
-from api.http.webhooks import WebhookDispatcher
+from api.http.webhooks import WebhookDeliverer
 from api.metrics import Metrics
 from api.runner.runner import InputFn, Runner
 from api.services.admin import AdminService
@@ -32,6 +32,7 @@ from api.services.jobs import JobService
 from api.services.loras import LoraService
 from api.services.maintenance import Maintenance
 from api.services.models import Availability, ModelService, Swapper
+from api.services.notify import Notifier
 from api.services.uploads import UploadService
 from api.settings import Settings
 from api.storage.base import Storage, make_storage
@@ -97,8 +98,12 @@ def create_app(settings: Settings, executor: Executor | None = None, *, catalog:
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(db.migrate)
         bus.bind(asyncio.get_running_loop())
-        state.webhooks = WebhookDispatcher(db, settings, state.job_view, metrics=metrics)
-        bus.add_listener(state.webhooks.on_event)
+        # one cross-process signal (LISTEN/NOTIFY on PostgreSQL): wakes SSE streams and the runner's
+        # cancel watch for changes made by other processes, and the webhook deliverer on enqueue
+        state.notifier = Notifier(db)
+        state.notifier.subscribe("events", bus.on_notification)
+        state.webhooks = WebhookDeliverer(db, settings, state.job_view, notifier=state.notifier, metrics=metrics)
+        await state.notifier.start()
         state.webhooks.start()
         if executor is not None and want_runner:
             state.runner = Runner(db, executor, settings, storage, bus, metrics=metrics,
@@ -121,6 +126,7 @@ def create_app(settings: Settings, executor: Executor | None = None, *, catalog:
             if close_executor is not None:
                 await close_executor()  # provider HTTP clients
             await state.webhooks.stop()
+            await state.notifier.stop()
             db.dispose()
 
     app = FastAPI(title="CineWeave", version="1.0", lifespan=lifespan,

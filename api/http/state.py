@@ -7,7 +7,7 @@ from typing import Any
 
 from api.core.executor import Executor
 from api.db.engine import Database
-from api.http.webhooks import WebhookDispatcher
+from api.http.webhooks import WebhookDeliverer
 from api.metrics import Metrics
 from api.runner.runner import Runner
 from api.services.admin import AdminService
@@ -15,6 +15,7 @@ from api.services.events import EventBus
 from api.services.jobs import JobService
 from api.services.loras import LoraService
 from api.services.models import ModelService
+from api.services.notify import Notifier
 from api.services.uploads import UploadService
 from api.settings import Settings
 from api.storage.base import Storage
@@ -36,7 +37,8 @@ class AppState:
     loras: LoraService
     executor: Executor | None = None
     runner: Runner | None = None
-    webhooks: WebhookDispatcher | None = None
+    webhooks: WebhookDeliverer | None = None
+    notifier: Notifier | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
     def job_view(self, job: Any) -> dict[str, Any]:

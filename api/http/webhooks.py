@@ -1,153 +1,269 @@
-"""Outgoing client webhooks, signed the way Replicate signs its own.
+"""Outgoing client webhooks: a durable outbox, delivered by whichever API process claims a row.
 
-Headers: ``webhook-id`` (stable across retries of one delivery), ``webhook-timestamp`` (unix
-seconds) and ``webhook-signature: v1,<base64 HMAC-SHA256(key, f"{id}.{timestamp}.{body}")>`` where
-key is the base64-decoded part of the user's ``whsec_…`` secret. Deliveries go through a queue and
-worker tasks, so the runner never waits on a client's server.
+Rows of ``webhook_deliveries`` are written by :func:`api.services.events.record_event` in the
+transaction of the change they announce. Every API process runs a :class:`WebhookDeliverer`: it
+claims due rows atomically (a conditional UPDATE that sets the claim owner and expiry; on
+PostgreSQL the candidates are picked ``FOR UPDATE SKIP LOCKED``), POSTs each through the egress
+policy, and marks it delivered, failed for good, or due again after an exponential backoff. It is
+woken by the ``webhooks`` notification (no poll lag) and also polls slowly as a safety net; a claim
+left by a process that died expires and the row is taken again (at-least-once; receivers dedupe by
+``webhook-id``, which stays the same across retries).
+
+Signatures follow Standard Webhooks (what Replicate uses), made with the ``standardwebhooks``
+library: headers ``webhook-id``, ``webhook-timestamp`` (unix seconds) and
+``webhook-signature: v1,<base64 HMAC-SHA256(key, f"{id}.{timestamp}.{body}")>``, where the key is
+the base64-decoded part of the user's ``whsec_…`` secret.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
-import hmac
+import binascii
+import contextlib
 import json
 import logging
-import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+from sqlalchemy import and_, delete, or_, select, update
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from api.db.engine import Database
-from api.db.tables import Job, User
+from api.db.engine import Database, is_postgres
+from api.db.tables import Job, User, WebhookDelivery, utcnow
 from api.metrics import Metrics
+from api.services import egress
+from api.services.events import job_from_snapshot
+from api.services.notify import Notifier
 from api.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-BUS_TO_WEBHOOK = {"start": "start", "output": "output", "logs": "logs", "completed": "completed"}
+RETRYABLE_4XX = frozenset({408, 429})
+MAX_BACKOFF_S = 3600.0
+PostFn = Callable[..., Awaitable[int]]
 
 
+# signing ---------------------------------------------------------------------------------------
 def sign(secret: str, webhook_id: str, timestamp: int, body: bytes) -> str:
-    key = base64.b64decode(secret.removeprefix("whsec_"))
-    digest = hmac.new(key, f"{webhook_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
-    return "v1," + base64.b64encode(digest).decode()
+    """The ``webhook-signature`` value for one delivery (Standard Webhooks, v1)."""
+    return Webhook(secret).sign(webhook_id, datetime.fromtimestamp(timestamp, UTC), body.decode())
 
 
-def verify(secret: str, headers: dict[str, str], body: bytes, tolerance_s: float = 300.0,
-           now: float | None = None) -> bool:
-    """Check a signature made by :func:`sign` (what a client does with our webhooks)."""
-    lowered = {k.lower(): v for k, v in headers.items()}
-    webhook_id, stamp, signatures = (lowered.get("webhook-id"), lowered.get("webhook-timestamp"),
-                                     lowered.get("webhook-signature", ""))
-    if not webhook_id or not stamp or not stamp.isdigit():
+def verify(secret: str, headers: dict[str, str], body: bytes) -> bool:
+    """Check a signature made by :func:`sign` (what a client does with our webhooks): the
+    library's ``Webhook.verify`` (timestamp within 5 minutes, any v1 signature matching)."""
+    try:
+        Webhook(secret).verify(body, headers, json_parse=False)
+    except (WebhookVerificationError, ValueError, binascii.Error):
         return False
-    if abs((now or time.time()) - int(stamp)) > tolerance_s:
-        return False
-    expected = sign(secret, webhook_id, int(stamp), body)
-    return any(hmac.compare_digest(expected, part) for part in signatures.split())
+    return True
 
 
-class _Retryable(Exception):
-    pass
+def backoff_s(settings: Settings, attempts: int) -> float:
+    """Wait before the next try after ``attempts`` tries: base × 2^(attempts-1), capped."""
+    return min(settings.webhook_backoff_s * (2 ** max(0, attempts - 1)), MAX_BACKOFF_S)
 
 
-@dataclass(frozen=True)
-class Delivery:
-    job_id: str
-    event: str
-    webhook_id: str
+def outcome_of(status: int) -> str:
+    """``delivered``, ``retry`` (5xx, 408, 429) or ``final`` (any other 4xx and odd codes)."""
+    if 200 <= status < 400:
+        return "delivered"
+    if status >= 500 or status in RETRYABLE_4XX:
+        return "retry"
+    return "final"
 
 
-class WebhookDispatcher:
-    """Turns bus events into signed POSTs to the job's webhook, filtered by its event filter."""
+class WebhookDeliverer:
+    """Claims due outbox rows and delivers them; one per API process."""
 
-    def __init__(self, db: Database, settings: Settings, render_job: Callable[[Job], dict[str, Any]],
-                 transport: httpx.AsyncBaseTransport | None = None, workers: int = 4,
-                 metrics: Metrics | None = None) -> None:
+    def __init__(self, db: Database, settings: Settings, render_job: Callable[[Job], dict[str, Any]], *,
+                 notifier: Notifier | None = None, policy: egress.EgressPolicy | None = None,
+                 metrics: Metrics | None = None, owner: str | None = None, post: PostFn | None = None) -> None:
         self.db = db
         self.settings = settings
         self.render_job = render_job
-        self._queue: asyncio.Queue[Delivery] = asyncio.Queue(maxsize=10_000)
-        self._transport = transport
-        self._workers_n = workers
-        self._workers: list[asyncio.Task[None]] = []
-        self._client: httpx.AsyncClient | None = None
-        self.delivered: list[tuple[str, str, int]] = []
+        self.policy = policy or egress.EgressPolicy.from_settings(settings)
         self.metrics = metrics
+        self.id = owner or f"wh_{uuid.uuid4().hex[:12]}"
+        self._post = post or egress.post
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._last_prune = 0.0
+        if notifier is not None:
+            notifier.subscribe("webhooks", lambda _message: self.wake())
 
-    def on_event(self, job_id: str, type_: str, _data: dict[str, Any]) -> None:
-        event = BUS_TO_WEBHOOK.get(type_)
-        if event is None:
-            return
-        try:
-            self._queue.put_nowait(Delivery(job_id, event, f"msg_{uuid.uuid4().hex}"))
-        except asyncio.QueueFull:
-            logger.error("webhook queue full; dropping %s for job %s", event, job_id)
+    @property
+    def claim_s(self) -> float:
+        """How long a claim holds: longer than one POST can take."""
+        return max(self.settings.webhook_claim_s, self.settings.webhook_timeout_s * 3)
+
+    # lifecycle ----------------------------------------------------------------------------
+    def wake(self) -> None:
+        self._wake.set()
 
     def start(self) -> None:
-        self._client = httpx.AsyncClient(timeout=self.settings.webhook_timeout_s, transport=self._transport,
-                                         follow_redirects=False)
-        self._workers = [asyncio.create_task(self._work(), name=f"webhooks-{i}")
-                         for i in range(self._workers_n)]
+        self._task = asyncio.create_task(self._run_forever(), name=f"webhooks-{self.id}")
 
     async def stop(self) -> None:
-        for task in self._workers:
-            task.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
-        if self._client is not None:
-            await self._client.aclose()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        # rows claimed and not finished are released, so another process need not wait for expiry
+        await asyncio.to_thread(self._release_claims)
 
     async def join(self, timeout_s: float = 10.0) -> None:
-        """Wait until every queued delivery was attempted (tests)."""
-        await asyncio.wait_for(self._queue.join(), timeout=timeout_s)
+        """Wait (bounded) until no row is due now or claimed: every delivery was tried (tests)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while await asyncio.to_thread(self._busy):
+            if loop.time() > deadline:
+                raise TimeoutError("webhook deliveries still pending")
+            self.wake()
+            await asyncio.sleep(0.02)
 
-    async def _work(self) -> None:
+    async def _run_forever(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
-            delivery = await self._queue.get()
             try:
-                await self._deliver(delivery)
-            except Exception:  # noqa: BLE001 - one bad delivery must not stop the worker
-                logger.exception("webhook delivery for job %s failed", delivery.job_id)
-            finally:
-                self._queue.task_done()
+                done = await self.run_once()
+                if loop.time() - self._last_prune > self.settings.webhook_prune_interval_s:
+                    self._last_prune = loop.time()
+                    await asyncio.to_thread(self.prune)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the database may be briefly away; try again later
+                logger.exception("webhook deliverer %s: a round failed", self.id)
+                done = 0
+            if done:
+                continue  # there may be more due
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self.settings.webhook_poll_s)
 
-    async def _deliver(self, delivery: Delivery) -> None:
+    # one round ------------------------------------------------------------------------------
+    async def run_once(self, limit: int | None = None) -> int:
+        """Claim the due rows (up to ``limit``) and deliver them; the number claimed.
+
+        Rows of one job go one after another, in the order they were written; jobs in parallel.
+        """
+        rows = await asyncio.to_thread(self.claim, limit or self.settings.webhook_batch)
+        by_job: dict[str, list[WebhookDelivery]] = {}
+        for row in rows:
+            by_job.setdefault(row.job_id, []).append(row)
+
+        async def in_order(batch: list[WebhookDelivery]) -> None:
+            for row in batch:
+                await self.deliver(row)
+
+        await asyncio.gather(*(in_order(b) for b in by_job.values()))
+        return len(rows)
+
+    def claim(self, limit: int) -> list[WebhookDelivery]:
+        """Atomically take up to ``limit`` due rows for this deliverer (counts one attempt each)."""
+        now = utcnow()
+        due = and_(WebhookDelivery.delivered_at.is_(None), WebhookDelivery.failed_at.is_(None),
+                   WebhookDelivery.next_attempt_at <= now,
+                   or_(WebhookDelivery.claim_expires_at.is_(None), WebhookDelivery.claim_expires_at < now))
+        claimed: list[WebhookDelivery] = []
+        with self.db.session() as session:
+            query = select(WebhookDelivery.id).where(due).order_by(WebhookDelivery.created_at).limit(limit)
+            if is_postgres(self.db.engine):
+                query = query.with_for_update(skip_locked=True)
+            ids = list(session.execute(query).scalars())
+            for row_id in ids:
+                result = session.execute(
+                    update(WebhookDelivery).where(WebhookDelivery.id == row_id, due)
+                    .values(claimed_by=self.id, claim_expires_at=now + timedelta(seconds=self.claim_s),
+                            attempts=WebhookDelivery.attempts + 1)
+                    .execution_options(synchronize_session=False))
+                if result.rowcount == 1:  # type: ignore[attr-defined]
+                    claimed.append(row_id)
+            rows = list(session.execute(select(WebhookDelivery).where(WebhookDelivery.id.in_(claimed))
+                                        .order_by(WebhookDelivery.created_at)).scalars()) if claimed else []
+            session.commit()
+        return rows
+
+    async def deliver(self, row: WebhookDelivery) -> str:
+        """POST one claimed row and record the outcome: ``delivered``, ``retry`` or ``failed``."""
+        secret = await asyncio.to_thread(self._secret, row.user_id)
+        status: int | None = None
+        error: str | None = None
+        if secret is None:
+            outcome, error = "final", "the user no longer exists"
+        else:
+            body = json.dumps(self.render_job(job_from_snapshot(row.payload)), separators=(",", ":")).encode()
+            stamp = int(utcnow().timestamp())
+            headers = {"content-type": "application/json", "webhook-id": row.id,
+                       "webhook-timestamp": str(stamp), "webhook-signature": sign(secret, row.id, stamp, body),
+                       "user-agent": "cineweave-webhooks/1"}
+            try:
+                status = await self._post(self.policy, row.url, content=body, headers=headers,
+                                          timeout_s=self.settings.webhook_timeout_s)
+                outcome = outcome_of(status)
+                error = None if outcome == "delivered" else f"HTTP {status}"
+            except egress.UrlNotAllowed:
+                outcome, error = "final", "url_not_allowed: the webhook URL is not allowed"
+            except httpx.TransportError as exc:
+                outcome, error = "retry", f"network error ({type(exc).__name__})"
+        if outcome == "retry" and row.attempts >= self.settings.webhook_max_attempts:
+            outcome = "exhausted"
+        await asyncio.to_thread(self._finish, row, outcome, status, error)
+        if outcome != "delivered":
+            logger.warning("webhook %s (%s) for job %s, attempt %d: %s (%s)", row.id, row.event, row.job_id,
+                           row.attempts, outcome, error)
+        if self.metrics is not None and outcome != "retry":
+            self.metrics.webhooks.labels({"delivered": "ok", "final": "rejected", "exhausted": "failed"}[outcome]).inc()
+        return outcome
+
+    # database ------------------------------------------------------------------------------
+    def _secret(self, user_id: str) -> str | None:
         with self.db.read() as session:
-            job = session.get(Job, delivery.job_id)
-            user = session.get(User, job.user_id) if job else None
-        if job is None or user is None or not job.webhook:
-            return
-        wanted = job.webhook_events_filter or ["start", "output", "logs", "completed"]
-        if delivery.event not in wanted:
-            return
-        body = json.dumps(self.render_job(job), separators=(",", ":")).encode()
-        assert self._client is not None
-        status = 0
-        try:
-            async for attempt in AsyncRetrying(
-                    stop=stop_after_attempt(self.settings.webhook_max_attempts),
-                    wait=wait_exponential(multiplier=self.settings.webhook_backoff_s, max=60),
-                    retry=retry_if_exception_type((_Retryable, httpx.TransportError)), reraise=True):
-                with attempt:
-                    stamp = int(time.time())
-                    headers = {"content-type": "application/json", "webhook-id": delivery.webhook_id,
-                               "webhook-timestamp": str(stamp),
-                               "webhook-signature": sign(user.webhook_secret, delivery.webhook_id, stamp, body),
-                               "user-agent": "cineweave-webhooks/1"}
-                    response = await self._client.post(job.webhook, content=body, headers=headers)
-                    status = response.status_code
-                    if status == 429 or status >= 500:
-                        raise _Retryable(f"HTTP {status}")
-            self.delivered.append((job.id, delivery.event, status))
-            outcome = "ok" if status < 400 else "rejected"
-        except (_Retryable, httpx.TransportError) as exc:
-            outcome = "failed"
-            logger.warning("webhook %s for job %s gave up: %s", delivery.event, job.id, exc)
-        if self.metrics is not None:
-            self.metrics.webhooks.labels(outcome).inc()
+            user = session.get(User, user_id)
+            return user.webhook_secret if user is not None else None
+
+    def _finish(self, row: WebhookDelivery, outcome: str, status: int | None, error: str | None) -> None:
+        now = utcnow()
+        values: dict[str, Any] = {"last_status": status, "last_error": error, "claimed_by": None,
+                                  "claim_expires_at": None}
+        if outcome == "delivered":
+            values["delivered_at"] = now
+        elif outcome == "retry":
+            values["next_attempt_at"] = now + timedelta(seconds=backoff_s(self.settings, row.attempts))
+        else:
+            values["failed_at"] = now
+        with self.db.session() as session:
+            # only while the claim is still ours: one that expired and was taken again is not touched
+            session.execute(update(WebhookDelivery)
+                            .where(WebhookDelivery.id == row.id, WebhookDelivery.claimed_by == self.id)
+                            .values(**values).execution_options(synchronize_session=False))
+            session.commit()
+
+    def _release_claims(self) -> None:
+        with self.db.session() as session:
+            session.execute(update(WebhookDelivery).where(WebhookDelivery.claimed_by == self.id)
+                            .values(claimed_by=None, claim_expires_at=None)
+                            .execution_options(synchronize_session=False))
+            session.commit()
+
+    def _busy(self) -> bool:
+        now = utcnow()
+        with self.db.read() as session:
+            return session.execute(select(WebhookDelivery.id).where(
+                WebhookDelivery.delivered_at.is_(None), WebhookDelivery.failed_at.is_(None),
+                or_(WebhookDelivery.next_attempt_at <= now, WebhookDelivery.claimed_by.is_not(None)))
+                .limit(1)).first() is not None
+
+    def prune(self) -> int:
+        """Forget finished rows (delivered or failed) older than ``webhook_retention_s``."""
+        cutoff = utcnow() - timedelta(seconds=self.settings.webhook_retention_s)
+        with self.db.session() as session:
+            result = session.execute(delete(WebhookDelivery).where(
+                or_(WebhookDelivery.delivered_at < cutoff, WebhookDelivery.failed_at < cutoff))
+                .execution_options(synchronize_session=False))
+            session.commit()
+        return int(result.rowcount or 0)  # type: ignore[attr-defined]

@@ -1,7 +1,9 @@
-"""Job events: stored for replay (SSE ``Last-Event-ID``) and announced to in-process listeners.
+"""Job events: stored for replay (SSE ``Last-Event-ID``), announced, and turned into webhooks.
 
-The database is the source of truth; the bus only wakes listeners early. A listener in another
-process (a second API replica) still sees every event by reading the table.
+The database is the source of truth; the bus and the cross-process signal (``notify``) only wake
+readers early. :func:`record_event` runs inside the transaction of the change it records, and in
+that same transaction it queues the client's webhook (the outbox row) and the notification, so a
+change, its webhook and its announcement commit together or not at all.
 """
 
 from __future__ import annotations
@@ -10,22 +12,89 @@ import asyncio
 import logging
 from collections import defaultdict
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Column, DateTime, select
 from sqlmodel import Session
 
-from api.db.tables import JobEvent
+from api.db.tables import Job, JobEvent, WebhookDelivery
+from api.services import notify
 
 logger = logging.getLogger(__name__)
 
 Listener = Callable[[str, str, dict[str, Any]], None]
 
 
+WEBHOOK_EVENTS = ("start", "output", "logs", "completed")
+# job columns a webhook never carries (internal bookkeeping)
+_PRIVATE_COLUMNS = frozenset({"lease_owner", "lease_expires_at", "request_hash", "idempotency_key", "resume",
+                              "next_attempt_at", "priority"})
+
+
+def webhook_event(type_: str, data: dict[str, Any]) -> str | None:
+    """The client webhook event (Replicate's names) a stored job event announces, if any.
+
+    ``start`` is the first claim of the job (a reclaimed attempt is a plain status change).
+    """
+    if type_ == "status":
+        return "start" if data.get("status") == "running" and data.get("attempt") == 1 else None
+    return type_ if type_ in ("output", "logs", "completed") else None
+
+
 def record_event(session: Session, job_id: str, type_: str, data: dict[str, Any]) -> JobEvent:
+    """Store the event, queue its webhook and its notification, all in ``session``'s transaction."""
     event = JobEvent(job_id=job_id, type=type_, data=data)
     session.add(event)
+    hook = webhook_event(type_, data)
+    if hook is not None:
+        enqueue_webhook(session, job_id, hook)
+    notify.signal(session, "events", {"job": job_id, "type": type_})
     return event
+
+
+def enqueue_webhook(session: Session, job_id: str, event: str) -> WebhookDelivery | None:
+    """An outbox row for the job's webhook, if it has one and its filter wants ``event``."""
+    job = session.get(Job, job_id)
+    if job is None or not job.webhook:
+        return None
+    wanted = job.webhook_events_filter or list(WEBHOOK_EVENTS)
+    if event not in wanted:
+        return None
+    delivery = WebhookDelivery(job_id=job.id, user_id=job.user_id, event=event, url=job.webhook,
+                               payload=job_snapshot(job))
+    session.add(delivery)
+    notify.signal(session, "webhooks", {"job": job_id})
+    return delivery
+
+
+def job_snapshot(job: Job) -> dict[str, Any]:
+    """The job's columns as JSON (datetimes as ISO text): its state at the time of the event."""
+    out: dict[str, Any] = {}
+    for column in Job.__table__.columns:  # type: ignore[attr-defined]
+        if column.name in _PRIVATE_COLUMNS:
+            continue
+        value = getattr(job, column.name)
+        out[column.name] = value.isoformat() if isinstance(value, datetime) else value
+    return out
+
+
+def _is_datetime(column: Column[Any]) -> bool:
+    kind = getattr(column.type, "impl", column.type)  # UTCDateTime decorates DateTime
+    return isinstance(kind, DateTime)
+
+
+def job_from_snapshot(snapshot: dict[str, Any]) -> Job:
+    """A detached :class:`Job` rebuilt from :func:`job_snapshot` (for rendering only)."""
+    values: dict[str, Any] = {}
+    for column in Job.__table__.columns:  # type: ignore[attr-defined]
+        if column.name not in snapshot:
+            continue
+        value = snapshot[column.name]
+        if isinstance(value, str) and _is_datetime(column):
+            value = datetime.fromisoformat(value)
+        values[column.name] = value
+    return Job(**values)
 
 
 def events_after(session: Session, job_id: str, after_id: int, limit: int = 500) -> list[JobEvent]:
@@ -69,6 +138,19 @@ class EventBus:
                 listener(job_id, type_, data)
             except Exception:  # noqa: BLE001 - isolation is the point
                 logger.exception("event listener failed for job %s", job_id)
+
+    def wake(self, job_id: str | None = None) -> None:
+        """Wake the waiters of one job (or all) without calling listeners: a change made elsewhere
+        (another process, announced by ``notify``) that readers re-read from the table."""
+        targets = [self._waiters.get(job_id, set())] if job_id is not None else list(self._waiters.values())
+        for waiters in targets:
+            for waiter in list(waiters):
+                waiter.set()
+
+    def on_notification(self, message: dict[str, Any]) -> None:
+        """``notify`` subscriber for kind ``events`` (runs on the bus's loop)."""
+        job_id = message.get("job")
+        self.wake(job_id if isinstance(job_id, str) else None)
 
     def waiter(self, job_id: str) -> asyncio.Event:
         event = asyncio.Event()

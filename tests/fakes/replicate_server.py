@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
-import hmac
 import json
 import secrets
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
 import httpx
+from standardwebhooks.webhooks import Webhook
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -185,9 +185,8 @@ class FakeReplicate:
 
     # webhooks ------------------------------------------------------------------------------
     def sign(self, webhook_id: str, timestamp: str, body: bytes, secret: str | None = None) -> str:
-        key = base64.b64decode((secret or self.webhook_secret).removeprefix("whsec_"))
-        digest = hmac.new(key, f"{webhook_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
-        return "v1," + base64.b64encode(digest).decode()
+        stamp = datetime.fromtimestamp(int(timestamp), UTC)
+        return Webhook(secret or self.webhook_secret).sign(webhook_id, stamp, body.decode())
 
     def _notify(self, p: FakePrediction, event: str) -> None:
         if p.webhook and event in p.events_filter:

@@ -1,6 +1,7 @@
-"""Client webhooks: signed, filtered, retried on 5xx, never in the runner's way.
+"""Client webhooks: a durable outbox, signed, filtered, retried on 5xx, never in the runner's way.
 
-The receiving end is a real HTTP server on 127.0.0.1 (its own thread and loop).
+The receiving end is a real HTTP server on 127.0.0.1 (its own thread and loop), allow-listed in
+the egress policy (``LOOPBACK``); without the allow-list it is refused before any connect.
 """
 
 from __future__ import annotations
@@ -13,13 +14,25 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from sqlalchemy import select
+from standardwebhooks.webhooks import Webhook
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from api.db.engine import Database
+from api.db.tables import WebhookDelivery
 from api.http.webhooks import sign, verify
 from tests.fixtures.harness import ApiHarness, LiveServer, wait_job, wait_until
+
+LOOPBACK = {"egress_allow_networks": ["127.0.0.1/32"]}
+
+
+def deliveries(db: Database, job_id: str) -> list[WebhookDelivery]:
+    with db.read() as session:
+        return list(session.execute(select(WebhookDelivery).where(WebhookDelivery.job_id == job_id)
+                                    .order_by(WebhookDelivery.created_at)).scalars())
 
 
 @dataclass
@@ -61,7 +74,7 @@ def receiver_server(live_server: Any) -> Any:
 
 async def test_deliveries_are_signed_and_carry_the_job(make_api: Any, receiver_server: Any) -> None:
     receiver, srv = receiver_server()
-    api: ApiHarness = await make_api()
+    api: ApiHarness = await make_api(**LOOPBACK)
     user = api.user(credits=10)
     job = (await api.submit(user.api_key, webhook=f"{srv.url}/hook")).json()
     await wait_job(api.db, job["id"])
@@ -70,6 +83,7 @@ async def test_deliveries_are_signed_and_carry_the_job(make_api: Any, receiver_s
     assert len(receiver.received) >= 2  # start, output, completed
     for headers, body, _ in receiver.received:
         assert verify(user.webhook_secret, headers, body)
+        assert Webhook(user.webhook_secret).verify(body, headers)["id"] == job["id"]  # the library agrees
         assert not verify("whsec_" + "A" * 32, headers, body)  # another secret does not verify
         tampered = body.replace(b'"id"', b'"Id"')
         assert not verify(user.webhook_secret, headers, tampered)
@@ -99,7 +113,7 @@ def test_verify_rejects_old_and_malformed_stamps() -> None:
 
 async def test_event_filter(make_api: Any, receiver_server: Any) -> None:
     receiver, srv = receiver_server()
-    api: ApiHarness = await make_api()
+    api: ApiHarness = await make_api(**LOOPBACK)
     user = api.user(credits=10)
     only_done = (await api.submit(user.api_key, webhook=f"{srv.url}/hook",
                                   webhook_events_filter=["completed"])).json()
@@ -124,7 +138,7 @@ async def test_event_filter(make_api: Any, receiver_server: Any) -> None:
 
 async def test_retried_on_5xx_with_the_same_id(make_api: Any, receiver_server: Any) -> None:
     receiver, srv = receiver_server(fail_first=2)
-    api: ApiHarness = await make_api(webhook_backoff_s=0.05, webhook_max_attempts=5)
+    api: ApiHarness = await make_api(**LOOPBACK, webhook_backoff_s=0.05, webhook_max_attempts=5)
     user = api.user(credits=10)
     job = (await api.submit(user.api_key, webhook=f"{srv.url}/hook", webhook_events_filter=["completed"])).json()
     await wait_job(api.db, job["id"])
@@ -133,12 +147,14 @@ async def test_retried_on_5xx_with_the_same_id(make_api: Any, receiver_server: A
     assert len(receiver.received) == 3
     assert len({h["webhook-id"] for h, _, _ in receiver.received}) == 1
     assert all(verify(user.webhook_secret, h, b) for h, b, _ in receiver.received)
-    assert api.state.webhooks.delivered[-1] == (job["id"], "completed", 200)
+    [row] = deliveries(api.db, job["id"])
+    assert row.id == receiver.received[0][0]["webhook-id"]
+    assert (row.attempts, row.last_status, row.delivered_at is not None) == (3, 200, True)
 
 
 async def test_gives_up_after_max_attempts(make_api: Any, receiver_server: Any) -> None:
     receiver, srv = receiver_server(fail_first=100)
-    api: ApiHarness = await make_api(webhook_backoff_s=0.01, webhook_max_attempts=3)
+    api: ApiHarness = await make_api(**LOOPBACK, webhook_backoff_s=0.01, webhook_max_attempts=3)
     user = api.user(credits=10)
     job = (await api.submit(user.api_key, webhook=f"{srv.url}/hook", webhook_events_filter=["completed"])).json()
     await wait_job(api.db, job["id"])
@@ -151,7 +167,7 @@ async def test_gives_up_after_max_attempts(make_api: Any, receiver_server: Any) 
 
 async def test_a_slow_webhook_does_not_delay_the_job(make_api: Any, receiver_server: Any) -> None:
     receiver, srv = receiver_server(delay_s=3.0)
-    api: ApiHarness = await make_api(webhook_timeout_s=10.0)
+    api: ApiHarness = await make_api(**LOOPBACK, webhook_timeout_s=10.0)
     user = api.user(credits=10)
     started = time.monotonic()
     jobs = [(await api.submit(user.api_key, webhook=f"{srv.url}/hook")).json() for _ in range(3)]
@@ -169,9 +185,21 @@ async def test_unreachable_webhook_does_not_fail_the_job(make_api: Any) -> None:
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()  # nothing listens there now
-    api: ApiHarness = await make_api(webhook_backoff_s=0.01, webhook_max_attempts=2)
+    api: ApiHarness = await make_api(**LOOPBACK, webhook_backoff_s=0.01, webhook_max_attempts=2)
     user = api.user(credits=10)
     job = (await api.submit(user.api_key, webhook=f"http://127.0.0.1:{port}/hook")).json()
     done = await wait_job(api.db, job["id"])
     assert done.status == "succeeded"
     await api.state.webhooks.join(15)
+
+
+def test_signature_is_the_same_wire_format_as_before() -> None:
+    """standardwebhooks signs exactly as the hand-written HMAC did, so existing clients verify."""
+    import base64
+    import hashlib
+    import hmac
+
+    secret = "whsec_" + base64.b64encode(b"k" * 24).decode()
+    body, stamp = b'{"id":"job_1","status":"succeeded"}', 1_700_000_000
+    digest = hmac.new(b"k" * 24, f"msg_1.{stamp}.".encode() + body, hashlib.sha256).digest()
+    assert sign(secret, "msg_1", stamp, body) == "v1," + base64.b64encode(digest).decode()

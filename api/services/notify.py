@@ -1,0 +1,188 @@
+"""One cross-process signal: PostgreSQL ``LISTEN/NOTIFY``, or in-process on SQLite.
+
+A change is announced with :func:`signal` *inside* the transaction that makes it:
+
+- on PostgreSQL it runs ``SELECT pg_notify('cineweave_events', payload)``, which the server
+  delivers to every listening connection exactly when (and only if) the transaction commits, so a
+  listener never wakes before the row it is told about is visible;
+- on SQLite (one process) it queues the signal on the session and hands it to this process's
+  :class:`Notifier` after the commit.
+
+Each API process runs one :class:`Notifier`: a listener task on its own autocommit psycopg
+connection (reconnecting with a bounded backoff) that dispatches each notification to the
+callbacks subscribed for its kind. Kinds in use: ``events`` (a job event was stored: wakes local
+SSE streams and the runner's cancel watch through the :class:`EventBus`) and ``webhooks`` (the
+outbox has a new row: wakes the deliverer). The signal only wakes readers; the tables stay the
+truth, so a lost notification costs latency (readers also poll slowly), never data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import weakref
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import event, text
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.orm import Session
+
+from api.db.engine import Database, is_postgres
+
+logger = logging.getLogger(__name__)
+
+CHANNEL = "cineweave_events"
+MAX_PAYLOAD_BYTES = 7000  # PostgreSQL refuses payloads of 8000 bytes or more
+_PENDING = "cineweave_notify_pending"
+
+Callback = Callable[[dict[str, Any]], None]
+
+# SQLite: the notifier of each engine in this process (weak: a disposed app leaves nothing behind)
+_local: weakref.WeakKeyDictionary[Engine, Notifier] = weakref.WeakKeyDictionary()
+
+
+def signal(session: Session, kind: str, payload: dict[str, Any] | None = None) -> None:
+    """Announce ``kind`` (with a small JSON ``payload``) when ``session``'s transaction commits."""
+    message = {"k": kind, **(payload or {})}
+    bind = session.get_bind()
+    engine = bind.engine if hasattr(bind, "engine") else bind
+    if is_postgres(engine):  # type: ignore[arg-type]
+        body = json.dumps(message, separators=(",", ":"))
+        if len(body.encode()) > MAX_PAYLOAD_BYTES:
+            body = json.dumps({"k": kind})
+        session.execute(text("SELECT pg_notify(:channel, :payload)"), {"channel": CHANNEL, "payload": body})
+        return
+    session.info.setdefault(_PENDING, []).append((engine, message))
+
+
+@event.listens_for(Session, "after_commit")
+def _after_commit(session: Session) -> None:
+    pending = session.info.pop(_PENDING, None)
+    for engine, message in pending or ():
+        notifier = _local.get(engine)
+        if notifier is not None:
+            notifier.dispatch_threadsafe(message)
+
+
+@event.listens_for(Session, "after_rollback")
+def _after_rollback(session: Session) -> None:
+    session.info.pop(_PENDING, None)
+
+
+def libpq_url(db: Database) -> str:
+    """The database URL as psycopg wants it (no SQLAlchemy driver suffix)."""
+    return make_url(str(db.engine.url.render_as_string(hide_password=False))).set(
+        drivername="postgresql").render_as_string(hide_password=False)
+
+
+class Notifier:
+    """This process's end of the signal: ``subscribe(kind, callback)``, ``start()``, ``stop()``.
+
+    Callbacks run on the event loop the notifier was started on, must be quick and never block;
+    a failing callback is logged and does not affect the others. On (re)connect every subscriber
+    gets ``{"k": kind, "reconnected": True}`` because notifications sent meanwhile were missed.
+    """
+
+    def __init__(self, db: Database, *, backoff_s: float = 0.2, max_backoff_s: float = 10.0,
+                 connect_timeout_s: float = 10.0) -> None:
+        self.db = db
+        self.postgres = is_postgres(db.engine)
+        self._subscribers: dict[str, list[Callback]] = defaultdict(list)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._listening = asyncio.Event()
+        self._backoff_s = backoff_s
+        self._max_backoff_s = max_backoff_s
+        self._connect_timeout_s = connect_timeout_s
+        self.received = 0  # notifications dispatched (tests, metrics)
+
+    def subscribe(self, kind: str, callback: Callback) -> None:
+        self._subscribers[kind].append(callback)
+
+    # lifecycle ----------------------------------------------------------------------------
+    async def start(self, ready_timeout_s: float = 10.0) -> None:
+        """Bind to the running loop; on PostgreSQL start listening (waits, bounded, until it is)."""
+        self._loop = asyncio.get_running_loop()
+        if not self.postgres:
+            _local[self.db.engine] = self
+            return
+        self._task = asyncio.create_task(self._listen_forever(), name="notify-listener")
+        try:
+            await asyncio.wait_for(self._listening.wait(), timeout=ready_timeout_s)
+        except TimeoutError:
+            logger.warning("notify: not listening after %.0fs; readers fall back to polling", ready_timeout_s)
+
+    async def stop(self) -> None:
+        _local.pop(self.db.engine, None)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    @property
+    def listening(self) -> bool:
+        return self._listening.is_set()
+
+    # dispatch ------------------------------------------------------------------------------
+    def dispatch_threadsafe(self, message: dict[str, Any]) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self.dispatch(message)
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(self.dispatch, message)
+
+    def dispatch(self, message: dict[str, Any]) -> None:
+        self.received += 1
+        for callback in list(self._subscribers.get(str(message.get("k")), ())):
+            try:
+                callback(message)
+            except Exception:  # noqa: BLE001 - one subscriber must not break the others
+                logger.exception("notify subscriber for %r failed", message.get("k"))
+
+    def _wake_all(self) -> None:
+        for kind in list(self._subscribers):
+            self.dispatch({"k": kind, "reconnected": True})
+
+    # PostgreSQL listener -----------------------------------------------------------------------
+    async def _listen_forever(self) -> None:
+        import psycopg
+
+        delay = self._backoff_s
+        url = libpq_url(self.db)
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(url, autocommit=True,
+                                                             connect_timeout=int(self._connect_timeout_s))
+                async with conn:
+                    await conn.execute(f"LISTEN {CHANNEL}")
+                    self._listening.set()
+                    delay = self._backoff_s
+                    self._wake_all()
+                    logger.info("notify: listening on %s", CHANNEL)
+                    async for note in conn.notifies():
+                        try:
+                            message = json.loads(note.payload)
+                        except ValueError:
+                            continue
+                        if isinstance(message, dict):
+                            self.dispatch(message)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the database may be restarting
+                logger.warning("notify: listener connection lost (%s); retrying in %.1fs",
+                               type(exc).__name__, delay)
+            self._listening.clear()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self._max_backoff_s)
