@@ -203,3 +203,218 @@ def test_signature_is_the_same_wire_format_as_before() -> None:
     body, stamp = b'{"id":"job_1","status":"succeeded"}', 1_700_000_000
     digest = hmac.new(b"k" * 24, f"msg_1.{stamp}.".encode() + body, hashlib.sha256).digest()
     assert sign(secret, "msg_1", stamp, body) == "v1," + base64.b64encode(digest).decode()
+
+
+# the outbox deliverer, unit by unit ------------------------------------------------------------
+def _render(job: Any) -> dict[str, Any]:
+    return {"id": job.id, "status": job.status}
+
+
+def _outbox_rows(db: Database, settings: Any, n: int, url: str = "http://hooks.example.test/h") -> list[str]:
+    from api.db.tables import Job
+    from api.services.events import job_snapshot
+    from tests.fixtures.harness import add_user
+
+    user = add_user(db, settings)
+    ids: list[str] = []
+    with db.session() as session:
+        for i in range(n):
+            job = Job(user_id=user.user.id, model="tiny-sd", kind="image", task="t2i", input={"i": i})
+            row = WebhookDelivery(job_id=job.id, user_id=user.user.id, event="completed", url=url,
+                                  payload=job_snapshot(job))
+            session.add(row)
+            ids.append(row.id)
+        session.commit()
+    return ids
+
+
+class ScriptedPost:
+    """Stands in for ``egress.post``: answers from a script, records each call; no network."""
+
+    def __init__(self, *answers: int | Exception) -> None:
+        self.answers = list(answers)
+        self.calls: list[tuple[str, dict[str, str], bytes]] = []
+
+    async def __call__(self, _policy: Any, url: str, *, content: bytes, headers: dict[str, str],
+                       timeout_s: float) -> int:
+        self.calls.append((url, headers, content))
+        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+def _row(db: Database, row_id: str) -> WebhookDelivery:
+    with db.read() as session:
+        row = session.get(WebhookDelivery, row_id)
+    assert row is not None
+    return row
+
+
+def test_a_due_row_is_claimed_by_exactly_one_of_two_deliverers(backend_settings: Any) -> None:
+    """Two processes' deliverers (own Database objects) claim at the same time: no row twice."""
+    from api.http.webhooks import WebhookDeliverer
+
+    db_a, db_b = Database(backend_settings), Database(backend_settings)
+    db_a.migrate()
+    try:
+        ids = _outbox_rows(db_a, backend_settings, 40)
+        a = WebhookDeliverer(db_a, backend_settings, _render, owner="replica-a")
+        b = WebhookDeliverer(db_b, backend_settings, _render, owner="replica-b")
+        got: dict[str, list[str]] = {"a": [], "b": []}
+        barrier = threading.Barrier(2)
+
+        def take(name: str, deliverer: WebhookDeliverer) -> None:
+            barrier.wait(10)
+            for _ in range(20):  # bounded: each round takes up to 5
+                rows = deliverer.claim(5)
+                got[name].extend(r.id for r in rows)
+                if not rows:
+                    return
+
+        threads = [threading.Thread(target=take, args=("a", a)), threading.Thread(target=take, args=("b", b))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not set(got["a"]) & set(got["b"])
+        assert sorted(got["a"] + got["b"]) == sorted(ids)
+        owners = {_row(db_a, i).claimed_by for i in got["a"]} | {_row(db_a, i).claimed_by for i in got["b"]}
+        assert owners == {"replica-a", "replica-b"} or len(owners) == 1
+        assert all(_row(db_a, i).attempts == 1 for i in ids)
+        assert a.claim(5) == [] and b.claim(5) == []  # all held until the claims expire
+    finally:
+        db_a.dispose()
+        db_b.dispose()
+
+
+def test_an_expired_claim_is_taken_again_and_the_old_owner_cannot_finish_it(db: Database, settings: Any) -> None:
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from api.db.tables import utcnow
+    from api.http.webhooks import WebhookDeliverer
+
+    [row_id] = _outbox_rows(db, settings, 1)
+    dead = WebhookDeliverer(db, settings, _render, owner="dead")
+    [row] = dead.claim(5)
+    with db.session() as session:  # the dead process's claim runs out
+        session.execute(update(WebhookDelivery).values(claim_expires_at=utcnow() - timedelta(seconds=1)))
+        session.commit()
+    alive = WebhookDeliverer(db, settings, _render, owner="alive")
+    [again] = alive.claim(5)
+    assert (again.id, again.attempts, again.claimed_by) == (row_id, 2, "alive")
+    dead._finish(row, "delivered", 200, None)  # too late: not its claim any more
+    assert _row(db, row_id).delivered_at is None and _row(db, row_id).claimed_by == "alive"
+
+
+def test_backoff_schedule(settings: Any) -> None:
+    from api.http.webhooks import MAX_BACKOFF_S, backoff_s
+
+    s = settings.model_copy(update={"webhook_backoff_s": 2.0})
+    assert [backoff_s(s, n) for n in (1, 2, 3, 4, 5)] == [2.0, 4.0, 8.0, 16.0, 32.0]
+    assert backoff_s(s, 40) == MAX_BACKOFF_S
+
+
+@pytest.mark.parametrize(("answer", "outcome"), [
+    (200, "delivered"), (204, "delivered"), (500, "retry"), (503, "retry"), (429, "retry"), (408, "retry"),
+    (400, "final"), (404, "final"), (410, "final"),
+])
+async def test_status_decides_retry_or_final(db: Database, settings: Any, answer: int, outcome: str) -> None:
+    import httpx  # noqa: F401 - the same exception types as the real post
+
+    from api.db.tables import utcnow
+    from api.http.webhooks import WebhookDeliverer
+
+    [row_id] = _outbox_rows(db, settings, 1)
+    post = ScriptedPost(answer)
+    deliverer = WebhookDeliverer(db, settings.model_copy(update={"webhook_backoff_s": 30.0}), _render, post=post)
+    before = utcnow()
+    assert await deliverer.run_once() == 1
+    row = _row(db, row_id)
+    assert row.last_status == answer and row.claimed_by is None and row.attempts == 1
+    if outcome == "delivered":
+        assert row.delivered_at is not None and row.failed_at is None
+    elif outcome == "retry":
+        assert row.delivered_at is None and row.failed_at is None
+        assert 29.0 <= (row.next_attempt_at - before).total_seconds() <= 60.0  # first backoff: 30 s
+        assert await deliverer.run_once() == 0  # not due before then
+    else:
+        assert row.failed_at is not None and row.last_error == f"HTTP {answer}"
+        assert await deliverer.run_once() == 0  # never again
+    assert len(post.calls) == 1
+
+
+async def test_network_errors_are_retried_until_max_attempts(db: Database, settings: Any) -> None:
+    import httpx
+
+    from api.http.webhooks import WebhookDeliverer
+    from api.metrics import Metrics
+
+    [row_id] = _outbox_rows(db, settings, 1)
+    post = ScriptedPost(httpx.ConnectError("refused"))
+    metrics = Metrics()
+    deliverer = WebhookDeliverer(db, settings.model_copy(update={"webhook_backoff_s": 0.0, "webhook_max_attempts": 3}),
+                                 _render, post=post, metrics=metrics)
+    for _ in range(5):  # bounded; backoff 0 makes each retry due at once
+        await deliverer.run_once()
+    row = _row(db, row_id)
+    assert len(post.calls) == 3 and row.attempts == 3 and row.failed_at is not None
+    assert row.last_error == "network error (ConnectError)"
+    assert len({h["webhook-id"] for _, h, _ in post.calls}) == 1  # the same id on every try
+    assert metrics.webhooks.labels("failed")._value.get() == 1
+
+
+async def test_a_refused_url_fails_for_good_and_nothing_is_sent(db: Database, settings: Any,
+                                                               receiver_server: Any) -> None:
+    """The real egress policy (no allow-list): a loopback webhook is refused before any connect."""
+    from api.http.webhooks import WebhookDeliverer
+
+    receiver, srv = receiver_server()
+    [row_id] = _outbox_rows(db, settings, 1, url=f"{srv.url}/hook")
+    strict = settings.model_copy(update={"egress_allow_networks": [], "egress_allow_hosts": []})
+    deliverer = WebhookDeliverer(db, strict, _render)
+    assert await deliverer.run_once() == 1
+    row = _row(db, row_id)
+    assert row.failed_at is not None and row.attempts == 1 and row.last_status is None
+    assert row.last_error is not None and row.last_error.startswith("url_not_allowed")
+    assert await deliverer.run_once() == 0
+    assert receiver.received == []  # the listener counted no hit
+
+
+async def test_the_signature_verifies_with_the_standardwebhooks_library(db: Database, settings: Any) -> None:
+    from api.db.tables import User
+    from api.http.webhooks import WebhookDeliverer
+
+    [row_id] = _outbox_rows(db, settings, 1)
+    post = ScriptedPost(200)
+    await WebhookDeliverer(db, settings, _render, post=post).run_once()
+    [(_, headers, body)] = post.calls
+    row = _row(db, row_id)
+    with db.read() as session:
+        user = session.get(User, row.user_id)
+    assert user is not None
+    assert Webhook(user.webhook_secret).verify(body, headers) == {"id": row.job_id, "status": "queued"}
+    assert headers["webhook-id"] == row_id
+
+
+def test_finished_rows_are_pruned_after_the_retention(db: Database, settings: Any) -> None:
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from api.db.tables import utcnow
+    from api.http.webhooks import WebhookDeliverer
+
+    old, recent, pending = _outbox_rows(db, settings, 3)
+    with db.session() as session:
+        session.execute(update(WebhookDelivery).where(WebhookDelivery.id == old)
+                        .values(delivered_at=utcnow() - timedelta(days=8)))
+        session.execute(update(WebhookDelivery).where(WebhookDelivery.id == recent)
+                        .values(failed_at=utcnow() - timedelta(hours=1)))
+        session.commit()
+    assert WebhookDeliverer(db, settings, _render).prune() == 1
+    with db.read() as session:
+        left = set(session.execute(select(WebhookDelivery.id)).scalars())
+    assert left == {recent, pending}

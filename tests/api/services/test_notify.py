@@ -1,0 +1,184 @@
+"""The cross-process signal: delivered after commit (never on rollback), to every process.
+
+On PostgreSQL the two notifiers use separate ``Database`` objects (separate pools and listener
+connections), as two API processes would. Every wait is bounded; nothing sleeps and hopes: a
+callback sets an ``asyncio.Event`` that the test awaits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import psycopg
+import pytest
+from sqlalchemy import text
+
+from api.db.engine import Database
+from api.services import notify
+from api.services.events import EventBus, record_event
+from api.services.notify import Notifier
+from api.settings import Settings
+
+WAIT_S = 10.0
+
+
+class Inbox:
+    """Collects messages of one kind; ``await inbox.next()`` waits (bounded) for the next one."""
+
+    def __init__(self) -> None:
+        self.messages: list[dict[str, Any]] = []
+        self._arrived = asyncio.Event()
+
+    def __call__(self, message: dict[str, Any]) -> None:
+        self.messages.append(message)
+        self._arrived.set()
+
+    async def wait_for(self, predicate: Any, timeout_s: float = WAIT_S) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            for message in self.messages:
+                if predicate(message):
+                    return message
+            self._arrived.clear()
+            left = deadline - loop.time()
+            if left <= 0:
+                raise TimeoutError(f"no matching message; got {self.messages}")
+            await asyncio.wait_for(self._arrived.wait(), timeout=left)
+
+
+@pytest.fixture
+async def sqlite_notifier(db: Database) -> AsyncIterator[Notifier]:
+    notifier = Notifier(db)
+    await notifier.start()
+    yield notifier
+    await notifier.stop()
+
+
+async def test_sqlite_signal_is_dispatched_after_commit_only(db: Database, sqlite_notifier: Notifier) -> None:
+    inbox = Inbox()
+    sqlite_notifier.subscribe("webhooks", inbox)
+    with db.session() as session:
+        notify.signal(session, "webhooks", {"job": "job_rolled_back"})
+        session.rollback()
+    with db.session() as session:
+        notify.signal(session, "webhooks", {"job": "job_1"})
+        assert inbox.messages == []  # not before the commit
+        session.commit()
+    message = await inbox.wait_for(lambda m: m.get("job") == "job_1")
+    assert message == {"k": "webhooks", "job": "job_1"}
+    assert all(m.get("job") != "job_rolled_back" for m in inbox.messages)
+
+
+async def test_sqlite_signal_from_a_worker_thread_reaches_the_loop(db: Database, sqlite_notifier: Notifier) -> None:
+    inbox = Inbox()
+    sqlite_notifier.subscribe("events", inbox)
+
+    def commit_in_thread() -> None:
+        with db.session() as session:
+            record_event(session, "job_t", "progress", {"progress": 0.5})
+            session.commit()
+
+    await asyncio.to_thread(commit_in_thread)
+    assert (await inbox.wait_for(lambda m: m.get("job") == "job_t"))["type"] == "progress"
+
+
+def test_a_subscriber_that_raises_does_not_stop_the_others(db: Database) -> None:
+    notifier = Notifier(db)
+    got: list[dict[str, Any]] = []
+
+    def broken(_message: dict[str, Any]) -> None:
+        raise RuntimeError("boom")
+
+    notifier.subscribe("events", broken)
+    notifier.subscribe("events", got.append)
+    notifier.dispatch({"k": "events", "job": "j"})
+    assert got == [{"k": "events", "job": "j"}]
+
+
+# PostgreSQL ------------------------------------------------------------------------------------
+@pytest.fixture
+async def pg_pair(pg_url: str, settings: Settings) -> AsyncIterator[tuple[Database, Notifier, Database, Notifier]]:
+    """Two 'processes': each its own Database and listening Notifier on one PostgreSQL database."""
+    pg_settings = settings.model_copy(update={"database_url": pg_url})
+    db_a, db_b = Database(pg_settings), Database(pg_settings)
+    db_a.migrate()
+    a, b = Notifier(db_a), Notifier(db_b)
+    await a.start()
+    await b.start()
+    assert a.listening and b.listening
+    yield db_a, a, db_b, b
+    await a.stop()
+    await b.stop()
+    db_a.dispose()
+    db_b.dispose()
+
+
+@pytest.mark.postgres
+async def test_pg_notification_reaches_the_other_process_at_commit(pg_pair: Any) -> None:
+    db_a, _a, _db_b, b = pg_pair
+    inbox = Inbox()
+    b.subscribe("events", inbox)
+    with db_a.session() as session:
+        record_event(session, "job_rb", "status", {"status": "queued"})
+        session.rollback()
+    with db_a.session() as session:
+        record_event(session, "job_pg", "progress", {"progress": 0.25})
+        session.commit()
+    message = await inbox.wait_for(lambda m: m.get("job") == "job_pg")
+    assert message["type"] == "progress"
+    assert all(m.get("job") != "job_rb" for m in inbox.messages)  # rolled back: never announced
+
+
+@pytest.mark.postgres
+async def test_pg_notification_wakes_an_sse_waiter_on_the_other_process(pg_pair: Any) -> None:
+    """What SSE and the runner's cancel watch rely on: the bus waiter of replica B is set by a
+    change committed on replica A (not by B's slow poll: there is none here)."""
+    db_a, _a, _db_b, b = pg_pair
+    bus_b = EventBus()
+    bus_b.bind(asyncio.get_running_loop())
+    b.subscribe("events", bus_b.on_notification)
+    waiter = bus_b.waiter("job_x")
+    other = bus_b.waiter("job_other")
+    with db_a.session() as session:
+        record_event(session, "job_x", "logs", {"message": "hello"})
+        session.commit()
+    await asyncio.wait_for(waiter.wait(), timeout=WAIT_S)
+    assert not other.is_set()  # only that job's readers wake
+    bus_b.release("job_x", waiter)
+    bus_b.release("job_other", other)
+
+
+@pytest.mark.postgres
+async def test_pg_listener_reconnects_and_wakes_everyone(pg_pair: Any, pg_url: str) -> None:
+    """The listening connection is killed (a database failover): the notifier reconnects with
+    backoff, wakes every subscriber (notifications meanwhile were missed), and receives again."""
+    db_a, _a, _db_b, b = pg_pair
+    inbox = Inbox()
+    b.subscribe("events", inbox)
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        killed = admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                               "WHERE datname = current_database() AND query LIKE 'LISTEN%%' "
+                               "AND pid <> pg_backend_pid()").fetchall()
+    assert killed, "no listening connection found"
+    inbox.messages.clear()
+    await inbox.wait_for(lambda m: m.get("reconnected") is True)
+    with db_a.session() as session:
+        record_event(session, "job_after", "status", {"status": "queued"})
+        session.commit()
+    await inbox.wait_for(lambda m: m.get("job") == "job_after")
+
+
+@pytest.mark.postgres
+def test_pg_payload_too_large_is_shrunk_not_refused(pg_url: str, settings: Settings) -> None:
+    database = Database(settings.model_copy(update={"database_url": pg_url}))
+    database.migrate()
+    try:
+        with database.session() as session:
+            notify.signal(session, "events", {"job": "j", "blob": "x" * 10_000})
+            session.execute(text("SELECT 1"))
+            session.commit()  # PostgreSQL refuses payloads >= 8000 bytes; the signal must not fail the change
+    finally:
+        database.dispose()
