@@ -120,6 +120,8 @@ class Settings(BaseSettings):
     # ZIP uploads: total uncompressed bytes of all members (the central directory is checked, then
     # enforced while reading, since headers can lie)
     max_upload_zip_bytes: int = 200 * 1024 * 1024
+    # one upload request (all its files): refused from Content-Length, or as soon as the stream passes it
+    max_upload_request_bytes: int = 200 * 1024 * 1024
 
     # outbound requests (image URLs, client webhooks, provider downloads): public addresses only,
     # unless a host name or a network (CIDR) is allow-listed here (development and tests)

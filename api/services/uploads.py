@@ -3,6 +3,15 @@
 The content is checked by decoding it, never trusted by name: the file size, the pixel count
 (decompression bombs) and the number of files are limited; ZIP entries that would escape their
 folder are refused; EXIF orientation is applied. Nothing is stored unless everything is valid.
+
+Limits are checked before the work they bound. :func:`read_multipart` parses the request body as
+it streams in (python-multipart's push parser): a declared ``Content-Length`` over the request
+cap is refused before a byte is read, the file count is checked when a part's headers arrive
+(before its body), and each part and the whole body are counted as they arrive, so memory is
+bounded by ``max_upload_request_bytes`` (and a part by its own cap), never by what a client sends.
+A ZIP's member count and total uncompressed size are checked from its central directory before
+any member is read, and enforced again while reading (headers can lie); an image's pixel count is
+read from its header before it is decoded.
 """
 
 from __future__ import annotations
@@ -11,14 +20,16 @@ import io
 import logging
 import posixpath
 import zipfile
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image, ImageOps, UnidentifiedImageError
+from python_multipart.multipart import MultipartParseError, MultipartParser, parse_options_header
 from sqlalchemy import select
 from sqlmodel import Session
 
-from api.core.errors import InvalidInput, NotFound
+from api.core.errors import CineWeaveError, InvalidInput, NotFound
 from api.db.engine import Database
 from api.db.tables import Upload, User, new_id
 from api.settings import Settings
@@ -27,6 +38,116 @@ from api.storage.base import Storage
 logger = logging.getLogger(__name__)
 
 IMAGE_FORMATS = {"JPEG": ("image/jpeg", "jpg"), "PNG": ("image/png", "png"), "WEBP": ("image/webp", "webp")}
+ZIP_MAGIC = b"PK\x03\x04"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+READ_CHUNK = 64 * 1024
+
+
+class PayloadTooLarge(CineWeaveError):
+    """An upload (or a part, or a ZIP's content) over its byte limit."""
+
+    code, status = "payload_too_large", 413
+
+
+def zip_file_limit(settings: Settings) -> int:
+    """Bytes a ZIP file itself may have (compressed); its content is bounded by max_upload_zip_bytes."""
+    return settings.max_upload_bytes * 10
+
+
+# streaming multipart -------------------------------------------------------------------------
+@dataclass
+class _Part:
+    name: str = ""
+    filename: str | None = None
+    data: bytearray = field(default_factory=bytearray)
+    limit: int = 0
+
+
+class _UploadStream:
+    """Callbacks for python-multipart's push parser that enforce the limits as bytes arrive."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.files: list[tuple[str, bytes]] = []
+        self.part = _Part()
+        self.header_field = b""
+        self.header_value = b""
+        self.headers: dict[bytes, bytes] = {}
+
+    def on_part_begin(self) -> None:
+        self.part = _Part()
+        self.headers = {}
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self.header_field += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self.header_value += data[start:end]
+
+    def on_header_end(self) -> None:
+        self.headers[self.header_field.lower()] = self.header_value
+        self.header_field = self.header_value = b""
+
+    def on_headers_finished(self) -> None:
+        _kind, options = parse_options_header(self.headers.get(b"content-disposition", b""))
+        self.part.name = options.get(b"name", b"").decode("utf-8", "replace")
+        filename = options.get(b"filename")
+        self.part.filename = filename.decode("utf-8", "replace") if filename is not None else None
+        if self.part.name == "file":
+            if len(self.files) + 1 > self.settings.max_upload_files:  # before this file's body
+                raise InvalidInput(f"more than {self.settings.max_upload_files} files; the limit is "
+                                   f"{self.settings.max_upload_files}",
+                                   {"max_files": self.settings.max_upload_files}, code="too_many_files")
+            self.part.limit = zip_file_limit(self.settings)  # narrowed once the first bytes say what it is
+        else:
+            self.part.limit = 64 * 1024  # other form fields are ignored; keep them small
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        part = self.part
+        part.data += data[start:end]
+        if part.name == "file" and len(part.data) >= 4 and part.data[:4] != ZIP_MAGIC:
+            part.limit = self.settings.max_upload_bytes
+        if len(part.data) > part.limit:
+            name = part.filename or part.name or "file"
+            raise PayloadTooLarge(f"{name} is larger than {part.limit} bytes", {"file": name, "max_bytes": part.limit})
+
+    def on_part_end(self) -> None:
+        if self.part.name == "file":
+            self.files.append((self.part.filename or "file", bytes(self.part.data)))
+        self.part = _Part()
+
+
+async def read_multipart(chunks: AsyncIterator[bytes], content_type: str, content_length: str | None,
+                         settings: Settings) -> list[tuple[str, bytes]]:
+    """The ``file`` parts of a multipart/form-data body, read with every limit enforced as it streams."""
+    cap = settings.max_upload_request_bytes
+    if content_length is not None:
+        try:
+            declared = int(content_length)
+        except ValueError:
+            raise InvalidInput("bad Content-Length", code="invalid_input") from None
+        if declared > cap:
+            raise PayloadTooLarge(f"the request is {declared} bytes; the limit is {cap}", {"max_bytes": cap})
+    kind, options = parse_options_header(content_type or "")
+    boundary = options.get(b"boundary")
+    if kind != b"multipart/form-data" or not boundary:
+        raise InvalidInput("send the files as multipart/form-data (field 'file')", {"field": "file"})
+    sink = _UploadStream(settings)
+    callbacks = {name: getattr(sink, name) for name in (
+        "on_part_begin", "on_header_field", "on_header_value", "on_header_end", "on_headers_finished",
+        "on_part_data", "on_part_end")}
+    parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+    received = 0
+    try:
+        async for chunk in chunks:
+            received += len(chunk)
+            if received > cap:
+                raise PayloadTooLarge(f"the request is more than {cap} bytes", {"max_bytes": cap})
+            parser.write(chunk)
+        parser.finalize()
+    except MultipartParseError:
+        raise InvalidInput("the multipart body is malformed", {"field": "file"}) from None
+    return sink.files
 
 
 @dataclass(frozen=True)
@@ -43,9 +164,10 @@ def check_image(data: bytes, settings: Settings, name: str = "file") -> CheckedI
     if not data:
         raise InvalidInput(f"{name} is empty", {"file": name}, code="invalid_upload")
     if len(data) > settings.max_upload_bytes:
-        raise InvalidInput(f"{name} is larger than {settings.max_upload_bytes} bytes",
-                           {"file": name, "max_bytes": settings.max_upload_bytes}, code="upload_too_large")
+        raise PayloadTooLarge(f"{name} is larger than {settings.max_upload_bytes} bytes",
+                              {"file": name, "max_bytes": settings.max_upload_bytes})
     try:
+        # Image.open reads the header only: the size is known before anything is decoded.
         with Image.open(io.BytesIO(data)) as probe:
             fmt = probe.format or ""
             width, height = probe.size
@@ -91,22 +213,43 @@ def _safe_entry(name: str) -> str | None:
     return norm
 
 
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int, budget: list[int]) -> bytes:
+    """A member's bytes, cut at ``limit`` and at what is left of the ZIP's budget (sizes can lie)."""
+    out = bytearray()
+    with archive.open(info) as member:
+        while chunk := member.read(READ_CHUNK):
+            out += chunk
+            budget[0] -= len(chunk)
+            if len(out) > limit:
+                raise PayloadTooLarge(f"ZIP entry {info.filename} is larger than {limit} bytes",
+                                      {"entry": info.filename, "max_bytes": limit})
+            if budget[0] < 0:
+                raise PayloadTooLarge("the ZIP's content is larger than its limit", {"entry": info.filename})
+    return bytes(out)
+
+
 def check_zip(data: bytes, settings: Settings) -> tuple[list[tuple[str, CheckedImage, str | None]], int]:
-    """Images of a dataset ZIP with their sidecar captions. Returns (items, skipped_entries)."""
-    if len(data) > settings.max_upload_bytes * 10:
-        raise InvalidInput("the ZIP is too large", {"max_bytes": settings.max_upload_bytes * 10},
-                           code="upload_too_large")
+    """Images of a dataset ZIP with their sidecar captions. Returns (items, skipped_entries).
+
+    Everything the central directory says is checked before a member is read: member count,
+    paths, image count, each size and the total uncompressed size.
+    """
+    if len(data) > zip_file_limit(settings):
+        raise PayloadTooLarge("the ZIP is too large", {"max_bytes": zip_file_limit(settings)})
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
-    except zipfile.BadZipFile:
+    except (zipfile.BadZipFile, ValueError, OSError):
         raise InvalidInput("not a valid ZIP file", code="invalid_upload") from None
-    images: dict[str, CheckedImage] = {}
-    captions: dict[str, str] = {}
-    skipped = 0
     with archive:
-        for info in archive.infolist():
-            if info.is_dir():
-                continue
+        infos = [info for info in archive.infolist() if not info.is_dir()]
+        # An image and its caption per file, and some room for clutter (.DS_Store, __MACOSX).
+        max_members = settings.max_upload_files * 2 + 16
+        if len(infos) > max_members:
+            raise InvalidInput(f"the ZIP holds {len(infos)} entries; the limit is {max_members}",
+                               {"max_files": settings.max_upload_files}, code="too_many_files")
+        plan: list[tuple[zipfile.ZipInfo, str, str]] = []  # (info, path, "image" | "caption")
+        skipped = 0
+        for info in infos:
             path = _safe_entry(info.filename)
             if path is None:
                 raise InvalidInput(f"ZIP entry {info.filename!r} escapes its folder",
@@ -115,20 +258,40 @@ def check_zip(data: bytes, settings: Settings) -> tuple[list[tuple[str, CheckedI
             if base.startswith(".") or path.startswith("__MACOSX/"):
                 skipped += 1
                 continue
-            stem, ext = posixpath.splitext(path)
-            if info.file_size > settings.max_upload_bytes:
-                raise InvalidInput(f"ZIP entry {path} is too large", {"entry": path}, code="upload_too_large")
-            if ext.lower() == ".txt":
-                captions[stem] = archive.read(info).decode("utf-8", errors="replace").strip()[:1000]
-            elif ext.lower() in (".jpg", ".jpeg", ".png", ".webp"):
-                images[stem] = check_image(archive.read(info), settings, name=path)
+            ext = posixpath.splitext(path)[1].lower()
+            if ext == ".txt":
+                plan.append((info, path, "caption"))
+            elif ext in IMAGE_EXTENSIONS:
+                if info.file_size > settings.max_upload_bytes:
+                    raise PayloadTooLarge(f"ZIP entry {path} is too large",
+                                          {"entry": path, "max_bytes": settings.max_upload_bytes})
+                plan.append((info, path, "image"))
             else:
                 skipped += 1
-    if not images:
-        raise InvalidInput("the ZIP holds no JPEG, PNG or WebP images", code="invalid_upload")
-    if len(images) > settings.max_upload_files:
-        raise InvalidInput(f"the ZIP holds {len(images)} images; the limit is {settings.max_upload_files}",
-                           {"max_files": settings.max_upload_files}, code="too_many_files")
+        n_images = sum(1 for _, _, what in plan if what == "image")
+        if not n_images:
+            raise InvalidInput("the ZIP holds no JPEG, PNG or WebP images", code="invalid_upload")
+        if n_images > settings.max_upload_files:
+            raise InvalidInput(f"the ZIP holds {n_images} images; the limit is {settings.max_upload_files}",
+                               {"max_files": settings.max_upload_files}, code="too_many_files")
+        declared = sum(info.file_size for info, _, _ in plan)
+        if declared > settings.max_upload_zip_bytes:
+            raise PayloadTooLarge(f"the ZIP's content is {declared} bytes; the limit is "
+                                  f"{settings.max_upload_zip_bytes}", {"max_bytes": settings.max_upload_zip_bytes})
+        budget = [settings.max_upload_zip_bytes]
+        images: dict[str, CheckedImage] = {}
+        captions: dict[str, str] = {}
+        try:
+            for info, path, what in plan:
+                stem = posixpath.splitext(path)[0]
+                if what == "caption":
+                    text = _read_member(archive, info, 64 * 1024, budget)
+                    captions[stem] = text.decode("utf-8", errors="replace").strip()[:1000]
+                else:
+                    images[stem] = check_image(_read_member(archive, info, settings.max_upload_bytes, budget),
+                                               settings, name=path)
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError, OSError):
+            raise InvalidInput("a ZIP entry could not be read", code="invalid_upload") from None
     return [(stem, img, captions.get(stem)) for stem, img in sorted(images.items())], skipped
 
 
@@ -149,7 +312,7 @@ class UploadService:
         for filename, data in files:
             upload_id = new_id("upl")
             prefix = f"uploads/{user.id}/{upload_id}"
-            if data[:4] == b"PK\x03\x04":
+            if data[:4] == ZIP_MAGIC:
                 items, skipped = check_zip(data, self.settings)
                 blobs = []
                 entries: list[dict[str, Any]] = []

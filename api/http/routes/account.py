@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, File, Query, UploadFile
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 
 from api.core import ledger
-from api.core.errors import InvalidInput
 from api.db.tables import User
 from api.http.deps import current_user, get_state
 from api.http.schemas import ApiKeyCreate, iso, ledger_view, upload_view
 from api.http.state import AppState
 from api.services import users
+from api.services.uploads import read_multipart
 
 router = APIRouter(prefix="/v1")
 
@@ -76,16 +76,18 @@ def rotate_webhook_secret(user: User = Depends(current_user), state: AppState = 
         return {"webhook_secret": row.webhook_secret}
 
 
-@router.post("/uploads", tags=["uploads"], status_code=201)
-async def create_upload(file: list[UploadFile] = File(..., description="one or more images, or one ZIP"),
-                        user: User = Depends(current_user), state: AppState = Depends(get_state)) -> dict[str, Any]:
-    limit = state.settings.max_upload_bytes * 10
-    files: list[tuple[str, bytes]] = []
-    for item in file:
-        data = await item.read(limit + 1)
-        if len(data) > limit:
-            raise InvalidInput(f"{item.filename} is too large", code="upload_too_large")
-        files.append((item.filename or "file", data))
+_UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file"],
+    "properties": {"file": {"type": "array", "items": {"type": "string", "format": "binary"},
+                            "description": "one or more images, or one ZIP"}}}}}}}
+
+
+@router.post("/uploads", tags=["uploads"], status_code=201, openapi_extra=_UPLOAD_BODY)
+async def create_upload(request: Request, user: User = Depends(current_user),
+                        state: AppState = Depends(get_state)) -> dict[str, Any]:
+    """Multipart field ``file``. The body is parsed as it streams in, limits checked on the way."""
+    files = await read_multipart(request.stream(), request.headers.get("content-type", ""),
+                                 request.headers.get("content-length"), state.settings)
     uploads = await run_in_threadpool(state.uploads.create, user, files)
     views = [upload_view(u, state.storage, state.settings.url_ttl_s) for u in uploads]
     return {**views[0], "data": views}

@@ -116,7 +116,7 @@ async def test_exif_orientation_is_applied(h: ApiHarness) -> None:
     ("GIF", [("anim.gif", image_bytes("GIF"), "image/gif")], "invalid_upload"),
     ("over the pixel limit", [("big.png", image_bytes("PNG", (1100, 1000)), "image/png")], "image_too_large"),
     ("decompression bomb", [("bomb.png", bomb_png(), "image/png")], "image_too_large"),
-    ("over the byte limit", [("huge.bmp", b"BM" + b"\x00" * 250_000, "image/bmp")], "upload_too_large"),
+    ("over the byte limit", [("huge.bmp", b"BM" + b"\x00" * 250_000, "image/bmp")], "payload_too_large"),
     ("ZIP escaping its folder", [("d.zip", zip_bytes({"../evil.png": image_bytes("PNG")}), "application/zip")],
      "invalid_upload"),
     ("ZIP with an absolute path", [("d.zip", zip_bytes({"/etc/evil.png": image_bytes("PNG")}), "application/zip")],

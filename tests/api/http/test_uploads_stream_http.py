@@ -1,0 +1,81 @@
+"""``POST /v1/uploads`` streams: the limits answer 413 before the body is read, nothing is stored."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from api.db.tables import Upload
+from tests.api.services.test_uploads_limits import CTYPE, END, part_head, png
+from tests.fixtures.harness import ApiHarness, bearer
+
+
+@pytest.fixture
+async def h(make_api: Any) -> ApiHarness:
+    return await make_api(run_runner=False, max_upload_bytes=10_000, max_upload_files=2,
+                          max_upload_request_bytes=50_000)
+
+
+def stored(h: ApiHarness) -> tuple[int, list[str]]:
+    with h.db.read() as s:
+        return s.execute(select(func.count()).select_from(Upload)).scalar_one(), h.storage.list("uploads")
+
+
+class Counting:
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks, self.pulled = chunks, 0
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for chunk in self.chunks:
+            self.pulled += 1
+            yield chunk
+
+
+async def test_declared_length_over_the_cap_is_413(h: ApiHarness) -> None:
+    user = h.user()
+    body = part_head() + png() + b"\r\n" + END
+    r = await h.client.post("/v1/uploads", content=body, headers={
+        **bearer(user.api_key), "content-type": CTYPE, "content-length": str(60_000)})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+    assert stored(h) == (0, [])
+
+
+async def test_chunked_body_over_a_part_limit_is_cut_short(h: ApiHarness) -> None:
+    user = h.user()
+    body = Counting([part_head(), b"\x89PNG" + b"\0" * 8_000] + [b"\0" * 8_000] * 20 + [b"\r\n", END])
+    r = await h.client.post("/v1/uploads", content=body, headers={**bearer(user.api_key), "content-type": CTYPE})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+    assert body.pulled < 5  # refused a few chunks in, not after the 160 kB were sent
+    assert stored(h) == (0, [])
+
+
+async def test_too_many_files_is_refused_before_their_bodies(h: ApiHarness) -> None:
+    user = h.user()
+    image = png()
+    chunks: list[bytes] = []
+    for i in range(3):
+        chunks += [part_head(filename=f"{i}.png"), image, b"\r\n"]
+    body = Counting(chunks + [END])
+    r = await h.client.post("/v1/uploads", content=body, headers={**bearer(user.api_key), "content-type": CTYPE})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "too_many_files"
+    assert body.pulled == 7  # the third file's body was never read
+    assert stored(h) == (0, [])
+
+
+async def test_unauthenticated_upload_is_not_read(h: ApiHarness) -> None:
+    body = Counting([part_head(), png(), b"\r\n", END])
+    r = await h.client.post("/v1/uploads", content=body, headers={"content-type": CTYPE})
+    assert r.status_code == 401
+    assert body.pulled == 0
+
+
+async def test_multipart_upload_still_works(h: ApiHarness) -> None:
+    user = h.user()
+    r = await h.client.post("/v1/uploads", files=[("file", ("a.png", png(), "image/png")),
+                                                  ("file", ("b.png", png(), "image/png"))],
+                            headers=bearer(user.api_key))
+    assert r.status_code == 201, r.text
+    assert len(r.json()["data"]) == 2 and stored(h)[0] == 2
