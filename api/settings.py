@@ -98,6 +98,9 @@ class Settings(BaseSettings):
     # tests only: a directory through which tests hold a generation at a step until they release
     # it (serve.testhooks); None (the default) turns the hook off. Never set in production.
     test_hooks_dir: str | None = None
+    # `cineweave up` stopping its own Ray: how long it waits for the replicas' queued and running
+    # generations to finish (and store their results) before shutting Serve down
+    replica_drain_s: float = 120.0
     api_url: str = "http://127.0.0.1:8000"
     api_key: str | None = None
 

@@ -135,7 +135,15 @@ class EmbeddedStack:
             self.build_tiny()
         self.deploy()
 
-    def stop(self) -> None:
+    def stop(self, drain_s: float | None = None) -> None:
+        """Stop what this stack started, without cancelling replica work.
+
+        A joined Ray is left running. A Ray this stack started (``cineweave up``) goes down with
+        it, but only after its replicas finished the generations they hold (bounded by
+        ``drain_s``, default the ``replica_drain_s`` setting): the API stopped first and only let
+        go of its streams, the replicas store each result beside its outputs, and the next ``up``
+        collects them when it reclaims the jobs instead of running them again.
+        """
         import ray
         from ray import serve
 
@@ -146,11 +154,41 @@ class EmbeddedStack:
             # and the apps on it may serve other API instances, so leave them running.
             logger.info("leaving Serve running on the Ray this stack joined")
             return
+        self.drain(self.settings.replica_drain_s if drain_s is None else drain_s)
         try:
             serve.shutdown()
         except Exception:  # noqa: BLE001 - shutting down anyway
             logger.exception("serve shutdown failed")
         ray.shutdown()
+
+    def active_runs(self) -> dict[str, int]:
+        """Queued and running generations per model, as the replicas report them."""
+        from serve.executor import TRAINER_KEY
+
+        with self._lock:
+            handles = {m: h for m, h in self.handles.items() if m != TRAINER_KEY}
+        active: dict[str, int] = {}
+        for model, handle in handles.items():
+            try:
+                jobs = handle.stats.remote().result(timeout_s=30).get("jobs", {})
+            except Exception as exc:  # noqa: BLE001 - a replica that cannot answer holds nothing we can wait for
+                logger.warning("%s: no stats (%s)", model, exc)
+                continue
+            count = sum(1 for j in jobs.values() if j.get("state") in ("queued", "running"))
+            if count:
+                active[model] = count
+        return active
+
+    def drain(self, timeout_s: float, poll_s: float = 0.5) -> bool:
+        """Wait (bounded) until no replica has a queued or running generation; True if none left."""
+        deadline = time.monotonic() + timeout_s
+        while active := self.active_runs():
+            if time.monotonic() >= deadline:
+                logger.warning("stopping with generations still running: %s", active)
+                return False
+            logger.info("waiting for the replicas to finish: %s", active)
+            time.sleep(poll_s)
+        return True
 
     # the executor the API uses ------------------------------------------------------------
     def executor(self) -> Executor:
