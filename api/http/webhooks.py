@@ -28,7 +28,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import and_, delete, func, or_, select, update
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from api.db.engine import Database, is_postgres
@@ -142,8 +142,12 @@ class WebhookDeliverer:
             if done:
                 continue  # there may be more due
             self._wake.clear()
+            try:
+                wait_s = await asyncio.to_thread(self._next_due_in, self.settings.webhook_poll_s)
+            except Exception:  # noqa: BLE001 - fall back to the slow poll
+                wait_s = self.settings.webhook_poll_s
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self.settings.webhook_poll_s)
+                await asyncio.wait_for(self._wake.wait(), timeout=wait_s)
 
     # one round ------------------------------------------------------------------------------
     async def run_once(self, limit: int | None = None) -> int:
@@ -257,6 +261,16 @@ class WebhookDeliverer:
                 WebhookDelivery.delivered_at.is_(None), WebhookDelivery.failed_at.is_(None),
                 or_(WebhookDelivery.next_attempt_at <= now, WebhookDelivery.claimed_by.is_not(None)))
                 .limit(1)).first() is not None
+
+    def _next_due_in(self, at_most_s: float) -> float:
+        """Seconds until the earliest pending retry (or a claim expiry) is due, at most ``at_most_s``."""
+        now = utcnow()
+        with self.db.read() as session:
+            pending = and_(WebhookDelivery.delivered_at.is_(None), WebhookDelivery.failed_at.is_(None))
+            soonest = [session.execute(select(func.min(column)).where(pending)).scalar()
+                       for column in (WebhookDelivery.next_attempt_at, WebhookDelivery.claim_expires_at)]
+        waits = [(t - now).total_seconds() for t in soonest if t is not None]
+        return max(0.01, min([at_most_s, *waits]))
 
     def prune(self) -> int:
         """Forget finished rows (delivered or failed) older than ``webhook_retention_s``."""

@@ -60,3 +60,40 @@ class WebhookSink:
                                            "message": "webhook signature or timestamp is invalid"}},
                                 status_code=401)
         return JSONResponse({"ok": True})
+
+
+class CountingReceiver:
+    """A client's webhook endpoint (``POST /hook``) that counts deliveries by ``webhook-id``.
+
+    Built around a :class:`ServerThread` whose socket is bound at construction and only listens
+    once started: before :meth:`start`, a delivery is refused at connect ("the receiver is down").
+    """
+
+    def __init__(self) -> None:
+        self.received: list[tuple[dict[str, str], bytes]] = []
+        self.server = ServerThread(Starlette(routes=[Route("/hook", self._hook, methods=["POST"])]),
+                                   name="webhook-receiver")
+        self.started = False
+
+    @property
+    def url(self) -> str:
+        return f"{self.server.url}/hook"
+
+    def start(self) -> CountingReceiver:
+        self.server.start()
+        self.started = True
+        return self
+
+    def stop(self) -> None:
+        if self.started:
+            self.server.stop()
+
+    def counts(self) -> dict[str, int]:
+        counted: dict[str, int] = {}
+        for headers, _ in list(self.received):
+            counted[headers.get("webhook-id", "")] = counted.get(headers.get("webhook-id", ""), 0) + 1
+        return counted
+
+    async def _hook(self, request: Request) -> Response:
+        self.received.append((dict(request.headers), await request.body()))
+        return JSONResponse({"ok": True})
