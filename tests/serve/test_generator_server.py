@@ -1,7 +1,9 @@
-"""``GeneratorServer`` as a plain class (no Ray): how it forms batches, streams and cancels.
+"""``GeneratorServer`` as a plain class (no Ray): how it forms batches, streams, cancels, and
+keeps each job's run for callers that attach.
 
-The pipeline is a stand-in that takes a fixed time per call, so the batching behaviour is visible
-and fast; the real pipeline and the real Serve path are covered by ``test_serving_ray.py``.
+The pipeline is a stand-in that takes a short time per call and can be held after its first step
+(``gate``), so a test acts while a batch runs without depending on the machine's speed; the real
+pipeline and the real Serve path are covered by ``test_serving_ray.py``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ class FakeGenerator:
     def __init__(self) -> None:
         self.call_s = CALL_S
         self.calls: list[int] = []
+        self.gate = threading.Event()
+        """Cleared: each call stops after its first step until the test sets it (bounded, 10 s)."""
+        self.gate.set()
         self._lock = threading.Lock()
 
     def generate(self, batch: list[dict[str, Any]], on_step: Any = None, should_cancel: Any = None,
@@ -40,6 +45,8 @@ class FakeGenerator:
                 time.sleep(self.call_s / 3)
                 if on_step:
                     on_step(step + 1, 3)
+                if step == 0:
+                    self.gate.wait(10)
                 if should_cancel and should_cancel():
                     raise GenerationCanceled("canceled")
             return [GeneratedMedia(kind="image", width=8, height=8, seed=int(r.get("seed") or 0),
@@ -72,15 +79,32 @@ async def collect(server: Server, req: dict[str, Any]) -> list[dict[str, Any]]:
     return [event async for event in server.generate(req)]
 
 
+async def until(check: Any, timeout_s: float = 5.0) -> None:
+    """Wait (bounded) until ``check()`` is true."""
+    for _ in range(int(timeout_s / 0.01)):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached")
+
+
+async def held_first(server: Server, req: dict[str, Any]) -> asyncio.Task[list[dict[str, Any]]]:
+    """Start ``req`` with the pipeline held after its first step; returns once it is running."""
+    server.generator.gate.clear()
+    task = asyncio.create_task(collect(server, req))
+    await until(lambda: server.generator.calls)
+    return task
+
+
 async def test_requests_arriving_while_a_batch_runs_form_one_batch(server: Server) -> None:
     """Ray's @serve.batch split these by arrival time (1, 1, 1, …); they must run as one batch."""
-    server.generator.call_s = 1.0
-    first = asyncio.create_task(collect(server, request(0)))
-    await asyncio.sleep(0.1)  # the first batch (of one) is running
+    first = await held_first(server, request(0))  # the first batch (of one) is running
     later = []
-    for i in range(1, 7):  # spaced wider than batch_wait_timeout_s
+    for i in range(1, 7):  # spaced wider than batch_wait_timeout_s (the first batch is held meanwhile)
         later.append(asyncio.create_task(collect(server, request(i))))
         await asyncio.sleep(0.03 + 0.05)
+    await until(lambda: server.stats()["queued"] == 6)
+    server.generator.gate.set()
     results = await asyncio.wait_for(asyncio.gather(first, *later), timeout=10)
     assert server.batch_sizes == [1, 6]
     assert server.generator.calls == [1, 6]
@@ -109,11 +133,11 @@ async def _no_adapters(set_id: str) -> list[Any]:
 
 
 async def test_a_queued_job_canceled_explicitly_never_runs(server: Server) -> None:
-    first = asyncio.create_task(collect(server, request(0)))
-    await asyncio.sleep(0.1)
+    first = await held_first(server, request(0))
     queued = asyncio.create_task(collect(server, request(1)))
-    await asyncio.sleep(0.1)
+    await until(lambda: server.stats()["queued"] == 1)
     assert await server.cancel("job_1") is True
+    server.generator.gate.set()
     events = await asyncio.wait_for(queued, timeout=5)
     assert events[-1]["type"] == "error" and events[-1]["code"] == "canceled"
     await asyncio.wait_for(first, timeout=5)
@@ -124,9 +148,9 @@ async def test_a_queued_job_canceled_explicitly_never_runs(server: Server) -> No
 
 
 async def test_a_running_batch_stops_when_all_its_jobs_are_canceled(server: Server) -> None:
-    task = asyncio.create_task(collect(server, request(0)))
-    await asyncio.sleep(0.1)
+    task = await held_first(server, request(0))
     assert await server.cancel("job_0")
+    server.generator.gate.set()
     events = await asyncio.wait_for(task, timeout=5)
     assert events[-1]["code"] == "canceled"
     assert server.generator.calls == [1]
@@ -138,13 +162,15 @@ async def test_a_running_batch_stops_when_all_its_jobs_are_canceled(server: Serv
 
 async def test_a_caller_that_goes_away_does_not_stop_the_run(server: Server) -> None:
     """Replica-owned: closing the stream (API restart, SIGKILL) only stops listening."""
-    task = asyncio.create_task(collect(server, request(0)))
-    await asyncio.sleep(0.1)
+    task = await held_first(server, request(0))
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     # the job's next attempt attaches: it gets the rest and the result; the pipeline ran once
-    events = await asyncio.wait_for(collect(server, request(0, attempt=2)), timeout=5)
+    retry = asyncio.create_task(collect(server, request(0, attempt=2)))
+    await until(lambda: server.stats()["attaches"] == {"job_0": 1})
+    server.generator.gate.set()
+    events = await asyncio.wait_for(retry, timeout=5)
     types = [e["type"] for e in events]
     assert types[-2:] == ["output", "done"] and types.count("stage") >= 1, types
     assert server.generator.calls == [1]
@@ -162,9 +188,9 @@ async def test_an_attach_to_a_finished_run_gets_the_result_at_once(server: Serve
 
 
 async def test_a_failed_or_canceled_run_is_not_reused(server: Server) -> None:
-    task = asyncio.create_task(collect(server, request(0)))
-    await asyncio.sleep(0.1)
+    task = await held_first(server, request(0))
     await server.cancel("job_0")
+    server.generator.gate.set()
     await asyncio.wait_for(task, timeout=5)
     events = await asyncio.wait_for(collect(server, request(0, attempt=2)), timeout=5)
     assert events[-1]["type"] == "done"
