@@ -20,6 +20,7 @@ import asyncio
 import ipaddress
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -94,6 +95,8 @@ class EgressPolicy:
     max_redirects: int = 3
     timeout_s: float = 20.0
     resolve: Resolver = field(default=default_resolve, compare=False)
+    # TLS trust for https (None: the system's CAs); the certificate is verified against the URL's name
+    ssl_context: ssl.SSLContext | None = field(default=None, compare=False)
 
     @classmethod
     def from_settings(cls, settings: Settings, *, resolve: Resolver | None = None) -> EgressPolicy:
@@ -253,20 +256,37 @@ class _PinnedAsyncBackend(httpcore.AsyncNetworkBackend):
 
 
 class PinnedTransport(httpx.HTTPTransport):
-    """An httpx transport whose every connection goes to one checked address."""
+    """An httpx transport whose every connection goes to one checked address.
 
-    def __init__(self, address: str, port: int) -> None:
+    httpcore still does TLS with the URL's host name (SNI and certificate check) and httpx sends
+    it as ``Host``; only the TCP connect is redirected to the pinned address.
+    """
+
+    def __init__(self, address: str, port: int, ssl_context: ssl.SSLContext | None = None) -> None:
         super().__init__(retries=0)
-        self._pool = httpcore.ConnectionPool(ssl_context=httpx.create_ssl_context(), max_connections=1,
+        self._pool = httpcore.ConnectionPool(ssl_context=ssl_context or httpx.create_ssl_context(),
+                                             max_connections=1,
                                              retries=0, network_backend=_PinnedBackend(address, port))
 
 
 class AsyncPinnedTransport(httpx.AsyncHTTPTransport):
-    def __init__(self, address: str, port: int) -> None:
+    def __init__(self, address: str, port: int, ssl_context: ssl.SSLContext | None = None) -> None:
         super().__init__(retries=0)
-        self._pool = httpcore.AsyncConnectionPool(ssl_context=httpx.create_ssl_context(), max_connections=1,
+        self._pool = httpcore.AsyncConnectionPool(ssl_context=ssl_context or httpx.create_ssl_context(),
+                                                  max_connections=1,
                                                   retries=0,
                                                   network_backend=_PinnedAsyncBackend(address, port))
+
+
+def _client(policy: EgressPolicy, target: _Target) -> httpx.Client:
+    """Pinned to the first checked address; no redirects, no proxies from the environment."""
+    return httpx.Client(transport=PinnedTransport(target.addresses[0], target.port, policy.ssl_context),
+                        trust_env=False, follow_redirects=False)
+
+
+def _async_client(policy: EgressPolicy, target: _Target, **kwargs: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=AsyncPinnedTransport(target.addresses[0], target.port, policy.ssl_context),
+                             trust_env=False, follow_redirects=False, **kwargs)
 
 
 # fetch / post ----------------------------------------------------------------------------------
@@ -318,8 +338,7 @@ def fetch_sync(policy: EgressPolicy, url: str, *, field: str, max_bytes: int,
     for _hop in range(policy.max_redirects + 1):
         target = _target(policy, current, field)
         try:
-            with httpx.Client(transport=PinnedTransport(target.addresses[0], target.port), trust_env=False,
-                              follow_redirects=False) as client:
+            with _client(policy, target) as client:
                 with client.stream("GET", target.url, timeout=deadline.remaining(field)) as response:
                     if response.status_code in REDIRECT_STATUSES:
                         current = _next_url(target.url, response, field)
@@ -363,8 +382,7 @@ async def _fetch_async(policy: EgressPolicy, url: str, *, field: str, max_bytes:
     for _hop in range(policy.max_redirects + 1):
         target = await asyncio.to_thread(_target, policy, current, field)
         try:
-            async with httpx.AsyncClient(transport=AsyncPinnedTransport(target.addresses[0], target.port),
-                                         trust_env=False, follow_redirects=False) as client:
+            async with _async_client(policy, target) as client:
                 async with client.stream("GET", target.url, timeout=deadline.remaining(field)) as response:
                     if response.status_code in REDIRECT_STATUSES:
                         current = _next_url(target.url, response, field)
@@ -393,8 +411,7 @@ async def pinned_client(policy: EgressPolicy, url: str, *, field: str, **kwargs:
     """Check ``url`` (resolution in a thread) and return a client whose connections go only to the
     checked address (no redirects, no proxies from the environment). The caller closes it."""
     target = await asyncio.to_thread(_target, policy, url, field)
-    return httpx.AsyncClient(transport=AsyncPinnedTransport(target.addresses[0], target.port), trust_env=False,
-                             follow_redirects=False, **kwargs)
+    return _async_client(policy, target, **kwargs)
 
 
 async def post(policy: EgressPolicy, url: str, *, content: bytes, headers: dict[str, str],
@@ -405,8 +422,7 @@ async def post(policy: EgressPolicy, url: str, *, content: bytes, headers: dict[
     is refused and ``httpx.TransportError`` when the network fails.
     """
     target = await asyncio.to_thread(_target, policy, url, field)
-    async with httpx.AsyncClient(transport=AsyncPinnedTransport(target.addresses[0], target.port),
-                                 trust_env=False, follow_redirects=False) as client:
+    async with _async_client(policy, target) as client:
         response = await client.post(target.url, content=content, headers=headers, timeout=timeout_s)
         return response.status_code
 

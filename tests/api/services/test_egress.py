@@ -197,3 +197,40 @@ async def test_async_fetch_and_post(listener: Listener) -> None:
     with pytest.raises(UrlNotAllowed):
         await fetch(policy(), f"http://loop.test:{listener.port}/a", field="f", max_bytes=100)
     assert len(listener.hits) == 2
+
+
+# TLS: the connection is pinned to the checked address, the certificate checked against the name ----
+@pytest.fixture
+def tls_listener() -> Iterator[tuple[Listener, Any, list[str]]]:
+    """An HTTPS listener with a certificate for ``pinned.test`` (test CA); records the SNI names."""
+    import ssl
+
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("pinned.test")
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(server_ctx)
+    sni: list[str] = []
+    server_ctx.sni_callback = lambda _sock, name, _ctx: sni.append(name or "")  # type: ignore[assignment,misc,func-returns-value]
+    listener = Listener()
+    listener.server.socket = server_ctx.wrap_socket(listener.server.socket, server_side=True)
+    with listener:
+        yield listener, ca, sni
+
+
+def test_https_pinned_with_sni_and_certificate_of_the_name(tls_listener: tuple[Listener, Any, list[str]]) -> None:
+    import ssl
+
+    listener, ca, sni = tls_listener
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    p = policy(allow_hosts=frozenset({"pinned.test", "other.test"}), ssl_context=client_ctx,
+               resolve=stub_resolver({"pinned.test": ["127.0.0.1"], "other.test": ["127.0.0.1"]}))
+    body = fetch_sync(p, f"https://pinned.test:{listener.port}/tls", field="f", max_bytes=100)
+    assert body.content == b"ok"
+    assert listener.hits == [("GET", "/tls", f"pinned.test:{listener.port}")]
+    assert sni == ["pinned.test"]
+    # the same address under another name: the certificate does not match, nothing is fetched
+    with pytest.raises(UrlFetchFailed):
+        fetch_sync(p, f"https://other.test:{listener.port}/tls", field="f", max_bytes=100)
+    assert len(listener.hits) == 1
