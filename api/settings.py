@@ -90,6 +90,8 @@ class Settings(BaseSettings):
     webhook_batch: int = 16
     webhook_retention_s: float = 7 * 86400.0
     webhook_prune_interval_s: float = 3600.0
+    # an SSE stream re-reads the event table at least this often even when no signal woke it
+    sse_poll_s: float = 1.0
 
     # models
     models_dir: Path | None = None
