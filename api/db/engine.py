@@ -15,6 +15,9 @@ from api.settings import Settings
 
 logger = logging.getLogger(__name__)
 
+# How long a transaction that holds no lease (a client's request) waits for SQLite's write lock.
+API_BUSY_TIMEOUT_S = 30.0
+
 
 def make_engine(settings: Settings) -> Engine:
     url = settings.resolved_database_url()
@@ -22,7 +25,7 @@ def make_engine(settings: Settings) -> Engine:
         db_path = url.split("sqlite:///", 1)[-1]
         if db_path and db_path != ":memory:":
             Path(db_path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 60},
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": API_BUSY_TIMEOUT_S},
                                pool_size=20, max_overflow=40)
         _configure_sqlite(engine)
         return engine
@@ -31,6 +34,12 @@ def make_engine(settings: Settings) -> Engine:
 
 def _configure_sqlite(engine: Engine) -> None:
     """WAL, a busy timeout, foreign keys, and ``BEGIN IMMEDIATE`` for every transaction.
+
+    Two busy timeouts: a transaction under a lease (the runner's claims, renewals, records and
+    settlements: :meth:`Database.lease_session`) waits for the write lock at most
+    ``Settings.resolved_sqlite_busy_timeout_s()`` (well below the lease, so a blocked write fails
+    and is retried or given up long before the lease runs out); any other transaction (a client's
+    submission) may queue for up to ``API_BUSY_TIMEOUT_S`` rather than fail under a burst.
 
     Taking the write lock at BEGIN (instead of at the first write) is what makes check-then-write
     transactions (limits, credit reservation) serial and deadlock-free on SQLite.
@@ -41,14 +50,17 @@ def _configure_sqlite(engine: Engine) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA busy_timeout=60000")
+        cursor.execute(f"PRAGMA busy_timeout={int(API_BUSY_TIMEOUT_S * 1000)}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection) -> None:  # type: ignore[no-untyped-def]
-        read_only = connection.get_execution_options().get("cineweave_read_only", False)
+        options = connection.get_execution_options()
+        read_only = options.get("cineweave_read_only", False)
+        busy_ms = options.get("cineweave_busy_timeout_ms", int(API_BUSY_TIMEOUT_S * 1000))
+        connection.exec_driver_sql(f"PRAGMA busy_timeout={int(busy_ms)}")  # per transaction: pooled
         connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
@@ -63,11 +75,20 @@ class Database:
         self.settings = settings
         self.engine = engine or make_engine(settings)
         self._read_engine = self.engine.execution_options(cineweave_read_only=True)
+        self._lease_engine = self.engine.execution_options(
+            cineweave_busy_timeout_ms=max(1, int(settings.resolved_sqlite_busy_timeout_s() * 1000)))
 
     @contextmanager
     def session(self) -> Iterator[Session]:
         """A session for work that may write (on SQLite it takes the write lock at BEGIN)."""
         with Session(self.engine, expire_on_commit=False) as session:
+            yield session
+
+    @contextmanager
+    def lease_session(self) -> Iterator[Session]:
+        """A writing session for work under a lease (the runner): on SQLite it waits for the write
+        lock only ``sqlite_busy_timeout_s`` (well below the lease), then fails."""
+        with Session(self._lease_engine, expire_on_commit=False) as session:
             yield session
 
     @contextmanager

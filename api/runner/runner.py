@@ -8,6 +8,13 @@ Safety rests on the database, not on this process staying alive:
 - an expired lease is reclaimed by any runner: the job is retried, or failed and refunded;
 - capture and refund go through the ledger, which admits one settlement per job.
 
+Nothing here blocks the event loop: every database call runs on the runner's own small thread
+pool (not the loop's default executor, which other code shares: a burst of ``to_thread`` work
+elsewhere must not delay a claim or a settlement), and lease renewals run on a second pool with
+one thread per job slot, so a renewal never queues behind claims, records or other renewals.
+A renewal that fails (a database error, or a call still blocked) is retried until the lease would
+have expired; then the runner gives the job up (``LeaseLost``) and writes nothing more for it.
+
 Fairness: the next job is taken from the user served least recently (round-robin across users
 within a priority), so one user's burst does not starve the others.
 """
@@ -16,12 +23,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
+import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import select, update
 from sqlmodel import Session
@@ -58,6 +68,9 @@ from api.storage.base import Storage
 logger = logging.getLogger(__name__)
 
 PROGRESS_MIN_INTERVAL_S = 0.2
+DB_THREADS = 4  # claims, records and settlements; SQLite serialises writes anyway
+
+T = TypeVar("T")
 
 
 class LeaseLost(Exception):
@@ -79,13 +92,43 @@ class Runner:
         self.id = runner_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         self.resolve_input = resolve_input
         self.metrics = metrics
+        # bounded: at most runner_concurrency entries (a slot is freed when its task ends)
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._lease_deadline: dict[str, float] = {}  # job id -> monotonic time its lease runs out
         self._stopping = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
+        self._db_pool: ThreadPoolExecutor | None = None
+        self._lease_pool: ThreadPoolExecutor | None = None
+
+    # threads -----------------------------------------------------------------------------
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking (database) call on the runner's pool, off the event loop."""
+        self._bind_bus()
+        if self._db_pool is None:
+            self._db_pool = ThreadPoolExecutor(DB_THREADS, thread_name_prefix=f"runner-db-{self.id}")
+        return await asyncio.get_running_loop().run_in_executor(self._db_pool, functools.partial(fn, *args))
+
+    def _lease_executor(self) -> ThreadPoolExecutor:
+        if self._lease_pool is None:
+            self._lease_pool = ThreadPoolExecutor(max(1, self.settings.runner_concurrency),
+                                                  thread_name_prefix=f"runner-lease-{self.id}")
+        return self._lease_pool
+
+    def _bind_bus(self) -> None:
+        """Publishes from the runner's threads must reach listeners on the loop (EventBus.bind)."""
+        if getattr(self.bus, "_loop", None) is None:
+            self.bus.bind(asyncio.get_running_loop())
+
+    def _shutdown_pools(self) -> None:
+        for pool in (self._db_pool, self._lease_pool):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+        self._db_pool = self._lease_pool = None
 
     # lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
         self._stopping.clear()
+        self._bind_bus()
         self._loop_task = asyncio.create_task(self.run_forever(), name=f"runner-{self.id}")
 
     async def stop(self, grace_s: float = 5.0) -> None:
@@ -106,6 +149,7 @@ class Runner:
         if self._loop_task and not self._loop_task.done():
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
+        self._shutdown_pools()
 
     async def run_forever(self) -> None:
         while not self._stopping.is_set():
@@ -118,15 +162,15 @@ class Runner:
 
     async def tick(self) -> int:
         """Reclaim expired leases, then claim and start jobs into free slots. Returns jobs started."""
-        self.reclaim_expired()
+        await self._call(self.reclaim_expired)
         started = 0
         while len(self._tasks) < self.settings.runner_concurrency and not self._stopping.is_set():
-            job = self.claim_next()
+            job = await self._call(self.claim_next)
             if job is None:
                 break
             task = asyncio.create_task(self._drive_guarded(job), name=f"job-{job.id}")
             self._tasks[job.id] = task
-            task.add_done_callback(lambda _t, jid=job.id: self._tasks.pop(jid, None))
+            task.add_done_callback(functools.partial(self._slot_freed, job.id))
             started += 1
         return started
 
@@ -135,7 +179,7 @@ class Runner:
         deadline = asyncio.get_running_loop().time() + timeout_s
         while asyncio.get_running_loop().time() < deadline:
             await self.tick()
-            if not self._tasks and not self._has_claimable():
+            if not self._tasks and not await self._call(self._has_claimable):
                 return
             await asyncio.sleep(self.settings.runner_poll_s)
         raise TimeoutError("runner did not drain in time")
@@ -144,6 +188,10 @@ class Runner:
     def active_job_ids(self) -> list[str]:
         return list(self._tasks)
 
+    def _slot_freed(self, job_id: str, _task: asyncio.Task[None]) -> None:
+        self._tasks.pop(job_id, None)
+        self._lease_deadline.pop(job_id, None)
+
     # claiming ----------------------------------------------------------------------------
     def _has_claimable(self) -> bool:
         with self.db.read() as session:
@@ -151,8 +199,10 @@ class Runner:
                 Job.status == JobStatus.QUEUED.value)).first() is not None
 
     def claim_next(self) -> Job | None:
+        """Claim one job (blocking; the loop calls it on the runner's pool)."""
+        claimed_at = time.monotonic()  # the lease runs out lease_s after this, at the latest
         now = utcnow()
-        with self.db.session() as session:
+        with self.db.lease_session() as session:
             candidates = session.execute(
                 select(Job.id, Job.user_id).join(User, User.id == Job.user_id)
                 .where(Job.status == JobStatus.QUEUED.value,
@@ -179,6 +229,7 @@ class Runner:
                 record_event(session, job.id, "status", {"status": job.status, "stage": job.stage,
                                                          "attempt": job.attempts})
                 session.commit()
+                self._lease_deadline[job.id] = claimed_at + self.settings.lease_s
                 self.bus.publish(job.id, "start" if job.attempts == 1 else "status",
                                  {"status": job.status, "attempt": job.attempts})
                 logger.info("runner %s claimed job %s (attempt %d)", self.id, job.id, job.attempts)
@@ -210,12 +261,24 @@ class Runner:
                                 output_prefix=output_prefix(job.user_id, job.id), resume=dict(job.resume))
 
     async def drive(self, job: Job) -> None:
-        try:
-            request = self._request(job)
-        except CineWeaveError as exc:
-            self._settle_error(job.id, ErrorEvent(exc.code, exc.message, retryable=False))
-            return
+        self._lease_deadline.setdefault(job.id, time.monotonic() + self.settings.lease_s)
         heartbeat = asyncio.create_task(self._heartbeat(job.id))
+        try:
+            # input resolution may read uploads or fetch a URL: off the loop, under the heartbeat
+            request = await asyncio.to_thread(self._request, job)
+        except CineWeaveError as exc:
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
+            # our own validation wrote this message: it may reach the client as it is
+            await self._call(functools.partial(self._settle_error, job.id,
+                                               ErrorEvent(exc.code, exc.message, retryable=False), trusted=True))
+            return
+        except BaseException:
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
+            raise
+        if heartbeat.done():
+            heartbeat.result()  # raises LeaseLost
         cancel_watch = asyncio.create_task(self._watch_cancel(job.id))
         final: ExecutorEvent | None = None
         last_progress = 0.0
@@ -236,13 +299,14 @@ class Runner:
                 if isinstance(event, DoneEvent | ErrorEvent):
                     final = event
                     break
-                self._record(job.id, event)
+                await self._call(self._record, job.id, event)
         except LeaseLost:
             raise
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - an executor crash is a retryable failure
             logger.exception("executor failed on job %s", job.id)
+            # the detail is logged here; settlement stores only the code's safe message
             final = ErrorEvent("executor_error", f"{type(exc).__name__}: {exc}", retryable=True)
         finally:
             if stages is not None:
@@ -255,9 +319,9 @@ class Runner:
         if final is None:
             final = ErrorEvent("incomplete", "the executor ended without a result", retryable=True)
         if isinstance(final, DoneEvent):
-            self._settle_success(job.id, final)
+            await self._call(self._settle_success, job.id, final)
         else:
-            self._settle_error(job.id, final)
+            await self._call(self._settle_error, job.id, final)
 
     @staticmethod
     async def _events(stream: Any, heartbeat: asyncio.Task[None]) -> Any:
@@ -281,19 +345,44 @@ class Runner:
             yield event
 
     async def _heartbeat(self, job_id: str) -> None:
+        """Renew the lease every ``lease_s / 3`` on the lease pool; raise LeaseLost when it is gone.
+
+        A renewal that errors or hangs is retried until the lease would have run out: from then on
+        another runner may hold the job, so this one gives it up (and writes nothing more).
+        """
         interval = max(0.05, self.settings.lease_s / 3)
+        loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(interval)
-            now = utcnow()
-            with self.db.session() as session:
-                renewed = session.execute(
-                    update(Job).where(Job.id == job_id, Job.lease_owner == self.id,
-                                      Job.status == JobStatus.RUNNING.value)
-                    .values(lease_expires_at=now + timedelta(seconds=self.settings.lease_s))
-                    .execution_options(synchronize_session=False))
-                session.commit()
-            if renewed.rowcount != 1:
+            deadline = self._lease_deadline.get(job_id, time.monotonic() + self.settings.lease_s)
+            await asyncio.sleep(max(0.0, min(interval, deadline - time.monotonic())))
+            asked_at = time.monotonic()
+            remaining = deadline - asked_at
+            if remaining <= 0:
+                logger.warning("runner %s could not renew the lease of job %s in time", self.id, job_id)
                 raise LeaseLost(job_id)
+            try:
+                renewed = await asyncio.wait_for(
+                    loop.run_in_executor(self._lease_executor(), self._renew, job_id), timeout=remaining)
+            except TimeoutError:
+                logger.warning("lease renewal of job %s still blocked when the lease ran out", job_id)
+                raise LeaseLost(job_id) from None
+            except Exception:  # noqa: BLE001 - a db hiccup: retry while the lease still holds
+                logger.warning("lease renewal of job %s failed; retrying", job_id, exc_info=True)
+                continue
+            if not renewed:
+                raise LeaseLost(job_id)
+            self._lease_deadline[job_id] = asked_at + self.settings.lease_s
+
+    def _renew(self, job_id: str) -> bool:
+        now = utcnow()
+        with self.db.lease_session() as session:
+            renewed = session.execute(
+                update(Job).where(Job.id == job_id, Job.lease_owner == self.id,
+                                  Job.status == JobStatus.RUNNING.value)
+                .values(lease_expires_at=now + timedelta(seconds=self.settings.lease_s))
+                .execution_options(synchronize_session=False))
+            session.commit()
+        return renewed.rowcount == 1
 
     async def _watch_cancel(self, job_id: str) -> None:
         while True:
@@ -307,22 +396,31 @@ class Runner:
             finally:
                 woken.cancel()
                 self.bus.release(job_id, waiter)
-            with self.db.read() as session:
-                requested = session.execute(select(Job.cancel_requested).where(Job.id == job_id)).scalar()
-            if requested:
+            if await self._call(self._cancel_requested, job_id):
                 logger.info("cancel of job %s requested; telling the executor", job_id)
                 await self.executor.cancel(job_id)
                 return
 
+    def _cancel_requested(self, job_id: str) -> bool:
+        with self.db.read() as session:
+            return bool(session.execute(select(Job.cancel_requested).where(Job.id == job_id)).scalar())
+
     # recording ---------------------------------------------------------------------------
     def _owned(self, session: Session, job_id: str) -> Job:
+        """The job, locked, if this runner still holds a live lease on it; else LeaseLost.
+
+        An expired lease counts as lost even before another runner reclaims it: from the moment
+        it expires, a reclaim may run at any time, so nothing more is written under it.
+        """
         job = locked_job(session, job_id)
         if job is None or job.status != JobStatus.RUNNING or job.lease_owner != self.id:
+            raise LeaseLost(job_id)
+        if job.lease_expires_at is not None and job.lease_expires_at < utcnow():
             raise LeaseLost(job_id)
         return job
 
     def _record(self, job_id: str, event: ExecutorEvent) -> None:
-        with self.db.session() as session:
+        with self.db.lease_session() as session:
             job = self._owned(session, job_id)
             job.updated_at = utcnow()
             if isinstance(event, StageEvent):
@@ -358,7 +456,7 @@ class Runner:
         self.bus.publish(job_id, type_, data)
 
     def _settle_success(self, job_id: str, done: DoneEvent) -> None:
-        with self.db.session() as session:
+        with self.db.lease_session() as session:
             job = self._owned(session, job_id)
             if job.cancel_requested:
                 finish_job(session, self.storage, job, JobStatus.CANCELED, None, self.metrics)
@@ -368,15 +466,17 @@ class Runner:
             session.commit()
         self._announce(job_id)
 
-    def _settle_error(self, job_id: str, error: ErrorEvent) -> None:
-        with self.db.session() as session:
+    def _settle_error(self, job_id: str, error: ErrorEvent, *, trusted: bool = False) -> None:
+        """``trusted``: the message was written by our own validation and may reach the client."""
+        with self.db.lease_session() as session:
             job = self._owned(session, job_id)
             if job.cancel_requested or error.code == "canceled":
                 finish_job(session, self.storage, job, JobStatus.CANCELED, None, self.metrics)
             elif error.retryable and job.attempts < job.max_attempts:
-                requeue_job(session, self.settings, self.storage, job, error.code, error.message)
+                requeue_job(session, self.settings, self.storage, job, error.code, error.message,
+                            trusted=trusted)
             else:
-                finish_job(session, self.storage, job, JobStatus.FAILED, error, self.metrics)
+                finish_job(session, self.storage, job, JobStatus.FAILED, error, self.metrics, trusted=trusted)
             session.commit()
         self._announce(job_id)
 

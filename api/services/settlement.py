@@ -15,6 +15,7 @@ from sqlmodel import Session
 from api.core import ledger
 from api.core.events import ErrorEvent
 from api.core.jobs import JobStatus, retry, transition
+from api.core.public_errors import public_message
 from api.db.engine import Database, is_postgres
 from api.db.tables import Job, Lora, utcnow
 from api.services.events import EventBus, record_event
@@ -55,7 +56,7 @@ def reclaim_expired(db: Database, settings: Settings, storage: Storage, bus: Eve
         stale = session.execute(select(Job.id).where(
             Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < now)).scalars().all()
     for job_id in stale:
-        with db.session() as session:
+        with db.lease_session() as session:
             job = locked_job(session, job_id)
             if job is None or job.status != JobStatus.RUNNING or not job.lease_expires_at \
                     or job.lease_expires_at >= now:
@@ -75,12 +76,17 @@ def reclaim_expired(db: Database, settings: Settings, storage: Storage, bus: Eve
 
 
 def requeue_job(session: Session, settings: Settings, storage: Storage, job: Job, code: str,
-                message: str) -> None:
-    """Back to the queue after a retryable failure, with exponential backoff."""
+                message: str, *, trusted: bool = False) -> None:
+    """Back to the queue after a retryable failure, with exponential backoff.
+
+    The event clients see carries the code's safe message (:mod:`api.core.public_errors`); the
+    raw ``message`` goes to the log only.
+    """
     status = retry(job.status, job.attempts, job.max_attempts)
     backoff = settings.retry_backoff_s * (2 ** max(0, job.attempts - 1))
     logger.warning("job %s attempt %d failed (%s: %s); retrying in %.1fs", job.id, job.attempts,
                    code, message, backoff)
+    message = public_message(code, message, trusted=trusted)
     delete_job_outputs(storage, job)
     job.status = status.value
     job.stage = "retrying"
@@ -95,8 +101,12 @@ def requeue_job(session: Session, settings: Settings, storage: Storage, job: Job
                                              "attempt": job.attempts})
 
 def finish_job(session: Session, storage: Storage, job: Job, status: JobStatus, error: ErrorEvent | None,
-               metrics: Any = None) -> None:
-    """Terminal state plus exactly one settlement, in the caller's transaction."""
+               metrics: Any = None, *, trusted: bool = False) -> None:
+    """Terminal state plus exactly one settlement, in the caller's transaction.
+
+    ``error`` is stored as its code and the code's safe message (the raw message is logged with
+    the job id); ``trusted`` keeps the message of an allow-listed code our own validation wrote.
+    """
     transition(job.status, status)
     now = utcnow()
     job.status = status.value
@@ -120,7 +130,9 @@ def finish_job(session: Session, storage: Storage, job: Job, status: JobStatus, 
         job.outputs = []
     if error is not None:
         job.error_code = error.code
-        job.error_message = error.message
+        job.error_message = public_message(error.code, error.message, trusted=trusted)
+        if job.error_message != error.message:
+            logger.warning("job %s failed: %s: %s", job.id, error.code, error.message)
     if job.lora_id:
         _settle_lora(session, job)
     record_event(session, job.id, "status", {"status": job.status, "stage": job.stage})

@@ -60,7 +60,7 @@ async def test_failed_job_shows_its_error_and_refund(make_api: Any, storage: Any
     r = await api.submit(user.api_key, input={"prompt": "bad"})
     await wait_job(api.db, r.json()["id"])
     got = (await api.client.get(f"/v1/jobs/{r.json()['id']}", headers=bearer(user.api_key))).json()
-    assert got["status"] == "failed" and got["error"] == {"code": "nsfw", "message": "refused by the model"}
+    assert got["status"] == "failed" and got["error"] == {"code": "nsfw", "message": "generation failed"}
     assert got["credits"] == {"reserved": 1, "charged": 0, "refunded": 1} and got["outputs"] == []
     assert (await api.client.get("/v1/credits", headers=bearer(user.api_key))).json()["balance"] == 10
 

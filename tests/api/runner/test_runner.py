@@ -150,7 +150,7 @@ async def test_retryable_errors_up_to_max_attempts_then_fail_and_refund(
     job_id = submit(jobs, alice, prompt="doomed")
     await runner.drain(timeout_s=15)
     job = get_job(rdb, job_id)
-    assert (job.status, job.attempts, job.error_code, job.error_message) == ("failed", 3, "gpu_busy", "busy 2")
+    assert (job.status, job.attempts, job.error_code, job.error_message) == ("failed", 3, "gpu_busy", "generation failed")
     assert len(executor.runs) == 3
     assert (job.credits_charged, job.credits_refunded) == (0, 1)
     assert settlements(rdb, job_id) == ["refund"]

@@ -11,6 +11,7 @@ from api.core import ledger
 from api.core.errors import InvalidTransition
 from api.core.events import ErrorEvent
 from api.core.jobs import JobStatus
+from api.core.public_errors import SAFE_MESSAGES
 from api.db.engine import Database
 from api.db.tables import Job, utcnow
 from api.services.events import EventBus, events_after
@@ -62,9 +63,10 @@ def test_failure_refunds_records_the_error_and_keeps_no_output(db: Database, sto
     with db.session() as s:
         s.execute(update(Job).where(Job.id == job_id).values(outputs=[{"key": key, "content_type": "image/png"}]))
         s.commit()
-    job = _finish(db, storage, job_id, JobStatus.FAILED, ErrorEvent("oom", "out of memory"))
+    job = _finish(db, storage, job_id, JobStatus.FAILED,
+                  ErrorEvent("out_of_memory", "CUDA out of memory on /srv/models/x (cuda:0)"))
     assert (job.status, job.error_code, job.error_message, job.credits_refunded) == (
-        "failed", "oom", "out of memory", 40)
+        "failed", "out_of_memory", SAFE_MESSAGES["out_of_memory"], 40)
     # refunded, so nothing was delivered: no output left behind (expiry only sweeps succeeded jobs)
     assert job.outputs == [] and not storage.exists(key)
     assert balance(db, user) == ledger.BalanceView(100, 0)
