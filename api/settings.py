@@ -10,7 +10,7 @@ import secrets
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -75,6 +75,10 @@ class Settings(BaseSettings):
     runner_concurrency: int = 32
     runner_poll_s: float = 0.5
     lease_s: float = 30.0
+    # SQLite's busy timeout for writes under a lease (the runner's): well below the lease, so a
+    # blocked write fails (and is retried) long before the lease runs out.
+    # None: min(5 s, lease_s / 4); a set value must be <= lease_s / 4.
+    sqlite_busy_timeout_s: float | None = None
     max_attempts: int = 3
     retry_backoff_s: float = 2.0
     stuck_job_s: float = 3600.0
@@ -134,6 +138,24 @@ class Settings(BaseSettings):
     egress_allow_networks: list[str] = Field(default_factory=list)
     egress_max_redirects: int = 3
     egress_timeout_s: float = 20.0
+
+    # /metrics: when set, scrapes must send ``Authorization: Bearer <metrics_token>``
+    metrics_token: str | None = None
+    # how often /metrics' database and cluster gauges are refreshed in the background (seconds)
+    metrics_refresh_s: float = Field(default=5.0, gt=0, le=300)
+
+    @model_validator(mode="after")
+    def _busy_timeout_below_lease(self) -> Settings:
+        if self.sqlite_busy_timeout_s is not None and not 0 < self.sqlite_busy_timeout_s <= self.lease_s / 4:
+            raise ValueError(f"sqlite_busy_timeout_s ({self.sqlite_busy_timeout_s}) must be > 0 and at most "
+                             f"lease_s / 4 ({self.lease_s / 4:g}): a blocked write must give up long before "
+                             "the lease runs out")
+        return self
+
+    def resolved_sqlite_busy_timeout_s(self) -> float:
+        if self.sqlite_busy_timeout_s is not None:
+            return min(self.sqlite_busy_timeout_s, self.lease_s / 4)
+        return min(5.0, self.lease_s / 4)
 
     def resolved_database_url(self) -> str:
         """SQLAlchemy URL; a plain ``postgresql://`` URL is mapped to the psycopg 3 driver."""
