@@ -97,6 +97,7 @@ async def _stream(state: AppState, request: Request, job_id: str, after: int) ->
             if await request.is_disconnected():
                 return
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(waiter.wait(), timeout=1.0)
+                # woken by this process's bus or by another process's NOTIFY; the poll is a safety net
+                await asyncio.wait_for(waiter.wait(), timeout=state.settings.sse_poll_s)
         finally:
             state.bus.release(job_id, waiter)
