@@ -40,7 +40,7 @@ def _settings(tmp_path: Path, replicate: FakeReplicate, veo: FakeVeo) -> Setting
                     runner_poll_s=0.02, retry_backoff_s=0.01, provider_poll_s=0.02, provider_timeout_s=15,
                     replicate_base_url=replicate.base_url, replicate_api_token=replicate.token,
                     gemini_base_url=veo.url, gemini_api_key=veo.api_key, max_active_jobs=10,
-                    rate_limit_per_minute=100)
+                    rate_limit_per_minute=100, egress_allow_networks=["127.0.0.1/32"])  # fake file hosts
 
 
 @pytest.fixture
