@@ -47,7 +47,8 @@ def catalog() -> Catalog:
 
 def _settings(tmp_path: Path, **overrides: Any) -> Settings:
     return Settings(**{"data_dir": tmp_path / "var", "signing_secret": "s", "_env_file": None,
-                       "provider_poll_s": 0.02, "provider_timeout_s": 10.0, **overrides})
+                       "provider_poll_s": 0.02, "provider_timeout_s": 10.0,
+                       "egress_allow_networks": ["127.0.0.1/32"], **overrides})  # fake file hosts
 
 
 def _job(model: str, **input_: Any) -> ExecutionRequest:
