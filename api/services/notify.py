@@ -80,7 +80,8 @@ def libpq_url(db: Database) -> str:
 
 
 class Notifier:
-    """This process's end of the signal: ``subscribe(kind, callback)``, ``start()``, ``stop()``.
+    """This process's end of the signal: ``subscribe(kind, callback)``, ``publish(kind, payload)``,
+    ``start()``, ``stop()``.
 
     Callbacks run on the event loop the notifier was started on, must be quick and never block;
     a failing callback is logged and does not affect the others. On (re)connect every subscriber
@@ -127,6 +128,20 @@ class Notifier:
     @property
     def listening(self) -> bool:
         return self._listening.is_set()
+
+    def publish(self, kind: str, payload: dict[str, Any] | None = None) -> None:
+        """Announce ``kind`` outside a transaction (after a commit), from any thread.
+
+        On PostgreSQL this is one short ``pg_notify`` transaction (blocking: call it off the event
+        loop); on SQLite it dispatches to this process's subscribers. Prefer :func:`signal` inside
+        the transaction of the change when there is one.
+        """
+        if self.postgres:
+            with self.db.session() as session:
+                signal(session, kind, payload)
+                session.commit()
+        else:
+            self.dispatch_threadsafe({"k": kind, **(payload or {})})
 
     # dispatch ------------------------------------------------------------------------------
     def dispatch_threadsafe(self, message: dict[str, Any]) -> None:

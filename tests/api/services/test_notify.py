@@ -182,3 +182,19 @@ def test_pg_payload_too_large_is_shrunk_not_refused(pg_url: str, settings: Setti
             session.commit()  # PostgreSQL refuses payloads >= 8000 bytes; the signal must not fail the change
     finally:
         database.dispose()
+
+
+async def test_publish_outside_a_transaction(db: Database, sqlite_notifier: Notifier) -> None:
+    inbox = Inbox()
+    sqlite_notifier.subscribe("runner", inbox)
+    await asyncio.to_thread(sqlite_notifier.publish, "runner", {"model": "tiny-sd"})
+    assert await inbox.wait_for(lambda m: m.get("model") == "tiny-sd") == {"k": "runner", "model": "tiny-sd"}
+
+
+@pytest.mark.postgres
+async def test_pg_publish_reaches_the_other_process(pg_pair: Any) -> None:
+    _db_a, a, _db_b, b = pg_pair
+    inbox = Inbox()
+    b.subscribe("runner", inbox)
+    await asyncio.to_thread(a.publish, "runner", {"model": "tiny-sd"})
+    assert (await inbox.wait_for(lambda m: m.get("model") == "tiny-sd"))["k"] == "runner"
