@@ -87,6 +87,9 @@ def default_resolve(host: str, port: int) -> list[str]:
     return seen
 
 
+socket_resolve = default_resolve  # the system resolver, under a name tests do not replace
+
+
 @dataclass(frozen=True)
 class EgressPolicy:
     schemes: frozenset[str] = frozenset({"http", "https"})
@@ -139,6 +142,8 @@ def forbidden_reason(address: IPAddress) -> str | None:
     if isinstance(address, ipaddress.IPv4Address) and address in _SHARED:
         return "shared"
     if isinstance(address, ipaddress.IPv6Address):
+        if address.is_site_local:
+            return "site-local"
         for inner in _embedded_v4(address):
             reason = forbidden_reason(inner)
             if reason:

@@ -103,3 +103,25 @@ async def test_allow_listed_test_server_is_fetched(make_api: Callable[..., Await
     job = await wait_job(api.db, r.json()["id"])
     assert job.status == "succeeded", job.error_message
     assert [h[:2] for h in counting.hits] == [("GET", "/cat.png")]
+
+
+async def test_name_that_changes_to_loopback_after_submit_is_refused_at_fetch(
+        make_api: Callable[..., Awaitable[ApiHarness]], counting: Listener, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DNS rebinding: public when submitted, loopback when fetched. The fetch re-checks: refused, refunded."""
+    answers = iter([["93.184.215.14"]])
+
+    def resolve(host: str, port: int) -> list[str]:
+        assert host == "flip.test"
+        return next(answers, ["127.0.0.1"])
+
+    monkeypatch.setattr(egress, "default_resolve", resolve)
+    api = await make_api(egress_allow_networks=[], egress_allow_hosts=[])
+    user = api.user(credits=50)
+    before = balance(api.db, user.user.id)
+    r = await api.submit(user.api_key, input={"prompt": "a cat", "image": f"http://flip.test:{counting.port}/a.png"})
+    assert r.status_code == 202, r.text
+    job = await wait_job(api.db, r.json()["id"])
+    assert (job.status, job.error_code) == ("failed", "url_not_allowed")
+    assert counting.hits == []
+    after = balance(api.db, user.user.id)
+    assert (after.available, after.reserved) == (before.available, before.reserved)

@@ -106,6 +106,14 @@ def test_refused(url: str) -> None:
     assert info.value.details == {"field": "input.image"}
 
 
+@pytest.mark.parametrize("url", ["http://2130706433/", "http://0x7f000001/", "http://127.1/", "http://0177.0.0.1/",
+                                 "http://[fec0::1]/", "http://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/"])
+def test_odd_spellings_of_internal_addresses(url: str) -> None:
+    """Numeric host forms the system resolver parses locally (no DNS) still end up checked."""
+    with pytest.raises(UrlNotAllowed):
+        check_url(EgressPolicy(resolve=egress.socket_resolve), url, field="f")
+
+
 def test_public_allowed_and_resolved_once() -> None:
     p = policy()
     assert check_url(p, "https://public.test/a.png", field="f") == [PUBLIC]
