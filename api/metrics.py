@@ -1,8 +1,15 @@
-"""Prometheus metrics: one registry per app, so tests and several apps in a process do not clash."""
+"""Prometheus metrics: one registry per app, so tests and several apps in a process do not clash.
+
+The gauges that need a database query or a call to the cluster (Ray handles) are never computed on
+the scrape: a background thread (:meth:`Metrics.start_refresher`) refreshes them every
+``metrics_refresh_s`` and a scrape renders the last values. A slow database or a busy cluster
+makes the figures older, never the scrape slower, and a flood of scrapes costs no queries.
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -16,14 +23,31 @@ logger = logging.getLogger(__name__)
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
 
-class _DbCollector(Collector):
-    """Queue depth, active jobs and queue wait per model, read from the database at scrape time."""
+class _Cached:
+    """The last value a (blocking) source returned; ``refresh`` is the only caller of the source."""
 
-    def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
-        self._snapshot = snapshot
+    def __init__(self, source: Callable[[], Any], empty: Any, what: str) -> None:
+        self.source = source
+        self.value = empty
+        self.what = what
+        self.refreshed_at: float | None = None
+
+    def refresh(self) -> None:
+        try:
+            self.value = self.source()
+            self.refreshed_at = time.monotonic()
+        except Exception:  # noqa: BLE001 - keep the last value: the cluster or database is busy
+            logger.warning("metrics source %s failed; keeping its last value", self.what, exc_info=True)
+
+
+class _DbCollector(Collector):
+    """Queue depth, active jobs and queue wait per model, from the last database snapshot."""
+
+    def __init__(self, cached: _Cached) -> None:
+        self._cached = cached
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
-        snap = self._snapshot()
+        snap = self._cached.value or {}
         jobs = GaugeMetricFamily("cineweave_jobs", "Jobs by status and model", labels=["status", "model"])
         for (status, model), count in snap.get("jobs", {}).items():
             jobs.add_metric([status, model], count)
@@ -47,20 +71,16 @@ GpuMemorySource = Callable[[], Mapping[str, Mapping[str, float]]]
 
 
 class _GpuMemoryCollector(Collector):
-    """GPU memory per replica, from a callable returning ``{model: {replica: bytes}}`` at scrape time."""
+    """GPU memory per replica, from the last ``{model: {replica: bytes}}`` its source returned."""
 
-    def __init__(self, source: GpuMemorySource) -> None:
-        self._source = source
+    def __init__(self, cached: _Cached) -> None:
+        self._cached = cached
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         family = GaugeMetricFamily("cineweave_replica_gpu_memory_bytes",
                                    "CUDA memory reserved by each model replica (absent without CUDA)",
                                    labels=["model", "replica"])
-        try:
-            data = self._source()
-        except Exception:  # noqa: BLE001 - a scrape must not fail because the cluster is busy
-            logger.warning("GPU memory source failed", exc_info=True)
-            data = {}
+        data = self._cached.value or {}
         for model, replicas in data.items():
             for replica, used in replicas.items():
                 family.add_metric([model, replica], float(used))
@@ -127,16 +147,53 @@ class Metrics:
                                registry=r)
         self.webhooks = Counter("cineweave_webhook_deliveries_total", "Client webhook deliveries",
                                 ["result"], registry=r)
+        self._sources: dict[str, _Cached] = {}
         if snapshot is not None:
-            r.register(_DbCollector(snapshot))
+            self._sources["database"] = _Cached(snapshot, {}, "database")
+            r.register(_DbCollector(self._sources["database"]))
         self._gpu_memory: _GpuMemoryCollector | None = None
+        self._refresher: threading.Thread | None = None
+        self._stop_refresh = threading.Event()
+        self._refresh_lock = threading.Lock()
 
     def watch_gpu_memory(self, source: GpuMemorySource) -> None:
-        """Export ``cineweave_replica_gpu_memory_bytes`` from ``source`` (replaces an earlier one)."""
+        """Export ``cineweave_replica_gpu_memory_bytes`` from ``source`` (replaces an earlier one).
+
+        ``source`` may call the cluster: only the refresher calls it, never a scrape.
+        """
         if self._gpu_memory is not None:
             self.registry.unregister(self._gpu_memory)
-        self._gpu_memory = _GpuMemoryCollector(source)
+        self._sources["gpu_memory"] = _Cached(source, {}, "gpu_memory")
+        self._gpu_memory = _GpuMemoryCollector(self._sources["gpu_memory"])
         self.registry.register(self._gpu_memory)
+
+    # background refresh -----------------------------------------------------------------
+    def refresh(self) -> None:
+        """Call every slow source once and keep what it returned (blocking; never on a scrape)."""
+        with self._refresh_lock:
+            for cached in list(self._sources.values()):
+                cached.refresh()
+
+    def start_refresher(self, interval_s: float) -> None:
+        """Refresh the cached gauges now and every ``interval_s`` on a thread of their own."""
+        if self._refresher is not None and self._refresher.is_alive():
+            return
+        self._stop_refresh.clear()
+
+        def loop() -> None:
+            while True:
+                self.refresh()
+                if self._stop_refresh.wait(interval_s):
+                    return
+
+        self._refresher = threading.Thread(target=loop, name="metrics-refresh", daemon=True)
+        self._refresher.start()
+
+    def stop_refresher(self, timeout_s: float = 5.0) -> None:
+        self._stop_refresh.set()
+        if self._refresher is not None:
+            self._refresher.join(timeout_s)
+            self._refresher = None
 
     def stage_timer(self, model: str, stage: str = "starting") -> StageTimer:
         """A timer for one run of a job on ``model`` (the runner feeds it the executor's stages)."""

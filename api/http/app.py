@@ -109,6 +109,8 @@ def create_app(settings: Settings, executor: Executor | None = None, *, catalog:
             state.runner = Runner(db, executor, settings, storage, bus, metrics=metrics,
                                   resolve_input=resolve_input or InputResolver(db, settings, storage, catalog))
             state.runner.start()
+        # /metrics renders cached gauges; this thread refreshes them (database, cluster)
+        metrics.start_refresher(settings.metrics_refresh_s)
         maintenance_task = None
         if run_maintenance:
             maintenance = Maintenance(db, settings, storage)
@@ -127,6 +129,7 @@ def create_app(settings: Settings, executor: Executor | None = None, *, catalog:
                 await close_executor()  # provider HTTP clients
             await state.webhooks.stop()
             await state.notifier.stop()
+            await asyncio.to_thread(metrics.stop_refresher)
             db.dispose()
 
     app = FastAPI(title="CineWeave", version="1.0", lifespan=lifespan,

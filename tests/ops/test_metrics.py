@@ -3,6 +3,7 @@ alert rules and dashboard naming only series that exist."""
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import re
 from collections.abc import Awaitable, Callable
@@ -21,7 +22,7 @@ from api.runner.runner import Runner
 from api.storage.local import LocalStorage
 from ops.opscmd import ReplicaGpuMemory
 from tests.fixtures.fake_executor import FakeExecutor
-from tests.fixtures.harness import ApiHarness, bearer, wait_job
+from tests.fixtures.harness import ApiHarness, bearer, wait_job, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 MakeApi = Callable[..., Awaitable[ApiHarness]]
@@ -69,6 +70,7 @@ async def run_jobs(make_api: MakeApi, storage: LocalStorage) -> tuple[ApiHarness
 
 async def test_metrics_after_jobs_have_job_queue_and_latency_series(make_api: MakeApi, storage: LocalStorage) -> None:
     h, key, _ = await run_jobs(make_api, storage)
+    await asyncio.to_thread(h.state.metrics.refresh)
     response = await h.client.get("/metrics")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
@@ -107,6 +109,7 @@ async def test_metrics_after_jobs_have_job_queue_and_latency_series(make_api: Ma
 @runner_feeds_stages
 async def test_stage_latency_series_after_jobs(make_api: MakeApi, storage: LocalStorage) -> None:
     h, _, _ = await run_jobs(make_api, storage)
+    await asyncio.to_thread(h.state.metrics.refresh)
     scraped = samples((await h.client.get("/metrics")).text)
     for stage in ("starting", "generating"):
         count = value(scraped, "cineweave_job_stage_seconds_count", model="tiny-sd", stage=stage)
@@ -122,6 +125,7 @@ async def test_running_idle_series_shows_a_stuck_job(make_api: MakeApi, storage:
                         lease_owner="elsewhere", lease_expires_at=utcnow() + timedelta(hours=1),
                         updated_at=utcnow() - timedelta(minutes=20)))
         session.commit()
+    await asyncio.to_thread(h.state.metrics.refresh)
     scraped = samples((await h.client.get("/metrics")).text)
     idle = value(scraped, "cineweave_running_job_idle_seconds", model="tiny-sd")
     assert idle is not None and 1200 <= idle < 1300
@@ -140,6 +144,7 @@ def test_stage_timer_observes_each_stage_once() -> None:
     now[0] += 0.25
     timer.close()
     timer.close()  # idempotent
+    metrics.refresh()  # the slow gauges are cached; the app refreshes them in the background
     scraped = samples(metrics.render().decode())
     for stage, seconds in (("starting", 0.5), ("generating", 2.0), ("encoding", 0.25)):
         assert value(scraped, "cineweave_job_stage_seconds_count", model="tiny-sd", stage=stage) == 1
@@ -150,6 +155,7 @@ def test_stage_timer_observes_each_stage_once() -> None:
 
 def test_db_collector_exports_running_idle_when_the_snapshot_has_it() -> None:
     metrics = Metrics(snapshot=lambda: {"jobs": {("running", "sdxl"): 2}, "running_idle": {"sdxl": 950.0}})
+    metrics.refresh()  # the slow gauges are cached; the app refreshes them in the background
     scraped = samples(metrics.render().decode())
     assert value(scraped, "cineweave_running_job_idle_seconds", model="sdxl") == 950.0
     assert value(scraped, "cineweave_jobs", status="running", model="sdxl") == 2
@@ -158,6 +164,7 @@ def test_db_collector_exports_running_idle_when_the_snapshot_has_it() -> None:
 def test_gpu_memory_gauge_from_a_source_survives_its_failures() -> None:
     metrics = Metrics()
     metrics.watch_gpu_memory(lambda: {"sdxl": {"r1": 12e9, "r2": 11e9}, "flux-schnell": {"r9": 3.5e10}})
+    metrics.refresh()  # the slow gauges are cached; the app refreshes them in the background
     scraped = samples(metrics.render().decode())
     assert value(scraped, "cineweave_replica_gpu_memory_bytes", model="sdxl", replica="r2") == 11e9
     assert value(scraped, "cineweave_replica_gpu_memory_bytes", model="flux-schnell", replica="r9") == 3.5e10
@@ -166,6 +173,7 @@ def test_gpu_memory_gauge_from_a_source_survives_its_failures() -> None:
         raise RuntimeError("cluster restarting")
 
     metrics.watch_gpu_memory(broken)  # replaces the first source
+    metrics.refresh()  # the slow gauges are cached; the app refreshes them in the background
     text = metrics.render().decode()
     assert "cineweave_replica_gpu_memory_bytes{" not in text
     assert "cineweave_jobs_submitted_total" in text  # the rest of the scrape is intact
@@ -232,6 +240,7 @@ def exported() -> dict[str, set[str]]:
     metrics.credits.labels("reserve").inc()
     metrics.webhooks.labels("delivered").inc()
     out: dict[str, set[str]] = {}
+    metrics.refresh()  # the slow gauges are cached; the app refreshes them in the background
     for family in text_string_to_metric_families(metrics.render().decode()):
         for sample in family.samples:
             out.setdefault(sample.name, set()).update(sample.labels)
@@ -309,3 +318,53 @@ def test_dashboard_is_a_grafana_dashboard_without_overlapping_panels() -> None:
     titles = " ".join(p["title"] for p in panels).lower()
     for topic in ("queue", "failure", "stage", "overflow", "credits", "gpu memory per replica"):
         assert topic in titles, topic
+
+
+# --- /metrics: token, and no slow call on the request path -------------------------------------
+
+async def test_metrics_token_required_when_set(make_api: MakeApi) -> None:
+    h = await make_api(run_runner=False, metrics_token="s3cret-scrape")
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-scrape"}):
+        r = await h.client.get("/metrics", headers=headers)
+        assert r.status_code == 401
+        assert r.json()["error"]["code"] == "unauthorized" and "message" in r.json()["error"]
+    r = await h.client.get("/metrics", headers={"Authorization": "Bearer s3cret-scrape"})
+    assert r.status_code == 200 and "cineweave_jobs_submitted_total" in r.text
+
+
+async def test_metrics_open_without_a_token(make_api: MakeApi) -> None:
+    h = await make_api(run_runner=False)
+    assert (await h.client.get("/metrics")).status_code == 200
+
+
+async def test_scrapes_never_call_the_cluster_or_the_database(make_api: MakeApi,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU source (Ray handle calls in production) and the DB snapshot run only on the
+    refresher thread; any number of scrapes reads their cached values."""
+    import threading
+
+    import api.http.app as app_module
+
+    calls: list[tuple[str, str]] = []
+
+    def fake_snapshot(_db: Any) -> Callable[[], dict[str, Any]]:
+        def snapshot() -> dict[str, Any]:
+            calls.append(("database", threading.current_thread().name))
+            return {"jobs": {("queued", "tiny-sd"): 7}, "queued": {"tiny-sd": 7}}
+        return snapshot
+
+    def gpu_source() -> dict[str, dict[str, float]]:
+        calls.append(("gpu", threading.current_thread().name))
+        return {"sdxl": {"r1": 5e9}}
+
+    monkeypatch.setattr(app_module, "_db_snapshot", fake_snapshot)
+    h = await make_api(run_runner=False, metrics_refresh_s=300)  # one refresh at start, then none
+    await wait_until(lambda: ("database", "metrics-refresh") in calls, 10, what="the refresher's first pass")
+    h.state.metrics.watch_gpu_memory(gpu_source)
+    await asyncio.to_thread(h.state.metrics.refresh)  # what the refresher does (an explicit hook)
+    before = len(calls)
+    for _ in range(5):
+        scraped = samples((await h.client.get("/metrics")).text)
+    assert len(calls) == before  # no scrape called a source
+    assert value(scraped, "cineweave_queue_depth", model="tiny-sd") == 7
+    assert value(scraped, "cineweave_replica_gpu_memory_bytes", model="sdxl", replica="r1") == 5e9

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hmac
 from typing import Any
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Header, Response
 from sqlalchemy import text
 
+from api.core.errors import Unauthorized
 from api.http.deps import get_state
 from api.http.state import AppState
 
@@ -39,7 +41,15 @@ def readyz(response: Response, state: AppState = Depends(get_state)) -> dict[str
 
 
 @router.get("/metrics", tags=["system"], response_class=Response)
-def metrics(state: AppState = Depends(get_state)) -> Response:
+async def metrics(state: AppState = Depends(get_state),
+                  authorization: str | None = Header(default=None)) -> Response:
+    """Prometheus text. Renders cached gauges only (no query, no cluster call: see api.metrics);
+    with ``metrics_token`` set, the scrape must carry it as a bearer token."""
+    token = state.settings.metrics_token
+    if token:
+        scheme, _, given = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+            raise Unauthorized("a valid metrics token is required")
     return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 

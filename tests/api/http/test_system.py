@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Any
 
@@ -80,6 +81,7 @@ async def test_metrics_expose_job_series(api: ApiHarness) -> None:
     for job_id in ids:
         await wait_job(api.db, job_id)
     await api.client.post("/v1/jobs", json={"model": "nope", "input": {"prompt": "p"}}, headers=bearer(user.api_key))
+    await asyncio.to_thread(api.state.metrics.refresh)  # the gauges are refreshed in the background
     r = await api.client.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     text = r.text
@@ -97,6 +99,7 @@ async def test_metrics_queue_depth(make_api: Any) -> None:
     user = api.user(credits=100)
     for _ in range(3):
         await api.submit(user.api_key)
+    await asyncio.to_thread(api.state.metrics.refresh)  # the gauges are refreshed in the background
     text = (await api.client.get("/metrics")).text
     assert _value(text, "cineweave_queue_depth", model="tiny-sd") == 3.0
     wait = _value(text, "cineweave_queue_oldest_wait_seconds", model="tiny-sd")
