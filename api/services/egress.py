@@ -217,10 +217,11 @@ def check_url(policy: EgressPolicy, url: str, *, field: str) -> list[str]:
 
 # pinned connections ---------------------------------------------------------------------------
 class _PinnedBackend(httpcore.NetworkBackend):
-    """Connects to the checked address whatever name httpcore asks for (TLS still uses the name)."""
+    """Connects to the checked addresses (in order, the next on failure) whatever name httpcore
+    asks for; TLS still uses the name."""
 
-    def __init__(self, address: str, port: int) -> None:
-        self._address, self._port = address, port
+    def __init__(self, addresses: list[str], port: int) -> None:
+        self._addresses, self._port = list(addresses), port
         self._inner = httpcore.SyncBackend()
 
     def connect_tcp(self, host: str, port: int, timeout: float | None = None,
@@ -228,8 +229,14 @@ class _PinnedBackend(httpcore.NetworkBackend):
                     socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
         if port != self._port:
             raise httpcore.ConnectError("egress: connection to an unchecked port")
-        return self._inner.connect_tcp(self._address, port, timeout=timeout, local_address=local_address,
-                                       socket_options=socket_options)
+        error: Exception = httpcore.ConnectError("egress: no address to connect to")
+        for address in self._addresses:
+            try:
+                return self._inner.connect_tcp(address, port, timeout=timeout, local_address=local_address,
+                                               socket_options=socket_options)
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                error = exc
+        raise error
 
     def connect_unix_socket(self, path: str, timeout: float | None = None,
                             socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
@@ -240,8 +247,8 @@ class _PinnedBackend(httpcore.NetworkBackend):
 
 
 class _PinnedAsyncBackend(httpcore.AsyncNetworkBackend):
-    def __init__(self, address: str, port: int) -> None:
-        self._address, self._port = address, port
+    def __init__(self, addresses: list[str], port: int) -> None:
+        self._addresses, self._port = list(addresses), port
         self._inner = httpcore.AnyIOBackend()
 
     async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
@@ -249,8 +256,14 @@ class _PinnedAsyncBackend(httpcore.AsyncNetworkBackend):
                           socket_options: Iterable[Any] | None = None) -> httpcore.AsyncNetworkStream:
         if port != self._port:
             raise httpcore.ConnectError("egress: connection to an unchecked port")
-        return await self._inner.connect_tcp(self._address, port, timeout=timeout,
-                                             local_address=local_address, socket_options=socket_options)
+        error: Exception = httpcore.ConnectError("egress: no address to connect to")
+        for address in self._addresses:
+            try:
+                return await self._inner.connect_tcp(address, port, timeout=timeout,
+                                                     local_address=local_address, socket_options=socket_options)
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                error = exc
+        raise error
 
     async def connect_unix_socket(self, path: str, timeout: float | None = None,
                                   socket_options: Iterable[Any] | None = None) -> httpcore.AsyncNetworkStream:
@@ -267,30 +280,30 @@ class PinnedTransport(httpx.HTTPTransport):
     it as ``Host``; only the TCP connect is redirected to the pinned address.
     """
 
-    def __init__(self, address: str, port: int, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(self, addresses: list[str], port: int, ssl_context: ssl.SSLContext | None = None) -> None:
         super().__init__(retries=0)
         self._pool = httpcore.ConnectionPool(ssl_context=ssl_context or httpx.create_ssl_context(),
                                              max_connections=1,
-                                             retries=0, network_backend=_PinnedBackend(address, port))
+                                             retries=0, network_backend=_PinnedBackend(addresses, port))
 
 
 class AsyncPinnedTransport(httpx.AsyncHTTPTransport):
-    def __init__(self, address: str, port: int, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(self, addresses: list[str], port: int, ssl_context: ssl.SSLContext | None = None) -> None:
         super().__init__(retries=0)
         self._pool = httpcore.AsyncConnectionPool(ssl_context=ssl_context or httpx.create_ssl_context(),
                                                   max_connections=1,
                                                   retries=0,
-                                                  network_backend=_PinnedAsyncBackend(address, port))
+                                                  network_backend=_PinnedAsyncBackend(addresses, port))
 
 
 def _client(policy: EgressPolicy, target: _Target) -> httpx.Client:
-    """Pinned to the first checked address; no redirects, no proxies from the environment."""
-    return httpx.Client(transport=PinnedTransport(target.addresses[0], target.port, policy.ssl_context),
+    """Pinned to the checked addresses; no redirects, no proxies from the environment."""
+    return httpx.Client(transport=PinnedTransport(target.addresses, target.port, policy.ssl_context),
                         trust_env=False, follow_redirects=False)
 
 
 def _async_client(policy: EgressPolicy, target: _Target, **kwargs: Any) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=AsyncPinnedTransport(target.addresses[0], target.port, policy.ssl_context),
+    return httpx.AsyncClient(transport=AsyncPinnedTransport(target.addresses, target.port, policy.ssl_context),
                              trust_env=False, follow_redirects=False, **kwargs)
 
 
@@ -424,12 +437,22 @@ async def post(policy: EgressPolicy, url: str, *, content: bytes, headers: dict[
     """POST ``content`` to ``url`` (checked and pinned; redirects are never followed).
 
     Returns the HTTP status. Raises :class:`UrlNotAllowed` (an :class:`EgressError`) when the URL
-    is refused and ``httpx.TransportError`` when the network fails.
+    is refused and ``httpx.TransportError`` when the network fails (a name that does not resolve
+    is one: ``httpx.ConnectError``, worth a retry) or the exchange takes over twice ``timeout_s``.
     """
-    target = await asyncio.to_thread(_target, policy, url, field)
-    async with _async_client(policy, target) as client:
-        response = await client.post(target.url, content=content, headers=headers, timeout=timeout_s)
-        return response.status_code
+    try:
+        target = await asyncio.to_thread(_target, policy, url, field)
+    except UrlFetchFailed:
+        raise httpx.ConnectError("the webhook host does not resolve") from None
+    try:
+        async with asyncio.timeout(timeout_s * 2):  # the whole exchange, not just each read
+            async with _async_client(policy, target) as client:
+                # streamed and closed unread: a receiver's (maybe huge) answer body is never loaded
+                async with client.stream("POST", target.url, content=content, headers=headers,
+                                         timeout=timeout_s) as response:
+                    return response.status_code
+    except TimeoutError:
+        raise httpx.ReadTimeout("the webhook receiver took too long") from None
 
 
 __all__ = [

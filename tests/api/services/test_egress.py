@@ -242,3 +242,13 @@ def test_https_pinned_with_sni_and_certificate_of_the_name(tls_listener: tuple[L
     with pytest.raises(UrlFetchFailed):
         fetch_sync(p, f"https://other.test:{listener.port}/tls", field="f", max_bytes=100)
     assert len(listener.hits) == 1
+
+
+async def test_post_dns_failure_is_a_transport_error_and_big_answers_are_not_read(listener: Listener) -> None:
+    import httpx
+
+    with pytest.raises(httpx.ConnectError):
+        await post(policy(), "http://nowhere.test/hook", content=b"{}", headers={}, timeout_s=5)
+    listener.routes["/hook"] = (200, {}, b"x" * 5_000_000)
+    ok = policy(allow_networks=(egress.ipaddress.ip_network("127.0.0.1/32"),))
+    assert await post(ok, f"http://127.0.0.1:{listener.port}/hook", content=b"{}", headers={}, timeout_s=5) == 200
