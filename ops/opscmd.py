@@ -381,27 +381,39 @@ def serve_config_cmd(
         out: Path | None = typer.Option(None, "--out", help="write here (default: stdout)"),
         embedded: bool = typer.Option(False, "--embedded", help="CPU-only: no GPUs, the tiny models"),
         model: list[str] | None = typer.Option(None, "--model", help="only these models (repeatable)"),
-        secrets: bool = typer.Option(True, "--secrets/--no-secrets",
-                                     help="--no-secrets leaves the storage URL and signing secret out "
-                                          "(read from CINEWEAVE_* where the app is built)"),
+        show_secrets: bool = typer.Option(False, "--show-secrets",
+                                          help="put the storage URL (with its credentials) and the signing "
+                                               "secret in the config, unredacted; without it the applications "
+                                               "read them from CINEWEAVE_* where they are built"),
+        no_secrets: bool = typer.Option(False, "--no-secrets", hidden=True,
+                                        help="the default (kept for older scripts)"),
         trainer: bool = typer.Option(True, "--trainer/--no-trainer",
                                      help="the LoRA trainer application (when a served model is trainable)"),
         as_json: bool = typer.Option(False, "--json")) -> None:
-    """Render the Serve config (serve deploy / KubeRay serveConfigV2) from the catalog and settings."""
-    from ops.serve_config import ServeConfigError, dump, render
+    """Render the Serve config (serve deploy / KubeRay serveConfigV2) from the catalog and settings.
 
+    Secrets never appear unless ``--show-secrets``: by default the applications name the build
+    wrappers that read the storage URL and signing secret from the environment of the Ray node,
+    and anything else secret-looking (credentials in a URL, a token) is redacted.
+    """
+    from ops.serve_config import ServeConfigError, dump, redact, render
+
+    if show_secrets and no_secrets:
+        _fail("--show-secrets and --no-secrets contradict each other")
     try:
-        config = render(get_settings(), models=model or None, embedded=embedded, include_secrets=secrets,
+        config = render(get_settings(), models=model or None, embedded=embedded, include_secrets=show_secrets,
                         trainer=trainer)
     except ServeConfigError as exc:
         _fail(str(exc))
+    if not show_secrets:
+        config = redact(config)
     text = json.dumps(config, indent=2) + "\n" if as_json else dump(config)
     if out is None:
         print(text, end="")
         return
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
-    if secrets:
+    if show_secrets:
         out.chmod(0o600)  # it carries the storage credentials
     _err.print(f"wrote {out} ({len(config['applications'])} applications)")
 

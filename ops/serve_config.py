@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -195,6 +196,36 @@ def _known_keys(where: str, data: Any, schema: Any) -> None:
     unknown = sorted(set(data) - set(schema.model_fields))
     if unknown:
         raise ServeConfigError(f"{where}: unknown option(s) {unknown} (Ray would ignore them)")
+
+
+# --- redaction --------------------------------------------------------------------------------
+
+REDACTED = "<redacted>"
+_SECRET_KEY = re.compile(r"(secret|token|password|passwd|api_?key|access_?key|credential|private_?key)", re.I)
+_URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<userinfo>[^/@\s]+)@", re.I)
+_SECRET_QUERY = re.compile(r"(?P<name>[?&](?:[a-z_]*(?:secret|token|password|key|signature|sig)[a-z_]*))=(?P<value>[^&#\s]*)",
+                           re.I)
+
+
+def redact_text(text: str) -> str:
+    """A string with URL credentials (``s3://KEY:SECRET@host``, ``postgresql://u:pw@db``) and secret
+    query parameters (``?secret_key=…``, ``&token=…``) replaced by ``<redacted>``."""
+    text = _URL_USERINFO.sub(lambda m: f"{m['scheme']}{REDACTED}@", text)
+    return _SECRET_QUERY.sub(lambda m: f"{m['name']}={REDACTED}", text)
+
+
+def redact(value: Any, key: str | None = None) -> Any:
+    """A copy of ``value`` (a config) with every secret replaced: values under secret-looking keys
+    (signing_secret, *_token, password, api_key, ...) and credentials inside any string."""
+    if isinstance(value, Mapping):
+        return {k: redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact(v, key) for v in value]
+    if isinstance(value, str):
+        if key is not None and _SECRET_KEY.search(key) and value:
+            return REDACTED
+        return redact_text(value)
+    return value
 
 
 def dump(config: Mapping[str, Any]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -187,7 +188,8 @@ def test_cli_writes_the_rendered_config(settings: Settings, monkeypatch: pytest.
 
     monkeypatch.setattr(ops.opscmd, "get_settings", lambda: settings)
     out = tmp_path / "serve.yaml"
-    result = CliRunner().invoke(ops_app, ["serve-config", "--out", str(out), "--embedded", "--model", "tiny-sd"])
+    result = CliRunner().invoke(ops_app, ["serve-config", "--out", str(out), "--embedded", "--model", "tiny-sd",
+                                          "--show-secrets"])
     assert result.exit_code == 0, result.output
     written = yaml.safe_load(out.read_text())
     assert written == render(settings, models=["tiny-sd"], embedded=True)
@@ -196,3 +198,52 @@ def test_cli_writes_the_rendered_config(settings: Settings, monkeypatch: pytest.
     assert result.exit_code == 1 and "remote only" in result.output
     result = CliRunner().invoke(ops_app, ["serve-config", "--json", "--model", "sdxl", "--no-secrets"])
     assert result.exit_code == 0 and '"import_path": "ops.serve_config:build"' in result.output
+
+
+SECRET_STORAGE = "s3://AKIAEXAMPLEKEY:wJalrXUtnFEMI-very-secret@minio.internal:9000/outputs?secure=false"
+
+
+def _secret_settings(tmp_path: Path) -> Settings:
+    return Settings(data_dir=tmp_path, storage_url=SECRET_STORAGE, signing_secret="sign-me-0123456789",
+                    database_url="postgresql://cineweave:db-pass-42@postgres:5432/cineweave",
+                    replicate_api_token="r8_token_abcdef", _env_file=None)
+
+
+def test_cli_redacts_secrets_by_default_and_shows_them_on_request(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import ops.opscmd
+
+    settings = _secret_settings(tmp_path)
+    monkeypatch.setattr(ops.opscmd, "get_settings", lambda: settings)
+    for args in (["--model", "sdxl"], ["--model", "sdxl", "--json"], ["--model", "sdxl", "--no-secrets"]):
+        result = CliRunner().invoke(ops_app, ["serve-config", *args])
+        assert result.exit_code == 0, result.output
+        for secret in ("wJalrXUtnFEMI", "AKIAEXAMPLEKEY", "sign-me-0123456789", "db-pass-42", "r8_token"):
+            assert secret not in result.output, (args, secret)
+        assert ENV_IMPORT_PATH in result.output  # still deployable: the nodes read CINEWEAVE_*
+    out = tmp_path / "serve.yaml"
+    result = CliRunner().invoke(ops_app, ["serve-config", "--model", "sdxl", "--out", str(out)])
+    assert result.exit_code == 0 and "wJalrXUtnFEMI" not in out.read_text()
+    shown = CliRunner().invoke(ops_app, ["serve-config", "--model", "sdxl", "--show-secrets"])
+    assert shown.exit_code == 0, shown.output
+    assert SECRET_STORAGE in shown.output and "sign-me-0123456789" in shown.output
+    assert yaml.safe_load(shown.output) == render(settings, models=["sdxl"])
+    both = CliRunner().invoke(ops_app, ["serve-config", "--show-secrets", "--no-secrets"])
+    assert both.exit_code == 1
+
+
+def test_redact_covers_url_credentials_secret_keys_and_query_parameters() -> None:
+    config = {"runtime": {"storage_url": SECRET_STORAGE, "signing_secret": "abc", "threads": 1,
+                          "public_base_url": "https://api.example.com"},
+              "env": [{"name": "DB", "value": "postgresql://u:pw-123@db:5432/x"},
+                      {"name": "S3", "value": "s3://minio:9000/b?access_key=AK1&secret_key=SK2&secure=false"}],
+              "replicate_api_token": "r8_xyz", "tiny_dir": "/data/tiny"}
+    red = serve_config.redact(config)
+    text = json.dumps(red)
+    for secret in ("AKIAEXAMPLEKEY", "very-secret", "pw-123", "AK1", "SK2", "r8_xyz", '"abc"'):
+        assert secret not in text, secret
+    assert red["runtime"]["threads"] == 1 and red["tiny_dir"] == "/data/tiny"
+    assert red["runtime"]["public_base_url"] == "https://api.example.com"
+    assert red["runtime"]["storage_url"].startswith("s3://<redacted>@minio.internal:9000/outputs")
+    assert "secure=false" in red["env"][1]["value"]
+    assert config["runtime"]["signing_secret"] == "abc"  # a copy: the input is untouched
