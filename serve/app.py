@@ -20,6 +20,24 @@ from serve.generator import GeneratorServer, RuntimeConfig
 logger = logging.getLogger(__name__)
 
 
+SHUTDOWN_DRAIN_S = 25.0
+"""How long a replica being stopped waits for its runs (below graceful_shutdown_timeout_s, 30)."""
+
+
+class GeneratorDeployment(GeneratorServer):
+    """The deployed class: on shutdown (scale-down, redeploy) it first finishes the runs it owns.
+
+    Serve waits for *ongoing requests* before stopping a replica, but a run whose caller went away
+    (an API restart) is no request any more; Serve awaits ``__del__`` before the replica exits, so
+    the drain goes there. (Not on :class:`GeneratorServer`: a plain instance would leave an
+    unawaited coroutine at garbage collection.)
+    """
+
+    async def __del__(self) -> None:  # type: ignore[misc]
+        if not await self.drain(SHUTDOWN_DRAIN_S):
+            logger.warning("%s: stopping with runs unfinished", self.spec.id)
+
+
 def deployment_name(model_id: str) -> str:
     return f"gen-{model_id}"
 
@@ -71,7 +89,7 @@ def code_version(spec: ModelSpec, runtime: RuntimeConfig) -> str:
     ``reconfigure`` on the live replicas instead.
     """
     payload = json.dumps({"spec": spec.model_dump(mode="json"), "runtime": runtime.__dict__,
-                          "server": f"{GeneratorServer.__module__}.{GeneratorServer.__qualname__}"},
+                          "server": f"{GeneratorDeployment.__module__}.{GeneratorDeployment.__qualname__}"},
                          sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -82,7 +100,7 @@ def build_generator_app(spec: ModelSpec, runtime: RuntimeConfig, *, embedded: bo
     options = deployment_options(spec, embedded=embedded)
     if user_config is not None:
         options["user_config"] = user_config
-    deployment = serve.deployment(GeneratorServer).options(**options)
+    deployment = serve.deployment(GeneratorDeployment).options(**options)
     try:  # private in Ray 2.x: the only way to keep the version across serve.run calls
         deployment = deployment.options(version=code_version(spec, runtime), _internal=True)
     except (TypeError, ValueError):  # pragma: no cover - a Ray without it: swaps restart replicas

@@ -388,6 +388,16 @@ class GeneratorServer:
             self._evict()
         return True
 
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait (bounded) until no run is queued or running here; True if none is left."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while any(not run.finished for run in self.runs.values()):
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.2)
+        return True
+
     def _outputs_exist(self, log: list[dict[str, Any]]) -> bool:
         keys = [e["key"] for e in log if e.get("type") == "output"]
         return all(self.storage.exists(k) for k in keys)

@@ -253,3 +253,13 @@ async def test_the_test_hook_holds_a_job_at_a_step_until_released(tmp_path: Path
     steps = [e["step"] for e in events if e["type"] == "progress"]
     assert steps == [1, 2, 3]
     assert not (hooks / "job_1.held").exists()  # no token in its prompt: never held
+
+
+async def test_drain_waits_for_the_runs_the_replica_owns(server: Server) -> None:
+    """A replica being stopped first finishes its runs, even those whose caller went away."""
+    task = await held_first(server, request(0))
+    task.cancel()
+    assert await server.drain(0.05) is False  # still running, caller gone
+    server.generator.gate.set()
+    assert await server.drain(5) is True
+    assert server.stats()["jobs"]["job_0"]["state"] == "succeeded"
