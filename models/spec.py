@@ -90,6 +90,10 @@ class Pricing(_Strict):
     base_pixels: int = 512 * 512
     credits_per_second: float | None = None
     multiplier_1080p: float | None = None
+    # Local video is priced by compute: this is the price of the reference clip (the spec's default
+    # num_frames × steps × width × height); a request pays in proportion to its own
+    # frames × steps × pixels. Unset: credits_per_second × the default clip's duration.
+    credits_per_reference_clip: float | None = None
     training_credits_per_1000_steps: float | None = None
 
 

@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import pytest
 
-from api.core.pricing import image_credits, price_generation, price_training, training_credits, video_credits
+from api.core.pricing import (
+    compute_units,
+    credits_per_reference_clip,
+    image_credits,
+    local_video_credits,
+    price_generation,
+    price_training,
+    training_credits,
+    video_credits,
+)
 from api.core.requests import normalize_input
 from api.settings import Settings
 from models.catalog import Catalog
@@ -66,8 +78,9 @@ def settings_plain(tmp_path) -> Settings:  # type: ignore[no-untyped-def]
     ("veo-3.1-replicate", {}, 80),  # defaults: 8 s at 720p
     ("tiny-sd", {}, 1),
     ("tiny-sd", {"width": 128, "height": 128}, 4),
-    ("tiny-wan", {"num_frames": 17, "fps": 8}, 22),   # 17 frames at 8 fps = 2.125 s
-    ("tiny-wan", {"num_frames": 33, "fps": 16}, 21),  # 2.0625 s
+    ("tiny-wan", {"num_frames": 17, "fps": 8}, 22),   # the reference clip (the defaults)
+    ("tiny-wan", {"num_frames": 17, "fps": 24}, 22),  # same compute at any fps
+    ("tiny-wan", {"num_frames": 33, "fps": 16}, 43),  # 22 × 33/17 = 42.7
 ])
 def test_price_generation_from_the_spec(catalog: Catalog, settings_plain: Settings, model: str,
                                         raw: dict, credits: int) -> None:
@@ -100,3 +113,52 @@ def test_price_training(catalog: Catalog, settings_plain: Settings) -> None:
         update={"training_credits_per_1000_steps": None})})
     s = settings_plain.model_copy(update={"training_credits_per_1000_steps": 50.0})
     assert price_training(no_rate, 1000, s) == 50
+
+
+def _local_price(catalog: Catalog, settings: Settings, model: str, **raw: Any) -> int:
+    spec = catalog.get(model)
+    assert spec is not None
+    _, normalized = normalize_input(spec, {"prompt": "p", **raw}, 500)
+    return price_generation(spec, normalized, settings)
+
+
+@pytest.mark.parametrize("model", ["tiny-wan", "wan2.1-t2v-1.3b", "ltx-video"])
+def test_local_video_price_follows_compute_not_fps(catalog: Catalog, settings_plain: Settings, model: str) -> None:
+    spec = catalog.get(model)
+    assert spec is not None and not spec.remote_only
+    frames, steps = spec.defaults.num_frames, spec.defaults.steps
+    assert frames and steps
+    fps_low, fps_high = max(spec.limits.min_fps or 8, 8), min(spec.limits.max_fps or 24, 24)
+    slow = _local_price(catalog, settings_plain, model, num_frames=frames, steps=steps, fps=fps_low)
+    fast = _local_price(catalog, settings_plain, model, num_frames=frames, steps=steps, fps=fps_high)
+    assert slow == fast == math.ceil(spec.pricing.credits_per_reference_clip or 0)
+    doubled_steps = _local_price(catalog, settings_plain, model, num_frames=frames, steps=steps * 2, fps=fps_low)
+    assert doubled_steps == 2 * slow
+
+
+def test_local_video_credits_scale_linearly_and_round_up() -> None:
+    ref = compute_units(17, 4, 64, 64)
+    assert local_video_credits(17, 4, 64, 64, ref, 22) == 22
+    assert local_video_credits(34, 4, 64, 64, ref, 22) == 44  # double the frames
+    assert local_video_credits(17, 8, 64, 64, ref, 22) == 44  # double the steps
+    assert local_video_credits(17, 4, 128, 128, ref, 22) == 88  # four times the pixels
+    assert local_video_credits(17, 4, 64, 64, ref, 21.25) == 22  # rounded up
+    assert local_video_credits(18, 4, 64, 64, ref, 22) == 24  # 23.29 -> 24
+    assert local_video_credits(1, 1, 16, 16, ref, 22) == 1  # never free
+
+
+def test_local_video_reference_price_defaults_to_per_second_rate(catalog: Catalog, settings_plain: Settings) -> None:
+    spec = catalog.get("tiny-wan")
+    assert spec is not None
+    bare = spec.model_copy(update={"pricing": spec.pricing.model_copy(update={"credits_per_reference_clip": None})})
+    assert credits_per_reference_clip(bare, settings_plain) == 10.0 * 17 / 8  # the defaults' 2.125 s
+    s = settings_plain.model_copy(update={"video_credits_per_second": 4.0})
+    assert credits_per_reference_clip(bare, s) == 4.0 * 17 / 8
+    _, normalized = normalize_input(bare, {"prompt": "p", "fps": 24}, 500)
+    assert price_generation(bare, normalized, s) == 9  # 8.5 rounded up, at any fps
+
+
+def test_remote_only_video_stays_priced_by_duration(catalog: Catalog, settings_plain: Settings) -> None:
+    assert _local_price(catalog, settings_plain, "veo-3.1", duration=4, resolution="720p") == 40
+    assert _local_price(catalog, settings_plain, "veo-3.1", duration=8, resolution="1080p") == 120
+    assert _local_price(catalog, settings_plain, "veo-3.1-replicate", duration=8, resolution="1080p") == 120
