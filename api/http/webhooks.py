@@ -129,6 +129,7 @@ class WebhookDeliverer:
     async def _run_forever(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            self._wake.clear()  # before the round: a wake that arrives during it is kept
             try:
                 done = await self.run_once()
                 if loop.time() - self._last_prune > self.settings.webhook_prune_interval_s:
@@ -141,7 +142,6 @@ class WebhookDeliverer:
                 done = 0
             if done:
                 continue  # there may be more due
-            self._wake.clear()
             try:
                 wait_s = await asyncio.to_thread(self._next_due_in, self.settings.webhook_poll_s)
             except Exception:  # noqa: BLE001 - fall back to the slow poll
@@ -174,8 +174,11 @@ class WebhookDeliverer:
                    WebhookDelivery.next_attempt_at <= now,
                    or_(WebhookDelivery.claim_expires_at.is_(None), WebhookDelivery.claim_expires_at < now))
         claimed: list[WebhookDelivery] = []
+        query = select(WebhookDelivery.id).where(due).order_by(WebhookDelivery.created_at).limit(limit)
+        with self.db.read() as session:  # nothing due (the usual case): no write transaction at all
+            if session.execute(query.limit(1)).first() is None:
+                return []
         with self.db.session() as session:
-            query = select(WebhookDelivery.id).where(due).order_by(WebhookDelivery.created_at).limit(limit)
             if is_postgres(self.db.engine):
                 query = query.with_for_update(skip_locked=True)
             ids = list(session.execute(query).scalars())

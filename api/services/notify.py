@@ -28,8 +28,9 @@ from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import event, text
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import Pool
 
 from api.db.engine import Database, is_postgres
 
@@ -41,8 +42,9 @@ _PENDING = "cineweave_notify_pending"
 
 Callback = Callable[[dict[str, Any]], None]
 
-# SQLite: the notifier of each engine in this process (weak: a disposed app leaves nothing behind)
-_local: weakref.WeakKeyDictionary[Engine, Notifier] = weakref.WeakKeyDictionary()
+# SQLite: the notifier of each database in this process, keyed by its connection pool (shared by
+# the engine and its execution-option variants); weak: a disposed app leaves nothing behind
+_local: weakref.WeakKeyDictionary[Pool, Notifier] = weakref.WeakKeyDictionary()
 
 
 def signal(session: Session, kind: str, payload: dict[str, Any] | None = None) -> None:
@@ -56,14 +58,14 @@ def signal(session: Session, kind: str, payload: dict[str, Any] | None = None) -
             body = json.dumps({"k": kind})
         session.execute(text("SELECT pg_notify(:channel, :payload)"), {"channel": CHANNEL, "payload": body})
         return
-    session.info.setdefault(_PENDING, []).append((engine, message))
+    session.info.setdefault(_PENDING, []).append((engine.pool, message))
 
 
 @event.listens_for(Session, "after_commit")
 def _after_commit(session: Session) -> None:
     pending = session.info.pop(_PENDING, None)
-    for engine, message in pending or ():
-        notifier = _local.get(engine)
+    for pool, message in pending or ():
+        notifier = _local.get(pool)
         if notifier is not None:
             notifier.dispatch_threadsafe(message)
 
@@ -109,7 +111,7 @@ class Notifier:
         """Bind to the running loop; on PostgreSQL start listening (waits, bounded, until it is)."""
         self._loop = asyncio.get_running_loop()
         if not self.postgres:
-            _local[self.db.engine] = self
+            _local[self.db.engine.pool] = self
             return
         self._task = asyncio.create_task(self._listen_forever(), name="notify-listener")
         try:
@@ -118,7 +120,7 @@ class Notifier:
             logger.warning("notify: not listening after %.0fs; readers fall back to polling", ready_timeout_s)
 
     async def stop(self) -> None:
-        _local.pop(self.db.engine, None)
+        _local.pop(self.db.engine.pool, None)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

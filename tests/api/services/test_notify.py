@@ -198,3 +198,17 @@ async def test_pg_publish_reaches_the_other_process(pg_pair: Any) -> None:
     b.subscribe("runner", inbox)
     await asyncio.to_thread(a.publish, "runner", {"model": "tiny-sd"})
     assert (await inbox.wait_for(lambda m: m.get("model") == "tiny-sd"))["k"] == "runner"
+
+
+async def test_sqlite_signal_from_an_execution_options_engine(db: Database, sqlite_notifier: Notifier) -> None:
+    """The runner writes through ``lease_session`` (an engine variant with its own options, the
+    same pool): its signals reach the database's notifier too."""
+    inbox = Inbox()
+    sqlite_notifier.subscribe("webhooks", inbox)
+    variant = db.engine.execution_options(cineweave_busy_timeout_ms=1000)
+    from sqlmodel import Session
+
+    with Session(variant) as session:
+        notify.signal(session, "webhooks", {"job": "job_lease"})
+        session.commit()
+    await inbox.wait_for(lambda m: m.get("job") == "job_lease")
