@@ -126,7 +126,7 @@ def cluster(pg_url: str, tmp_path: Path, settings: Settings) -> Iterator[Any]:
         "CINEWEAVE_ADMIN_KEY": "admin-test-key", "CINEWEAVE_RUNNER_POLL_S": "0.05",
         "CINEWEAVE_LEASE_S": "10", "CINEWEAVE_EGRESS_ALLOW_NETWORKS": json.dumps(["127.0.0.1/32"]),
         "CINEWEAVE_WEBHOOK_BACKOFF_S": "0.1", "CINEWEAVE_WEBHOOK_MAX_ATTEMPTS": "100",
-        "CINEWEAVE_WEBHOOK_TIMEOUT_S": "1", "CINEWEAVE_WEBHOOK_CLAIM_S": "3",
+        "CINEWEAVE_WEBHOOK_TIMEOUT_S": "1", "CINEWEAVE_WEBHOOK_CLAIM_S": "3", "CINEWEAVE_WEBHOOK_POLL_S": "600",
         "CINEWEAVE_TEST_GATE_DIR": str(gate_dir),
     })
     started: list[ApiProcess] = []
