@@ -107,7 +107,8 @@ class VeoExecutor(ProviderExecutor):
             mime, payload = parse_data_uri(image)
         elif image.startswith(("http://", "https://")):
             fetched = await download(self.client(), image, deadline=deadline, policy=self.retry,
-                                     what="fetching the input image", max_bytes=self.settings.max_upload_bytes, egress=self.egress)
+                                     what="fetching the input image", max_bytes=self.settings.max_upload_bytes,
+                                     egress=self.egress)
             mime, payload = fetched.content_type, fetched.content
         else:
             raise ProviderError("the input image must be a URL or a data: URI by the time it reaches Veo",
