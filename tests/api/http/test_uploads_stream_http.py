@@ -79,3 +79,36 @@ async def test_multipart_upload_still_works(h: ApiHarness) -> None:
                             headers=bearer(user.api_key))
     assert r.status_code == 201, r.text
     assert len(r.json()["data"]) == 2 and stored(h)[0] == 2
+
+
+def test_over_a_real_socket(settings: Any, storage: Any, live_server: Any) -> None:
+    """uvicorn: a multipart upload works; a chunked body (no Content-Length) over the cap gets 413.
+
+    The body is kept small (64 kB) so the client finishes sending before the server answers;
+    that the server stops reading early is shown in-process above (chunks pulled).
+    """
+    import httpx
+
+    from api.http.app import create_app
+    from tests.fixtures.fake_executor import FakeExecutor
+    from tests.fixtures.harness import add_user
+
+    s = settings.model_copy(update={"max_upload_bytes": 10_000, "max_upload_files": 2,
+                                    "max_upload_request_bytes": 50_000})
+    app = create_app(s, FakeExecutor(storage=storage), storage=storage, run_runner=False, run_maintenance=False)
+    srv = live_server(app)
+    user = add_user(app.state.cineweave.db, s)
+
+    def chunks() -> Any:
+        yield part_head(filename="z.zip") + b"PK\x03\x04"
+        for _ in range(8):
+            yield b"\0" * 8_000
+        yield b"\r\n" + END
+
+    with httpx.Client(base_url=srv.url, headers=bearer(user.api_key), timeout=30) as client:
+        ok = client.post("/v1/uploads", files=[("file", ("a.png", png(), "image/png"))])
+        assert ok.status_code == 201, ok.text
+        refused = client.post("/v1/uploads", content=chunks(), headers={"content-type": CTYPE})
+        assert refused.status_code == 413 and refused.json()["error"]["code"] == "payload_too_large"
+    with app.state.cineweave.db.read() as session:
+        assert session.execute(select(func.count()).select_from(Upload)).scalar_one() == 1
