@@ -92,6 +92,7 @@ class WebhookDeliverer:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._last_prune = 0.0
+        self._stopping = False
         if notifier is not None:
             notifier.subscribe("webhooks", lambda _message: self.wake())
 
@@ -107,8 +108,15 @@ class WebhookDeliverer:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run_forever(), name=f"webhooks-{self.id}")
 
-    async def stop(self) -> None:
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stop claiming; let the round in flight finish (bounded by ``grace_s``, default the POST
+        timeout) so a delivery that reached the client is marked and not sent again, then cancel."""
         if self._task is not None:
+            self._stopping = True
+            self._wake.set()
+            grace = self.settings.webhook_timeout_s + 1.0 if grace_s is None else grace_s
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self._task), timeout=grace)
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
@@ -128,7 +136,7 @@ class WebhookDeliverer:
 
     async def _run_forever(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
+        while not self._stopping:
             self._wake.clear()  # before the round: a wake that arrives during it is kept
             try:
                 done = await self.run_once()
@@ -140,8 +148,8 @@ class WebhookDeliverer:
             except Exception:  # noqa: BLE001 - the database may be briefly away; try again later
                 logger.exception("webhook deliverer %s: a round failed", self.id)
                 done = 0
-            if done:
-                continue  # there may be more due
+            if done or self._stopping:
+                continue  # there may be more due (or: stop now)
             try:
                 wait_s = await asyncio.to_thread(self._next_due_in, self.settings.webhook_poll_s)
             except Exception:  # noqa: BLE001 - fall back to the slow poll

@@ -420,3 +420,46 @@ def test_finished_rows_are_pruned_after_the_retention(db: Database, settings: An
     with db.read() as session:
         left = set(session.execute(select(WebhookDelivery.id)).scalars())
     assert left == {recent, pending}
+
+
+async def test_stop_lets_the_delivery_in_flight_finish(db: Database, settings: Any) -> None:
+    """A graceful stop (deploy) waits for the POST under way and records it: not sent twice."""
+    from api.http.webhooks import WebhookDeliverer
+
+    [row_id] = _outbox_rows(db, settings, 1)
+    posted, answer = asyncio.Event(), asyncio.Event()
+
+    async def slow_post(_policy: Any, _url: str, **_kwargs: Any) -> int:
+        posted.set()
+        await asyncio.wait_for(answer.wait(), 10)
+        return 200
+
+    deliverer = WebhookDeliverer(db, settings, _render, post=slow_post)
+    deliverer.start()
+    await asyncio.wait_for(posted.wait(), 10)
+    stopping = asyncio.ensure_future(deliverer.stop(grace_s=10))
+    await asyncio.sleep(0)  # stop() has begun: no new claims from here
+    answer.set()
+    await asyncio.wait_for(stopping, 15)
+    row = _row(db, row_id)
+    assert row.delivered_at is not None and row.claimed_by is None and row.attempts == 1
+
+
+async def test_stop_releases_a_claim_whose_post_outlives_the_grace(db: Database, settings: Any) -> None:
+    from api.http.webhooks import WebhookDeliverer
+
+    [row_id] = _outbox_rows(db, settings, 1)
+    posted = asyncio.Event()
+
+    async def stuck_post(_policy: Any, _url: str, **_kwargs: Any) -> int:
+        posted.set()
+        await asyncio.Event().wait()  # never answers (canceled by stop)
+        return 200
+
+    deliverer = WebhookDeliverer(db, settings, _render, post=stuck_post)
+    deliverer.start()
+    await asyncio.wait_for(posted.wait(), 10)
+    await asyncio.wait_for(deliverer.stop(grace_s=0.05), 10)
+    row = _row(db, row_id)
+    assert row.delivered_at is None and row.claimed_by is None  # another process may take it at once
+    assert len(WebhookDeliverer(db, settings, _render, owner="next").claim(5)) == 1
