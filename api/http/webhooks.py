@@ -172,7 +172,10 @@ class WebhookDeliverer:
             for row in batch:
                 await self.deliver(row)
 
-        await asyncio.gather(*(in_order(b) for b in by_job.values()))
+        results = await asyncio.gather(*(in_order(b) for b in by_job.values()), return_exceptions=True)
+        for failure in results:
+            if isinstance(failure, Exception):  # e.g. the database away while marking: the claim expires
+                logger.error("webhook delivery round: %s", type(failure).__name__, exc_info=failure)
         return len(rows)
 
     def claim(self, limit: int) -> list[WebhookDelivery]:
@@ -211,20 +214,30 @@ class WebhookDeliverer:
         if secret is None:
             outcome, error = "final", "the user no longer exists"
         else:
-            body = json.dumps(self.render_job(job_from_snapshot(row.payload)), separators=(",", ":")).encode()
-            stamp = int(utcnow().timestamp())
-            headers = {"content-type": "application/json", "webhook-id": row.id,
-                       "webhook-timestamp": str(stamp), "webhook-signature": sign(secret, row.id, stamp, body),
-                       "user-agent": "cineweave-webhooks/1"}
             try:
-                status = await self._post(self.policy, row.url, content=body, headers=headers,
-                                          timeout_s=self.settings.webhook_timeout_s)
-                outcome = outcome_of(status)
-                error = None if outcome == "delivered" else f"HTTP {status}"
-            except egress.UrlNotAllowed:
-                outcome, error = "final", "url_not_allowed: the webhook URL is not allowed"
-            except httpx.TransportError as exc:
-                outcome, error = "retry", f"network error ({type(exc).__name__})"
+                body = json.dumps(self.render_job(job_from_snapshot(row.payload)), separators=(",", ":")).encode()
+                stamp = int(utcnow().timestamp())
+                headers = {"content-type": "application/json", "webhook-id": row.id,
+                           "webhook-timestamp": str(stamp), "webhook-signature": sign(secret, row.id, stamp, body),
+                           "user-agent": "cineweave-webhooks/1"}
+            except Exception:  # noqa: BLE001 - a row that cannot be rendered never will be
+                logger.exception("webhook %s for job %s: the payload could not be rendered", row.id, row.job_id)
+                outcome, error = "final", "internal error rendering the payload"
+            else:
+                try:
+                    status = await self._post(self.policy, row.url, content=body, headers=headers,
+                                              timeout_s=self.settings.webhook_timeout_s)
+                    outcome = outcome_of(status)
+                    error = None if outcome == "delivered" else f"HTTP {status}"
+                except egress.UrlNotAllowed:
+                    outcome, error = "final", "url_not_allowed: the webhook URL is not allowed"
+                except egress.EgressError as exc:  # refused for another stable reason: final too
+                    outcome, error = "final", f"{exc.code}: the webhook URL was refused"
+                except httpx.TransportError as exc:
+                    outcome, error = "retry", f"network error ({type(exc).__name__})"
+                except Exception as exc:  # noqa: BLE001 - unexpected: retried, bounded by max attempts
+                    logger.exception("webhook %s for job %s: unexpected error", row.id, row.job_id)
+                    outcome, error = "retry", f"internal error ({type(exc).__name__})"
         if outcome == "retry" and row.attempts >= self.settings.webhook_max_attempts:
             outcome = "exhausted"
         await asyncio.to_thread(self._finish, row, outcome, status, error)

@@ -463,3 +463,18 @@ async def test_stop_releases_a_claim_whose_post_outlives_the_grace(db: Database,
     row = _row(db, row_id)
     assert row.delivered_at is None and row.claimed_by is None  # another process may take it at once
     assert len(WebhookDeliverer(db, settings, _render, owner="next").claim(5)) == 1
+
+
+async def test_a_payload_that_cannot_be_rendered_fails_for_good(db: Database, settings: Any) -> None:
+    from api.http.webhooks import WebhookDeliverer
+
+    [row_id] = _outbox_rows(db, settings, 1)
+
+    def broken(_job: Any) -> dict[str, Any]:
+        raise KeyError("key")
+
+    post = ScriptedPost(200)
+    assert await WebhookDeliverer(db, settings, broken, post=post).run_once() == 1
+    row = _row(db, row_id)
+    assert row.failed_at is not None and row.last_error == "internal error rendering the payload"
+    assert post.calls == []
