@@ -64,7 +64,13 @@ class _DbCollector(Collector):
                                  labels=["model"])
         for model, seconds in snap.get("running_idle", {}).items():
             idle.add_metric([model], seconds)
-        yield from (jobs, depth, wait, idle)
+        pending = GaugeMetricFamily("cineweave_webhooks_pending",
+                                    "Client webhooks in the outbox not yet delivered nor given up")
+        pending.add_metric([], snap.get("webhooks_pending", 0))
+        pending_age = GaugeMetricFamily("cineweave_webhooks_oldest_pending_seconds",
+                                        "Age of the oldest undelivered client webhook")
+        pending_age.add_metric([], snap.get("webhooks_oldest_pending_s", 0.0))
+        yield from (jobs, depth, wait, idle, pending, pending_age)
 
 
 GpuMemorySource = Callable[[], Mapping[str, Mapping[str, float]]]

@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from api.core.errors import CineWeaveError
 from api.core.executor import Executor
 from api.db.engine import Database
-from api.db.tables import Job
+from api.db.tables import Job, WebhookDelivery
 from api.http.routes import account, admin, files, jobs, loras, system
 from api.http.state import AppState
 from api.http.webhooks import WebhookDeliverer
@@ -64,11 +64,16 @@ def _db_snapshot(db: Database) -> Callable[[], dict[str, Any]]:
             # whose updated_at stays old is stuck even while its runner keeps the lease
             idle = session.execute(select(Job.model, func.min(Job.updated_at))
                                    .where(Job.status == "running").group_by(Job.model)).all()
+            # the webhook outbox: rows neither delivered nor given up, and the oldest of them
+            outbox = session.execute(select(func.count(), func.min(WebhookDelivery.created_at)).where(
+                WebhookDelivery.delivered_at.is_(None), WebhookDelivery.failed_at.is_(None))).one()
         now = utcnow()
         return {"jobs": {(s, m): c for s, m, c in counts},
                 "queued": {m: c for s, m, c in counts if s == "queued"},
                 "oldest_wait": {m: max(0.0, (now - t).total_seconds()) for m, t in oldest if t},
-                "running_idle": {m: max(0.0, (now - t).total_seconds()) for m, t in idle if t}}
+                "running_idle": {m: max(0.0, (now - t).total_seconds()) for m, t in idle if t},
+                "webhooks_pending": outbox[0],
+                "webhooks_oldest_pending_s": max(0.0, (now - outbox[1]).total_seconds()) if outbox[1] else 0.0}
     return snapshot
 
 

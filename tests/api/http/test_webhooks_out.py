@@ -478,3 +478,18 @@ async def test_a_payload_that_cannot_be_rendered_fails_for_good(db: Database, se
     row = _row(db, row_id)
     assert row.failed_at is not None and row.last_error == "internal error rendering the payload"
     assert post.calls == []
+
+
+async def test_the_outbox_backlog_is_a_metric(make_api: Any, receiver_server: Any) -> None:
+    receiver, srv = receiver_server(fail_first=1000)
+    api: ApiHarness = await make_api(**LOOPBACK, webhook_backoff_s=60.0, metrics_refresh_s=0.05)
+    user = api.user(credits=10)
+    job = (await api.submit(user.api_key, webhook=f"{srv.url}/hook", webhook_events_filter=["completed"])).json()
+    await wait_job(api.db, job["id"])
+    await wait_until(lambda: len(receiver.received) >= 1, 10, what="the first (failing) attempt")
+
+    async def backlog_shown() -> bool:
+        text = (await api.client.get("/metrics")).text
+        return "cineweave_webhooks_pending 1.0" in text
+
+    await wait_until(backlog_shown, 10, what="the pending webhook in /metrics")
