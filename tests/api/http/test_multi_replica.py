@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,7 +72,7 @@ class ApiProcess:
         finally:
             sock.close()  # the child has its own copy
             log.close()
-        deadline = _now() + START_TIMEOUT_S
+        deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited ({self.proc.returncode}): {self.log_tail()}")
@@ -80,9 +81,9 @@ class ApiProcess:
                     return self
             except httpx.TransportError:
                 pass
-            if _now() > deadline:
+            if time.monotonic() > deadline:
                 raise TimeoutError(f"{self.name} did not start: {self.log_tail()}")
-            _sleep(0.05)
+            time.sleep(0.05)
 
     def stop(self, sig: signal.Signals = signal.SIGTERM, timeout_s: float = 30.0) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -99,28 +100,34 @@ class ApiProcess:
         return path.read_text(errors="replace")[-n:] if path.exists() else ""
 
 
-def _now() -> float:
-    import time
+@dataclass
+class Cluster:
+    """API processes sharing one database and data dir; ``cluster(name, runner=...)`` starts one."""
 
-    return time.monotonic()
+    db: Database
+    settings: Settings
+    gate_dir: Path
+    env: dict[str, str]
+    log_dir: Path
+    started: list[ApiProcess] = field(default_factory=list)
 
-
-def _sleep(seconds: float) -> None:
-    import time
-
-    time.sleep(seconds)
+    def __call__(self, name: str, *, runner: bool, **settings_env: str) -> ApiProcess:
+        env = {**self.env, "CINEWEAVE_RUNNER_ENABLED": "true" if runner else "false",
+               **{f"CINEWEAVE_{k.upper()}": v for k, v in settings_env.items()}}
+        process = ApiProcess(name, env, self.log_dir)
+        self.started.append(process)
+        return process.start()
 
 
 @pytest.fixture
-def cluster(pg_url: str, tmp_path: Path, settings: Settings) -> Iterator[Any]:
-    """``cluster(name, runner=...)`` starts an API process on the shared database and data dir."""
+def cluster(pg_url: str, tmp_path: Path, settings: Settings) -> Iterator[Cluster]:
     shared = settings.model_copy(update={"database_url": pg_url})
     db = Database(shared)
     db.migrate()  # once, before the processes start (they find the schema at head)
     gate_dir = tmp_path / "gates"
     gate_dir.mkdir()
-    base = {k: v for k, v in os.environ.items() if not k.startswith("CINEWEAVE_")}
-    base.update({
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CINEWEAVE_")}
+    env.update({
         "PYTHONPATH": str(REPO), "CINEWEAVE_DATABASE_URL": pg_url,
         "CINEWEAVE_DATA_DIR": str(settings.data_dir), "CINEWEAVE_SIGNING_SECRET": "test-secret",
         "CINEWEAVE_ADMIN_KEY": "admin-test-key", "CINEWEAVE_RUNNER_POLL_S": "0.05",
@@ -129,22 +136,11 @@ def cluster(pg_url: str, tmp_path: Path, settings: Settings) -> Iterator[Any]:
         "CINEWEAVE_WEBHOOK_TIMEOUT_S": "1", "CINEWEAVE_WEBHOOK_CLAIM_S": "3", "CINEWEAVE_WEBHOOK_POLL_S": "600",
         "CINEWEAVE_TEST_GATE_DIR": str(gate_dir),
     })
-    started: list[ApiProcess] = []
-
-    def start(name: str, *, runner: bool, **settings_env: str) -> ApiProcess:
-        env = {**base, "CINEWEAVE_RUNNER_ENABLED": "true" if runner else "false",
-               **{f"CINEWEAVE_{k.upper()}": v for k, v in settings_env.items()}}
-        process = ApiProcess(name, env, tmp_path)
-        started.append(process)
-        return process.start()
-
-    start.db = db  # type: ignore[attr-defined]
-    start.settings = shared  # type: ignore[attr-defined]
-    start.gate_dir = gate_dir  # type: ignore[attr-defined]
+    running = Cluster(db, shared, gate_dir, env, tmp_path)
     try:
-        yield start
+        yield running
     finally:
-        for process in reversed(started):
+        for process in reversed(running.started):
             process.stop(signal.SIGKILL, timeout_s=10)
         db.dispose()
 
@@ -176,7 +172,7 @@ def stored_events(db: Database, job_id: str) -> list[tuple[int, str]]:
             select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)).scalars()]
 
 
-async def test_sse_on_another_replica_sees_every_event_in_order(cluster: Any) -> None:
+async def test_sse_on_another_replica_sees_every_event_in_order(cluster: Cluster) -> None:
     a = cluster("replica-a", runner=True)
     # B re-reads the table on its own only every 120 s: live events within the bounded stream
     # below can only have reached it through A's NOTIFY
@@ -223,7 +219,7 @@ def outbox(db: Database, job_id: str) -> list[WebhookDelivery]:
                                     .order_by(WebhookDelivery.created_at)).scalars())
 
 
-async def test_webhooks_queued_before_a_restart_are_delivered_after_it_once_each(cluster: Any) -> None:
+async def test_webhooks_queued_before_a_restart_are_delivered_after_it_once_each(cluster: Cluster) -> None:
     receiver = CountingReceiver()  # bound, not listening yet: deliveries are refused at connect
     try:
         a = cluster("replica-a", runner=True)
