@@ -9,6 +9,10 @@ woken by the ``webhooks`` notification (no poll lag) and also polls slowly as a 
 left by a process that died expires and the row is taken again (at-least-once; receivers dedupe by
 ``webhook-id``, which stays the same across retries).
 
+The body is the job as it was when the event happened (Replicate sends the prediction's state at
+the event): the row holds a snapshot of the job's columns taken in the event's transaction, and
+it is rendered into the public job shape at each attempt, so output URLs are signed when sent.
+
 Signatures follow Standard Webhooks (what Replicate uses), made with the ``standardwebhooks``
 library: headers ``webhook-id``, ``webhook-timestamp`` (unix seconds) and
 ``webhook-signature: v1,<base64 HMAC-SHA256(key, f"{id}.{timestamp}.{body}")>``, where the key is
