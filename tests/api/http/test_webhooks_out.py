@@ -493,3 +493,44 @@ async def test_the_outbox_backlog_is_a_metric(make_api: Any, receiver_server: An
         return "cineweave_webhooks_pending 1.0" in text
 
     await wait_until(backlog_shown, 10, what="the pending webhook in /metrics")
+
+
+def test_the_outbox_row_commits_with_its_change_or_not_at_all(backend_db: Database, backend_settings: Any) -> None:
+    """record_event queues the webhook in the change's own transaction, filtered, with the job's
+    state at that moment."""
+    from api.db.tables import Job
+    from api.services.events import record_event
+    from tests.fixtures.harness import add_user
+
+    user = add_user(backend_db, backend_settings)
+    with backend_db.session() as session:
+        job = Job(user_id=user.user.id, model="tiny-sd", kind="image", task="t2i", input={"prompt": "p"},
+                  webhook="http://hooks.example.test/h", webhook_events_filter=["start", "completed"])
+        session.add(job)
+        session.commit()
+        job_id = job.id
+    with backend_db.session() as session:
+        row = session.get(Job, job_id)
+        assert row is not None
+        row.status = "running"
+        record_event(session, job_id, "status", {"status": "running", "attempt": 1})
+        session.rollback()  # the change did not happen: neither did its webhook
+    assert deliveries(backend_db, job_id) == []
+    with backend_db.session() as session:
+        row = session.get(Job, job_id)
+        assert row is not None
+        row.status, row.attempts = "running", 1
+        record_event(session, job_id, "status", {"status": "running", "attempt": 1})  # start
+        record_event(session, job_id, "progress", {"progress": 0.5})  # never a webhook
+        record_event(session, job_id, "output", {"output": {}})  # filtered out
+        session.commit()
+    with backend_db.session() as session:
+        row = session.get(Job, job_id)
+        assert row is not None
+        row.status = "succeeded"
+        record_event(session, job_id, "completed", {"status": "succeeded"})
+        session.commit()
+    rows = deliveries(backend_db, job_id)
+    assert [(r.event, r.payload["status"]) for r in rows] == [("start", "running"), ("completed", "succeeded")]
+    assert all(r.url == "http://hooks.example.test/h" and r.attempts == 0 for r in rows)
+    assert "lease_owner" not in rows[0].payload and "request_hash" not in rows[0].payload
