@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +20,46 @@ logger = logging.getLogger(__name__)
 API_BUSY_TIMEOUT_S = 30.0
 
 
+class DatabaseBusy(RuntimeError):
+    """No turn at SQLite's single writer came within the busy timeout."""
+
+
+class WriteGate:
+    """In-process queue for SQLite's one writer, with lease work first.
+
+    SQLite does not queue waiting writers: each polls the lock and a busy process's writes can
+    starve an unlucky one for seconds (a lease renewal among a burst of submissions). Here this
+    process's write transactions wait in turn on a condition instead, and a waiting lease
+    transaction (the runner's renewals, records, settlements) goes before waiting client ones.
+    The gate spans exactly SQLite's write lock: from ``BEGIN IMMEDIATE`` to commit or rollback.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._held = False
+        self._urgent_waiting = 0
+
+    def acquire(self, *, urgent: bool, timeout_s: float) -> None:
+        with self._cond:
+            if urgent:
+                self._urgent_waiting += 1
+            try:
+                ok = self._cond.wait_for(lambda: not self._held and (urgent or not self._urgent_waiting),
+                                         timeout=timeout_s)
+            finally:
+                if urgent:
+                    self._urgent_waiting -= 1
+            if not ok:
+                self._cond.notify_all()  # a waiter skipped for this urgent one may go now
+                raise DatabaseBusy(f"no turn at the database's write lock within {timeout_s:g} s")
+            self._held = True
+
+    def release(self) -> None:
+        with self._cond:
+            self._held = False
+            self._cond.notify_all()
+
+
 def make_engine(settings: Settings) -> Engine:
     url = settings.resolved_database_url()
     if url.startswith("sqlite"):
@@ -27,12 +68,12 @@ def make_engine(settings: Settings) -> Engine:
             Path(db_path).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": API_BUSY_TIMEOUT_S},
                                pool_size=20, max_overflow=40)
-        _configure_sqlite(engine)
+        _configure_sqlite(engine, WriteGate())
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=40)
 
 
-def _configure_sqlite(engine: Engine) -> None:
+def _configure_sqlite(engine: Engine, gate: WriteGate | None = None) -> None:
     """WAL, a busy timeout, foreign keys, and ``BEGIN IMMEDIATE`` for every transaction.
 
     Two busy timeouts: a transaction under a lease (the runner's claims, renewals, records and
@@ -60,8 +101,31 @@ def _configure_sqlite(engine: Engine) -> None:
         options = connection.get_execution_options()
         read_only = options.get("cineweave_read_only", False)
         busy_ms = options.get("cineweave_busy_timeout_ms", int(API_BUSY_TIMEOUT_S * 1000))
-        connection.exec_driver_sql(f"PRAGMA busy_timeout={int(busy_ms)}")  # per transaction: pooled
-        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+        if read_only or gate is None:
+            connection.exec_driver_sql(f"PRAGMA busy_timeout={int(busy_ms)}")  # per transaction: pooled
+            connection.exec_driver_sql("BEGIN")
+            return
+        gate.acquire(urgent="cineweave_busy_timeout_ms" in options, timeout_s=busy_ms / 1000)
+        try:
+            connection.exec_driver_sql(f"PRAGMA busy_timeout={int(busy_ms)}")
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+        except BaseException:
+            gate.release()
+            raise
+        connection.info["cineweave_gate"] = True
+
+    def _end(connection) -> None:  # type: ignore[no-untyped-def]
+        if gate is not None and connection.info.pop("cineweave_gate", False):
+            gate.release()
+
+    event.listen(engine, "commit", _end)
+    event.listen(engine, "rollback", _end)
+
+    @event.listens_for(engine, "reset")
+    def _on_reset(_dbapi_connection, record, _state=None) -> None:  # type: ignore[no-untyped-def]
+        # a connection returned to the pool in a transaction (no commit/rollback event seen)
+        if gate is not None and record.info.pop("cineweave_gate", False):
+            gate.release()
 
 
 def is_postgres(engine: Engine) -> bool:

@@ -69,6 +69,7 @@ logger = logging.getLogger(__name__)
 
 PROGRESS_MIN_INTERVAL_S = 0.2
 DB_THREADS = 4  # claims, records and settlements; SQLite serialises writes anyway
+WRITE_RETRY_S = 0.1
 
 T = TypeVar("T")
 
@@ -107,6 +108,27 @@ class Runner:
         if self._db_pool is None:
             self._db_pool = ThreadPoolExecutor(DB_THREADS, thread_name_prefix=f"runner-db-{self.id}")
         return await asyncio.get_running_loop().run_in_executor(self._db_pool, functools.partial(fn, *args))
+
+    async def _under_lease(self, job_id: str, fn: Callable[..., T], *args: Any, optional: bool = False) -> T | None:
+        """A write for a job this runner holds: a database error is retried while the lease lasts
+        (never mistaken for an executor failure, which would rerun the GPU work); past it, the job
+        is given up (LeaseLost). ``optional`` writes (progress, logs) are dropped on an error."""
+        while True:
+            try:
+                return await self._call(fn, *args)
+            except LeaseLost:
+                raise
+            except Exception:  # noqa: BLE001 - a database error: busy, connection lost
+                if optional:
+                    logger.warning("dropping an update of job %s: the database refused it", job_id, exc_info=True)
+                    return None
+                deadline = self._lease_deadline.get(job_id)
+                if deadline is None or time.monotonic() + WRITE_RETRY_S >= deadline:
+                    logger.warning("could not write job %s before its lease ran out; giving it up", job_id,
+                                   exc_info=True)
+                    raise LeaseLost(job_id) from None
+                logger.warning("writing job %s failed; retrying", job_id, exc_info=True)
+                await asyncio.sleep(WRITE_RETRY_S)
 
     def _lease_executor(self) -> ThreadPoolExecutor:
         if self._lease_pool is None:
@@ -251,6 +273,8 @@ class Runner:
             raise
         except Exception:  # noqa: BLE001 - a bug here must not kill the loop
             logger.exception("runner failed driving job %s", job.id)
+        finally:
+            self._lease_deadline.pop(job.id, None)
 
     def _request(self, job: Job) -> ExecutionRequest:
         data = dict(job.input)
@@ -270,8 +294,8 @@ class Runner:
             heartbeat.cancel()
             await asyncio.gather(heartbeat, return_exceptions=True)
             # our own validation wrote this message: it may reach the client as it is
-            await self._call(functools.partial(self._settle_error, job.id,
-                                               ErrorEvent(exc.code, exc.message, retryable=False), trusted=True))
+            await self._under_lease(job.id, functools.partial(
+                self._settle_error, job.id, ErrorEvent(exc.code, exc.message, retryable=False), trusted=True))
             return
         except BaseException:
             heartbeat.cancel()
@@ -299,7 +323,8 @@ class Runner:
                 if isinstance(event, DoneEvent | ErrorEvent):
                     final = event
                     break
-                await self._call(self._record, job.id, event)
+                await self._under_lease(job.id, self._record, job.id, event,
+                                        optional=isinstance(event, ProgressEvent | StageEvent | LogEvent))
         except LeaseLost:
             raise
         except asyncio.CancelledError:
@@ -319,9 +344,9 @@ class Runner:
         if final is None:
             final = ErrorEvent("incomplete", "the executor ended without a result", retryable=True)
         if isinstance(final, DoneEvent):
-            await self._call(self._settle_success, job.id, final)
+            await self._under_lease(job.id, self._settle_success, job.id, final)
         else:
-            await self._call(self._settle_error, job.id, final)
+            await self._under_lease(job.id, self._settle_error, job.id, final)
 
     @staticmethod
     async def _events(stream: Any, heartbeat: asyncio.Task[None]) -> Any:
