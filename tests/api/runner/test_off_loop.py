@@ -16,6 +16,7 @@ from sqlalchemy import select
 from api.db.engine import Database
 from api.db.tables import Job, JobEvent
 from api.http.app import create_app
+from api.runner.runner import Runner
 from api.services.events import EventBus
 from api.services.jobs import JobService, Submission
 from api.services.users import NewUser
@@ -180,3 +181,56 @@ def test_lease_sessions_wait_for_the_write_lock_well_below_the_lease(rsettings: 
                 assert s.execute(text("PRAGMA busy_timeout")).scalar() == int(API_BUSY_TIMEOUT_S * 1000)
     finally:
         db.dispose()
+
+
+class LoopWatchingDb:
+    """The runner's database, recording every session opened on the event loop's thread."""
+
+    def __init__(self, db: Database, loop_thread: threading.Thread) -> None:
+        self._db = db
+        self._loop_thread = loop_thread
+        self.on_loop: list[str] = []
+        self.off_loop = 0
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._db, name)
+        if name in ("session", "lease_session", "read"):
+            def opened(*args: Any, **kwargs: Any) -> Any:
+                if threading.current_thread() is self._loop_thread:
+                    self.on_loop.append(name)
+                else:
+                    self.off_loop += 1
+                return attr(*args, **kwargs)
+            return opened
+        return attr
+
+
+async def test_runner_never_touches_the_database_or_resolves_input_on_the_loop(
+        rdb: Database, rsettings: Settings, storage: LocalStorage, bus: EventBus, jobs: JobService,
+        alice: NewUser) -> None:
+    """Claim, lease renewals, records, cancel watch, settlement, reclaim and input resolution
+    all run on the runner's threads: a flooded loop cannot delay them, nor they the loop."""
+    watched = LoopWatchingDb(rdb, threading.current_thread())
+    resolved_on: list[str] = []
+
+    def resolve(job: Any) -> dict[str, Any]:
+        resolved_on.append(threading.current_thread().name)
+        return dict(job.input)
+
+    gate = threading.Event()
+    executor = FakeExecutor(storage=storage, gates={"held": gate})
+    runner = Runner(watched, executor, rsettings.model_copy(update={"lease_s": 0.6}),  # type: ignore[arg-type]
+                    storage, bus, runner_id="r1", resolve_input=resolve)
+    held, _ = jobs.submit(alice.user, Submission("tiny-sd", {"prompt": "held"}))
+    quick, _ = jobs.submit(alice.user, Submission("tiny-sd", {"prompt": "quick"}))
+    runner.start()
+    try:
+        await wait_until(lambda: get_job(rdb, quick.id).status == "succeeded", 10, what="the quick job")
+        renewed = _lease_values(rdb, held.id)
+        await wait_until(lambda: _lease_values(rdb, held.id) != renewed, 10, what="a lease renewal")
+        gate.set()
+        await wait_job(rdb, held.id, timeout_s=10)
+    finally:
+        await runner.stop()
+    assert watched.on_loop == [] and watched.off_loop > 0
+    assert len(resolved_on) == 2 and threading.current_thread().name not in resolved_on
