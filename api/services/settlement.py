@@ -65,7 +65,10 @@ def reclaim_expired(db: Database, settings: Settings, storage: Storage, bus: Eve
             if job.cancel_requested:
                 finish_job(session, storage, job, JobStatus.CANCELED, None, metrics)
             elif job.attempts < job.max_attempts:
-                requeue_job(session, settings, storage, job, "worker_lost", "the worker running this job stopped")
+                # Its outputs stay: the replica owns the run and may have stored them (with its
+                # result.json) or still be storing them; the next attempt collects or overwrites them.
+                requeue_job(session, settings, storage, job, "worker_lost", "the worker running this job stopped",
+                            keep_outputs=True)
             else:
                 finish_job(session, storage, job, JobStatus.FAILED,
                            ErrorEvent("worker_lost", "the worker running this job stopped", True), metrics)
@@ -76,8 +79,11 @@ def reclaim_expired(db: Database, settings: Settings, storage: Storage, bus: Eve
 
 
 def requeue_job(session: Session, settings: Settings, storage: Storage, job: Job, code: str,
-                message: str, *, trusted: bool = False) -> None:
+                message: str, *, trusted: bool = False, keep_outputs: bool = False) -> None:
     """Back to the queue after a retryable failure, with exponential backoff.
+
+    ``keep_outputs``: leave the stored files (a reclaimed job whose replica may still deliver them);
+    the job's recorded outputs are cleared either way.
 
     The event clients see carries the code's safe message (:mod:`api.core.public_errors`); the
     raw ``message`` goes to the log only.
@@ -87,7 +93,8 @@ def requeue_job(session: Session, settings: Settings, storage: Storage, job: Job
     logger.warning("job %s attempt %d failed (%s: %s); retrying in %.1fs", job.id, job.attempts,
                    code, message, backoff)
     message = public_message(code, message, trusted=trusted)
-    delete_job_outputs(storage, job)
+    if not keep_outputs:
+        delete_job_outputs(storage, job)
     job.status = status.value
     job.stage = "retrying"
     job.progress = 0.0
