@@ -27,6 +27,8 @@ class ExecutionRequest:
     output_prefix: str = ""
     resume: dict[str, Any] = field(default_factory=dict)
     """State the executor left on an earlier attempt (e.g. a training checkpoint key)."""
+    # ``job_id`` and ``attempt`` are what a replica attaches by: a reclaimed job's next attempt
+    # joins the run an earlier attempt started there (see serve.generator).
 
 
 @runtime_checkable
@@ -36,7 +38,12 @@ class Executor(Protocol):
         ...
 
     async def cancel(self, job_id: str) -> None:
-        """Ask the running job to stop; the run then ends with an ErrorEvent code ``canceled``."""
+        """Ask the running job to stop; the run then ends with an ErrorEvent code ``canceled``.
+
+        The only way to stop work: a consumer that closes the stream of :meth:`run` early (shutdown,
+        a lost lease) just stops listening, and an executor whose work outlives its caller (the
+        Ray replicas) keeps it for the job's next attempt to attach to.
+        """
         ...
 
 
