@@ -173,11 +173,16 @@ class _Run:
         for queue in self.listeners:
             queue.put_nowait(None)
         self.listeners.clear()
+        self.log = self._compacted()  # what a late caller gets: a few events per kept run
+
+    def _compacted(self) -> list[dict[str, Any]]:
+        """The log with only its latest progress event."""
+        last_progress = max((i for i, e in enumerate(self.log) if e.get("type") == "progress"), default=-1)
+        return [e for i, e in enumerate(self.log) if e.get("type") != "progress" or i == last_progress]
 
     def listen(self) -> tuple[list[dict[str, Any]], asyncio.Queue[dict[str, Any]] | None]:
         """The log so far (only the latest progress kept) and, unless finished, a queue for the rest."""
-        last_progress = max((i for i, e in enumerate(self.log) if e.get("type") == "progress"), default=-1)
-        replay = [e for i, e in enumerate(self.log) if e.get("type") != "progress" or i == last_progress]
+        replay = self._compacted()
         if self.finished:
             return replay, None
         queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
