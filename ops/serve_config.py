@@ -69,6 +69,8 @@ def runtime_args(settings: Settings, *, embedded: bool, include_secrets: bool = 
         "cache_dir": str((settings.data_dir / "cache").resolve()),
         "threads": 1 if embedded else None,
     }
+    if settings.test_hooks_dir:  # tests only (serve/testhooks.py): absent, i.e. off, in any real config
+        runtime["test_hooks_dir"] = settings.test_hooks_dir
     if include_secrets:
         runtime = {"storage_url": settings.resolved_storage_url(),
                    "signing_secret": settings.resolved_signing_secret(), **runtime}

@@ -96,9 +96,13 @@ def test_trainer_application_when_a_served_model_is_trainable(settings: Settings
 
 def test_runtime_is_the_one_the_embedded_stack_builds(settings: Settings, catalog: Catalog) -> None:
     stack = EmbeddedStack(settings, catalog, embedded=True)
-    assert runtime_args(settings, embedded=True) == stack.runtime().__dict__
+    # test_hooks_dir (tests only) is left out unless set; the replica's default is the same None
+    expected = {k: v for k, v in stack.runtime().__dict__.items() if not (k == "test_hooks_dir" and v is None)}
+    assert runtime_args(settings, embedded=True) == expected
     apps = _apps(render(settings, catalog, models=["tiny-sd"], embedded=True))
-    assert apps["tiny-sd"]["args"]["runtime"] == stack.runtime().__dict__
+    assert apps["tiny-sd"]["args"]["runtime"] == expected
+    hooked = settings.model_copy(update={"test_hooks_dir": "/tmp/hooks"})
+    assert runtime_args(hooked, embedded=True) == EmbeddedStack(hooked, catalog, embedded=True).runtime().__dict__
 
 
 def test_no_secrets_config_leaves_out_credentials_and_names_the_env_wrapper(tmp_path: Path, catalog: Catalog) -> None:
