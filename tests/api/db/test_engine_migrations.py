@@ -5,9 +5,11 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 from sqlmodel import SQLModel
 
@@ -75,3 +77,35 @@ def test_sqlite_writers_take_the_lock_at_begin(db: Database, settings: Settings)
     for t in threads:
         t.join(20)
     assert order == ["first commits", "second begins"]
+
+
+@pytest.mark.postgres
+def test_replicas_starting_together_migrate_one_after_another(pg_url: str, settings: Settings) -> None:
+    """Four API replicas starting at once on an empty PostgreSQL database: all reach the head
+    revision, none fails on a table another one created meanwhile (the advisory lock)."""
+    pg_settings = settings.model_copy(update={"database_url": pg_url})
+    databases = [Database(pg_settings) for _ in range(4)]
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(databases), timeout=30)
+
+    def start(database: Database) -> None:
+        try:
+            barrier.wait()
+            database.migrate()
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start, args=(d,)) for d in databases]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    try:
+        assert not errors, errors
+        assert not any(t.is_alive() for t in threads)
+        with databases[0].engine.connect() as connection:
+            current = MigrationContext.configure(connection).get_current_revision()
+        assert current == ScriptDirectory.from_config(alembic_config()).get_current_head()
+    finally:
+        for database in databases:
+            database.dispose()
