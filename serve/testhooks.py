@@ -11,6 +11,9 @@ known moment (cancel mid-run, restart the API mid-run, queue requests behind a r
 3. does what it needs, then writes ``{dir}/{job_id}.release`` (or ``{dir}/{token}.release`` for
    every job of that token).
 
+Training (``serve.trainer``) matches the token against the job's ``trigger_word`` and holds
+after the first checkpoint stored at or past step ``k`` (so a test can act on a stored checkpoint).
+
 A held job also goes on when it is canceled, and after :data:`HOLD_MAX_S` in any case, so a test
 that forgets to release it cannot wedge a replica. The hold blocks the pipeline thread (the whole
 batch waits), never the replica's event loop. The control files are read from a directory only the

@@ -54,6 +54,7 @@ from api.storage.base import Storage
 from models.spec import ModelSpec
 from serve.errors import classify
 from serve.generator import RuntimeConfig
+from serve.testhooks import StepHooks
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ class TrainerServer:
         self.loads: Counter[str] = Counter()
         self.canceled: set[str] = set()
         self.last_run: dict[str, Any] = {}
+        self.hooks = StepHooks(self.runtime.test_hooks_dir) if self.runtime.test_hooks_dir else None
 
     # Serve hooks -------------------------------------------------------------------------
     def check_health(self) -> None:
@@ -208,9 +210,15 @@ class TrainerServer:
             emit(ProgressEvent(step, total, stage="training", metrics={"loss": loss}))
             self.last_run = {**self.last_run, "step": step}
 
+        hold = self.hooks.hold_for(str(data.get("trigger_word") or "")) if self.hooks is not None else None
+
         def on_checkpoint(path: Path, step: int) -> None:
+            nonlocal hold
             key = self._store_checkpoint(path, step, prefix)
             emit(CheckpointEvent(key, step))
+            if hold is not None and self.hooks is not None and step >= hold[1]:  # tests only
+                self.hooks.hold(str(request["job_id"]), hold[0], step, cancelled)
+                hold = None
 
         trainer = LoraTrainer(loaded, config, pipeline_kwargs=spec.pipeline_kwargs)
         result = trainer.train(images, work / "run", on_step=on_step, should_cancel=cancelled,

@@ -245,12 +245,14 @@ def test_training_resumes_after_its_replica_is_killed(ray_api: RayApi) -> None:
 
     user = ray_api.user(credits=500)
     steps = 120  # the API checkpoints every steps // 4 = 30 steps
-    body = start_training(ray_api, user.api_key, "crashy", COLORS, steps=steps)
+    token = ray_api.hold(step=1)  # held after its first checkpoint (serve.testhooks), until released
+    body = start_training(ray_api, user.api_key, "crashy", COLORS, steps=steps, trigger_word=token)
     job_id = body["job"]["id"]
-    deadline = time.monotonic() + 120
+    ray_api.wait_held(job_id, timeout_s=120)
+    deadline = time.monotonic() + 60  # the runner records the checkpoint event it was sent before the hold
     while not ray_api.db_job(job_id).resume.get("checkpoint_key"):
         assert ray_api.db_job(job_id).status in ("queued", "running"), ray_api.job(user.api_key, job_id)
-        assert time.monotonic() < deadline, "no checkpoint in time"
+        assert time.monotonic() < deadline, "the checkpoint was not recorded"
         time.sleep(0.05)
     checkpoint_step = int(ray_api.db_job(job_id).resume["step"])
     assert 0 < checkpoint_step < steps
@@ -258,6 +260,7 @@ def test_training_resumes_after_its_replica_is_killed(ray_api: RayApi) -> None:
     assert len(names) == 1, names
     name, namespace = names[0]
     ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
+    ray_api.release(job_id)  # the retry on the new trainer is not held again
 
     job = ray_api.wait(user.api_key, job_id, timeout_s=240)
     assert job["status"] == "succeeded", job
