@@ -57,6 +57,7 @@ from api.storage.base import Storage, make_storage
 from models.adapters import LoraAdapter
 from models.spec import ModelSpec
 from serve.errors import classify
+from serve.lora_cache import LoraFileCache
 from serve.messages import RESULT_NAME, ReplicaRequest, ResultRecord
 from serve.testhooks import StepHooks
 
@@ -75,6 +76,8 @@ class RuntimeConfig:
     threads: int | None = None
     test_hooks_dir: str | None = None
     """Tests only (``serve.testhooks``): hold generations at a step until released. None: off."""
+    lora_cache_entries: int = 64
+    """How many LoRA weight files a replica keeps on its disk (least recently used go first)."""
 
     def storage(self) -> Storage:
         return make_storage(self.storage_url, signing_secret=self.signing_secret,
@@ -226,7 +229,8 @@ class GeneratorServer:
         self.adapter_loads: Counter[str] = Counter()
         self.swaps = 0
         self.swap_error: dict[str, Any] | None = None
-        self._lora_dir = Path(self.runtime.cache_dir or tempfile.gettempdir()) / "loras"
+        self.lora_files = LoraFileCache(Path(self.runtime.cache_dir or tempfile.gettempdir()) / "loras",
+                                        self.storage, self.runtime.lora_cache_entries)
         self._pending: list[_Run] = []
         self._arrived = asyncio.Event()
         self._batcher: asyncio.Task[None] | None = None
@@ -292,12 +296,13 @@ class GeneratorServer:
     async def adapter_set(self, set_id: str) -> list[LoraAdapter]:
         """Fetch a LoRA set's weights to the replica's disk; Serve keeps the last few (LRU)."""
         adapters = []
+        kept: set[Path] = set()
         for lora_id, weights_key, scale in json.loads(set_id):
-            path = self._lora_dir / lora_id / "pytorch_lora_weights.safetensors"
-            if not path.exists():
-                await asyncio.to_thread(self.storage.download, weights_key, path)
+            path = await asyncio.to_thread(self.lora_files.path, lora_id, weights_key, kept)
+            kept.add(path.parent)
             adapters.append(LoraAdapter(name=lora_id, path=path, scale=float(scale)))
         self.adapter_loads[set_id] += 1
+        _bounded(self.adapter_loads)
         return adapters
 
     # generation ----------------------------------------------------------------------------
