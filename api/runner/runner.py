@@ -153,25 +153,44 @@ class Runner:
         self._bind_bus()
         self._loop_task = asyncio.create_task(self.run_forever(), name=f"runner-{self.id}")
 
-    async def stop(self, grace_s: float = 5.0) -> None:
+    async def stop(self, grace_s: float = 5.0, *, release_leases: bool = True) -> None:
         """Stop claiming; let running jobs finish for ``grace_s``, then abandon them.
 
-        An abandoned job keeps its lease until it expires and is then reclaimed (by another runner
-        or by this one after a restart): stopping never loses or double-charges a job.
+        Abandoning a job only drops this runner's stream: the replica keeps generating (it owns
+        the run). With ``release_leases`` (a graceful stop, e.g. a deploy) the abandoned jobs'
+        leases are ended at once, so the next API reclaims them now and attaches to the replica's
+        run instead of waiting ``lease_s``; without it (a simulated crash) they keep their lease
+        until it expires. Either way stopping never loses or double-charges a job.
         """
         self._stopping.set()
         if self._loop_task:
             await asyncio.wait([self._loop_task], timeout=grace_s)
-        tasks = list(self._tasks.values())
+        tasks = list(self._tasks.items())
         if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=grace_s)
+            _, pending = await asyncio.wait([t for _, t in tasks], timeout=grace_s)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+            abandoned = [job_id for job_id, task in tasks if task in pending]
+            if abandoned and release_leases:
+                with contextlib.suppress(Exception):  # best effort: the lease expires anyway
+                    await asyncio.wait_for(self._call(self._release_leases, abandoned), timeout=5)
         if self._loop_task and not self._loop_task.done():
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
         self._shutdown_pools()
+
+    def _release_leases(self, job_ids: list[str]) -> int:
+        """End this runner's leases on ``job_ids`` now (they become reclaimable at once)."""
+        with self.db.lease_session() as session:
+            released = session.execute(
+                update(Job).where(Job.id.in_(job_ids), Job.lease_owner == self.id,
+                                  Job.status == JobStatus.RUNNING.value)
+                .values(lease_expires_at=utcnow() - timedelta(seconds=1))
+                .execution_options(synchronize_session=False))
+            session.commit()
+        logger.info("runner %s released the leases of %d abandoned job(s)", self.id, released.rowcount)
+        return int(released.rowcount)
 
     async def run_forever(self) -> None:
         while not self._stopping.is_set():

@@ -329,7 +329,7 @@ async def _runner_dies_mid_job(rdb: Database, rsettings: Settings, storage: Loca
     r1.start()
     await wait_until(lambda: bool(hanging.runs), 10, what="r1 to start the job")
     # r1 dies: its tasks are cancelled without any chance to settle or release the lease.
-    await r1.stop(grace_s=0)
+    await r1.stop(grace_s=0, release_leases=False)
     dead = get_job(rdb, job_id)
     assert (dead.status, dead.lease_owner) == ("running", "r1")
     healthy = FakeExecutor(storage=storage)
@@ -439,3 +439,28 @@ async def test_lease_loss_is_noticed_while_the_executor_is_silent(
     assert (job.status, job.lease_owner, job.outputs) == ("running", "r2", [])
     assert settlements(rdb, job_id) == []
     await r1.stop(grace_s=1)
+
+
+async def test_graceful_stop_releases_abandoned_leases_for_an_immediate_reclaim(
+        rdb: Database, rsettings: Settings, storage: LocalStorage, bus: EventBus, jobs: JobService,
+        alice: NewUser) -> None:
+    """A deploy: the old API stops with a job in flight. Its lease ends at once, so the new API
+    takes the job over now rather than after the (here 10-minute) lease."""
+    hanging = FakeExecutor(storage=storage, hang={"slow"})
+    r1 = make_runner(rdb, rsettings, storage, bus, hanging, "r1", lease_s=600)
+    job_id = submit(jobs, alice, prompt="slow")
+    r1.start()
+    await wait_until(lambda: bool(hanging.runs), 10, what="r1 to start the job")
+    await r1.stop(grace_s=0)
+    released = get_job(rdb, job_id)
+    assert (released.status, released.lease_owner) == ("running", "r1")
+    assert released.lease_expires_at is not None and released.lease_expires_at <= utcnow()
+    healthy = FakeExecutor(storage=storage)
+    r2 = make_runner(rdb, rsettings, storage, bus, healthy, "r2", lease_s=600)
+    r2.start()
+    try:
+        done = await wait_job(rdb, job_id, timeout_s=30)
+    finally:
+        await r2.stop()
+    assert (done.status, done.attempts) == ("succeeded", 2)
+    assert settlements(rdb, job_id) == ["capture"]
