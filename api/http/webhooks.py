@@ -4,7 +4,8 @@ Rows of ``webhook_deliveries`` are written by :func:`api.services.events.record_
 transaction of the change they announce. Every API process runs a :class:`WebhookDeliverer`: it
 claims due rows atomically (a conditional UPDATE that sets the claim owner and expiry; on
 PostgreSQL the candidates are picked ``FOR UPDATE SKIP LOCKED``), POSTs each through the egress
-policy, and marks it delivered, failed for good, or due again after an exponential backoff. It is
+policy, and marks it delivered, failed for good, or due again after an exponential backoff. Only a
+job's oldest unfinished row is claimable (one POST per claim, order per job kept). It is
 woken by the ``webhooks`` notification (no poll lag) and also polls slowly as a safety net; a claim
 left by a process that died expires and the row is taken again (at-least-once; receivers dedupe by
 ``webhook-id``, which stays the same across retries).
@@ -32,7 +33,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import and_, delete, exists, func, or_, select, update
+from sqlalchemy.orm import aliased
+from sqlalchemy.sql.elements import ColumnElement
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from api.db.engine import Database, is_postgres
@@ -78,6 +81,19 @@ def outcome_of(status: int) -> str:
     if status >= 500 or status in RETRYABLE_4XX:
         return "retry"
     return "final"
+
+
+def head_of_job() -> ColumnElement[bool]:
+    """True for a row that is its job's oldest unfinished delivery (created_at, then id).
+
+    A job's deliveries go in the order they were written: only this row is ever claimable, so a row
+    backing off (or in flight in another process) holds back the ones written after it.
+    """
+    older = aliased(WebhookDelivery)
+    return ~exists().where(
+        older.job_id == WebhookDelivery.job_id, older.delivered_at.is_(None), older.failed_at.is_(None),
+        or_(older.created_at < WebhookDelivery.created_at,
+            and_(older.created_at == WebhookDelivery.created_at, older.id < WebhookDelivery.id)))
 
 
 class WebhookDeliverer:
@@ -163,33 +179,32 @@ class WebhookDeliverer:
 
     # one round ------------------------------------------------------------------------------
     async def run_once(self, limit: int | None = None) -> int:
-        """Claim the due rows (up to ``limit``) and deliver them; the number claimed.
+        """Claim the due rows (up to ``limit``, one per job) and deliver them; the number claimed.
 
-        Rows of one job go one after another, in the order they were written; jobs in parallel.
+        Jobs go in parallel; a job's next row is claimed in a later round, once this one is finished.
         """
         rows = await asyncio.to_thread(self.claim, limit or self.settings.webhook_batch)
-        by_job: dict[str, list[WebhookDelivery]] = {}
-        for row in rows:
-            by_job.setdefault(row.job_id, []).append(row)
-
-        async def in_order(batch: list[WebhookDelivery]) -> None:
-            for row in batch:
-                await self.deliver(row)
-
-        results = await asyncio.gather(*(in_order(b) for b in by_job.values()), return_exceptions=True)
+        results = await asyncio.gather(*(self.deliver(row) for row in rows), return_exceptions=True)
         for failure in results:
             if isinstance(failure, Exception):  # e.g. the database away while marking: the claim expires
                 logger.error("webhook delivery round: %s", type(failure).__name__, exc_info=failure)
         return len(rows)
 
     def claim(self, limit: int) -> list[WebhookDelivery]:
-        """Atomically take up to ``limit`` due rows for this deliverer (counts one attempt each)."""
+        """Atomically take up to ``limit`` due rows for this deliverer (counts one attempt each).
+
+        At most one row per job (its oldest unfinished one): each claim covers a single POST, so it
+        cannot expire while earlier rows of the same job are still being sent (no duplicates), and a
+        retried row is delivered before the rows written after it (order kept).
+        """
         now = utcnow()
         due = and_(WebhookDelivery.delivered_at.is_(None), WebhookDelivery.failed_at.is_(None),
                    WebhookDelivery.next_attempt_at <= now,
-                   or_(WebhookDelivery.claim_expires_at.is_(None), WebhookDelivery.claim_expires_at < now))
+                   or_(WebhookDelivery.claim_expires_at.is_(None), WebhookDelivery.claim_expires_at < now),
+                   head_of_job())
         claimed: list[WebhookDelivery] = []
-        query = select(WebhookDelivery.id).where(due).order_by(WebhookDelivery.created_at).limit(limit)
+        query = (select(WebhookDelivery.id).where(due)
+                 .order_by(WebhookDelivery.created_at, WebhookDelivery.id).limit(limit))
         with self.db.read() as session:  # nothing due (the usual case): no write transaction at all
             if session.execute(query.limit(1)).first() is None:
                 return []
@@ -286,7 +301,7 @@ class WebhookDeliverer:
         now = utcnow()
         with self.db.read() as session:
             return session.execute(select(WebhookDelivery.id).where(
-                WebhookDelivery.delivered_at.is_(None), WebhookDelivery.failed_at.is_(None),
+                WebhookDelivery.delivered_at.is_(None), WebhookDelivery.failed_at.is_(None), head_of_job(),
                 or_(WebhookDelivery.next_attempt_at <= now, WebhookDelivery.claimed_by.is_not(None)))
                 .limit(1)).first() is not None
 
@@ -294,7 +309,8 @@ class WebhookDeliverer:
         """Seconds until the earliest pending retry (or a claim expiry) is due, at most ``at_most_s``."""
         now = utcnow()
         with self.db.read() as session:
-            pending = and_(WebhookDelivery.delivered_at.is_(None), WebhookDelivery.failed_at.is_(None))
+            # rows held back behind an earlier one of their job do not count (else: a busy loop)
+            pending = and_(WebhookDelivery.delivered_at.is_(None), WebhookDelivery.failed_at.is_(None), head_of_job())
             soonest = [session.execute(select(func.min(column)).where(pending)).scalar()
                        for column in (WebhookDelivery.next_attempt_at, WebhookDelivery.claim_expires_at)]
         waits = [(t - now).total_seconds() for t in soonest if t is not None]

@@ -534,3 +534,68 @@ def test_the_outbox_row_commits_with_its_change_or_not_at_all(backend_db: Databa
     assert [(r.event, r.payload["status"]) for r in rows] == [("start", "running"), ("completed", "succeeded")]
     assert all(r.url == "http://hooks.example.test/h" and r.attempts == 0 for r in rows)
     assert "lease_owner" not in rows[0].payload and "request_hash" not in rows[0].payload
+
+
+def _one_job_rows(db: Database, settings: Any, n: int) -> list[str]:
+    """``n`` outbox rows of ONE job, written one after another (created_at increasing)."""
+    from datetime import timedelta
+
+    from api.db.tables import Job, utcnow
+    from api.services.events import job_snapshot
+    from tests.fixtures.harness import add_user
+
+    user = add_user(db, settings)
+    start = utcnow()
+    ids: list[str] = []
+    with db.session() as session:
+        job = Job(user_id=user.user.id, model="tiny-sd", kind="image", task="t2i", input={})
+        for i in range(n):
+            row = WebhookDelivery(job_id=job.id, user_id=user.user.id, event=f"e{i}",
+                                  url="http://hooks.example.test/h", payload=job_snapshot(job),
+                                  created_at=start + timedelta(milliseconds=i), next_attempt_at=start)
+            session.add(row)
+            ids.append(row.id)
+        session.commit()
+    return ids
+
+
+def test_only_a_jobs_oldest_row_is_claimed(backend_db: Database, backend_settings: Any) -> None:
+    """One claim per job: rows after it cannot sit claimed (and expire) while it is being POSTed,
+    so no other process takes them meanwhile (no duplicates)."""
+    from api.http.webhooks import WebhookDeliverer
+
+    first, second, third = _one_job_rows(backend_db, backend_settings, 3)
+    [other] = _outbox_rows(backend_db, backend_settings, 1)  # another job: claimed alongside
+    a = WebhookDeliverer(backend_db, backend_settings, _render, owner="replica-a")
+    b = WebhookDeliverer(backend_db, backend_settings, _render, owner="replica-b")
+    assert sorted(r.id for r in a.claim(10)) == sorted([first, other])
+    assert b.claim(10) == []  # the second row waits for the first, even for another process
+    assert _row(backend_db, second).attempts == 0 and _row(backend_db, third).claimed_by is None
+    a._finish(_row(backend_db, first), "delivered", 200, None)
+    assert [r.id for r in b.claim(10)] == [second]
+
+
+async def test_a_retried_row_holds_back_the_rest_of_its_job(db: Database, settings: Any) -> None:
+    """Deliveries of one job arrive in the order written, a retry included."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from api.db.tables import utcnow
+    from api.http.webhooks import WebhookDeliverer
+
+    ids = _one_job_rows(db, settings, 3)
+    post = ScriptedPost(500, 200)
+    deliverer = WebhookDeliverer(db, settings.model_copy(update={"webhook_backoff_s": 60.0}), _render, post=post)
+    assert await deliverer.run_once() == 1  # the first row, answered 500
+    assert await deliverer.run_once() == 0  # the others wait behind it
+    assert await asyncio.to_thread(deliverer._next_due_in, 600.0) > 30.0  # and do not make it spin
+    assert not await asyncio.to_thread(deliverer._busy)
+    with db.session() as session:  # the retry comes due
+        session.execute(update(WebhookDelivery).where(WebhookDelivery.id == ids[0])
+                        .values(next_attempt_at=utcnow() - timedelta(seconds=1)))
+        session.commit()
+    for _ in range(5):  # bounded
+        await deliverer.run_once()
+    assert [h["webhook-id"] for _, h, _ in post.calls] == [ids[0], ids[0], ids[1], ids[2]]
+    assert all(_row(db, i).delivered_at is not None for i in ids)
