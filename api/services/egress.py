@@ -216,13 +216,74 @@ def check_url(policy: EgressPolicy, url: str, *, field: str) -> list[str]:
 
 
 # pinned connections ---------------------------------------------------------------------------
+def _bounded(timeout: float | None, end: float | None, error: type[Exception]) -> float | None:
+    """``timeout`` cut to what is left before ``end`` (a ``time.monotonic`` instant); ``error`` once
+    it has passed. httpx timeouts are per operation: this is what bounds the whole request."""
+    if end is None:
+        return timeout
+    left = end - time.monotonic()
+    if left <= 0:
+        raise error("egress: the request's time is up")
+    return left if timeout is None else min(timeout, left)
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    """A network stream whose every read, write and TLS handshake ends by the request's deadline
+    (a server trickling a byte at a time cannot hold a fetch past it)."""
+
+    def __init__(self, inner: httpcore.NetworkStream, end: float | None) -> None:
+        self._inner, self._end = inner, end
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._inner.read(max_bytes, _bounded(timeout, self._end, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._inner.write(buffer, _bounded(timeout, self._end, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
+                  timeout: float | None = None) -> httpcore.NetworkStream:
+        inner = self._inner.start_tls(ssl_context, server_hostname,
+                                      _bounded(timeout, self._end, httpcore.ConnectTimeout))
+        return _DeadlineStream(inner, self._end)
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+class _AsyncDeadlineStream(httpcore.AsyncNetworkStream):
+    def __init__(self, inner: httpcore.AsyncNetworkStream, end: float | None) -> None:
+        self._inner, self._end = inner, end
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return await self._inner.read(max_bytes, _bounded(timeout, self._end, httpcore.ReadTimeout))
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        await self._inner.write(buffer, _bounded(timeout, self._end, httpcore.WriteTimeout))
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    async def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
+                        timeout: float | None = None) -> httpcore.AsyncNetworkStream:
+        inner = await self._inner.start_tls(ssl_context, server_hostname,
+                                            _bounded(timeout, self._end, httpcore.ConnectTimeout))
+        return _AsyncDeadlineStream(inner, self._end)
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
 class _PinnedBackend(httpcore.NetworkBackend):
     """Connects to the checked addresses (in order, the next on failure) whatever name httpcore
-    asks for; TLS still uses the name."""
+    asks for; TLS still uses the name. With ``end`` (a ``time.monotonic`` instant) every connect,
+    read and write is cut to the time left, so ``end`` bounds the whole request."""
 
-    def __init__(self, addresses: list[str], port: int) -> None:
-        self._addresses, self._port = list(addresses), port
-        self._inner = httpcore.SyncBackend()
+    def __init__(self, addresses: list[str], port: int, end: float | None = None) -> None:
+        self._addresses, self._port, self._end = list(addresses), port, end
+        self._inner: httpcore.NetworkBackend = httpcore.SyncBackend()
 
     def connect_tcp(self, host: str, port: int, timeout: float | None = None,
                     local_address: str | None = None,
@@ -232,8 +293,10 @@ class _PinnedBackend(httpcore.NetworkBackend):
         error: Exception = httpcore.ConnectError("egress: no address to connect to")
         for address in self._addresses:
             try:
-                return self._inner.connect_tcp(address, port, timeout=timeout, local_address=local_address,
-                                               socket_options=socket_options)
+                stream = self._inner.connect_tcp(
+                    address, port, timeout=_bounded(timeout, self._end, httpcore.ConnectTimeout),
+                    local_address=local_address, socket_options=socket_options)
+                return _DeadlineStream(stream, self._end)
             except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
                 error = exc
         raise error
@@ -247,9 +310,9 @@ class _PinnedBackend(httpcore.NetworkBackend):
 
 
 class _PinnedAsyncBackend(httpcore.AsyncNetworkBackend):
-    def __init__(self, addresses: list[str], port: int) -> None:
-        self._addresses, self._port = list(addresses), port
-        self._inner = httpcore.AnyIOBackend()
+    def __init__(self, addresses: list[str], port: int, end: float | None = None) -> None:
+        self._addresses, self._port, self._end = list(addresses), port, end
+        self._inner: httpcore.AsyncNetworkBackend = httpcore.AnyIOBackend()
 
     async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
                           local_address: str | None = None,
@@ -259,8 +322,10 @@ class _PinnedAsyncBackend(httpcore.AsyncNetworkBackend):
         error: Exception = httpcore.ConnectError("egress: no address to connect to")
         for address in self._addresses:
             try:
-                return await self._inner.connect_tcp(address, port, timeout=timeout,
-                                                     local_address=local_address, socket_options=socket_options)
+                stream = await self._inner.connect_tcp(
+                    address, port, timeout=_bounded(timeout, self._end, httpcore.ConnectTimeout),
+                    local_address=local_address, socket_options=socket_options)
+                return _AsyncDeadlineStream(stream, self._end)
             except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
                 error = exc
         raise error
@@ -280,31 +345,34 @@ class PinnedTransport(httpx.HTTPTransport):
     it as ``Host``; only the TCP connect is redirected to the pinned address.
     """
 
-    def __init__(self, addresses: list[str], port: int, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(self, addresses: list[str], port: int, ssl_context: ssl.SSLContext | None = None,
+                 *, deadline: float | None = None) -> None:
         super().__init__(retries=0)
         self._pool = httpcore.ConnectionPool(ssl_context=ssl_context or httpx.create_ssl_context(),
-                                             max_connections=1,
-                                             retries=0, network_backend=_PinnedBackend(addresses, port))
+                                             max_connections=1, retries=0,
+                                             network_backend=_PinnedBackend(addresses, port, deadline))
 
 
 class AsyncPinnedTransport(httpx.AsyncHTTPTransport):
-    def __init__(self, addresses: list[str], port: int, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(self, addresses: list[str], port: int, ssl_context: ssl.SSLContext | None = None,
+                 *, deadline: float | None = None) -> None:
         super().__init__(retries=0)
         self._pool = httpcore.AsyncConnectionPool(ssl_context=ssl_context or httpx.create_ssl_context(),
-                                                  max_connections=1,
-                                                  retries=0,
-                                                  network_backend=_PinnedAsyncBackend(addresses, port))
+                                                  max_connections=1, retries=0,
+                                                  network_backend=_PinnedAsyncBackend(addresses, port, deadline))
 
 
-def _client(policy: EgressPolicy, target: _Target) -> httpx.Client:
-    """Pinned to the checked addresses; no redirects, no proxies from the environment."""
-    return httpx.Client(transport=PinnedTransport(target.addresses, target.port, policy.ssl_context),
-                        trust_env=False, follow_redirects=False)
+def _client(policy: EgressPolicy, target: _Target, deadline: float | None = None) -> httpx.Client:
+    """Pinned to the checked addresses; no redirects, no proxies from the environment; every
+    network operation ends by ``deadline`` (a ``time.monotonic`` instant) when given."""
+    transport = PinnedTransport(target.addresses, target.port, policy.ssl_context, deadline=deadline)
+    return httpx.Client(transport=transport, trust_env=False, follow_redirects=False)
 
 
-def _async_client(policy: EgressPolicy, target: _Target, **kwargs: Any) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=AsyncPinnedTransport(target.addresses, target.port, policy.ssl_context),
-                             trust_env=False, follow_redirects=False, **kwargs)
+def _async_client(policy: EgressPolicy, target: _Target, deadline: float | None = None,
+                  **kwargs: Any) -> httpx.AsyncClient:
+    transport = AsyncPinnedTransport(target.addresses, target.port, policy.ssl_context, deadline=deadline)
+    return httpx.AsyncClient(transport=transport, trust_env=False, follow_redirects=False, **kwargs)
 
 
 # fetch / post ----------------------------------------------------------------------------------
@@ -356,7 +424,7 @@ def fetch_sync(policy: EgressPolicy, url: str, *, field: str, max_bytes: int,
     for _hop in range(policy.max_redirects + 1):
         target = _target(policy, current, field)
         try:
-            with _client(policy, target) as client:
+            with _client(policy, target, deadline.end) as client:
                 with client.stream("GET", target.url, timeout=deadline.remaining(field)) as response:
                     if response.status_code in REDIRECT_STATUSES:
                         current = _next_url(target.url, response, field)
@@ -400,7 +468,7 @@ async def _fetch_async(policy: EgressPolicy, url: str, *, field: str, max_bytes:
     for _hop in range(policy.max_redirects + 1):
         target = await asyncio.to_thread(_target, policy, current, field)
         try:
-            async with _async_client(policy, target) as client:
+            async with _async_client(policy, target, deadline.end) as client:
                 async with client.stream("GET", target.url, timeout=deadline.remaining(field)) as response:
                     if response.status_code in REDIRECT_STATUSES:
                         current = _next_url(target.url, response, field)
@@ -446,7 +514,7 @@ async def post(policy: EgressPolicy, url: str, *, content: bytes, headers: dict[
         raise httpx.ConnectError("the webhook host does not resolve") from None
     try:
         async with asyncio.timeout(timeout_s * 2):  # the whole exchange, not just each read
-            async with _async_client(policy, target) as client:
+            async with _async_client(policy, target, time.monotonic() + timeout_s * 2) as client:
                 # streamed and closed unread: a receiver's (maybe huge) answer body is never loaded
                 async with client.stream("POST", target.url, content=content, headers=headers,
                                          timeout=timeout_s) as response:

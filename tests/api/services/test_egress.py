@@ -252,3 +252,82 @@ async def test_post_dns_failure_is_a_transport_error_and_big_answers_are_not_rea
     listener.routes["/hook"] = (200, {}, b"x" * 5_000_000)
     ok = policy(allow_networks=(egress.ipaddress.ip_network("127.0.0.1/32"),))
     assert await post(ok, f"http://127.0.0.1:{listener.port}/hook", content=b"{}", headers={}, timeout_s=5) == 200
+
+
+class Trickler:
+    """A loopback server that answers one header byte every ``gap`` seconds (at most ``limit``
+    bytes, then it closes): per-read timeouts never fire against it."""
+
+    def __init__(self, gap: float = 0.2, limit: int = 100) -> None:
+        import socket as socket_module
+
+        self.sock = socket_module.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4)
+        self.port = self.sock.getsockname()[1]
+        self.stop = threading.Event()
+        self.gap, self.limit = gap, limit
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        self.sock.settimeout(10)
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:
+            return
+        with conn:
+            payload = b"HTTP/1.1 200 OK\r\n" + b"x-slow: " + b"a" * self.limit
+            for byte in payload[: self.limit]:
+                if self.stop.wait(self.gap):
+                    return
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return
+
+    def __enter__(self) -> Trickler:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.sock.close()
+        self.thread.join(15)
+
+
+def test_trickled_headers_are_cut_at_the_total_deadline() -> None:
+    import time
+
+    with Trickler() as server:  # 100 bytes * 0.2 s: 20 s without a total cap
+        p = EgressPolicy(allow_networks=(egress.ipaddress.ip_network("127.0.0.1/32"),))
+        started = time.monotonic()
+        with pytest.raises(UrlFetchFailed) as info:
+            fetch_sync(p, f"http://127.0.0.1:{server.port}/slow", field="input.image", max_bytes=1000,
+                       timeout_s=1.0)
+        assert info.value.reason == "timeout"
+        assert time.monotonic() - started < 6
+
+
+def test_each_connect_gets_only_the_time_left() -> None:
+    import time
+
+    import httpcore
+
+    seen: list[float | None] = []
+
+    class Refusing(httpcore.SyncBackend):
+        def connect_tcp(self, host: str, port: int, timeout: float | None = None, **kw: Any) -> Any:
+            seen.append(timeout)
+            raise httpcore.ConnectTimeout("stub")
+
+    backend = egress._PinnedBackend(["127.0.0.1", "::1"], 80, end=time.monotonic() + 1.0)
+    backend._inner = Refusing()
+    with pytest.raises(httpcore.ConnectTimeout):
+        backend.connect_tcp("public.test", 80, timeout=20.0)
+    assert len(seen) == 2 and all(t is not None and t <= 1.0 for t in seen)
+    late = egress._PinnedBackend(["127.0.0.1"], 80, end=time.monotonic() - 1)
+    late._inner = Refusing()
+    seen.clear()
+    with pytest.raises(httpcore.ConnectTimeout):
+        late.connect_tcp("public.test", 80, timeout=20.0)
+    assert seen == []  # past the deadline: no connect is even tried
