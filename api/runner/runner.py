@@ -34,6 +34,7 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlmodel import Session
 
 from api.core.errors import CineWeaveError
@@ -51,7 +52,7 @@ from api.core.events import (
 )
 from api.core.executor import ExecutionRequest, Executor
 from api.core.jobs import JobStatus
-from api.db.engine import Database
+from api.db.engine import Database, DatabaseBusy
 from api.db.tables import Job, User, utcnow
 from api.services.events import EventBus, record_event
 from api.services.settlement import (
@@ -76,6 +77,14 @@ T = TypeVar("T")
 
 class LeaseLost(Exception):
     """This runner no longer owns the job: another runner reclaimed it."""
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """An error that says the database could not be reached or was busy (worth a retry), as
+    opposed to one the same write would raise again (a bug, a constraint violation)."""
+    if isinstance(exc, DatabaseBusy | OperationalError):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
 
 
 InputFn = Callable[[Job], dict[str, Any]]
@@ -110,20 +119,33 @@ class Runner:
         return await asyncio.get_running_loop().run_in_executor(self._db_pool, functools.partial(fn, *args))
 
     async def _under_lease(self, job_id: str, fn: Callable[..., T], *args: Any, optional: bool = False) -> T | None:
-        """A write for a job this runner holds: a database error is retried while the lease lasts
-        (never mistaken for an executor failure, which would rerun the GPU work); past it, the job
-        is given up (LeaseLost). ``optional`` writes (progress, logs) are dropped on an error."""
+        """A write for a job this runner holds.
+
+        Only a database-availability error (busy, connection lost) is retried, and never longer
+        than ``lease_s`` after the first failure nor past the lease (then the job is given up:
+        LeaseLost); it is never mistaken for an executor failure, which would rerun the GPU work.
+        Any other error (a bug, a constraint violation) is raised at once: retrying it would keep
+        the job running forever while the heartbeat renews the lease. ``optional`` writes
+        (progress, logs) are dropped on a database error. ``fn`` must do nothing but its
+        transaction: side effects after the commit (publishes, metrics) belong to the caller, or
+        a retry would repeat them.
+        """
+        first_failure: float | None = None
         while True:
             try:
                 return await self._call(fn, *args)
             except LeaseLost:
                 raise
-            except Exception:  # noqa: BLE001 - a database error: busy, connection lost
+            except Exception as exc:
+                if not database_unavailable(exc):
+                    raise
                 if optional:
                     logger.warning("dropping an update of job %s: the database refused it", job_id, exc_info=True)
                     return None
-                deadline = self._lease_deadline.get(job_id)
-                if deadline is None or time.monotonic() + WRITE_RETRY_S >= deadline:
+                now = time.monotonic()
+                first_failure = now if first_failure is None else first_failure
+                deadline = min(self._lease_deadline.get(job_id, now), first_failure + self.settings.lease_s)
+                if now + WRITE_RETRY_S >= deadline:
                     logger.warning("could not write job %s before its lease ran out; giving it up", job_id,
                                    exc_info=True)
                     raise LeaseLost(job_id) from None
@@ -313,7 +335,7 @@ class Runner:
             heartbeat.cancel()
             await asyncio.gather(heartbeat, return_exceptions=True)
             # our own validation wrote this message: it may reach the client as it is
-            await self._under_lease(job.id, functools.partial(
+            await self._settle(job.id, functools.partial(
                 self._settle_error, job.id, ErrorEvent(exc.code, exc.message, retryable=False), trusted=True))
             return
         except BaseException:
@@ -342,8 +364,10 @@ class Runner:
                 if isinstance(event, DoneEvent | ErrorEvent):
                     final = event
                     break
-                await self._under_lease(job.id, self._record, job.id, event,
-                                        optional=isinstance(event, ProgressEvent | StageEvent | LogEvent))
+                recorded = await self._under_lease(job.id, self._record, job.id, event,
+                                                   optional=isinstance(event, ProgressEvent | StageEvent | LogEvent))
+                if recorded is not None:
+                    self._after_record(job.id, event, *recorded)
         except LeaseLost:
             raise
         except asyncio.CancelledError:
@@ -363,9 +387,39 @@ class Runner:
         if final is None:
             final = ErrorEvent("incomplete", "the executor ended without a result", retryable=True)
         if isinstance(final, DoneEvent):
-            await self._under_lease(job.id, self._settle_success, job.id, final)
+            await self._settle(job.id, functools.partial(self._settle_success, job.id, final))
         else:
-            await self._under_lease(job.id, self._settle_error, job.id, final)
+            await self._settle(job.id, functools.partial(self._settle_error, job.id, final))
+
+    async def _settle(self, job_id: str, settle: Callable[[], None]) -> None:
+        """Settle under the lease, then announce. A settlement that fails for another reason than
+        the database (a bug) is replaced by a retryable ``executor_error``, so the job still ends
+        (a retry, or a refund on its last attempt) instead of waiting for its lease to expire."""
+        try:
+            await self._under_lease(job_id, settle)
+        except LeaseLost:
+            raise
+        except Exception as exc:  # noqa: BLE001 - logged; the job must still settle
+            logger.exception("settling job %s failed; settling it as an executor error", job_id)
+            await self._under_lease(job_id, functools.partial(
+                self._settle_error, job_id,
+                ErrorEvent("executor_error", f"{type(exc).__name__}: {exc}", retryable=True)))
+        try:
+            await self._call(self._announce, job_id)
+        except Exception:  # noqa: BLE001 - listeners also poll; the settlement is committed
+            logger.warning("announcing job %s failed", job_id, exc_info=True)
+
+    def _after_record(self, job_id: str, event: ExecutorEvent, type_: str, data: dict[str, Any]) -> None:
+        """Side effects of a committed record: never retried with the write, never failing the job."""
+        try:
+            if self.metrics is not None and isinstance(event, ProviderEvent):
+                self.metrics.routed(job_id, event)
+        except Exception:  # noqa: BLE001 - metrics must not fail a job
+            logger.warning("metrics for job %s failed", job_id, exc_info=True)
+        try:
+            self.bus.publish(job_id, type_, data)
+        except Exception:  # noqa: BLE001 - listeners also poll the database
+            logger.warning("publishing an event of job %s failed", job_id, exc_info=True)
 
     @staticmethod
     async def _events(stream: Any, heartbeat: asyncio.Task[None]) -> Any:
@@ -463,7 +517,8 @@ class Runner:
             raise LeaseLost(job_id)
         return job
 
-    def _record(self, job_id: str, event: ExecutorEvent) -> None:
+    def _record(self, job_id: str, event: ExecutorEvent) -> tuple[str, dict[str, Any]] | None:
+        """Write one event; returns what to publish (the caller does, after the commit)."""
         with self.db.lease_session() as session:
             job = self._owned(session, job_id)
             job.updated_at = utcnow()
@@ -492,12 +547,10 @@ class Runner:
                 job.resume = {"checkpoint_key": event.key, "step": event.step}
                 type_, data = "logs", {"message": f"checkpoint at step {event.step}"}
             else:
-                return
+                return None
             record_event(session, job.id, type_, data)
             session.commit()
-        if self.metrics is not None and isinstance(event, ProviderEvent):
-            self.metrics.routed(job_id, event)
-        self.bus.publish(job_id, type_, data)
+        return type_, data
 
     def _settle_success(self, job_id: str, done: DoneEvent) -> None:
         with self.db.lease_session() as session:
@@ -508,7 +561,6 @@ class Runner:
                 job.result = dict(done.result)
                 finish_job(session, self.storage, job, JobStatus.SUCCEEDED, None, self.metrics)
             session.commit()
-        self._announce(job_id)
 
     def _settle_error(self, job_id: str, error: ErrorEvent, *, trusted: bool = False) -> None:
         """``trusted``: the message was written by our own validation and may reach the client."""
@@ -522,7 +574,6 @@ class Runner:
             else:
                 finish_job(session, self.storage, job, JobStatus.FAILED, error, self.metrics, trusted=trusted)
             session.commit()
-        self._announce(job_id)
 
     def _announce(self, job_id: str) -> None:
         announce(self.db, self.bus, job_id)
