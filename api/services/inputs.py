@@ -6,6 +6,8 @@ providers get the image inline (``image`` as a ``data:`` URI), since our storage
 A URL is fetched once through the egress policy (:mod:`api.services.egress`: public addresses
 only unless allow-listed, redirects re-checked, bounded in size and time), checked like an
 upload, and stored. It was checked at submit too; it is checked again here since DNS can change.
+A later attempt of the same job (after a reclaim) reuses the stored copy: the URL may be gone by
+then, and the run it attaches to already used that image.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from api.core.errors import InvalidInput
 from api.db.engine import Database
 from api.db.tables import Job, Upload
 from api.services.egress import EgressPolicy, fetch_sync
-from api.services.uploads import check_image
+from api.services.uploads import IMAGE_FORMATS, check_image
 from api.settings import Settings
 from api.storage.base import Storage
 from models.catalog import Catalog
@@ -65,6 +67,11 @@ class InputResolver:
         return upload.key, upload.content_type
 
     def _fetch(self, job: Job, url: str) -> tuple[str, str]:
+        for _content_type, extension in IMAGE_FORMATS.values():
+            stored = self.storage.stat(f"uploads/{job.user_id}/fetched-{job.id}.{extension}")
+            if stored is not None:
+                logger.info("job %s: reusing the image fetched by an earlier attempt", job.id)
+                return stored.key, stored.content_type
         body = fetch_sync(self.egress, url, field="input.image", max_bytes=self.settings.max_upload_bytes)
         image = check_image(body.content, self.settings, name="input.image")
         key = f"uploads/{job.user_id}/fetched-{job.id}.{image.extension}"
