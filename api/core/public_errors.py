@@ -16,6 +16,7 @@ SAFE_MESSAGES: dict[str, str] = {
     "out_of_memory": "the model ran out of GPU memory; try a smaller size, fewer frames or fewer steps",
     "invalid_input": "the input was refused by the model",
     "url_not_allowed": "the URL is not allowed",
+    "url_fetch_failed": "the input URL could not be fetched",
     "content_policy": "the request was refused by the content policy",
     "not_deployed": "this model is not deployed right now",
     "local_unavailable": "no capacity is available for this model right now",
@@ -33,8 +34,8 @@ SAFE_MESSAGES: dict[str, str] = {
 }
 
 # Codes whose message may reach the client unchanged, when our own validation wrote it.
-TRUSTED_CODES = frozenset({"invalid_input", "url_not_allowed", "content_policy", "lora_unavailable",
-                           "invalid_upload", "not_found"})
+TRUSTED_CODES = frozenset({"invalid_input", "url_not_allowed", "url_fetch_failed", "content_policy",
+                           "lora_unavailable", "invalid_upload", "not_found"})
 
 MAX_MESSAGE_CHARS = 300
 

@@ -63,6 +63,11 @@ class UrlNotAllowed(EgressError):
         self.reason = reason  # for the log only
 
 
+# Failures worth another attempt later (the network or the host's server, not the URL itself).
+RETRYABLE_REASONS = frozenset({"timeout", "dns", "connect"})
+RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
 class UrlFetchFailed(EgressError):
     code, status = "url_fetch_failed", 422
 
@@ -73,6 +78,8 @@ class UrlFetchFailed(EgressError):
             details["status"] = status_code
         super().__init__(f"{field}: {what}", details)
         self.reason = reason
+        # read by the runner: a job whose input fetch timed out or could not connect is retried
+        self.retryable = reason in RETRYABLE_REASONS or status_code in RETRYABLE_STATUSES
 
 
 # policy ----------------------------------------------------------------------------------------
@@ -189,9 +196,9 @@ def _target(policy: EgressPolicy, url: str | httpx.URL, field: str) -> _Target:
             addresses = list(policy.resolve(host, port))
         except (OSError, UnicodeError) as exc:
             logger.info("egress: %s does not resolve: %s", host, exc)
-            raise UrlFetchFailed(field, "the URL's host could not be resolved", reason="dns") from None
+            raise UrlFetchFailed(field, reason="dns") from None
         if not addresses:
-            raise UrlFetchFailed(field, "the URL's host could not be resolved", reason="dns")
+            raise UrlFetchFailed(field, reason="dns")
     for text in addresses:
         try:
             address = ipaddress.ip_address(text.split("%", 1)[0])
@@ -209,10 +216,14 @@ def _target(policy: EgressPolicy, url: str | httpx.URL, field: str) -> _Target:
 def check_url(policy: EgressPolicy, url: str, *, field: str) -> list[str]:
     """Check ``url`` against the policy (scheme, host, every address it resolves to).
 
-    Returns the checked addresses; raises :class:`UrlNotAllowed` (or :class:`UrlFetchFailed` when
-    the name does not resolve).
+    Returns the checked addresses; raises :class:`UrlNotAllowed`, also when the name does not
+    resolve: at submit the caller gets one answer for both, so it cannot use the difference to
+    map which internal names exist.
     """
-    return _target(policy, url, field).addresses
+    try:
+        return _target(policy, url, field).addresses
+    except UrlFetchFailed as exc:
+        raise UrlNotAllowed(field, exc.reason) from None
 
 
 # pinned connections ---------------------------------------------------------------------------
@@ -416,6 +427,12 @@ def _status_failed(field: str, status: int) -> UrlFetchFailed:
     return UrlFetchFailed(field, f"the URL answered with HTTP {status}", reason="status", status_code=status)
 
 
+def _network_failed(field: str, exc: Exception) -> UrlFetchFailed:
+    logger.info("egress fetch for %s failed: %s: %s", field, type(exc).__name__, exc)
+    transient = isinstance(exc, (httpx.TransportError, httpcore.ConnectError))
+    return UrlFetchFailed(field, reason="connect" if transient else type(exc).__name__)
+
+
 def fetch_sync(policy: EgressPolicy, url: str, *, field: str, max_bytes: int,
                timeout_s: float | None = None) -> FetchedBody:
     """GET ``url`` under the policy (see the module docstring); the body must be a 2xx answer."""
@@ -445,8 +462,7 @@ def fetch_sync(policy: EgressPolicy, url: str, *, field: str, max_bytes: int,
         except httpx.TimeoutException:
             raise UrlFetchFailed(field, "the URL took too long to answer", reason="timeout") from None
         except (httpx.HTTPError, httpcore.ConnectError, ValueError) as exc:
-            logger.info("egress fetch for %s failed: %s: %s", field, type(exc).__name__, exc)
-            raise UrlFetchFailed(field, reason=type(exc).__name__) from None
+            raise _network_failed(field, exc) from None
     raise UrlFetchFailed(field, "the URL redirected too many times", reason="redirects")
 
 
@@ -488,8 +504,7 @@ async def _fetch_async(policy: EgressPolicy, url: str, *, field: str, max_bytes:
         except httpx.TimeoutException:
             raise UrlFetchFailed(field, "the URL took too long to answer", reason="timeout") from None
         except (httpx.HTTPError, httpcore.ConnectError, ValueError) as exc:
-            logger.info("egress fetch for %s failed: %s: %s", field, type(exc).__name__, exc)
-            raise UrlFetchFailed(field, reason=type(exc).__name__) from None
+            raise _network_failed(field, exc) from None
     raise UrlFetchFailed(field, "the URL redirected too many times", reason="redirects")
 
 

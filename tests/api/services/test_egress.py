@@ -120,10 +120,35 @@ def test_public_allowed_and_resolved_once() -> None:
     assert p.resolve.calls == ["public.test"]  # type: ignore[attr-defined]
 
 
-def test_dns_failure_is_a_safe_fetch_error() -> None:
-    with pytest.raises(UrlFetchFailed) as info:
+def test_dns_failure_at_submit_reads_like_a_refused_url() -> None:
+    """A caller cannot tell an internal name that exists from one that does not resolve."""
+    with pytest.raises(UrlNotAllowed) as unresolved:
         check_url(policy(), "http://nowhere.test/", field="f")
-    assert info.value.code == "url_fetch_failed" and "no such host" not in info.value.message
+    with pytest.raises(UrlNotAllowed) as refused:
+        check_url(policy(), "http://loop.test/", field="f")
+    assert unresolved.value.code == refused.value.code == "url_not_allowed"
+    assert unresolved.value.message == refused.value.message
+    assert unresolved.value.details == refused.value.details
+
+
+def test_fetch_failures_say_whether_a_retry_may_help(listener: Listener) -> None:
+    import socket as socket_module
+
+    p = EgressPolicy(allow_networks=(egress.ipaddress.ip_network("127.0.0.1/32"),))
+    listener.routes["/gone"] = (404, {}, b"")
+    listener.routes["/busy"] = (503, {}, b"")
+    with pytest.raises(UrlFetchFailed) as gone:
+        fetch_sync(p, f"http://127.0.0.1:{listener.port}/gone", field="f", max_bytes=100)
+    with pytest.raises(UrlFetchFailed) as busy:
+        fetch_sync(p, f"http://127.0.0.1:{listener.port}/busy", field="f", max_bytes=100)
+    closed = socket_module.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there: connection refused
+    with pytest.raises(UrlFetchFailed) as refused:
+        fetch_sync(p, f"http://127.0.0.1:{port}/x", field="f", max_bytes=100)
+    assert not gone.value.retryable and busy.value.retryable
+    assert refused.value.reason == "connect" and refused.value.retryable
 
 
 def test_from_settings_allow_lists(tmp_path: Any) -> None:
@@ -304,7 +329,7 @@ def test_trickled_headers_are_cut_at_the_total_deadline() -> None:
         with pytest.raises(UrlFetchFailed) as info:
             fetch_sync(p, f"http://127.0.0.1:{server.port}/slow", field="input.image", max_bytes=1000,
                        timeout_s=1.0)
-        assert info.value.reason == "timeout"
+        assert info.value.reason == "timeout" and info.value.retryable
         assert time.monotonic() - started < 6
 
 
