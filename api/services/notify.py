@@ -37,6 +37,7 @@ from api.db.engine import Database, is_postgres
 logger = logging.getLogger(__name__)
 
 CHANNEL = "cineweave_events"
+LISTENER_NAME = "cineweave-notify"  # application_name of the listening connection (pg_stat_activity)
 MAX_PAYLOAD_BYTES = 7000  # PostgreSQL refuses payloads of 8000 bytes or more
 _PENDING = "cineweave_notify_pending"
 
@@ -91,7 +92,7 @@ class Notifier:
     """
 
     def __init__(self, db: Database, *, backoff_s: float = 0.2, max_backoff_s: float = 10.0,
-                 connect_timeout_s: float = 10.0) -> None:
+                 connect_timeout_s: float = 10.0, ping_s: float = 30.0, ping_timeout_s: float = 10.0) -> None:
         self.db = db
         self.postgres = is_postgres(db.engine)
         self._subscribers: dict[str, list[Callback]] = defaultdict(list)
@@ -101,6 +102,8 @@ class Notifier:
         self._backoff_s = backoff_s
         self._max_backoff_s = max_backoff_s
         self._connect_timeout_s = connect_timeout_s
+        self._ping_s = ping_s  # a quiet listener checks its connection this often (a half-open one is noticed)
+        self._ping_timeout_s = ping_timeout_s
         self.received = 0  # notifications dispatched (tests, metrics)
 
     def subscribe(self, kind: str, callback: Callback) -> None:
@@ -180,21 +183,30 @@ class Notifier:
         url = libpq_url(self.db)
         while True:
             try:
-                conn = await psycopg.AsyncConnection.connect(url, autocommit=True,
-                                                             connect_timeout=int(self._connect_timeout_s))
+                # TCP keepalives: the kernel notices a dead peer on a quiet connection (a failover, a
+                # dropped NAT entry) instead of the listener waiting on a half-open socket forever
+                conn = await psycopg.AsyncConnection.connect(
+                    url, autocommit=True, connect_timeout=max(1, int(self._connect_timeout_s)),
+                    keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3,
+                    application_name=LISTENER_NAME)
                 async with conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     self._listening.set()
                     delay = self._backoff_s
                     self._wake_all()
                     logger.info("notify: listening on %s", CHANNEL)
-                    async for note in conn.notifies():
-                        try:
-                            message = json.loads(note.payload)
-                        except ValueError:
-                            continue
-                        if isinstance(message, dict):
-                            self.dispatch(message)
+                    while True:
+                        # notifications that arrive between two waits are kept by psycopg
+                        async for note in conn.notifies(timeout=self._ping_s):
+                            try:
+                                message = json.loads(note.payload)
+                            except ValueError:
+                                continue
+                            if isinstance(message, dict):
+                                self.dispatch(message)
+                        # quiet for ping_s: a round trip proves the connection still works (bounded;
+                        # TimeoutError -> reconnect)
+                        await asyncio.wait_for(conn.execute("SELECT 1"), timeout=self._ping_timeout_s)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the database may be restarting

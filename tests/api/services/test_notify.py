@@ -8,6 +8,7 @@ callback sets an ``asyncio.Event`` that the test awaits.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -160,8 +161,8 @@ async def test_pg_listener_reconnects_and_wakes_everyone(pg_pair: Any, pg_url: s
     b.subscribe("events", inbox)
     with psycopg.connect(pg_url, autocommit=True) as admin:
         killed = admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                               "WHERE datname = current_database() AND query LIKE 'LISTEN%%' "
-                               "AND pid <> pg_backend_pid()").fetchall()
+                               "WHERE datname = current_database() AND application_name = %s "
+                               "AND pid <> pg_backend_pid()", (notify.LISTENER_NAME,)).fetchall()
     assert killed, "no listening connection found"
     inbox.messages.clear()
     await inbox.wait_for(lambda m: m.get("reconnected") is True)
@@ -212,3 +213,114 @@ async def test_sqlite_signal_from_an_execution_options_engine(db: Database, sqli
         notify.signal(session, "webhooks", {"job": "job_lease"})
         session.commit()
     await inbox.wait_for(lambda m: m.get("job") == "job_lease")
+
+
+class FreezableProxy:
+    """A TCP relay on 127.0.0.1 in front of PostgreSQL. ``freeze()`` stops relaying on the
+    connections open now without closing them: what a half-open connection looks like (the peer
+    is gone, nothing says so). Connections made afterwards are relayed normally."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.generation = 0
+        self.connections = 0
+        self._writers: list[asyncio.StreamWriter] = []
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    def freeze(self) -> None:
+        self.generation += 1
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        born = self.generation
+        up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
+        self._writers += [writer, up_writer]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            while chunk := await src.read(65536):
+                if self.generation != born:  # frozen: swallow, never answer, never close
+                    continue
+                dst.write(chunk)
+                await dst.drain()
+            if self.generation == born:
+                dst.close()
+
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer), return_exceptions=True)
+
+    async def stop(self) -> None:
+        for w in self._writers:
+            w.close()
+        if self.server is not None:
+            self.server.close()
+
+
+@pytest.mark.postgres
+async def test_pg_listener_notices_a_half_open_connection(pg_url: str, settings: Settings) -> None:
+    """The listening connection goes silent without closing (no FIN/RST ever arrives): the quiet
+    listener's periodic round trip times out, it reconnects, wakes everyone and receives again."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(pg_url)
+    proxy = FreezableProxy(url.host or "127.0.0.1", url.port or 5432)
+    port = await proxy.start()
+    proxied = url.set(port=port).render_as_string(hide_password=False)
+    db_direct = Database(settings.model_copy(update={"database_url": pg_url}))
+    db_proxied = Database(settings.model_copy(update={"database_url": proxied}))
+    db_direct.migrate()
+    listener = Notifier(db_proxied, backoff_s=0.05, ping_s=0.2, ping_timeout_s=0.5)
+    inbox = Inbox()
+    listener.subscribe("events", inbox)
+    try:
+        await listener.start()
+        assert listener.listening and proxy.connections == 1
+        inbox.messages.clear()
+        proxy.freeze()
+        # bounded by ping_s + ping_timeout_s + psycopg's own cancel-then-close of the stuck query (<= 10 s)
+        await inbox.wait_for(lambda m: m.get("reconnected") is True, timeout_s=30.0)
+        assert proxy.connections >= 2  # a new listening connection (and psycopg's cancel request)
+        with db_direct.session() as session:
+            record_event(session, "job_after_freeze", "status", {"status": "queued"})
+            session.commit()
+        await inbox.wait_for(lambda m: m.get("job") == "job_after_freeze")
+    finally:
+        await listener.stop()
+        await proxy.stop()
+        db_direct.dispose()
+        db_proxied.dispose()
+
+
+@pytest.mark.postgres
+async def test_pg_listener_connection_has_tcp_keepalives(pg_pair: Any, pg_url: str) -> None:
+    """libpq keepalive options are set on the listening connection (read back from the server's
+    view of the socket is not possible; the client's connection options are)."""
+    _db_a, _a, _db_b, b = pg_pair
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        [(count,)] = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+                                   (notify.LISTENER_NAME,)).fetchall()
+    assert count >= 1
+    recorded: dict[str, Any] = {}
+    real_connect = psycopg.AsyncConnection.connect
+
+    async def spy(*args: Any, **kwargs: Any) -> Any:
+        recorded.update(kwargs)
+        return await real_connect(*args, **kwargs)
+
+    inbox = Inbox()
+    b.subscribe("events", inbox)
+    psycopg.AsyncConnection.connect = spy  # type: ignore[method-assign]
+    try:
+        with psycopg.connect(pg_url, autocommit=True) as admin:  # force a reconnect through the spy
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s "
+                          "AND pid <> pg_backend_pid()", (notify.LISTENER_NAME,))
+        inbox.messages.clear()
+        await inbox.wait_for(lambda m: m.get("reconnected") is True)
+    finally:
+        psycopg.AsyncConnection.connect = real_connect  # type: ignore[method-assign]
+    assert {k: recorded.get(k) for k in ("keepalives", "keepalives_idle", "keepalives_interval",
+                                         "keepalives_count")} == {
+        "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
