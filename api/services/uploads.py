@@ -20,6 +20,7 @@ import io
 import logging
 import posixpath
 import zipfile
+import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -258,6 +259,8 @@ def check_zip(data: bytes, settings: Settings) -> tuple[list[tuple[str, CheckedI
             if base.startswith(".") or path.startswith("__MACOSX/"):
                 skipped += 1
                 continue
+            if info.flag_bits & 0x1:
+                raise InvalidInput(f"ZIP entry {path} is encrypted", {"entry": path}, code="invalid_upload")
             ext = posixpath.splitext(path)[1].lower()
             if ext == ".txt":
                 plan.append((info, path, "caption"))
@@ -290,7 +293,9 @@ def check_zip(data: bytes, settings: Settings) -> tuple[list[tuple[str, CheckedI
                 else:
                     images[stem] = check_image(_read_member(archive, info, settings.max_upload_bytes, budget),
                                                settings, name=path)
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError, OSError):
+        # RuntimeError: an encrypted member the directory did not flag; zlib.error: a corrupt deflate stream
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError, OSError,
+                RuntimeError, zlib.error):
             raise InvalidInput("a ZIP entry could not be read", code="invalid_upload") from None
     return [(stem, img, captions.get(stem)) for stem, img in sorted(images.items())], skipped
 

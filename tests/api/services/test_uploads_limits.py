@@ -236,3 +236,31 @@ def test_refused_uploads_store_nothing(db: Database, limits: Settings, storage: 
     with db.read() as session:
         assert session.execute(select(func.count()).select_from(Upload)).scalar_one() == 0
     assert storage.list("uploads") == []
+
+
+def _flag_encrypted(data: bytes) -> bytes:
+    """Set the 'encrypted' bit of every entry, in the local headers and the central directory."""
+    out = bytearray(data)
+    for magic, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        at = out.find(magic)
+        while at != -1:
+            out[at + offset] |= 0x1
+            at = out.find(magic, at + 4)
+    return bytes(out)
+
+
+def _corrupt_deflate(data: bytes) -> bytes:
+    """Replace the first member's compressed bytes with an invalid deflate stream (CRC untouched)."""
+    info = zipfile.ZipFile(io.BytesIO(data)).infolist()[0]
+    start = info.header_offset
+    name_len, extra_len = struct.unpack("<HH", data[start + 26:start + 30])
+    body = start + 30 + name_len + extra_len
+    return data[:body] + b"\xff" * info.compress_size + data[body + info.compress_size:]
+
+
+@pytest.mark.parametrize("spoil", [_flag_encrypted, _corrupt_deflate])
+def test_unreadable_members_are_a_422_not_a_500(limits: Settings, spoil: Any) -> None:
+    data = spoil(zip_of({"a.png": png(), "a.txt": b"a caption"}))
+    with pytest.raises(CineWeaveError) as info:
+        check_zip(data, limits)
+    assert info.value.status == 422 and info.value.code == "invalid_upload"
