@@ -61,6 +61,7 @@ from api.services.settlement import (
     locked_job,
     output_prefix,
     reclaim_expired,
+    release_job,
     requeue_job,
 )
 from api.settings import Settings
@@ -179,10 +180,11 @@ class Runner:
         """Stop claiming; let running jobs finish for ``grace_s``, then abandon them.
 
         Abandoning a job only drops this runner's stream: the replica keeps generating (it owns
-        the run). With ``release_leases`` (a graceful stop, e.g. a deploy) the abandoned jobs'
-        leases are ended at once, so the next API reclaims them now and attaches to the replica's
-        run instead of waiting ``lease_s``; without it (a simulated crash) they keep their lease
-        until it expires. Either way stopping never loses or double-charges a job.
+        the run). With ``release_leases`` (a graceful stop, e.g. a deploy) the abandoned jobs go
+        straight back to the queue without consuming an attempt, so the next API claims them now
+        and attaches to the replica's run instead of waiting ``lease_s``; without it (a simulated
+        crash) they keep their lease until it expires, and the reclaim counts a lost worker.
+        Either way stopping never loses or double-charges a job.
         """
         self._stopping.set()
         if self._loop_task:
@@ -203,16 +205,22 @@ class Runner:
         self._shutdown_pools()
 
     def _release_leases(self, job_ids: list[str]) -> int:
-        """End this runner's leases on ``job_ids`` now (they become reclaimable at once)."""
-        with self.db.lease_session() as session:
-            released = session.execute(
-                update(Job).where(Job.id.in_(job_ids), Job.lease_owner == self.id,
-                                  Job.status == JobStatus.RUNNING.value)
-                .values(lease_expires_at=utcnow() - timedelta(seconds=1))
-                .execution_options(synchronize_session=False))
-            session.commit()
-        logger.info("runner %s released the leases of %d abandoned job(s)", self.id, released.rowcount)
-        return int(released.rowcount)
+        """Hand ``job_ids`` (held by this runner) back to the queue at once, keeping their attempt:
+        a graceful stop is no failure, and a job must survive any number of deploys."""
+        released: list[str] = []
+        for job_id in job_ids:
+            with self.db.lease_session() as session:
+                job = locked_job(session, job_id)
+                if job is None or job.status != JobStatus.RUNNING or job.lease_owner != self.id:
+                    continue
+                release_job(session, job)
+                session.commit()
+            released.append(job_id)
+        for job_id in released:
+            with contextlib.suppress(Exception):  # listeners also poll
+                self._announce(job_id)
+        logger.info("runner %s handed %d abandoned job(s) back to the queue", self.id, len(released))
+        return len(released)
 
     async def run_forever(self) -> None:
         while not self._stopping.is_set():
@@ -286,14 +294,17 @@ class Runner:
                 job = session.get(Job, job_id)
                 assert job is not None
                 session.refresh(job)
-                if job.started_at is None:
+                first = job.started_at is None
+                if first:
                     job.started_at = now
                     job.queue_s = (now - job.created_at).total_seconds()
-                record_event(session, job.id, "status", {"status": job.status, "stage": job.stage,
-                                                         "attempt": job.attempts})
+                data: dict[str, Any] = {"status": job.status, "stage": job.stage, "attempt": job.attempts}
+                if not first:
+                    data["resumed"] = True  # claimed before (a handover keeps attempt 1): no second "start"
+                record_event(session, job.id, "status", data)
                 session.commit()
                 self._lease_deadline[job.id] = claimed_at + self.settings.lease_s
-                self.bus.publish(job.id, "start" if job.attempts == 1 else "status",
+                self.bus.publish(job.id, "start" if job.attempts == 1 and first else "status",
                                  {"status": job.status, "attempt": job.attempts})
                 logger.info("runner %s claimed job %s (attempt %d)", self.id, job.id, job.attempts)
                 return job

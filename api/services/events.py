@@ -38,7 +38,8 @@ def webhook_event(type_: str, data: dict[str, Any]) -> str | None:
     ``start`` is the first claim of the job (a reclaimed attempt is a plain status change).
     """
     if type_ == "status":
-        return "start" if data.get("status") == "running" and data.get("attempt") == 1 else None
+        first = data.get("attempt") == 1 and not data.get("resumed")  # a handover keeps attempt 1
+        return "start" if data.get("status") == "running" and first else None
     return type_ if type_ in ("output", "logs", "completed") else None
 
 

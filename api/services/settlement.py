@@ -78,6 +78,28 @@ def reclaim_expired(db: Database, settings: Settings, storage: Storage, bus: Eve
     return reclaimed
 
 
+def release_job(session: Session, job: Job) -> None:
+    """A graceful handover (the API stops, e.g. for a deploy): back to the queue now, without
+    consuming an attempt.
+
+    ``attempts`` counts distinct runs, and this run goes on: the replica owns it, and the next
+    claim attaches to it (with the same attempt number). Stored files stay; the recorded outputs
+    are cleared, as the attached run replays them. The caller checked that it holds the lease.
+    """
+    now = utcnow()
+    job.status = JobStatus.QUEUED.value
+    job.stage = "queued"
+    job.outputs = []
+    job.attempts = max(0, job.attempts - 1)
+    job.lease_owner = None
+    job.lease_expires_at = None
+    job.next_attempt_at = now
+    job.updated_at = now
+    record_event(session, job.id, "status", {"status": job.status, "stage": "handover",
+                                             "attempt": job.attempts})
+    logger.info("job %s handed back to the queue (its run continues on the replica)", job.id)
+
+
 def requeue_job(session: Session, settings: Settings, storage: Storage, job: Job, code: str,
                 message: str, *, trusted: bool = False, keep_outputs: bool = False) -> None:
     """Back to the queue after a retryable failure, with exponential backoff.

@@ -118,7 +118,8 @@ def test_up_stopped_mid_generation_keeps_the_work_for_the_next_up(tmp_path: Path
                 assert time.monotonic() < deadline, f"job still {job['status']}:\n{tail(log)}"
                 time.sleep(0.2)
         assert job["status"] == "succeeded", (job, tail(log))
-        assert job["attempts"] == 2 and not held.exists(), "the second up ran the pipeline again"
+        # 1: the stopping API handed the job back (a graceful stop uses no attempt); 2: it expired
+        assert job["attempts"] in (1, 2) and not held.exists(), "the second up ran the pipeline again"
         kinds = [e.kind for e in ledger_rows(db, user_id=user.user.id, job_id=job_id)]
         assert kinds == ["reserve", "capture"], kinds
         assert job["credits"]["refunded"] == 0 and len(job["outputs"]) == 1

@@ -18,7 +18,7 @@ from api.core.executor import ExecutionRequest
 from api.db.engine import Database
 from api.db.tables import Job, JobEvent, utcnow
 from api.runner.runner import LeaseLost, Runner
-from api.services.events import EventBus
+from api.services.events import EventBus, webhook_event
 from api.services.jobs import JobService, Submission
 from api.services.users import NewUser
 from api.settings import Settings
@@ -444,8 +444,9 @@ async def test_lease_loss_is_noticed_while_the_executor_is_silent(
 async def test_graceful_stop_releases_abandoned_leases_for_an_immediate_reclaim(
         rdb: Database, rsettings: Settings, storage: LocalStorage, bus: EventBus, jobs: JobService,
         alice: NewUser) -> None:
-    """A deploy: the old API stops with a job in flight. Its lease ends at once, so the new API
-    takes the job over now rather than after the (here 10-minute) lease."""
+    """A deploy: the old API stops with a job in flight. The job goes straight back to the queue
+    (keeping its attempt), so the new API takes it over now rather than after the (here
+    10-minute) lease."""
     hanging = FakeExecutor(storage=storage, hang={"slow"})
     r1 = make_runner(rdb, rsettings, storage, bus, hanging, "r1", lease_s=600)
     job_id = submit(jobs, alice, prompt="slow")
@@ -453,8 +454,9 @@ async def test_graceful_stop_releases_abandoned_leases_for_an_immediate_reclaim(
     await wait_until(lambda: bool(hanging.runs), 10, what="r1 to start the job")
     await r1.stop(grace_s=0)
     released = get_job(rdb, job_id)
-    assert (released.status, released.lease_owner) == ("running", "r1")
-    assert released.lease_expires_at is not None and released.lease_expires_at <= utcnow()
+    assert (released.status, released.lease_owner, released.lease_expires_at, released.attempts) == (
+        "queued", None, None, 0)
+    assert released.next_attempt_at is not None and released.next_attempt_at <= utcnow()
     healthy = FakeExecutor(storage=storage)
     r2 = make_runner(rdb, rsettings, storage, bus, healthy, "r2", lease_s=600)
     r2.start()
@@ -462,5 +464,37 @@ async def test_graceful_stop_releases_abandoned_leases_for_an_immediate_reclaim(
         done = await wait_job(rdb, job_id, timeout_s=30)
     finally:
         await r2.stop()
-    assert (done.status, done.attempts) == ("succeeded", 2)
+    assert (done.status, done.attempts) == ("succeeded", 1)
+    assert [r.attempt for r in healthy.runs] == [1]  # the same attempt: it attaches to the same run
     assert settlements(rdb, job_id) == ["capture"]
+
+
+async def test_three_graceful_restarts_during_one_job_use_no_attempt(
+        rdb: Database, rsettings: Settings, storage: LocalStorage, bus: EventBus, jobs: JobService,
+        alice: NewUser) -> None:
+    """Three deploys while one long job runs (max_attempts=3): each graceful stop hands the job
+    back without a failure, so the fourth API finishes it, charged once, announced started once."""
+    job_id = submit(jobs, alice, prompt="slow")
+    assert get_job(rdb, job_id).max_attempts == 3
+    for n in range(1, 4):
+        hanging = FakeExecutor(storage=storage, hang={"slow"})
+        runner = make_runner(rdb, rsettings, storage, bus, hanging, f"r{n}", lease_s=600)
+        runner.start()
+        await wait_until(lambda h=hanging: bool(h.runs), 10, what=f"r{n} to start the job")  # type: ignore[misc]
+        assert hanging.runs[0].attempt == 1
+        await runner.stop(grace_s=0)
+        assert (get_job(rdb, job_id).status, get_job(rdb, job_id).attempts) == ("queued", 0)
+    healthy = FakeExecutor(storage=storage)
+    last = make_runner(rdb, rsettings, storage, bus, healthy, "r4", lease_s=600)
+    last.start()
+    try:
+        done = await wait_job(rdb, job_id, timeout_s=30)
+    finally:
+        await last.stop()
+    assert (done.status, done.attempts, done.error_code) == ("succeeded", 1, None)
+    assert settlements(rdb, job_id) == ["capture"]
+    assert balance(rdb, alice.user.id) == ledger.BalanceView(999, 0)
+    with rdb.read() as s:
+        events = s.execute(select(JobEvent.type, JobEvent.data).where(JobEvent.job_id == job_id)).all()
+    assert [webhook_event(t, d) for t, d in events].count("start") == 1
+    assert sum(1 for t, d in events if t == "status" and d.get("stage") == "handover") == 3
