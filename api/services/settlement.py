@@ -6,7 +6,7 @@ Used by the runner, by cancel (a queued job) and by maintenance (expired leases,
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
@@ -48,34 +48,53 @@ def locked_job(session: Session, job_id: str) -> Job | None:
 
 
 def reclaim_expired(db: Database, settings: Settings, storage: Storage, bus: EventBus,
-                metrics: Any = None) -> int:
-    """Jobs whose runner vanished: retry them, or fail and refund when out of attempts."""
+                    metrics: Any = None) -> int:
+    """Jobs whose runner vanished: retry them, or fail and refund when out of attempts.
+
+    Each job is reclaimed in its own transaction; one that fails (a storage error, a bug) is
+    logged and left for the next pass, so it never holds back the others.
+    """
     now = utcnow()
     reclaimed = 0
     with db.read() as session:
         stale = session.execute(select(Job.id).where(
             Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < now)).scalars().all()
     for job_id in stale:
-        with db.lease_session() as session:
-            job = locked_job(session, job_id)
-            if job is None or job.status != JobStatus.RUNNING or not job.lease_expires_at \
-                    or job.lease_expires_at >= now:
+        try:
+            if not _reclaim_one(db, settings, storage, job_id, now, metrics):
                 continue
-            logger.warning("lease of job %s (runner %s) expired; reclaiming", job.id, job.lease_owner)
-            if job.cancel_requested:
-                finish_job(session, storage, job, JobStatus.CANCELED, None, metrics)
-            elif job.attempts < job.max_attempts:
-                # Its outputs stay: the replica owns the run and may have stored them (with its
-                # result.json) or still be storing them; the next attempt collects or overwrites them.
-                requeue_job(session, settings, storage, job, "worker_lost", "the worker running this job stopped",
-                            keep_outputs=True)
-            else:
-                finish_job(session, storage, job, JobStatus.FAILED,
-                           ErrorEvent("worker_lost", "the worker running this job stopped", True), metrics)
-            session.commit()
-            reclaimed += 1
-        announce(db, bus, job_id)
+        except Exception:  # noqa: BLE001 - one bad job must not stop the pass
+            logger.exception("reclaiming job %s failed; trying again on the next pass", job_id)
+            continue
+        reclaimed += 1
+        try:
+            announce(db, bus, job_id)
+        except Exception:  # noqa: BLE001 - listeners also poll; the reclaim is committed
+            logger.warning("announcing reclaimed job %s failed", job_id, exc_info=True)
     return reclaimed
+
+
+def _reclaim_one(db: Database, settings: Settings, storage: Storage, job_id: str, now: datetime,
+                 metrics: Any) -> bool:
+    """Reclaim one expired job (if it still is); True when it was."""
+    with db.lease_session() as session:
+        job = locked_job(session, job_id)
+        if job is None or job.status != JobStatus.RUNNING or not job.lease_expires_at \
+                or job.lease_expires_at >= now:
+            return False
+        logger.warning("lease of job %s (runner %s) expired; reclaiming", job.id, job.lease_owner)
+        if job.cancel_requested:
+            finish_job(session, storage, job, JobStatus.CANCELED, None, metrics)
+        elif job.attempts < job.max_attempts:
+            # Its outputs stay: the replica owns the run and may have stored them (with its
+            # result.json) or still be storing them; the next attempt collects or overwrites them.
+            requeue_job(session, settings, storage, job, "worker_lost", "the worker running this job stopped",
+                        keep_outputs=True)
+        else:
+            finish_job(session, storage, job, JobStatus.FAILED,
+                       ErrorEvent("worker_lost", "the worker running this job stopped", True), metrics)
+        session.commit()
+    return True
 
 
 def release_job(session: Session, job: Job) -> None:

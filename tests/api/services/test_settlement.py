@@ -151,3 +151,34 @@ def test_live_lease_is_not_reclaimed(db: Database, storage: LocalStorage, settin
     _, job_id = running
     assert reclaim_expired(db, settings, storage, EventBus()) == 0
     assert get_job(db, job_id).status == "running"
+
+
+class BrokenPrefix(LocalStorage):
+    """Deleting one job's outputs fails (a storage outage for that prefix)."""
+
+    broken: str = ""
+
+    def delete_prefix(self, prefix: str) -> int:
+        if self.broken and prefix.endswith(f"/{self.broken}/"):
+            raise OSError("storage unavailable")
+        return super().delete_prefix(prefix)
+
+
+def test_one_jobs_reclaim_error_does_not_stop_the_others(db: Database, storage: LocalStorage,
+                                                         settings: Settings, jobs: JobService,
+                                                         running: tuple[str, str]) -> None:
+    _, bad = running
+    other = add_user(db, settings, credits=100)
+    good, _ = jobs.submit(other.user, Submission("veo-3.1", {"prompt": "q", "duration": 4}))
+    with db.session() as s:  # both expired on their last attempt: reclaiming fails and refunds them
+        s.execute(update(Job).where(Job.id.in_([bad, good.id])).values(
+            status="running", attempts=3, lease_owner="r1", lease_expires_at=utcnow() - timedelta(seconds=1)))
+        s.commit()
+    broken = BrokenPrefix(storage.root, signing_secret="test")
+    broken.broken = bad
+    assert reclaim_expired(db, settings, broken, EventBus()) == 1
+    assert (get_job(db, good.id).status, [e.kind for e in ledger_rows(db, job_id=good.id)]) == (
+        "failed", ["reserve", "refund"])
+    assert get_job(db, bad).status == "running"  # rolled back; the next pass tries again
+    assert reclaim_expired(db, settings, storage, EventBus()) == 1
+    assert get_job(db, bad).status == "failed"
