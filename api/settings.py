@@ -131,6 +131,12 @@ class Settings(BaseSettings):
     max_upload_zip_bytes: int = 200 * 1024 * 1024
     # one upload request (all its files): refused from Content-Length, or as soon as the stream passes it
     max_upload_request_bytes: int = 200 * 1024 * 1024
+    # upload requests this process reads at once (each may hold max_upload_request_bytes in memory);
+    # one more is answered 429 with Retry-After: upload_retry_after_s
+    max_concurrent_uploads: int = 4
+    upload_retry_after_s: int = 5
+    # the whole upload body must arrive within this (a slow client cannot hold a slot for ever)
+    upload_read_timeout_s: float = 300.0
 
     # outbound requests (image URLs, client webhooks, provider downloads): public addresses only,
     # unless a host name or a network (CIDR) is allow-listed here (development and tests)

@@ -16,12 +16,15 @@ read from its header before it is decoded.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import posixpath
+import threading
 import zipfile
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +33,7 @@ from python_multipart.multipart import MultipartParseError, MultipartParser, par
 from sqlalchemy import select
 from sqlmodel import Session
 
-from api.core.errors import CineWeaveError, InvalidInput, NotFound
+from api.core.errors import CineWeaveError, InvalidInput, NotFound, RateLimited
 from api.db.engine import Database
 from api.db.tables import Upload, User, new_id
 from api.settings import Settings
@@ -42,12 +45,19 @@ IMAGE_FORMATS = {"JPEG": ("image/jpeg", "jpg"), "PNG": ("image/png", "png"), "WE
 ZIP_MAGIC = b"PK\x03\x04"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 READ_CHUNK = 64 * 1024
+Blob = bytes | bytearray  # uploads stay in the buffer they were read into (no copies)
 
 
 class PayloadTooLarge(CineWeaveError):
     """An upload (or a part, or a ZIP's content) over its byte limit."""
 
     code, status = "payload_too_large", 413
+
+
+class UploadTimeout(CineWeaveError):
+    """The upload body did not arrive within ``upload_read_timeout_s``."""
+
+    code, status = "upload_timeout", 408
 
 
 def zip_file_limit(settings: Settings) -> int:
@@ -69,7 +79,7 @@ class _UploadStream:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.files: list[tuple[str, bytes]] = []
+        self.files: list[tuple[str, Blob]] = []
         self.part = _Part()
         self.header_field = b""
         self.header_value = b""
@@ -105,7 +115,7 @@ class _UploadStream:
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         part = self.part
-        part.data += data[start:end]
+        part.data += memoryview(data)[start:end]  # no intermediate copy of the chunk
         if part.name == "file" and len(part.data) >= 4 and part.data[:4] != ZIP_MAGIC:
             part.limit = self.settings.max_upload_bytes
         if len(part.data) > part.limit:
@@ -114,12 +124,13 @@ class _UploadStream:
 
     def on_part_end(self) -> None:
         if self.part.name == "file":
-            self.files.append((self.part.filename or "file", bytes(self.part.data)))
+            # the buffer itself, not a copy (bytes-like for everything downstream)
+            self.files.append((self.part.filename or "file", self.part.data))
         self.part = _Part()
 
 
 async def read_multipart(chunks: AsyncIterator[bytes], content_type: str, content_length: str | None,
-                         settings: Settings) -> list[tuple[str, bytes]]:
+                         settings: Settings) -> list[tuple[str, Blob]]:
     """The ``file`` parts of a multipart/form-data body, read with every limit enforced as it streams."""
     cap = settings.max_upload_request_bytes
     if content_length is not None:
@@ -140,27 +151,31 @@ async def read_multipart(chunks: AsyncIterator[bytes], content_type: str, conten
     parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
     received = 0
     try:
-        async for chunk in chunks:
-            received += len(chunk)
-            if received > cap:
-                raise PayloadTooLarge(f"the request is more than {cap} bytes", {"max_bytes": cap})
-            parser.write(chunk)
+        async with asyncio.timeout(settings.upload_read_timeout_s):  # the whole body, not each chunk
+            async for chunk in chunks:
+                received += len(chunk)
+                if received > cap:
+                    raise PayloadTooLarge(f"the request is more than {cap} bytes", {"max_bytes": cap})
+                parser.write(chunk)
         parser.finalize()
     except MultipartParseError:
         raise InvalidInput("the multipart body is malformed", {"field": "file"}) from None
+    except TimeoutError:
+        raise UploadTimeout(f"the upload did not arrive within {settings.upload_read_timeout_s:g} s",
+                            {"timeout_s": settings.upload_read_timeout_s}) from None
     return sink.files
 
 
 @dataclass(frozen=True)
 class CheckedImage:
-    data: bytes
+    data: Blob
     content_type: str
     extension: str
     width: int
     height: int
 
 
-def check_image(data: bytes, settings: Settings, name: str = "file") -> CheckedImage:
+def check_image(data: Blob, settings: Settings, name: str = "file") -> CheckedImage:
     """Decode fully; refuse what is not a JPEG/PNG/WebP, is truncated, or has too many pixels."""
     if not data:
         raise InvalidInput(f"{name} is empty", {"file": name}, code="invalid_upload")
@@ -214,7 +229,7 @@ def _safe_entry(name: str) -> str | None:
     return norm
 
 
-def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int, budget: list[int]) -> bytes:
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int, budget: list[int]) -> bytearray:
     """A member's bytes, cut at ``limit`` and at what is left of the ZIP's budget (sizes can lie)."""
     out = bytearray()
     with archive.open(info) as member:
@@ -226,10 +241,10 @@ def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int, bu
                                       {"entry": info.filename, "max_bytes": limit})
             if budget[0] < 0:
                 raise PayloadTooLarge("the ZIP's content is larger than its limit", {"entry": info.filename})
-    return bytes(out)
+    return out  # not copied again
 
 
-def check_zip(data: bytes, settings: Settings) -> tuple[list[tuple[str, CheckedImage, str | None]], int]:
+def check_zip(data: Blob, settings: Settings) -> tuple[list[tuple[str, CheckedImage, str | None]], int]:
     """Images of a dataset ZIP with their sidecar captions. Returns (items, skipped_entries).
 
     Everything the central directory says is checked before a member is read: member count,
@@ -305,15 +320,30 @@ class UploadService:
         self.db = db
         self.settings = settings
         self.storage = storage
+        # process-wide: each upload in flight may buffer up to max_upload_request_bytes
+        self._slots = threading.BoundedSemaphore(max(1, settings.max_concurrent_uploads))
 
-    def create(self, user: User, files: list[tuple[str, bytes]]) -> list[Upload]:
+    @contextmanager
+    def admit(self) -> Iterator[None]:
+        """Hold one of ``max_concurrent_uploads`` slots while a request is read and checked; when
+        all are taken the request is refused at once (429, Retry-After) rather than queued in memory."""
+        if not self._slots.acquire(blocking=False):
+            retry = self.settings.upload_retry_after_s
+            raise RateLimited("too many uploads in progress; retry shortly", {"retry_after_s": retry},
+                              code="uploads_busy")
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+    def create(self, user: User, files: list[tuple[str, Blob]]) -> list[Upload]:
         """Check every file first; store only when all pass. A ZIP becomes one ``dataset`` upload."""
         if not files:
             raise InvalidInput("no file was sent (multipart field 'file')", code="invalid_upload")
         if len(files) > self.settings.max_upload_files:
             raise InvalidInput(f"{len(files)} files; the limit is {self.settings.max_upload_files}",
                                {"max_files": self.settings.max_upload_files}, code="too_many_files")
-        planned: list[tuple[Upload, list[tuple[str, bytes, str]]]] = []
+        planned: list[tuple[Upload, list[tuple[str, Blob, str]]]] = []
         for filename, data in files:
             upload_id = new_id("upl")
             prefix = f"uploads/{user.id}/{upload_id}"

@@ -86,9 +86,10 @@ _UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-da
 async def create_upload(request: Request, user: User = Depends(current_user),
                         state: AppState = Depends(get_state)) -> dict[str, Any]:
     """Multipart field ``file``. The body is parsed as it streams in, limits checked on the way."""
-    files = await read_multipart(request.stream(), request.headers.get("content-type", ""),
-                                 request.headers.get("content-length"), state.settings)
-    uploads = await run_in_threadpool(state.uploads.create, user, files)
+    with state.uploads.admit():  # bounds the memory all uploads in flight hold together
+        files = await read_multipart(request.stream(), request.headers.get("content-type", ""),
+                                     request.headers.get("content-length"), state.settings)
+        uploads = await run_in_threadpool(state.uploads.create, user, files)
     views = [upload_view(u, state.storage, state.settings.url_ttl_s) for u in uploads]
     return {**views[0], "data": views}
 

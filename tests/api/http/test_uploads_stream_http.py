@@ -112,3 +112,53 @@ def test_over_a_real_socket(settings: Any, storage: Any, live_server: Any) -> No
         assert refused.status_code == 413 and refused.json()["error"]["code"] == "payload_too_large"
     with app.state.cineweave.db.read() as session:
         assert session.execute(select(func.count()).select_from(Upload)).scalar_one() == 1
+
+
+class Held:
+    """A body that sends its first chunk, then waits for ``release`` (bounded) before the rest."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        import asyncio
+
+        self.chunks = chunks
+        self.started, self.release = asyncio.Event(), asyncio.Event()
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        import asyncio
+
+        yield self.chunks[0]
+        self.started.set()
+        await asyncio.wait_for(self.release.wait(), 20)
+        for chunk in self.chunks[1:]:
+            yield chunk
+
+
+async def test_concurrent_uploads_are_bounded_with_retry_after(make_api: Any) -> None:
+    import asyncio
+
+    h = await make_api(run_runner=False, max_concurrent_uploads=1, upload_retry_after_s=7)
+    user = h.user()
+    headers = {**bearer(user.api_key), "content-type": CTYPE}
+    body = [part_head(), png(), b"\r\n", END]
+    held = Held(body)
+    first = asyncio.create_task(h.client.post("/v1/uploads", content=held, headers=headers))
+    await asyncio.wait_for(held.started.wait(), 20)  # the first upload holds the only slot
+    busy = await h.client.post("/v1/uploads", content=b"".join(body), headers=headers)
+    assert busy.status_code == 429 and busy.json()["error"]["code"] == "uploads_busy"
+    assert busy.headers["retry-after"] == "7"
+    held.release.set()
+    assert (await asyncio.wait_for(first, 20)).status_code == 201
+    again = await h.client.post("/v1/uploads", content=b"".join(body), headers=headers)
+    assert again.status_code == 201  # the slot was given back
+    refused = await h.client.post("/v1/uploads", content=b"not multipart", headers=headers)
+    assert refused.status_code == 422
+    assert (await h.client.post("/v1/uploads", content=b"".join(body), headers=headers)).status_code == 201
+
+
+async def test_an_upload_must_arrive_within_the_read_deadline(make_api: Any) -> None:
+    h = await make_api(run_runner=False, upload_read_timeout_s=0.3)
+    user = h.user()
+    held = Held([part_head(), png(), b"\r\n", END])  # never released: the deadline ends it
+    r = await h.client.post("/v1/uploads", content=held, headers={**bearer(user.api_key), "content-type": CTYPE})
+    assert r.status_code == 408 and r.json()["error"]["code"] == "upload_timeout"
+    assert stored(h) == (0, [])
