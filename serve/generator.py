@@ -225,6 +225,8 @@ class GeneratorServer:
         """How many callers attached to an existing run (or a stored result), by job."""
         self.canceled: dict[str, None] = {}
         """Jobs canceled here by an explicit ``cancel``, oldest first."""
+        self._job_locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        """Per job: a lock (and its users) so concurrent requests for one job start one run."""
         self.hooks = StepHooks(self.runtime.test_hooks_dir) if self.runtime.test_hooks_dir else None
         self.adapter_loads: Counter[str] = Counter()
         self.swaps = 0
@@ -315,16 +317,19 @@ class GeneratorServer:
         only :meth:`cancel` does.
         """
         req = ReplicaRequest.model_validate(request)
-        run = await self._attachable(req)
-        if run is None:
-            run = self._start(req)
-        else:
-            self.attaches[req.job_id] = self.attaches.get(req.job_id, 0) + 1
-            _bounded(self.attaches)
-            logger.info("job %s attempt %d attached to its %s run (attempts %s)", req.job_id, req.attempt,
-                        run.state, run.attempts)
-        run.attempts.append(req.attempt)
-        replay, queue = run.listen()
+        # _attachable awaits (threads): without the job's lock two requests arriving together
+        # would both find nothing and both start the pipeline
+        async with self._job_lock(req.job_id):
+            run = await self._attachable(req)
+            if run is None:
+                run = self._start(req)
+            else:
+                self.attaches[req.job_id] = self.attaches.get(req.job_id, 0) + 1
+                _bounded(self.attaches)
+                logger.info("job %s attempt %d attached to its %s run (attempts %s)", req.job_id, req.attempt,
+                            run.state, run.attempts)
+            run.attempts.append(req.attempt)
+            replay, queue = run.listen()
         try:
             for event in replay:
                 yield event
@@ -335,6 +340,21 @@ class GeneratorServer:
             # The caller went away or the run ended: stop listening, nothing else.
             if queue is not None and queue in run.listeners:
                 run.listeners.remove(queue)
+
+    @contextlib.asynccontextmanager
+    async def _job_lock(self, job_id: str) -> AsyncIterator[None]:
+        """Hold the job's lock; the entry is dropped when its last user leaves (bounded by jobs in flight)."""
+        lock, users = self._job_locks.get(job_id, (asyncio.Lock(), 0))
+        self._job_locks[job_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._job_locks[job_id]
+            if users <= 1:
+                del self._job_locks[job_id]
+            else:
+                self._job_locks[job_id] = (lock, users - 1)
 
     async def _attachable(self, req: ReplicaRequest) -> _Run | None:
         run = self.runs.get(req.job_id)

@@ -263,3 +263,17 @@ async def test_drain_waits_for_the_runs_the_replica_owns(server: Server) -> None
     server.generator.gate.set()
     assert await server.drain(5) is True
     assert server.stats()["jobs"]["job_0"]["state"] == "succeeded"
+
+
+async def test_two_requests_for_one_job_arriving_together_start_one_run(server: Server) -> None:
+    """Both look for an existing run (a thread hop each) before either registers one: the job's
+    lock makes the second attach instead of starting the pipeline again."""
+    first, second = await asyncio.wait_for(
+        asyncio.gather(collect(server, request(0)), collect(server, request(0, attempt=2))), timeout=10)
+    assert first[-1]["type"] == "done" and second[-1]["type"] == "done"
+    assert [e for e in first if e["type"] == "output"] == [e for e in second if e["type"] == "output"]
+    stats = server.stats()
+    assert server.generator.calls == [1] and stats["runs_by_job"] == {"job_0": 1}
+    assert stats["attaches"] == {"job_0": 1}
+    assert server._job_locks == {}  # nothing left behind
+
