@@ -29,6 +29,8 @@ TRAINER_KEY = "__trainer__"
 CANCEL_TRIES = 8
 """Calls of a deployment's ``cancel`` until a replica owns the job (Serve routes each call to any
 replica; with one replica the first call lands)."""
+CANCEL_RETRY_S = 0.25
+"""Pause between two cancel tries (each may reach another replica of the deployment)."""
 
 
 class RayExecutor:
@@ -120,7 +122,9 @@ class RayExecutor:
             if response is not None:
                 response.cancel()
             return
-        for _ in range(CANCEL_TRIES):
+        for attempt in range(CANCEL_TRIES):
+            if attempt:  # spaced: the replica running it may not have registered the request yet
+                await asyncio.sleep(CANCEL_RETRY_S)
             try:
                 if await handle.cancel.remote(job_id):
                     return

@@ -225,6 +225,8 @@ class GeneratorServer:
         """How many callers attached to an existing run (or a stored result), by job."""
         self.canceled: dict[str, None] = {}
         """Jobs canceled here by an explicit ``cancel``, oldest first."""
+        self.canceled_early: dict[str, None] = {}
+        """Jobs whose cancel came before any run of theirs was here (bounded): never started here."""
         self._job_locks: dict[str, tuple[asyncio.Lock, int]] = {}
         """Per job: a lock (and its users) so concurrent requests for one job start one run."""
         self.hooks = StepHooks(self.runtime.test_hooks_dir) if self.runtime.test_hooks_dir else None
@@ -378,6 +380,13 @@ class GeneratorServer:
         loop = asyncio.get_running_loop()
         run = _Run(req, loop.time())
         self._keep(run)
+        if req.job_id in self.canceled_early:  # its cancel came first: never runs
+            logger.info("job %s was canceled before it arrived here; not started", req.job_id)
+            run.canceled = True
+            run.emit(event_to_wire(ErrorEvent("canceled", "canceled")))
+            run.close()
+            self._evict()
+            return run
         self._pending.append(run)
         self._arrived.set()
         if self._batcher is None or self._batcher.done():
@@ -403,9 +412,16 @@ class GeneratorServer:
 
     async def cancel(self, job_id: str) -> bool:
         """Stop the job's run here: a queued one never runs, a running batch stops at its next step
-        once all its runs are canceled. True when this replica had the job queued or running."""
+        once all its runs are canceled. True when this replica had the job queued or running.
+
+        A cancel for a job that has no run here yet (it came before the request) is remembered
+        (bounded): the request, if it comes here, is answered ``canceled`` and never runs."""
         run = self.runs.get(job_id)
-        if run is None or run.finished:
+        if run is None:
+            self.canceled_early[job_id] = None
+            _bounded(self.canceled_early)
+            return False
+        if run.finished:
             return False
         run.canceled = True
         self.canceled[job_id] = None

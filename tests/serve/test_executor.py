@@ -6,6 +6,8 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
+
 from api.core.events import DoneEvent, ProgressEvent, StageEvent, event_to_dict
 from api.core.executor import ExecutionRequest
 from serve.executor import RayExecutor
@@ -130,3 +132,26 @@ async def test_the_request_is_a_versioned_message_and_unknown_events_are_skipped
     # and a replica reading a request from a newer API ignores what it does not know
     parsed = ReplicaRequest.model_validate({**payload, "v": 2, "priority": "high"})
     assert parsed.job_id == "job_1" and not hasattr(parsed, "priority")
+
+
+async def test_cancel_tries_are_spaced_not_back_to_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replica that has not registered the request yet gets time to: a pause between tries."""
+    import serve.executor as executor_module
+
+    handle = FakeHandle(FakeResponse(STREAM), owners=[False, False, True])
+    executor = RayExecutor({"tiny-sd": handle})
+    stream = executor.run(request())
+    await anext(stream)
+    pauses: list[tuple[int, float]] = []  # (tries made so far, pause)
+    real_sleep = asyncio.sleep
+
+    async def recording_sleep(delay: float) -> None:
+        pauses.append((len(handle.cancels), delay))
+        await real_sleep(0)
+
+    monkeypatch.setattr(executor_module.asyncio, "sleep", recording_sleep)
+    await executor.cancel("job_1")
+    monkeypatch.undo()
+    assert handle.cancels == ["job_1"] * 3
+    assert pauses == [(1, executor_module.CANCEL_RETRY_S), (2, executor_module.CANCEL_RETRY_S)]
+    await stream.aclose()

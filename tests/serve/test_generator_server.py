@@ -277,3 +277,13 @@ async def test_two_requests_for_one_job_arriving_together_start_one_run(server: 
     assert stats["attaches"] == {"job_0": 1}
     assert server._job_locks == {}  # nothing left behind
 
+
+async def test_a_cancel_that_comes_before_the_request_is_kept(server: Server) -> None:
+    """The cancel reaches the replica before the job's request does: the request is answered
+    canceled and the pipeline never runs it."""
+    assert await server.cancel("job_0") is False  # nothing here yet (the executor tries again)
+    events = await asyncio.wait_for(collect(server, request(0)), timeout=5)
+    assert events[-1]["type"] == "error" and events[-1]["code"] == "canceled"
+    assert server.generator.calls == [] and "job_0" not in server.stats()["runs_by_job"]
+    events = await asyncio.wait_for(collect(server, request(1)), timeout=5)  # others run as usual
+    assert events[-1]["type"] == "done"
