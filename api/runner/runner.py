@@ -72,6 +72,7 @@ logger = logging.getLogger(__name__)
 PROGRESS_MIN_INTERVAL_S = 0.2
 DB_THREADS = 4  # claims, records and settlements; SQLite serialises writes anyway
 WRITE_RETRY_S = 0.1
+CANCEL_SENDS = 30  # cancels sent to a run that goes on after one (one per poll interval, times 4)
 
 T = TypeVar("T")
 
@@ -506,9 +507,25 @@ class Runner:
                 woken.cancel()
                 self.bus.release(job_id, waiter)
             if await self._call(self._cancel_requested, job_id):
-                logger.info("cancel of job %s requested; telling the executor", job_id)
-                await self.executor.cancel(job_id)
+                await self._send_cancel(job_id)
                 return
+
+    async def _send_cancel(self, job_id: str) -> None:
+        """Tell the executor to cancel, again every poll until drive() ends the run's stream (which
+        cancels this task): one cancel can miss (the replica has not registered the run yet, a
+        call fails in transit). At most CANCEL_SENDS of them."""
+        interval = max(self.settings.runner_poll_s, 0.05) * 4
+        for n in range(CANCEL_SENDS):
+            if n == 0:
+                logger.info("cancel of job %s requested; telling the executor", job_id)
+            else:
+                logger.info("job %s still running after a cancel; telling the executor again (%d)", job_id, n + 1)
+            try:
+                await self.executor.cancel(job_id)
+            except Exception:  # noqa: BLE001 - the next send may get through
+                logger.warning("cancelling job %s failed", job_id, exc_info=True)
+            await asyncio.sleep(interval)
+        logger.warning("job %s did not stop after %d cancels; leaving it to the executor", job_id, CANCEL_SENDS)
 
     def _cancel_requested(self, job_id: str) -> bool:
         with self.db.read() as session:

@@ -223,11 +223,38 @@ async def test_cancel_running_stops_the_executor_refunds_and_deletes_outputs(
     jobs.cancel(alice.user, job_id)
     job = await wait_job(rdb, job_id, timeout_s=10)
     await runner.stop(grace_s=5)
-    assert executor.canceled == [job_id]
+    assert set(executor.canceled) == {job_id}
     assert (job.status, job.outputs, job.credits_refunded, job.credits_charged) == ("canceled", [], 4, 0)
     assert not storage.exists(key) and storage.list(f"outputs/{alice.user.id}/{job_id}/") == []
     assert settlements(rdb, job_id) == ["refund"]
     assert balance(rdb, alice.user.id) == ledger.BalanceView(1000, 0)
+
+
+@dataclass
+class DeafExecutor(ScriptedExecutor):
+    """Ignores the first ``deaf`` cancels (they reach the replica before its run is registered)."""
+
+    deaf: int = 2
+
+    async def cancel(self, job_id: str) -> None:
+        self.canceled.append(job_id)
+        if len(self.canceled) > self.deaf:
+            self._stop.setdefault(job_id, asyncio.Event()).set()
+
+
+async def test_cancel_is_sent_again_until_the_run_stops(
+        rdb: Database, rsettings: Settings, storage: LocalStorage, bus: EventBus, jobs: JobService,
+        alice: NewUser) -> None:
+    executor = DeafExecutor(storage, ["hang"])
+    runner = make_runner(rdb, rsettings, storage, bus, executor)
+    job_id = submit(jobs, alice)
+    await runner.tick()
+    await wait_until(lambda: bool(executor.runs), 10, what="the run to start")
+    jobs.cancel(alice.user, job_id)
+    job = await wait_job(rdb, job_id, timeout_s=10)  # before: one cancel, lost; the run hung on
+    await runner.stop(grace_s=5)
+    assert job.status == "canceled" and settlements(rdb, job_id) == ["refund"]
+    assert set(executor.canceled) == {job_id} and 3 <= len(executor.canceled) <= 4  # re-sent while it ran
 
 
 async def test_cancel_requested_while_finishing_is_not_charged(
