@@ -347,8 +347,9 @@ class Runner:
             heartbeat.cancel()
             await asyncio.gather(heartbeat, return_exceptions=True)
             # our own validation wrote this message: it may reach the client as it is
-            await self._settle(job.id, functools.partial(
-                self._settle_error, job.id, ErrorEvent(exc.code, exc.message, retryable=False), trusted=True))
+            # ... and says itself whether a retry may help (a fetch that timed out)
+            error = ErrorEvent(exc.code, exc.message, retryable=bool(getattr(exc, "retryable", False)))
+            await self._settle(job.id, functools.partial(self._settle_error, job.id, error, trusted=True))
             return
         except BaseException:
             heartbeat.cancel()

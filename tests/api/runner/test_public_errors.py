@@ -23,6 +23,7 @@ from api.services.users import NewUser
 from api.settings import Settings
 from api.storage.local import LocalStorage
 from tests.api.runner.conftest import make_runner
+from tests.fixtures.fake_executor import FakeExecutor
 from tests.fixtures.harness import get_job
 
 SECRET = "postgresql://admin:hunter2@10.0.0.5:5432/prod"
@@ -89,3 +90,29 @@ async def test_our_own_validation_message_is_kept(rdb: Database, rsettings: Sett
     assert (done.status, done.error_code, done.error_message) == (
         "failed", "invalid_input", "input.image: upload up_123 not found")
     await runner.stop()
+
+
+async def test_an_input_fetch_that_timed_out_is_retried_not_failed(
+        rdb: Database, rsettings: Settings, storage: LocalStorage, bus: EventBus, jobs: JobService,
+        alice: NewUser) -> None:
+    """The image URL timed out on the first attempt: a retryable failure; the next attempt runs."""
+    from api.services.egress import UrlFetchFailed
+
+    calls: list[int] = []
+
+    def resolve(job: Any) -> dict[str, Any]:
+        calls.append(job.attempts)
+        if len(calls) == 1:
+            raise UrlFetchFailed("input.image", "the URL took too long to answer", reason="timeout")
+        return dict(job.input)
+
+    executor = FakeExecutor(storage=storage)
+    runner = Runner(rdb, executor, rsettings.model_copy(update={"retry_backoff_s": 0.0}), storage, bus,
+                    runner_id="r1", resolve_input=resolve)
+    job, _ = jobs.submit(alice.user, Submission("tiny-sd", {"prompt": "a cat"}))
+    await runner.drain(timeout_s=20)
+    await runner.stop()
+    assert calls == [1, 2]
+    assert len(executor.runs) == 1
+    done = get_job(rdb, job.id)
+    assert (done.status, done.attempts) == ("succeeded", 2)
