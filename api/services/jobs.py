@@ -30,7 +30,7 @@ from api.db.engine import Database, is_postgres
 from api.db.tables import Balance, Job, Lora, Upload, User, utcnow
 from api.services.egress import EgressPolicy, check_url
 from api.services.events import EventBus, record_event
-from api.services.settlement import delete_job_outputs, finish_job
+from api.services.settlement import delete_job_outputs, finish_job, locked_job
 from api.settings import Settings
 from api.storage.base import Storage
 from models.catalog import Catalog
@@ -244,9 +244,13 @@ class JobService:
 
     # changes -----------------------------------------------------------------------------
     def cancel(self, user: User | None, job_id: str) -> Job:
-        """Queued: canceled and refunded now. Running: the runner stops it and refunds."""
+        """Queued: canceled and refunded now. Running: the runner stops it and refunds.
+
+        The job row is locked first (PostgreSQL), as every writer of a job's events does: a job's
+        events then commit in the order of their ids, so an SSE reader's cursor never skips one.
+        """
         with self.db.session() as session:
-            job = session.get(Job, job_id)
+            job = locked_job(session, job_id)
             if job is None or (user is not None and job.user_id != user.id):
                 raise NotFound(f"job {job_id} not found")
             if job.status == JobStatus.QUEUED:

@@ -6,7 +6,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from api.core import ledger
 from api.core.errors import (
@@ -373,3 +373,40 @@ def test_delete_outputs(jobs: JobService, db: Database, storage: LocalStorage, a
     assert deleted.outputs == [] and deleted.outputs_deleted_at is not None
     assert not storage.exists(key)
     assert get_job(db, job.id).status == "succeeded"  # the job and its ledger stay
+
+
+@pytest.mark.postgres
+def test_cancel_waits_for_the_job_row_lock_so_event_ids_commit_in_order(
+        backend_db: Database, settings: Settings, catalog: Catalog, storage: LocalStorage) -> None:
+    """While a runner holds the job's row (recording an event), a cancel waits for it: the
+    cancel's event then gets a later id than the runner's and commits after it, so an SSE reader
+    that has seen the later id never misses the earlier one."""
+    import threading
+
+    from api.services.events import EventBus, record_event
+    from api.services.settlement import locked_job
+
+    if backend_db.engine.dialect.name != "postgresql":
+        pytest.skip("row locks are a PostgreSQL matter (SQLite writers are serial)")
+    service = JobService(backend_db, settings, catalog, storage, EventBus(), metrics=None)
+    user = add_user(backend_db, settings)
+    job, _ = service.submit(user.user, sub())
+    with backend_db.session() as s:
+        s.execute(update(Job).where(Job.id == job.id).values(status="running", lease_owner="r1"))
+        s.commit()
+    done = threading.Event()
+    with backend_db.session() as runner_session:
+        assert locked_job(runner_session, job.id) is not None  # the runner's transaction holds the row
+        canceler = threading.Thread(target=lambda: (service.cancel(user.user, job.id), done.set()))
+        canceler.start()
+        assert not done.wait(1.0), "cancel did not wait for the job's row lock"
+        runner_event = record_event(runner_session, job.id, "progress", {"progress": 0.5})
+        runner_session.commit()
+        runner_id = runner_event.id
+    canceler.join(timeout=30)
+    assert done.is_set()
+    with backend_db.read() as s:
+        events = s.execute(select(JobEvent.id, JobEvent.type).where(JobEvent.job_id == job.id)
+                           .order_by(JobEvent.id)).all()
+    assert [t for _, t in events][-2:] == ["progress", "logs"]
+    assert events[-1][0] > runner_id
