@@ -80,7 +80,12 @@ def price_generation(spec: ModelSpec, normalized: dict[str, Any], settings: Sett
             frames, steps, width, height, _fps = ref
             price = credits_per_reference_clip(spec, settings)
             assert price is not None
-            return local_video_credits(int(normalized["num_frames"]), int(normalized["steps"]),
+            asked_steps = int(normalized["steps"])
+            if spec.overflow.provider:
+                # It may overflow to a provider that runs (and bills) its own step count: fewer
+                # steps than the reference clip's never make such a job cheaper.
+                asked_steps = max(asked_steps, steps)
+            return local_video_credits(int(normalized["num_frames"]), asked_steps,
                                        int(normalized["width"]), int(normalized["height"]),
                                        compute_units(frames, steps, width, height), price)
         return video_credits(

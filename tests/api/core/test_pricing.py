@@ -162,3 +162,19 @@ def test_remote_only_video_stays_priced_by_duration(catalog: Catalog, settings_p
     assert _local_price(catalog, settings_plain, "veo-3.1", duration=4, resolution="720p") == 40
     assert _local_price(catalog, settings_plain, "veo-3.1", duration=8, resolution="1080p") == 120
     assert _local_price(catalog, settings_plain, "veo-3.1-replicate", duration=8, resolution="1080p") == 120
+
+
+def test_fewer_steps_never_cheapen_a_model_that_may_overflow(catalog: Catalog, settings_plain: Settings) -> None:
+    """wan2.1-t2v-1.3b may overflow to a provider that runs its own steps: one step costs what
+    the reference clip's steps cost. A model without overflow prices the steps asked for."""
+    spec = catalog.get("wan2.1-t2v-1.3b")
+    assert spec is not None and spec.overflow.provider
+    frames, steps = spec.defaults.num_frames, spec.defaults.steps
+    one_step = _local_price(catalog, settings_plain, "wan2.1-t2v-1.3b", num_frames=frames, steps=1)
+    full = _local_price(catalog, settings_plain, "wan2.1-t2v-1.3b", num_frames=frames, steps=steps)
+    assert one_step == full
+    local_only = catalog.get("tiny-wan")
+    assert local_only is not None and not local_only.overflow.provider
+    ref_steps = local_only.defaults.steps
+    assert _local_price(catalog, settings_plain, "tiny-wan", steps=1) < \
+        _local_price(catalog, settings_plain, "tiny-wan", steps=ref_steps)
