@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from api.core.events import DoneEvent, ErrorEvent, ExecutorEvent, OutputEvent, ProviderEvent
-from api.core.executor import ExecutionRequest, Executor, ProviderWebhookReceiver
+from api.core.executor import REATTACH_KEY, ExecutionRequest, Executor, ProviderWebhookReceiver
 from api.settings import Settings
 from api.storage.base import Storage
 
@@ -174,6 +174,9 @@ class OverflowRouter:
                 return ErrorEvent("provider_not_configured", f"{request.model} runs only at {provider}, "
                                   "which is not configured (API key missing)", retryable=False)
             return Route(provider, "remote_only")
+        if self.local is not None and request.resume.get(REATTACH_KEY) == LOCAL:
+            # an earlier attempt's run goes on (or is done) on a replica: attach to it there
+            return Route(LOCAL, "reattach", self.estimated_wait_s(request.model))
         if self.local is None:
             target = self._overflow_target(request.model, "capacity")
             if target:

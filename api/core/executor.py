@@ -14,6 +14,11 @@ from typing import Any, Protocol, runtime_checkable
 
 from api.core.events import ExecutorEvent
 
+REATTACH_KEY = "reattach_route"
+"""``ExecutionRequest.resume[REATTACH_KEY]``: where an earlier attempt's run still goes on (or is
+done), e.g. ``"local"``, when the job was taken back from a runner that stopped or vanished; the
+router then sends this attempt there to attach, rather than routing it afresh."""
+
 
 @dataclass(frozen=True)
 class ExecutionRequest:

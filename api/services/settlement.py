@@ -14,6 +14,7 @@ from sqlmodel import Session
 
 from api.core import ledger
 from api.core.events import ErrorEvent
+from api.core.executor import REATTACH_KEY
 from api.core.jobs import JobStatus, retry, transition
 from api.core.public_errors import public_message
 from api.db.engine import Database, is_postgres
@@ -97,6 +98,22 @@ def _reclaim_one(db: Database, settings: Settings, storage: Storage, job_id: str
     return True
 
 
+def _reattach_where_it_ran(job: Job, run_goes_on: bool) -> None:
+    """Tell the next attempt where the run it may attach to lives (``resume.reattach_route``).
+
+    A job taken back from a runner that stopped or vanished still has its run going (or done) on
+    the replica: the router must send the next attempt there, not overflow it to a provider
+    because the queue looks long, which would pay for the same work twice. A job requeued after a
+    real failure has no run to attach to and routes afresh.
+    """
+    resume = dict(job.resume or {})
+    if run_goes_on and job.provider:
+        resume[REATTACH_KEY] = job.provider
+    else:
+        resume.pop(REATTACH_KEY, None)
+    job.resume = resume
+
+
 def release_job(session: Session, job: Job) -> None:
     """A graceful handover (the API stops, e.g. for a deploy): back to the queue now, without
     consuming an attempt.
@@ -114,6 +131,7 @@ def release_job(session: Session, job: Job) -> None:
     job.lease_expires_at = None
     job.next_attempt_at = now
     job.updated_at = now
+    _reattach_where_it_ran(job, True)
     record_event(session, job.id, "status", {"status": job.status, "stage": "handover",
                                              "attempt": job.attempts})
     logger.info("job %s handed back to the queue (its run continues on the replica)", job.id)
@@ -144,6 +162,7 @@ def requeue_job(session: Session, settings: Settings, storage: Storage, job: Job
     job.lease_expires_at = None
     job.next_attempt_at = utcnow() + timedelta(seconds=backoff)
     job.updated_at = utcnow()
+    _reattach_where_it_ran(job, keep_outputs)
     record_event(session, job.id, "status", {"status": job.status, "stage": job.stage,
                                              "error": {"code": code, "message": message},
                                              "attempt": job.attempts})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 
 from api.core.events import DoneEvent, ErrorEvent, OutputEvent, ProgressEvent, ProviderEvent, StageEvent
-from api.core.executor import ExecutionRequest, Executor, ProviderWebhookReceiver
+from api.core.executor import REATTACH_KEY, ExecutionRequest, Executor, ProviderWebhookReceiver
 from api.settings import Settings
 from api.storage.local import LocalStorage
 from models.catalog import Catalog
@@ -302,3 +303,23 @@ def test_build_overflow_router_wires_the_configured_providers(tmp_path: Path, ca
     assert isinstance(full.providers["veo"], VeoExecutor)
     assert full.providers["veo"].storage is full.providers["replicate"].storage
     assert isinstance(full.providers["veo"].storage, LocalStorage)
+
+
+async def test_a_taken_back_job_goes_back_to_its_replica_not_to_a_provider(tmp_path: Path, catalog: Catalog) -> None:
+    """The queue looks long, but this attempt follows one whose run goes on on a replica (its API
+    stopped or died): it is sent there to attach, not paid for again at the provider."""
+    class Saturated:
+        def jobs_ahead(self, model: str) -> int:
+            return 100
+
+        def run_seconds(self, model: str) -> float | None:
+            return None
+
+    router = OverflowRouter(ScriptedExecutor(), {"replicate": _provider_done("replicate")}, catalog,
+                            _settings(tmp_path), wait_estimator=Saturated())
+    fresh = _job("tiny-burst")
+    assert router.decide(fresh).target == "replicate"
+    taken_back = dataclasses.replace(fresh, attempt=2, resume={REATTACH_KEY: "local"})
+    assert router.decide(taken_back) == Route("local", "reattach", pytest.approx(100.0))
+    after_a_failure = dataclasses.replace(fresh, attempt=2, resume={})
+    assert router.decide(after_a_failure).target == "replicate"

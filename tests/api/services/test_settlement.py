@@ -182,3 +182,25 @@ def test_one_jobs_reclaim_error_does_not_stop_the_others(db: Database, storage: 
     assert get_job(db, bad).status == "running"  # rolled back; the next pass tries again
     assert reclaim_expired(db, settings, storage, EventBus()) == 1
     assert get_job(db, bad).status == "failed"
+
+
+def test_a_reclaimed_local_run_is_marked_for_reattach_and_a_real_failure_is_not(
+        db: Database, storage: LocalStorage, settings: Settings, running: tuple[str, str]) -> None:
+    from api.core.executor import REATTACH_KEY
+
+    _, job_id = running
+    with db.session() as s:
+        s.execute(update(Job).where(Job.id == job_id).values(
+            provider="local", resume={"checkpoint_key": "ck"}, lease_expires_at=utcnow() - timedelta(seconds=1)))
+        s.commit()
+    assert reclaim_expired(db, settings, storage, EventBus()) == 1
+    reclaimed = get_job(db, job_id)
+    assert reclaimed.resume == {"checkpoint_key": "ck", REATTACH_KEY: "local"}  # the run goes on there
+    with db.session() as s:
+        s.execute(update(Job).where(Job.id == job_id).values(status="running", attempts=2, lease_owner="r2"))
+        s.commit()
+        job = s.get(Job, job_id)
+        assert job is not None
+        requeue_job(s, settings, storage, job, "out_of_memory", "CUDA OOM")
+        s.commit()
+    assert get_job(db, job_id).resume == {"checkpoint_key": "ck"}  # nothing to attach to: route afresh
