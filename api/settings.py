@@ -107,6 +107,8 @@ class Settings(BaseSettings):
     # `cineweave up` stopping its own Ray: how long it waits for the replicas' queued and running
     # generations to finish (and store their results) before shutting Serve down
     replica_drain_s: float = 120.0
+    # how many LoRA weight files a generator replica keeps on its disk (least recently used go)
+    lora_cache_entries: int = Field(default=64, ge=1)
     api_url: str = "http://127.0.0.1:8000"
     api_key: str | None = None
 

@@ -120,6 +120,10 @@ class Serving(_Strict):
                                    description="largest LoRA rank a compiled model can hot-swap")
     upscale_delay_s: float = 10.0
     downscale_delay_s: float = 120.0
+    shutdown_drain_s: float = Field(
+        default=25.0, ge=0, le=3600,
+        description="how long a replica being stopped (scale-down, redeploy) keeps running the "
+                    "generations it owns before it exits; set it above the longest run")
 
 
 class Optimizations(_Strict):

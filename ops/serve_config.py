@@ -68,6 +68,7 @@ def runtime_args(settings: Settings, *, embedded: bool, include_secrets: bool = 
         "tiny_dir": str(tiny_models_dir(settings)),
         "cache_dir": str((settings.data_dir / "cache").resolve()),
         "threads": 1 if embedded else None,
+        "lora_cache_entries": settings.lora_cache_entries,
     }
     if settings.test_hooks_dir:  # tests only (serve/testhooks.py): absent, i.e. off, in any real config
         runtime["test_hooks_dir"] = settings.test_hooks_dir

@@ -54,7 +54,8 @@ class EmbeddedStack:
             storage_url=settings.resolved_storage_url(), signing_secret=settings.resolved_signing_secret(),
             public_base_url=settings.public_url or f"http://{settings.host}:{settings.port}",
             tiny_dir=str(tiny_models_dir(settings)), cache_dir=str((settings.data_dir / "cache").resolve()),
-            threads=1 if self.embedded else None, test_hooks_dir=settings.test_hooks_dir)
+            threads=1 if self.embedded else None, test_hooks_dir=settings.test_hooks_dir,
+            lora_cache_entries=settings.lora_cache_entries)
 
     def start_ray(self) -> None:
         import ray

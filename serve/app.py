@@ -20,8 +20,8 @@ from serve.generator import GeneratorServer, RuntimeConfig
 logger = logging.getLogger(__name__)
 
 
-SHUTDOWN_DRAIN_S = 25.0
-"""How long a replica being stopped waits for its runs (below graceful_shutdown_timeout_s, 30)."""
+SHUTDOWN_MARGIN_S = 5.0
+"""Serve's graceful_shutdown_timeout_s is the spec's ``serving.shutdown_drain_s`` plus this."""
 
 
 class GeneratorDeployment(GeneratorServer):
@@ -34,7 +34,7 @@ class GeneratorDeployment(GeneratorServer):
     """
 
     async def __del__(self) -> None:  # type: ignore[misc]
-        if not await self.drain(SHUTDOWN_DRAIN_S):
+        if not await self.drain(self.spec.serving.shutdown_drain_s):
             logger.warning("%s: stopping with runs unfinished", self.spec.id)
 
 
@@ -66,7 +66,7 @@ def deployment_options(spec: ModelSpec, *, embedded: bool = False) -> dict[str, 
         "user_config": {"source": spec.source.model_dump(exclude_none=True) if spec.source else {}},
         "health_check_period_s": 10,
         "health_check_timeout_s": 60,
-        "graceful_shutdown_timeout_s": 30,
+        "graceful_shutdown_timeout_s": int(srv.shutdown_drain_s + SHUTDOWN_MARGIN_S),
     }
     if srv.max_replicas > srv.min_replicas:
         options["autoscaling_config"] = {
