@@ -433,6 +433,29 @@ def _network_failed(field: str, exc: Exception) -> UrlFetchFailed:
     return UrlFetchFailed(field, reason="connect" if transient else type(exc).__name__)
 
 
+class _Body:
+    """A non-redirect answer's body, checked and collected the same way by both fetch loops:
+    a 2xx status, a declared length within ``max_bytes``, and the bytes as they arrive."""
+
+    def __init__(self, response: httpx.Response, field: str, max_bytes: int) -> None:
+        if not 200 <= response.status_code < 300:
+            raise _status_failed(field, response.status_code)
+        if int(response.headers.get("content-length") or 0) > max_bytes:
+            raise _too_large(field)
+        self.response, self.field, self.max_bytes = response, field, max_bytes
+        self.chunks: list[bytes] = []
+        self.size = 0
+
+    def add(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self.max_bytes:
+            raise _too_large(self.field)
+        self.chunks.append(chunk)
+
+    def result(self, url: httpx.URL) -> FetchedBody:
+        return _final(self.response, self.chunks, url)
+
+
 def fetch_sync(policy: EgressPolicy, url: str, *, field: str, max_bytes: int,
                timeout_s: float | None = None) -> FetchedBody:
     """GET ``url`` under the policy (see the module docstring); the body must be a 2xx answer."""
@@ -446,19 +469,11 @@ def fetch_sync(policy: EgressPolicy, url: str, *, field: str, max_bytes: int,
                     if response.status_code in REDIRECT_STATUSES:
                         current = _next_url(target.url, response, field)
                         continue
-                    if not 200 <= response.status_code < 300:
-                        raise _status_failed(field, response.status_code)
-                    if int(response.headers.get("content-length") or 0) > max_bytes:
-                        raise _too_large(field)
-                    chunks: list[bytes] = []
-                    size = 0
+                    body = _Body(response, field, max_bytes)
                     for chunk in response.iter_bytes():
-                        size += len(chunk)
-                        if size > max_bytes:
-                            raise _too_large(field)
-                        chunks.append(chunk)
+                        body.add(chunk)
                         deadline.remaining(field)
-                    return _final(response, chunks, target.url)
+                    return body.result(target.url)
         except httpx.TimeoutException:
             raise UrlFetchFailed(field, "the URL took too long to answer", reason="timeout") from None
         except (httpx.HTTPError, httpcore.ConnectError, ValueError) as exc:
@@ -489,18 +504,10 @@ async def _fetch_async(policy: EgressPolicy, url: str, *, field: str, max_bytes:
                     if response.status_code in REDIRECT_STATUSES:
                         current = _next_url(target.url, response, field)
                         continue
-                    if not 200 <= response.status_code < 300:
-                        raise _status_failed(field, response.status_code)
-                    if int(response.headers.get("content-length") or 0) > max_bytes:
-                        raise _too_large(field)
-                    chunks: list[bytes] = []
-                    size = 0
+                    body = _Body(response, field, max_bytes)
                     async for chunk in response.aiter_bytes():
-                        size += len(chunk)
-                        if size > max_bytes:
-                            raise _too_large(field)
-                        chunks.append(chunk)
-                    return _final(response, chunks, target.url)
+                        body.add(chunk)
+                    return body.result(target.url)
         except httpx.TimeoutException:
             raise UrlFetchFailed(field, "the URL took too long to answer", reason="timeout") from None
         except (httpx.HTTPError, httpcore.ConnectError, ValueError) as exc:
