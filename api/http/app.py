@@ -20,6 +20,7 @@ from api.core.errors import CineWeaveError
 from api.core.executor import Executor
 from api.db.engine import Database
 from api.db.tables import Job, WebhookDelivery
+from api.http import compat
 from api.http.routes import account, admin, files, jobs, loras, system
 from api.http.state import AppState
 from api.http.webhooks import WebhookDeliverer
@@ -49,6 +50,15 @@ def error_response(status: int, code: str, message: str, details: dict[str, Any]
                    headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message, "details": details or {}}},
                         status_code=status, headers=headers)
+
+
+def _shaped_error(request: Request, status: int, code: str, message: str,
+                  details: dict[str, Any] | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The native error shape, or the compat API's own where the path is under its prefix."""
+    shaper = compat.error_shaper_for(request.url.path)
+    if shaper is not None:
+        return shaper(status, code, message, details or {}, headers)
+    return error_response(status, code, message, details, headers)
 
 
 def _db_snapshot(db: Database) -> Callable[[], dict[str, Any]]:
@@ -146,34 +156,36 @@ def create_app(settings: Settings, executor: Executor | None = None, *, catalog:
                            expose_headers=["Idempotent-Replayed", "Retry-After"])
 
     @app.exception_handler(CineWeaveError)
-    async def _domain_error(_request: Request, exc: CineWeaveError) -> JSONResponse:
+    async def _domain_error(request: Request, exc: CineWeaveError) -> JSONResponse:
         metrics.rejected.labels(exc.code).inc()
         headers = {"Retry-After": str(exc.details.get("retry_after_s", 60))} if exc.status == 429 else None
         if exc.status == 401:
             headers = {"WWW-Authenticate": "Bearer"}
-        return error_response(exc.status, exc.code, exc.message, exc.details, headers)
+        return _shaped_error(request, exc.status, exc.code, exc.message, exc.details, headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [{"field": ".".join(str(p) for p in e.get("loc", ()) if p != "body"),
                    "message": e.get("msg", "")} for e in exc.errors()]
         first = errors[0] if errors else {"field": "", "message": "invalid request"}
         metrics.rejected.labels("invalid_input").inc()
         if any(e.get("type") == "json_invalid" for e in exc.errors()):
-            return error_response(422, "invalid_input", "the request body is not valid JSON", {"errors": errors})
-        return error_response(422, "invalid_input", f"{first['field'] or 'body'}: {first['message']}",
-                              {"errors": errors})
+            return _shaped_error(request, 422, "invalid_input", "the request body is not valid JSON",
+                                 {"errors": errors})
+        return _shaped_error(request, 422, "invalid_input", f"{first['field'] or 'body'}: {first['message']}",
+                             {"errors": errors})
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = HTTP_CODES.get(exc.status_code, "error")
-        return error_response(exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))
+        return _shaped_error(request, exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
-    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error")
-        return error_response(500, "internal_error", "internal error")
+        return _shaped_error(request, 500, "internal_error", "internal error")
 
     for module in (system, jobs, loras, account, admin, files):
         app.include_router(module.router)
+    compat.include(app)
     return app
