@@ -128,6 +128,10 @@ class Job(SQLModel, table=True):
     queue_s: float | None = None
     run_s: float | None = None
     outputs_deleted_at: datetime | None = None
+    # which API shape created the job (native | replicate | openai): webhooks and views follow it
+    api_shape: str = Field(default="native", sa_column_kwargs={"server_default": "native"})
+    # Replicate's Cancel-After: not started by then, aborted and refunded; running, canceled
+    start_deadline_at: datetime | None = None
 
 
 class JobEvent(SQLModel, table=True):

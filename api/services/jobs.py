@@ -48,6 +48,8 @@ class Submission:
     webhook: str | None = None
     webhook_events_filter: list[str] | None = None
     priority: int = 0
+    api_shape: str = "native"  # the API shape that submitted it (native | replicate | openai)
+    cancel_after_s: float | None = None  # Replicate's Cancel-After, from submission
 
 
 def request_hash(sub: Submission) -> str:
@@ -155,7 +157,10 @@ class JobService:
         job = Job(user_id=user.id, model=spec.id, kind=spec.kind, task=task, input=normalized,
                   priority=sub.priority, max_attempts=self.settings.max_attempts,
                   credits_reserved=price, idempotency_key=idempotency_key, request_hash=digest,
-                  webhook=sub.webhook, webhook_events_filter=sub.webhook_events_filter)
+                  webhook=sub.webhook, webhook_events_filter=sub.webhook_events_filter,
+                  api_shape=sub.api_shape)
+        if sub.cancel_after_s is not None:
+            job.start_deadline_at = job.created_at + timedelta(seconds=sub.cancel_after_s)
         try:
             with self.db.session() as session:
                 if normalized.get("image"):
