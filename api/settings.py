@@ -118,6 +118,11 @@ class Settings(BaseSettings):
     replicate_base_url: str = "https://api.replicate.com/v1"
     replicate_webhook_secret: str | None = None
     replicate_cost_per_second_usd: float = 0.50
+    # the Replicate-shaped API (/replicate/v1): every catalog model is "{replicate_owner}/{id}"
+    replicate_owner: str = Field(default="cineweave", pattern=r"^[a-z0-9][a-z0-9_-]{0,38}$")
+    # Cancel-After deadlines: the watcher re-reads the earliest at least this often (other
+    # processes' submissions; this process's wake it at once)
+    deadline_poll_s: float = Field(default=5.0, gt=0)
     gemini_api_key: str | None = None
     gemini_base_url: str = "https://generativelanguage.googleapis.com"
     veo_cost_per_second_usd: float = 0.40
