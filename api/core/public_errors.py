@@ -31,6 +31,7 @@ SAFE_MESSAGES: dict[str, str] = {
     "queue_timeout": "no worker started this job in time",
     "lora_unavailable": "a LoRA of this request is not available",
     "timeout": "the generation took too long",
+    "start_deadline_exceeded": "the job did not start before its Cancel-After deadline",
 }
 
 # Codes whose message may reach the client unchanged, when our own validation wrote it.

@@ -278,7 +278,9 @@ class Runner:
             candidates = session.execute(
                 select(Job.id, Job.user_id).join(User, User.id == Job.user_id)
                 .where(Job.status == JobStatus.QUEUED.value,
-                       (Job.next_attempt_at.is_(None)) | (Job.next_attempt_at <= now))
+                       (Job.next_attempt_at.is_(None)) | (Job.next_attempt_at <= now),
+                       # a passed start deadline (Cancel-After): the deadline watcher aborts it
+                       (Job.start_deadline_at.is_(None)) | (Job.start_deadline_at > now))
                 .order_by(Job.priority.desc(), User.last_served_at.asc().nulls_first(), Job.created_at.asc())
                 .limit(8)).all()
             for job_id, user_id in candidates:
