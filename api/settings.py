@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     content_policy_words: list[str] = Field(default_factory=list)
     plans: list[Plan] = Field(default_factory=default_plans)
     default_plan: str = "free"
+    # Job.priority a plan's submissions get (the runner claims higher first; plans not listed: 0)
+    plan_priority: dict[str, int] = Field(
+        default_factory=lambda: {"free": 0, "starter": 1, "creator": 2, "studio": 3})
 
     # pricing (the model spec may override per model)
     video_credits_per_second: float = 10.0
@@ -96,6 +99,12 @@ class Settings(BaseSettings):
     webhook_prune_interval_s: float = 3600.0
     # an SSE stream re-reads the event table at least this often even when no signal woke it
     sse_poll_s: float = 1.0
+    # queue position and ETA: how many of a model's recent succeeded jobs the run-time estimate is
+    # the median of, how long that estimate is cached, and how many jobs of one model run at
+    # once (None: min(runner_concurrency, the spec's serving.max_replicas))
+    queue_eta_samples: int = Field(default=20, ge=1, le=1000)
+    queue_eta_cache_s: float = Field(default=10.0, ge=0)
+    queue_slots_per_model: int | None = Field(default=None, ge=1)
 
     # models
     models_dir: Path | None = None

@@ -133,6 +133,10 @@ class JobService:
                 raise InvalidInput(f"LoRA {lora.id} is not trained yet (status {lora.status})",
                                    {"field": "loras", "status": lora.status})
 
+    def priority_for(self, user: User, sub: Submission) -> int:
+        """The plan's tier (``plan_priority``); an explicit submission priority may only raise it."""
+        return max(sub.priority, self.settings.plan_priority.get(user.plan, 0))
+
     def submit(self, user: User, sub: Submission, idempotency_key: str | None = None) -> tuple[Job, bool]:
         """Create a job. Returns ``(job, created)``; ``created`` is False for an idempotent replay."""
         digest = request_hash(sub)
@@ -155,7 +159,7 @@ class JobService:
             check_url(self.egress, image, field="input.image")
         price = price_generation(spec, normalized, self.settings)
         job = Job(user_id=user.id, model=spec.id, kind=spec.kind, task=task, input=normalized,
-                  priority=sub.priority, max_attempts=self.settings.max_attempts,
+                  priority=self.priority_for(user, sub), max_attempts=self.settings.max_attempts,
                   credits_reserved=price, idempotency_key=idempotency_key, request_hash=digest,
                   webhook=sub.webhook, webhook_events_filter=sub.webhook_events_filter,
                   api_shape=sub.api_shape)

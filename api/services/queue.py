@@ -1,0 +1,143 @@
+"""Queue position and ETA of active jobs, for the job views and SSE.
+
+Position: how many queued jobs of the same model (and kind) the runner will start before this
+one, from :func:`api.core.queueing.claim_order` over every queued job (all models take part in
+the users' round-robin), so priority tiers and fairness count as the runner applies them.
+
+ETA: seconds until the job should finish, from what this cluster measured: the median
+seconds per work unit (steps × frames × pixels) over the model's recent succeeded local jobs,
+scaled to each job's own input, scheduled over the model's slots behind the jobs ahead of it and
+the running ones. Nothing measured yet: ``eta_s`` is None.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import or_, select
+
+from api.core.jobs import JobStatus
+from api.core.queueing import (
+    QueuedJob,
+    claim_order,
+    finish_times,
+    running_remaining,
+    seconds_per_unit,
+    timestamp,
+    work_units,
+)
+from api.db.engine import Database
+from api.db.tables import Job, User, utcnow
+from api.settings import Settings
+from models.catalog import Catalog
+
+Key = tuple[str, str]  # (model, kind): a model's trainings queue for the trainer, not the generator
+
+
+@dataclass(frozen=True)
+class QueueEstimate:
+    queue_position: int | None = None
+    eta_s: float | None = None
+
+
+UNKNOWN = QueueEstimate()
+
+
+@dataclass(frozen=True)
+class _Queued:
+    job: QueuedJob
+    key: Key
+    input: dict[str, Any]
+
+
+class QueueService:
+    def __init__(self, db: Database, settings: Settings, catalog: Catalog) -> None:
+        self.db = db
+        self.settings = settings
+        self.catalog = catalog
+        self._rates: dict[Key, tuple[float, float | None]] = {}  # key -> (monotonic expiry, s/unit)
+        self._lock = threading.Lock()
+
+    def slots(self, model: str) -> int:
+        """How many jobs of one model run at once."""
+        if self.settings.queue_slots_per_model is not None:
+            return self.settings.queue_slots_per_model
+        concurrency = max(1, self.settings.runner_concurrency)
+        spec = self.catalog.get(model)
+        if spec is None or spec.remote_only:
+            return concurrency
+        return max(1, min(concurrency, spec.serving.max_replicas))
+
+    def seconds_per_unit(self, model: str, kind: str) -> float | None:
+        """Median measured seconds per work unit of a model's recent succeeded local runs (cached)."""
+        key = (model, kind)
+        now = time.monotonic()
+        with self._lock:
+            cached = self._rates.get(key)
+            if cached is not None and cached[0] > now:
+                return cached[1]
+        with self.db.read() as session:
+            rows = session.execute(
+                select(Job.run_s, Job.input)
+                .where(Job.status == JobStatus.SUCCEEDED.value, Job.model == model, Job.kind == kind,
+                       Job.run_s.is_not(None), or_(Job.provider.is_(None), Job.provider == "local"))
+                .order_by(Job.completed_at.desc()).limit(self.settings.queue_eta_samples)).all()
+        rate = seconds_per_unit((float(run_s), params or {}) for run_s, params in rows)
+        with self._lock:
+            self._rates[key] = (now + self.settings.queue_eta_cache_s, rate)
+        return rate
+
+    def estimates(self, jobs: Iterable[Job]) -> dict[str, QueueEstimate]:
+        """Position and ETA of each queued or running job given (one computation for all)."""
+        active = [j for j in jobs if j.status in (JobStatus.QUEUED.value, JobStatus.RUNNING.value)]
+        if not active:
+            return {}
+        keys = {(j.model, j.kind) for j in active}
+        now = utcnow()
+        with self.db.read() as session:
+            queued_rows = session.execute(
+                select(Job.id, Job.user_id, Job.priority, Job.created_at, Job.model, Job.kind, Job.input)
+                .where(Job.status == JobStatus.QUEUED.value)).all()
+            users = {row.user_id for row in queued_rows}
+            served: dict[str, datetime | None] = {}
+            if users:
+                served = dict(session.execute(select(User.id, User.last_served_at)
+                                              .where(User.id.in_(users))).tuples().all())
+            running_rows = session.execute(
+                select(Job.id, Job.model, Job.kind, Job.started_at, Job.progress, Job.input)
+                .where(Job.status == JobStatus.RUNNING.value,
+                       Job.model.in_({m for m, _ in keys}))).all()
+        queued = {row.id: _Queued(QueuedJob(row.id, row.user_id, row.priority, row.created_at),
+                                  (row.model, row.kind), row.input or {}) for row in queued_rows}
+        order = claim_order((q.job for q in queued.values()), served)
+        rates = {key: self.seconds_per_unit(*key) for key in keys}
+
+        def duration(key: Key, params: dict[str, Any]) -> float | None:
+            rate = rates.get(key)
+            return None if rate is None else rate * work_units(params)
+
+        out: dict[str, QueueEstimate] = {}
+        busy: dict[Key, list[float]] = {}
+        for row in running_rows:
+            key = (row.model, row.kind)
+            if key not in keys:
+                continue
+            elapsed = max(0.0, timestamp(now) - timestamp(row.started_at)) if row.started_at else 0.0
+            remaining = running_remaining(duration(key, row.input or {}), elapsed, row.progress or 0.0)
+            out[row.id] = QueueEstimate(None, None if remaining is None else round(remaining, 1))
+            busy.setdefault(key, []).append(0.0 if remaining is None else remaining)
+        for key in keys:
+            ahead = [job_id for job_id in order if queued[job_id].key == key]
+            ends = finish_times(busy.get(key, []), [duration(key, queued[j].input) for j in ahead],
+                                self.slots(key[0]))
+            for position, (job_id, end) in enumerate(zip(ahead, ends, strict=True)):
+                out[job_id] = QueueEstimate(position, None if end is None else round(end, 1))
+        return {j.id: out.get(j.id, UNKNOWN) for j in active}
+
+    def estimate(self, job: Job) -> QueueEstimate:
+        return self.estimates([job]).get(job.id, UNKNOWN)
