@@ -132,6 +132,11 @@ class Settings(BaseSettings):
     # Cancel-After deadlines: the watcher re-reads the earliest at least this often (other
     # processes' submissions; this process's wake it at once)
     deadline_poll_s: float = Field(default=5.0, gt=0)
+    # the OpenAI-shaped API (/openai/v1): how long a synchronous images request holds for its job
+    # (as Prefer: wait, 60 s); the model a request without one gets (None: "model" is required)
+    openai_wait_s: float = Field(default=60.0, gt=0, le=600)
+    openai_default_image_model: str | None = None
+    openai_default_video_model: str | None = None
     gemini_api_key: str | None = None
     gemini_base_url: str = "https://generativelanguage.googleapis.com"
     veo_cost_per_second_usd: float = 0.40

@@ -5,7 +5,8 @@
 - Local video: by the compute asked for, ``frames × steps × width × height``, relative to the
   model's reference clip (its defaults), which costs ``credits_per_reference_clip``. The same
   frames, steps and size cost the same at any fps (fps only changes how long the clip plays).
-- Images: per image up to ``base_pixels``, proportionally more above.
+- Images: per image up to ``base_pixels``, proportionally more above; a job of
+  ``num_outputs`` images costs that many times one image.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def price_generation(spec: ModelSpec, normalized: dict[str, Any], settings: Sett
             float(normalized["duration"]), normalized.get("resolution"),
             p.credits_per_second if p.credits_per_second is not None else settings.video_credits_per_second,
             p.multiplier_1080p if p.multiplier_1080p is not None else settings.video_1080p_multiplier)
-    return image_credits(
+    return int(normalized.get("num_outputs") or 1) * image_credits(
         int(normalized["width"]), int(normalized["height"]),
         p.credits_per_image if p.credits_per_image is not None else settings.image_credits,
         p.base_pixels)

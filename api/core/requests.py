@@ -42,6 +42,8 @@ class GenerationInput(BaseModel):
     image: str | None = Field(default=None, min_length=1, max_length=2048)
     strength: float | None = Field(default=None, gt=0.0, le=1.0)
     loras: list[LoraRef] = Field(default_factory=list)
+    # images from one job, generated as one batch (seeds seed, seed+1, …); priced per image
+    num_outputs: int | None = Field(default=None, ge=1, le=10)
 
 
 def _invalid(message: str, field: str, **details: Any) -> InvalidInput:
@@ -167,6 +169,11 @@ def normalize_input(spec: ModelSpec, raw: Any, max_prompt_chars: int) -> tuple[s
         "seed": data.seed if data.seed is not None else secrets.randbelow(2**32),
         "loras": [lr.model_dump() for lr in data.loras],
     }
+    if data.num_outputs is not None:
+        if is_video:
+            raise _invalid(f"{spec.id} makes one video per job: num_outputs is for image models",
+                           "num_outputs")
+        out["num_outputs"] = data.num_outputs
     if data.image:
         out["image"] = data.image
         if data.strength is not None:

@@ -227,7 +227,9 @@ class JobService:
         return job
 
     def list(self, user: User | None, *, status: str | None = None, kind: str | None = None,
-             model: str | None = None, cursor: str | None = None, limit: int = 20) -> tuple[list[Job], str | None]:
+             model: str | None = None, cursor: str | None = None, limit: int = 20,
+             ascending: bool = False) -> tuple[list[Job], str | None]:
+        """Newest first (``ascending``: oldest first); ``cursor`` continues after a page's last job."""
         query = select(Job)
         if user is not None:
             query = query.where(Job.user_id == user.id)
@@ -243,11 +245,15 @@ class JobService:
             query = query.where(Job.model == model)
         if cursor:
             created, job_id = decode_cursor(cursor)
-            query = query.where(or_(Job.created_at < created,
-                                    and_(Job.created_at == created, Job.id < job_id)))
+            if ascending:
+                query = query.where(or_(Job.created_at > created,
+                                        and_(Job.created_at == created, Job.id > job_id)))
+            else:
+                query = query.where(or_(Job.created_at < created,
+                                        and_(Job.created_at == created, Job.id < job_id)))
+        order = (Job.created_at.asc(), Job.id.asc()) if ascending else (Job.created_at.desc(), Job.id.desc())
         with self.db.read() as session:
-            rows = list(session.execute(query.order_by(Job.created_at.desc(), Job.id.desc())
-                                        .limit(limit + 1)).scalars())
+            rows = list(session.execute(query.order_by(*order).limit(limit + 1)).scalars())
         next_cursor = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
         return rows[:limit], next_cursor
 
