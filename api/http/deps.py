@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -52,3 +53,9 @@ def require_admin(credentials: HTTPAuthorizationCredentials | None = Depends(bea
     if not user.is_admin:
         raise Forbidden("admin only")
     return user
+
+
+# what the routes declare: ``def route(user: CurrentUser, state: State)``
+State = Annotated[AppState, Depends(get_state)]
+CurrentUser = Annotated[User, Depends(current_user)]
+AdminCaller = Annotated[User | None, Depends(require_admin)]

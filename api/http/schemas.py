@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.db.tables import Job, LedgerEntry, Lora, Upload, User
+from api.services.queue import QueueEstimate
 from api.storage.base import Storage
 
 
@@ -72,6 +73,340 @@ class ApiKeyCreate(BaseModel):
     name: str = Field(default="", max_length=100)
 
 
+# answers ------------------------------------------------------------------------------------
+# The shapes the views below produce, declared as response models so /openapi.json describes
+# them. ``extra="allow"``: a field a view gains before its model does still reaches the client.
+# Routes serialise with ``response_model_exclude_unset``, so a key a view leaves out (an output's
+# ``role``) stays out: the answers are byte-for-byte what the views build.
+
+
+class Public(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ErrorBody(Public):
+    code: str = Field(description="stable, machine-readable: insufficient_credits, not_found, ...")
+    message: str
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class ErrorResponse(Public):
+    error: ErrorBody
+
+
+class OutputPublic(Public):
+    url: str
+    content_type: str | None = None
+    width: int | None = None
+    height: int | None = None
+    num_frames: int | None = None
+    fps: float | None = None
+    duration_s: float | None = None
+    thumbnail_url: str | None = Field(default=None, description="present when the output has a poster")
+    role: str | None = Field(default=None, description="present when the output is not the main one")
+
+
+class JobError(Public):
+    code: str
+    message: str | None = None
+
+
+class JobCredits(Public):
+    reserved: int
+    charged: int
+    refunded: int
+
+
+class JobMetrics(Public):
+    queue_s: float | None = None
+    run_s: float | None = None
+
+
+class JobPublic(Public):
+    id: str
+    model: str
+    kind: str
+    task: str
+    status: str = Field(description="queued | running | succeeded | failed | canceled")
+    stage: str | None = None
+    progress: float
+    input: dict[str, Any]
+    outputs: list[OutputPublic]
+    thumbnail_url: str | None = None
+    error: JobError | None = None
+    credits: JobCredits
+    provider: str | None = None
+    route_reason: str | None = None
+    attempts: int
+    cancel_requested: bool
+    webhook: str | None = None
+    webhook_events_filter: list[str] | None = None
+    created_at: str | None = None
+    started_at: str | None = None
+    completed_at: str | None = None
+    metrics: JobMetrics
+    result: dict[str, Any] | None = None
+    queue_position: int | None = Field(
+        default=None, description="queued jobs of this model the runner starts before this one (0: next); "
+                                  "null unless queued")
+    eta_s: float | None = Field(
+        default=None, description="seconds until the job should finish, from this model's measured run "
+                                  "times (remaining time when running); null when unknown")
+
+
+class JobList(Public):
+    data: list[JobPublic]
+    next_cursor: str | None = None
+
+
+class AdminJobPublic(JobPublic):
+    user_id: str
+    provider_job_id: str | None = None
+    cost_usd: float | None = None
+
+
+class AdminJobList(Public):
+    data: list[AdminJobPublic]
+    next_cursor: str | None = None
+
+
+class CreditsPublic(Public):
+    balance: int = Field(description="available credits")
+    reserved: int = Field(description="held by active jobs")
+    plan: str
+
+
+class LedgerEntryPublic(Public):
+    id: int
+    kind: str
+    amount: int
+    job_id: str | None = None
+    note: str | None = None
+    balance: int
+    reserved: int
+    created_at: str | None = None
+
+
+class LedgerList(Public):
+    data: list[LedgerEntryPublic]
+    next_cursor: str | None = None
+
+
+class ApiKeyPublic(Public):
+    id: str
+    prefix: str
+    name: str | None = None
+    created_at: str | None = None
+    revoked_at: str | None = None
+
+
+class ApiKeyList(Public):
+    data: list[ApiKeyPublic]
+
+
+class ApiKeyCreated(Public):
+    id: str
+    prefix: str
+    name: str | None = None
+    api_key: str = Field(description="the key itself: shown once")
+
+
+class ApiKeyRevoked(Public):
+    id: str
+    prefix: str
+    revoked_at: str | None = None
+
+
+class WebhookSecret(Public):
+    webhook_secret: str = Field(description="shown once")
+
+
+class UploadPublic(Public):
+    id: str
+    kind: str
+    filename: str | None = None
+    content_type: str | None = None
+    size: int
+    width: int | None = None
+    height: int | None = None
+    url: str
+    meta: dict[str, Any] | None = None
+    created_at: str | None = None
+
+
+class UploadCreated(UploadPublic):
+    data: list[UploadPublic] = Field(description="every upload created (the fields above are the first's)")
+
+
+class UploadList(Public):
+    data: list[UploadPublic]
+
+
+class UserPublic(Public):
+    id: str
+    email: str
+    plan: str
+    is_admin: bool
+    disabled: bool
+    created_at: str | None = None
+
+
+class UserBalance(Public):
+    balance: int
+    reserved: int
+
+
+class AdminUserPublic(UserPublic):
+    credits: UserBalance
+
+
+class AdminUserList(Public):
+    data: list[AdminUserPublic]
+
+
+class UserCreated(UserPublic):
+    api_key: str = Field(description="shown once")
+    webhook_secret: str = Field(description="shown once")
+
+
+class LoraPublic(Public):
+    id: str
+    name: str
+    base_model: str
+    trigger_word: str
+    status: str
+    stage: str | None = None
+    progress: float | None = None
+    params: dict[str, Any] | None = None
+    summary: dict[str, Any] | None = None
+    job_id: str | None = None
+    weights_url: str | None = None
+    validation_url: str | None = None
+    error: JobError | None = None
+    credits: JobCredits | None = None
+    created_at: str | None = None
+
+
+class LoraCreated(LoraPublic):
+    job: JobPublic
+
+
+class LoraList(Public):
+    data: list[LoraPublic]
+
+
+class ModelPublic(Public):
+    id: str
+    name: str
+    description: str | None = None
+    kind: str
+    tasks: list[str]
+    family: str | None = None
+    enabled: bool
+    available: bool
+    unavailable_reason: str | None = None
+    remote_only: bool
+    provider: str | None = None
+    defaults: dict[str, Any]
+    limits: dict[str, Any]
+    pricing: dict[str, Any]
+    trainable: bool
+
+
+class ModelList(Public):
+    data: list[ModelPublic]
+
+
+class PlanLimitsPublic(Public):
+    max_active_jobs: int
+    rate_limit_per_minute: int
+    max_prompt_chars: int
+
+
+class PlanPublic(Public):
+    id: str
+    name: str
+    price_usd: float
+    monthly_credits: int
+    one_time_credits: int
+    limits: PlanLimitsPublic
+
+
+class PlanPricing(Public):
+    video_credits_per_second: float
+    video_1080p_multiplier: float
+
+
+class PlanList(Public):
+    data: list[PlanPublic]
+    pricing: PlanPricing
+
+
+class Health(Public):
+    status: str
+
+
+class Readiness(Public):
+    status: str = Field(description="ready | not_ready")
+    checks: dict[str, str]
+
+
+class ModelSwapResult(Public):
+    model: str | None = None
+    source: Any = None
+
+
+class RouteStats(Public):
+    provider: str | None = None
+    reason: str | None = None
+    jobs: int
+    cost_usd: float
+
+
+class CreditStats(Public):
+    amount: int
+    entries: int
+
+
+class TimingStats(Public):
+    avg_run_s: float | None = None
+    avg_queue_s: float | None = None
+
+
+class AdminStats(Public):
+    users: int
+    jobs: dict[str, dict[str, int]] = Field(description="model -> status -> count")
+    routes: list[RouteStats]
+    credits: dict[str, CreditStats] = Field(description="ledger kind -> totals")
+    timings: dict[str, TimingStats] = Field(description="model -> averages of succeeded jobs")
+
+
+class Accepted(Public):
+    ok: bool
+
+
+class QueueUpdate(Public):
+    """The data of an SSE ``queue`` event."""
+
+    queue_position: int | None = None
+    eta_s: float | None = None
+
+
+_ERROR_TEXT = {
+    400: "bad request", 401: "unauthorized: missing or invalid API key", 402: "insufficient_credits",
+    403: "forbidden", 404: "not_found (also for other users' resources)", 408: "the body did not arrive in time",
+    409: "conflict (idempotency_conflict, job_active, ...)", 413: "payload_too_large",
+    415: "unsupported_media_type", 422: "invalid_input or content_policy", 429: "rate_limited or "
+    "concurrency_limit (Retry-After says when to try again)", 503: "not ready",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses=`` entries: these statuses answer the native error shape."""
+    return {status: {"model": ErrorResponse, "description": _ERROR_TEXT.get(status, "error")}
+            for status in statuses}
+
+
 def iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat().replace("+00:00", "Z")
 
@@ -93,7 +428,7 @@ def output_view(out: dict[str, Any], storage: Storage, ttl_s: int) -> dict[str, 
     return view
 
 
-def job_view(job: Job, storage: Storage, ttl_s: int) -> dict[str, Any]:
+def job_view(job: Job, storage: Storage, ttl_s: int, queue: QueueEstimate | None = None) -> dict[str, Any]:
     outputs = [output_view(o, storage, ttl_s) for o in job.outputs]
     thumbnail = next((o["thumbnail_url"] for o in outputs if o.get("thumbnail_url")), None)
     return {
@@ -121,6 +456,8 @@ def job_view(job: Job, storage: Storage, ttl_s: int) -> dict[str, Any]:
         "completed_at": iso(job.completed_at),
         "metrics": {"queue_s": job.queue_s, "run_s": job.run_s},
         "result": job.result or None,
+        "queue_position": queue.queue_position if queue is not None else None,
+        "eta_s": queue.eta_s if queue is not None else None,
     }
 
 

@@ -16,6 +16,7 @@ from api.services.jobs import JobService
 from api.services.loras import LoraService
 from api.services.models import ModelService
 from api.services.notify import Notifier
+from api.services.queue import QueueEstimate, QueueService
 from api.services.uploads import UploadService
 from api.settings import Settings
 from api.storage.base import Storage
@@ -40,8 +41,13 @@ class AppState:
     webhooks: WebhookDeliverer | None = None
     notifier: Notifier | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    queue: QueueService = field(init=False)
 
-    def job_view(self, job: Any) -> dict[str, Any]:
+    def __post_init__(self) -> None:
+        self.queue = QueueService(self.db, self.settings, self.catalog)
+
+    def job_view(self, job: Any, queue: QueueEstimate | None = None) -> dict[str, Any]:
+        """``queue``: the job's position and ETA (routes compute it; webhooks and others leave it out)."""
         from api.http.schemas import job_view
 
-        return job_view(job, self.storage, self.settings.url_ttl_s)
+        return job_view(job, self.storage, self.settings.url_ttl_s, queue)

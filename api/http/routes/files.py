@@ -4,20 +4,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse
 
 from api.core.errors import NotFound, Unauthorized
 from api.core.executor import ProviderWebhookReceiver
-from api.http.deps import get_state
-from api.http.state import AppState
+from api.http.deps import State
+from api.http.schemas import Accepted, error_responses
 from api.storage.local import LocalStorage
 
 router = APIRouter()
 
 
-@router.get("/v1/files/{key:path}", tags=["files"], response_class=FileResponse)
-def get_file(key: str, state: AppState = Depends(get_state), expires: int = Query(..., ge=0, le=2**40),
+@router.get("/v1/files/{key:path}", tags=["files"], response_class=FileResponse,
+            responses={200: {"content": {"application/octet-stream": {}},
+                             "description": "the file, with its own content type"},
+                       **error_responses(401, 404, 422)})
+def get_file(key: str, state: State, expires: int = Query(..., ge=0, le=2**40),
              signature: str = Query(..., pattern="^[0-9a-f]{64}$")) -> FileResponse:
     storage = state.storage
     if not isinstance(storage, LocalStorage):
@@ -35,8 +38,9 @@ def get_file(key: str, state: AppState = Depends(get_state), expires: int = Quer
                         headers={"Cache-Control": "private, max-age=300"})
 
 
-@router.post("/v1/webhooks/{provider}", tags=["providers"])
-async def provider_webhook(provider: str, request: Request, state: AppState = Depends(get_state)) -> dict[str, Any]:
+@router.post("/v1/webhooks/{provider}", tags=["providers"], response_model=Accepted,
+             responses=error_responses(401, 404))
+async def provider_webhook(provider: str, request: Request, state: State) -> dict[str, Any]:
     """Callbacks from an overflow provider (Replicate). Signature and timestamp are verified."""
     receiver = state.executor
     if provider not in ("replicate",) or not isinstance(receiver, ProviderWebhookReceiver):

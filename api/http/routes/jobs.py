@@ -3,75 +3,93 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from sse_starlette.sse import EventSourceResponse
 
-from api.db.tables import User
-from api.http.deps import current_user, get_state
-from api.http.schemas import JobCreate
+from api.core.jobs import JobStatus
+from api.http.deps import CurrentUser, State
+from api.http.schemas import JobCreate, JobList, JobPublic, QueueUpdate, error_responses
 from api.http.state import AppState
 from api.services.events import events_after
 from api.services.jobs import Submission
+from api.services.queue import QueueEstimate
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 SSE_MAX_STREAM_S = 3600.0
+READ_ERRORS = error_responses(401, 403, 404, 422)
 
 
-@router.post("", status_code=202)
-def create_job(body: JobCreate, response: Response, user: User = Depends(current_user),
-               state: AppState = Depends(get_state),
+@router.post("", status_code=202, response_model=JobPublic, response_model_exclude_unset=True,
+             responses=error_responses(401, 402, 403, 404, 409, 422, 429))
+def create_job(body: JobCreate, response: Response, user: CurrentUser, state: State,
                idempotency_key: str | None = Header(default=None, alias="Idempotency-Key")) -> dict[str, Any]:
     job, created = state.jobs.submit(user, Submission(body.model, body.input, body.webhook,
                                                       body.webhook_events_filter), idempotency_key)
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
-    return state.job_view(job)
+    return state.job_view(job, state.queue.estimate(job))
 
 
-@router.get("")
-def list_jobs(user: User = Depends(current_user), state: AppState = Depends(get_state),
+@router.get("", response_model=JobList, response_model_exclude_unset=True, responses=READ_ERRORS)
+def list_jobs(user: CurrentUser, state: State,
               status: str | None = Query(default=None, description="comma-separated statuses"),
               kind: str | None = Query(default=None, pattern="^(image|video|training)$"),
               model: str | None = Query(default=None, max_length=64),
               cursor: str | None = Query(default=None, max_length=200),
               limit: int = Query(default=20, ge=1, le=100)) -> dict[str, Any]:
     jobs, next_cursor = state.jobs.list(user, status=status, kind=kind, model=model, cursor=cursor, limit=limit)
-    return {"data": [state.job_view(j) for j in jobs], "next_cursor": next_cursor}
+    queue = state.queue.estimates(jobs)  # one computation for the whole page
+    return {"data": [state.job_view(j, queue.get(j.id)) for j in jobs], "next_cursor": next_cursor}
 
 
-@router.get("/{job_id}")
-def get_job(job_id: str, user: User = Depends(current_user), state: AppState = Depends(get_state)) -> dict[str, Any]:
-    return state.job_view(state.jobs.get(user, job_id))
+@router.get("/{job_id}", response_model=JobPublic, response_model_exclude_unset=True, responses=READ_ERRORS)
+def get_job(job_id: str, user: CurrentUser, state: State) -> dict[str, Any]:
+    job = state.jobs.get(user, job_id)
+    return state.job_view(job, state.queue.estimate(job))
 
 
-@router.post("/{job_id}/cancel")
-def cancel_job(job_id: str, user: User = Depends(current_user),
-               state: AppState = Depends(get_state)) -> dict[str, Any]:
+@router.post("/{job_id}/cancel", response_model=JobPublic, response_model_exclude_unset=True,
+             responses=READ_ERRORS)
+def cancel_job(job_id: str, user: CurrentUser, state: State) -> dict[str, Any]:
     return state.job_view(state.jobs.cancel(user, job_id))
 
 
-@router.delete("/{job_id}")
-def delete_job(job_id: str, user: User = Depends(current_user),
-               state: AppState = Depends(get_state)) -> dict[str, Any]:
+@router.delete("/{job_id}", response_model=JobPublic, response_model_exclude_unset=True,
+               responses=error_responses(401, 403, 404, 409, 422))
+def delete_job(job_id: str, user: CurrentUser, state: State) -> dict[str, Any]:
     return state.job_view(state.jobs.delete_outputs(user, job_id))
 
 
 @router.get("/{job_id}/events", response_class=EventSourceResponse,
-            responses={200: {"content": {"text/event-stream": {}}}})
-async def job_events(job_id: str, request: Request, user: User = Depends(current_user),
-                     state: AppState = Depends(get_state),
+            responses={200: {"content": {"text/event-stream": {}},
+                             "description": "events: status, start, progress, output, logs, queue "
+                                            "(data: QueueUpdate, while queued), completed"},
+                       **READ_ERRORS})
+async def job_events(job_id: str, request: Request, user: CurrentUser, state: State,
                      last_event_id: str | None = Header(default=None, alias="Last-Event-ID")) -> EventSourceResponse:
-    """Server-sent events: every stored event after ``Last-Event-ID``, then live ones, until done."""
+    """Server-sent events: every stored event after ``Last-Event-ID``, then live ones, until done.
+    While the job is queued, a ``queue`` event (no id) tells its position and ETA when they change."""
     await run_in_threadpool(state.jobs.get, user, job_id)
     after = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
     return EventSourceResponse(_stream(state, request, job_id, after), ping=15)
+
+
+def queue_changed(last: QueueEstimate | None, now: QueueEstimate) -> bool:
+    """A ``queue`` event is worth sending: the position moved, or the ETA appeared, vanished or
+    moved by more than max(2 s, 10 %) (not on every second it counts down)."""
+    if last is None or last.queue_position != now.queue_position:
+        return True
+    if (last.eta_s is None) != (now.eta_s is None):
+        return True
+    if last.eta_s is None or now.eta_s is None:
+        return False
+    return abs(now.eta_s - last.eta_s) >= max(2.0, 0.1 * last.eta_s)
 
 
 async def _stream(state: AppState, request: Request, job_id: str, after: int) -> AsyncIterator[dict[str, Any]]:
@@ -82,6 +100,12 @@ async def _stream(state: AppState, request: Request, job_id: str, after: int) ->
         with state.db.read() as session:
             return events_after(session, job_id, last)
 
+    def queue_estimate() -> QueueEstimate | None:
+        job = state.jobs.get(None, job_id)
+        return state.queue.estimate(job) if job.status == JobStatus.QUEUED.value else None
+
+    sent: QueueEstimate | None = None
+    quiet = False
     while loop.time() < deadline:
         waiter = state.bus.waiter(job_id)
         try:
@@ -94,10 +118,22 @@ async def _stream(state: AppState, request: Request, job_id: str, after: int) ->
                 yield {"id": str(event.id), "event": event.type, "data": json.dumps(data)}
                 if event.type == "completed":
                     return
+            if quiet:
+                # a poll found nothing new for this job: if it is still waiting, where is it? (the
+                # jobs ahead of it move without waking this stream; a job claimed at once never
+                # gets a queue event)
+                estimate = await run_in_threadpool(queue_estimate)
+                if estimate is not None and queue_changed(sent, estimate):
+                    sent = estimate
+                    update = QueueUpdate(queue_position=estimate.queue_position, eta_s=estimate.eta_s)
+                    yield {"event": "queue", "data": update.model_dump_json()}
             if await request.is_disconnected():
                 return
-            with contextlib.suppress(TimeoutError):
+            quiet = False
+            try:
                 # woken by this process's bus or by another process's NOTIFY; the poll is a safety net
                 await asyncio.wait_for(waiter.wait(), timeout=state.settings.sse_poll_s)
+            except TimeoutError:
+                quiet = True
         finally:
             state.bus.release(job_id, waiter)

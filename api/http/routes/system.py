@@ -5,23 +5,25 @@ from __future__ import annotations
 import hmac
 from typing import Any
 
-from fastapi import APIRouter, Depends, Header, Response
+from fastapi import APIRouter, Header, Response
 from sqlalchemy import text
 
 from api.core.errors import Unauthorized
-from api.http.deps import get_state
+from api.http.deps import State
+from api.http.schemas import Health, ModelList, PlanList, Readiness, error_responses
 from api.http.state import AppState
 
 router = APIRouter()
 
 
-@router.get("/healthz", tags=["system"])
+@router.get("/healthz", tags=["system"], response_model=Health)
 def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", tags=["system"])
-def readyz(response: Response, state: AppState = Depends(get_state)) -> dict[str, Any]:
+@router.get("/readyz", tags=["system"], response_model=Readiness,
+            responses={503: {"model": Readiness, "description": "a dependency is down"}})
+def readyz(response: Response, state: State) -> dict[str, Any]:
     checks: dict[str, str] = {}
     try:
         with state.db.read() as session:
@@ -40,8 +42,10 @@ def readyz(response: Response, state: AppState = Depends(get_state)) -> dict[str
     return {"status": "ready" if ready else "not_ready", "checks": checks}
 
 
-@router.get("/metrics", tags=["system"], response_class=Response)
-async def metrics(state: AppState = Depends(get_state),
+@router.get("/metrics", tags=["system"], response_class=Response,
+            responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"},
+                       **error_responses(401)})
+async def metrics(state: State,
                   authorization: str | None = Header(default=None)) -> Response:
     """Prometheus text. Renders cached gauges only (no query, no cluster call: see api.metrics);
     with ``metrics_token`` set, the scrape must carry it as a bearer token."""
@@ -65,13 +69,13 @@ def model_view(state: AppState, spec: Any) -> dict[str, Any]:
     }
 
 
-@router.get("/v1/models", tags=["catalog"])
-def list_models(state: AppState = Depends(get_state)) -> dict[str, Any]:
+@router.get("/v1/models", tags=["catalog"], response_model=ModelList)
+def list_models(state: State) -> dict[str, Any]:
     return {"data": [model_view(state, spec) for spec in state.catalog.enabled()]}
 
 
-@router.get("/v1/plans", tags=["catalog"])
-def list_plans(state: AppState = Depends(get_state)) -> dict[str, Any]:
+@router.get("/v1/plans", tags=["catalog"], response_model=PlanList)
+def list_plans(state: State) -> dict[str, Any]:
     s = state.settings
     data = []
     for plan in s.plans:
