@@ -48,13 +48,6 @@ class QueueEstimate:
 UNKNOWN = QueueEstimate()
 
 
-@dataclass(frozen=True)
-class _Queued:
-    job: QueuedJob
-    key: Key
-    input: dict[str, Any]
-
-
 class QueueService:
     def __init__(self, db: Database, settings: Settings, catalog: Catalog) -> None:
         self.db = db
@@ -93,15 +86,20 @@ class QueueService:
         return rate
 
     def estimates(self, jobs: Iterable[Job]) -> dict[str, QueueEstimate]:
-        """Position and ETA of each queued or running job given (one computation for all)."""
+        """Position and ETA of each queued or running job given (one computation for all).
+
+        Every queued job takes part in the order (a claim of any model moves its user's turn), but
+        only its cheap columns are read; inputs only of the jobs whose durations the ETAs need.
+        """
         active = [j for j in jobs if j.status in (JobStatus.QUEUED.value, JobStatus.RUNNING.value)]
         if not active:
             return {}
         keys = {(j.model, j.kind) for j in active}
+        rates = {key: self.seconds_per_unit(*key) for key in keys}
         now = utcnow()
         with self.db.read() as session:
             queued_rows = session.execute(
-                select(Job.id, Job.user_id, Job.priority, Job.created_at, Job.model, Job.kind, Job.input)
+                select(Job.id, Job.user_id, Job.priority, Job.created_at, Job.model, Job.kind)
                 .where(Job.status == JobStatus.QUEUED.value)).all()
             users = {row.user_id for row in queued_rows}
             served: dict[str, datetime | None] = {}
@@ -111,15 +109,30 @@ class QueueService:
             running_rows = session.execute(
                 select(Job.id, Job.model, Job.kind, Job.started_at, Job.progress, Job.input)
                 .where(Job.status == JobStatus.RUNNING.value,
-                       Job.model.in_({m for m, _ in keys}))).all()
-        queued = {row.id: _Queued(QueuedJob(row.id, row.user_id, row.priority, row.created_at),
-                                  (row.model, row.kind), row.input or {}) for row in queued_rows}
-        order = claim_order((q.job for q in queued.values()), served)
-        rates = {key: self.seconds_per_unit(*key) for key in keys}
+                       Job.model.in_(sorted({m for m, _ in keys})))).all()
+            key_of = {row.id: (row.model, row.kind) for row in queued_rows}
+            order = claim_order((QueuedJob(row.id, row.user_id, row.priority, row.created_at)
+                                 for row in queued_rows), served)
+            ahead: dict[Key, list[str]] = {key: [] for key in keys}
+            for job_id in order:
+                if key_of[job_id] in ahead:
+                    ahead[key_of[job_id]].append(job_id)
+            # the last job asked about bounds which inputs are needed (the ones after it change nothing)
+            wanted = {j.id for j in active}
+            need: list[str] = []
+            for key, ids in ahead.items():
+                if rates[key] is None:
+                    continue
+                last = max((i for i, job_id in enumerate(ids) if job_id in wanted), default=-1)
+                need.extend(ids[:last + 1])
+            inputs: dict[str, dict[str, Any]] = {}
+            for chunk in range(0, len(need), 500):
+                inputs.update(session.execute(select(Job.id, Job.input)
+                                              .where(Job.id.in_(need[chunk:chunk + 500]))).tuples().all())
 
-        def duration(key: Key, params: dict[str, Any]) -> float | None:
+        def duration(key: Key, params: dict[str, Any] | None) -> float | None:
             rate = rates.get(key)
-            return None if rate is None else rate * work_units(params)
+            return None if rate is None else rate * work_units(params or {})
 
         out: dict[str, QueueEstimate] = {}
         busy: dict[Key, list[float]] = {}
@@ -128,14 +141,13 @@ class QueueService:
             if key not in keys:
                 continue
             elapsed = max(0.0, timestamp(now) - timestamp(row.started_at)) if row.started_at else 0.0
-            remaining = running_remaining(duration(key, row.input or {}), elapsed, row.progress or 0.0)
+            remaining = running_remaining(duration(key, row.input), elapsed, row.progress or 0.0)
             out[row.id] = QueueEstimate(None, None if remaining is None else round(remaining, 1))
             busy.setdefault(key, []).append(0.0 if remaining is None else remaining)
-        for key in keys:
-            ahead = [job_id for job_id in order if queued[job_id].key == key]
-            ends = finish_times(busy.get(key, []), [duration(key, queued[j].input) for j in ahead],
-                                self.slots(key[0]))
-            for position, (job_id, end) in enumerate(zip(ahead, ends, strict=True)):
+        for key, ids in ahead.items():
+            durations = [duration(key, inputs.get(j)) if rates[key] is not None else None for j in ids]
+            ends = finish_times(busy.get(key, []), durations, self.slots(key[0]))
+            for position, (job_id, end) in enumerate(zip(ids, ends, strict=True)):
                 out[job_id] = QueueEstimate(position, None if end is None else round(end, 1))
         return {j.id: out.get(j.id, UNKNOWN) for j in active}
 
