@@ -414,3 +414,22 @@ def test_media_convert_stores_each_format_once(storage: LocalStorage) -> None:
     small = media_convert.convert_image(buf.getvalue(), "jpeg", 5)
     big = media_convert.convert_image(buf.getvalue(), "jpeg", 100)
     assert Image.open(io.BytesIO(small)).format == "JPEG" and len(small) < len(big)
+
+
+def test_video_create_takes_json_too_and_the_schema_types_every_route(make_stack: Callable[..., Stack]) -> None:
+    stack = make_stack()
+    user = add_user(stack.db, stack.settings, credits=100)
+    got = httpx.post(f"{stack.server.url}/openai/v1/videos", json={"model": "tiny-wan", "prompt": "json", "seconds": 1},
+                     headers={"Authorization": f"Bearer {user.api_key}"}, timeout=10)
+    assert got.status_code == 200 and got.json()["object"] == "video", got.text
+    assert get_job(stack.db, got.json()["id"]).input["num_frames"] == 9  # 1 s at 8 fps → 9 frames (4k+1)
+    schema = httpx.get(f"{stack.server.url}/openapi.json", timeout=10).json()
+    ours = {(path, method): op for path, ops in schema["paths"].items() if path.startswith("/openai/")
+            for method, op in ops.items()}
+    assert len(ours) == 8
+    for (path, method), op in ours.items():
+        content = op["responses"]["200"]["content"]
+        if path.endswith("/content"):
+            assert "video/mp4" in content
+        else:
+            assert "$ref" in content["application/json"]["schema"], (path, method)
