@@ -3,6 +3,7 @@ over a real database (its order is pinned against ``Runner.claim_next`` itself).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -116,10 +117,24 @@ def served(db: Database, user_id: str, when: datetime | None) -> None:
         session.commit()
 
 
-def test_positions_match_the_order_claim_next_takes(db: Database, settings: Settings, storage: LocalStorage,
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def either_db(request: pytest.FixtureRequest, settings: Settings) -> Iterator[tuple[Database, Settings]]:
+    """The test database on SQLite, and on PostgreSQL when one is configured (NULLS FIRST, time zones)."""
+    if request.param == "sqlite":
+        yield request.getfixturevalue("db"), settings
+        return
+    s = settings.model_copy(update={"database_url": request.getfixturevalue("pg_url")})
+    database = Database(s)
+    database.migrate()
+    yield database, s
+    database.dispose()
+
+
+def test_positions_match_the_order_claim_next_takes(either_db: tuple[Database, Settings], storage: LocalStorage,
                                                     catalog: Catalog) -> None:
     """The simulation against the runner's own claims: three users, a priority tier, a user served
     before, several models (one model's claims move the users' turns for the others)."""
+    db, settings = either_db
     a, b, c = (add_user(db, settings).user for _ in range(3))
     now = utcnow()
     served(db, a.id, now - timedelta(seconds=5))
