@@ -57,6 +57,7 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "
                409: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
                429: "rate_limit_error"}
 RETRYABLE_CODES = {"rate_limited", "concurrency_limit", "uploads_busy"}
+FINAL_CODES = {"generation_failed"}  # server-side, but a retry would only submit the job again
 SIZE_RE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
 FORM_FIELD_BYTES = 64 * 1024
 
@@ -79,7 +80,7 @@ def shape_error(status: int, code: str, message: str, details: dict[str, Any],
     error: dict[str, Any] = {"message": message, "type": type_, "param": param, "code": code}
     if isinstance(details.get("job_id"), str):
         error["job_id"] = details["job_id"]
-    if status < 500 and code not in RETRYABLE_CODES:
+    if (status < 500 and code not in RETRYABLE_CODES) or code in FINAL_CODES:
         headers["x-should-retry"] = "false"
     return JSONResponse({"error": error}, status_code=status, headers=headers)
 

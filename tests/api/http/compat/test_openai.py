@@ -42,6 +42,7 @@ class MediaExecutor:
 
     storage: LocalStorage
     gates: dict[str, threading.Event] = field(default_factory=dict)
+    fail: set[str] = field(default_factory=set)  # prompts whose run ends in a final error
     runs: list[ExecutionRequest] = field(default_factory=list)
     _cancel: dict[str, asyncio.Event] = field(default_factory=dict)
 
@@ -57,6 +58,9 @@ class MediaExecutor:
             await asyncio.sleep(0.01)
         if stop.is_set():
             yield ErrorEvent("canceled", "canceled", retryable=False)
+            return
+        if inp["prompt"] in self.fail:
+            yield ErrorEvent("generation_error", "the pipeline raised", retryable=False)
             return
         yield ProgressEvent(2, 2)
         width, height = int(inp["width"]), int(inp["height"])
@@ -222,6 +226,19 @@ def test_synchronous_wait_times_out_with_the_job_id_and_is_not_retried(make_stac
     finally:
         stack.executor.gates["held"].set()
     wait_for(lambda: get_job(stack.db, job_id).status == "succeeded", "the held job to finish")
+
+
+def test_a_failed_generation_is_a_final_error_and_refunded(make_stack: Callable[..., Stack]) -> None:
+    stack = make_stack()
+    stack.executor.fail.add("doomed")
+    user = add_user(stack.db, stack.settings, credits=100)
+    with pytest.raises(openai.InternalServerError) as info:
+        stack.client(user.api_key, max_retries=2).images.generate(model="tiny-sd", prompt="doomed", n=3)
+    assert info.value.code == "generation_failed" and "refunded" in info.value.message
+    job_id = info.value.body["job_id"]
+    assert job_count(stack.db) == 1  # not retried: a retry would only submit (and reserve) again
+    assert ledger_kinds(stack, job_id) == [("reserve", 3), ("refund", 3)]
+    assert balance(stack.db, user.user.id).available == 100
 
 
 # videos ----------------------------------------------------------------------------------------
