@@ -23,10 +23,11 @@ from api.db.tables import Job, WebhookDelivery
 from api.http import compat
 from api.http.routes import account, admin, files, jobs, loras, system
 from api.http.state import AppState
-from api.http.webhooks import WebhookDeliverer
+from api.http.webhooks import ShapedView, WebhookDeliverer
 from api.metrics import Metrics
 from api.runner.runner import InputFn, Runner
 from api.services.admin import AdminService
+from api.services.deadlines import DeadlineWatcher
 from api.services.events import EventBus
 from api.services.inputs import InputResolver
 from api.services.jobs import JobService
@@ -117,9 +118,14 @@ def create_app(settings: Settings, executor: Executor | None = None, *, catalog:
         # cancel watch for changes made by other processes, and the webhook deliverer on enqueue
         state.notifier = Notifier(db)
         state.notifier.subscribe("events", bus.on_notification)
-        state.webhooks = WebhookDeliverer(db, settings, state.job_view, notifier=state.notifier, metrics=metrics)
+        webhook_view = ShapedView(state.job_view, {"replicate": compat.replicate.webhook_renderer(state)})
+        state.webhooks = WebhookDeliverer(db, settings, webhook_view, notifier=state.notifier, metrics=metrics)
         await state.notifier.start()
         state.webhooks.start()
+        # Cancel-After: aborts (or cancels) jobs whose start deadline passed
+        deadlines = DeadlineWatcher(db, settings, storage, bus, jobs_service, metrics)
+        state.extras["deadlines"] = deadlines
+        deadlines.start()
         if executor is not None and want_runner:
             state.runner = Runner(db, executor, settings, storage, bus, metrics=metrics,
                                   resolve_input=resolve_input or InputResolver(db, settings, storage, catalog))
@@ -142,6 +148,7 @@ def create_app(settings: Settings, executor: Executor | None = None, *, catalog:
             close_executor = getattr(executor, "aclose", None)
             if close_executor is not None:
                 await close_executor()  # provider HTTP clients
+            await deadlines.stop()
             await state.webhooks.stop()
             await state.notifier.stop()
             await asyncio.to_thread(metrics.stop_refresher)

@@ -96,6 +96,19 @@ def head_of_job() -> ColumnElement[bool]:
             and_(older.created_at == WebhookDelivery.created_at, older.id < WebhookDelivery.id)))
 
 
+class ShapedView:
+    """The webhook body of a job in the shape of the API that created it (``Job.api_shape``):
+    a Replicate prediction for a prediction, the native job otherwise."""
+
+    def __init__(self, default: Callable[[Job], dict[str, Any]],
+                 shapes: dict[str, Callable[[Job], dict[str, Any]]] | None = None) -> None:
+        self.default = default
+        self.shapes = dict(shapes or {})
+
+    def __call__(self, job: Job) -> dict[str, Any]:
+        return self.shapes.get(job.api_shape or "native", self.default)(job)
+
+
 class WebhookDeliverer:
     """Claims due outbox rows and delivers them; one per API process."""
 
