@@ -106,6 +106,16 @@ class Stack:
 
 @pytest.fixture
 def make_stack(settings: Settings) -> Iterator[Callable[..., Stack]]:
+    yield from _stacks(settings)
+
+
+@pytest.fixture
+def make_backend_stack(backend_settings: Settings) -> Iterator[Callable[..., Stack]]:
+    """As ``make_stack``, on SQLite and again on a fresh PostgreSQL database."""
+    yield from _stacks(backend_settings)
+
+
+def _stacks(settings: Settings) -> Iterator[Callable[..., Stack]]:
     started: list[LiveServer] = []
 
     def start(**overrides: Any) -> Stack:
@@ -141,8 +151,9 @@ def ledger_kinds(stack: Stack, job_id: str) -> list[tuple[str, int]]:
 
 
 # images ----------------------------------------------------------------------------------------
-def test_generate_n2_b64_decodes_to_two_pngs_of_the_size_and_charges_two_images(make_stack: Callable[..., Stack]) -> None:
-    stack = make_stack()
+def test_generate_n2_b64_decodes_to_two_pngs_of_the_size_and_charges_two_images(
+        make_backend_stack: Callable[..., Stack]) -> None:
+    stack = make_backend_stack()
     user = add_user(stack.db, stack.settings, credits=100)
     result = stack.client(user.api_key).images.generate(model="tiny-sd", prompt="a cat", n=2, size="64x64",
                                                         response_format="b64_json")
@@ -241,6 +252,21 @@ def test_a_failed_generation_is_a_final_error_and_refunded(make_stack: Callable[
     assert balance(stack.db, user.user.id).available == 100
 
 
+def test_an_idempotency_key_replays_the_same_images_and_charges_once(make_stack: Callable[..., Stack]) -> None:
+    stack = make_stack()
+    user = add_user(stack.db, stack.settings, credits=100)
+    client = stack.client(user.api_key)
+    headers = {"Idempotency-Key": "img-1"}
+    first = client.images.generate(model="tiny-sd", prompt="once", n=2, response_format="b64_json",
+                                   extra_headers=headers)
+    again = client.images.generate(model="tiny-sd", prompt="once", n=2, response_format="b64_json",
+                                   extra_headers=headers)
+    assert [d.b64_json for d in again.data] == [d.b64_json for d in first.data] and again.created == first.created
+    assert job_count(stack.db) == 1 and balance(stack.db, user.user.id).available == 98
+    with pytest.raises(openai.ConflictError):  # the same key with another request
+        client.images.generate(model="tiny-sd", prompt="twice", extra_headers=headers)
+
+
 # videos ----------------------------------------------------------------------------------------
 def count_frames(data: bytes) -> tuple[int, tuple[int, int]]:
     with tempfile.NamedTemporaryFile(suffix=".mp4") as f:
@@ -318,8 +344,8 @@ def test_canceled_video_is_failed_with_an_error_and_refunded(make_stack: Callabl
     assert info.value.code == "video_not_ready"
 
 
-def test_video_list_pages_with_after_limit_and_order(make_stack: Callable[..., Stack]) -> None:
-    stack = make_stack()
+def test_video_list_pages_with_after_limit_and_order(make_backend_stack: Callable[..., Stack]) -> None:
+    stack = make_backend_stack()
     user = add_user(stack.db, stack.settings, credits=500)
     client = stack.client(user.api_key)
     client.images.generate(model="tiny-sd", prompt="not a video", response_format="b64_json")
