@@ -99,13 +99,10 @@ class QueueService:
         now = utcnow()
         with self.db.read() as session:
             queued_rows = session.execute(
-                select(Job.id, Job.user_id, Job.priority, Job.created_at, Job.model, Job.kind)
+                select(Job.id, Job.user_id, Job.priority, Job.created_at, Job.model, Job.kind,
+                       User.last_served_at).join(User, User.id == Job.user_id)
                 .where(Job.status == JobStatus.QUEUED.value)).all()
-            users = {row.user_id for row in queued_rows}
-            served: dict[str, datetime | None] = {}
-            if users:
-                served = dict(session.execute(select(User.id, User.last_served_at)
-                                              .where(User.id.in_(users))).tuples().all())
+            served: dict[str, datetime | None] = {row.user_id: row.last_served_at for row in queued_rows}
             running_rows = session.execute(
                 select(Job.id, Job.model, Job.kind, Job.started_at, Job.progress, Job.input)
                 .where(Job.status == JobStatus.RUNNING.value,
