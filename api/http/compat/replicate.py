@@ -202,6 +202,11 @@ def input_schema(spec: ModelSpec, max_prompt_chars: int) -> dict[str, Any]:
     lora = {"type": "object", "additionalProperties": False, "required": ["id"],
             "properties": {"id": {"type": "string", "minLength": 1, "maxLength": 64},
                            "scale": {"type": "number", "minimum": -4, "maximum": 4, "default": 1.0}}}
+    if spec.kind == "image":  # a batch of images in one job (one output URL each)
+        props["num_outputs"] = _nullable({"type": "integer", "minimum": 1, "maximum": 10, "default": 1,
+                                          "title": "Number of outputs", "x-order": 8})
+    else:
+        props["num_outputs"] = {"type": "null", "description": "one video per job"}
     props["loras"] = {"type": "array", "items": lora, "maxItems": 0 if spec.remote_only else lim.max_loras,
                       "default": [], "title": "LoRAs", "x-order": 10}
     schema: dict[str, Any] = {"type": "object", "title": "Input", "additionalProperties": False,
