@@ -237,3 +237,17 @@ def test_the_plan_sets_the_priority(jobs: JobService, db: Database, settings: Se
     raised, _ = jobs.submit(free, Submission("tiny-sd", {"prompt": "a dog"}, priority=5))
     kept, _ = jobs.submit(studio, Submission("tiny-sd", {"prompt": "a dog"}, priority=1))
     assert (raised.priority, kept.priority) == (5, 3)
+
+
+# when an SSE stream sends a queue event --------------------------------------------------------
+def test_queue_event_on_a_move_not_on_every_tick() -> None:
+    from api.http.routes.jobs import queue_changed
+    from api.services.queue import QueueEstimate as E
+
+    assert queue_changed(None, E(3, None))  # the first one
+    assert queue_changed(E(3, 40.0), E(2, 40.0))  # the position moved
+    assert not queue_changed(E(3, 40.0), E(3, 39.0))  # the ETA counting down
+    assert queue_changed(E(3, 40.0), E(3, 30.0))  # the ETA moved by more than 10 %
+    assert not queue_changed(E(3, 10.0), E(3, 8.5)) and queue_changed(E(3, 10.0), E(3, 7.5))  # at least 2 s
+    assert queue_changed(E(3, None), E(3, 12.0)) and queue_changed(E(3, 12.0), E(3, None))  # appeared, vanished
+    assert not queue_changed(E(3, None), E(3, None))
