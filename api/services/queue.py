@@ -101,7 +101,9 @@ class QueueService:
             queued_rows = session.execute(
                 select(Job.id, Job.user_id, Job.priority, Job.created_at, Job.model, Job.kind,
                        User.last_served_at).join(User, User.id == Job.user_id)
-                .where(Job.status == JobStatus.QUEUED.value)).all()
+                .where(Job.status == JobStatus.QUEUED.value,
+                       # as claim_next: a passed start deadline (Cancel-After) is aborted, never started
+                       or_(Job.start_deadline_at.is_(None), Job.start_deadline_at > now))).all()
             served: dict[str, datetime | None] = {row.user_id: row.last_served_at for row in queued_rows}
             running_rows = session.execute(
                 select(Job.id, Job.model, Job.kind, Job.started_at, Job.progress, Job.input)

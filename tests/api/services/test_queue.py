@@ -146,6 +146,12 @@ def test_positions_match_the_order_claim_next_takes(either_db: tuple[Database, S
            insert_job(db, c.id, created=now - timedelta(seconds=20), model="tiny-wan"),
            insert_job(db, c.id, created=now - timedelta(seconds=10), priority=2),
            insert_job(db, a.id, created=now - timedelta(seconds=9))]
+    expired = insert_job(db, c.id, created=now - timedelta(seconds=60))  # its Cancel-After passed: never started
+    with db.session() as session:
+        row = session.get(Job, expired)
+        assert row is not None
+        row.start_deadline_at = now - timedelta(seconds=1)
+        session.commit()
     service = QueueService(db, settings, catalog)
     with db.read() as session:
         rows = [session.get(Job, i) for i in ids]
@@ -164,6 +170,10 @@ def test_positions_match_the_order_claim_next_takes(either_db: tuple[Database, S
         started = [j.id for j in claimed if j.model == model]
         assert [positions[i] for i in started] == list(range(len(started))), (model, positions)
     assert positions[ids[5]] == 0  # the priority job, submitted late, is next for its model
+    assert expired not in {j.id for j in claimed}
+    with db.read() as session:
+        expired_job = session.get(Job, expired)
+    assert expired_job is not None and service.estimate(expired_job).queue_position is None
 
 
 def test_eta_from_measured_runs_scaled_to_the_request(db: Database, settings: Settings, catalog: Catalog) -> None:
