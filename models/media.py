@@ -1,4 +1,4 @@
-"""Encoding outputs: PNG with metadata, thumbnails, H.264 MP4 through imageio-ffmpeg, posters.
+"""Encoding outputs: PNG with metadata, JPEG thumbnails, H.264 MP4 through imageio-ffmpeg, PNG posters.
 
 The ffmpeg binary ships inside the imageio-ffmpeg wheel, so nothing here needs a system ffmpeg.
 No torch: the overflow adapters use :func:`extract_poster` on provider videos too.
@@ -60,14 +60,45 @@ def read_png_metadata(data: bytes) -> dict[str, str]:
         return {str(k): str(v) for k, v in getattr(img, "text", {}).items()}
 
 
-def thumbnail_png(image: ImageLike, max_side: int = 256) -> bytes:
-    """A PNG no larger than ``max_side`` on its longer side (aspect kept; never upscaled)."""
-    pil = _to_pil(image).copy()
+def _reduced(image: ImageLike, max_side: int) -> Image.Image:
+    """The image no larger than ``max_side`` on its longer side (aspect kept; never upscaled).
+
+    Cheap: ``Image.thumbnail`` with a reducing gap first shrinks by an integer factor with
+    ``Image.reduce`` (a box filter over whole blocks), then resamples only the small remainder.
+    """
+    pil = _to_pil(image)
     if pil.mode not in ("RGB", "RGBA", "L"):
         pil = pil.convert("RGB")
-    pil.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    if max(pil.size) <= max_side:
+        return pil
+    pil = pil.copy()
+    pil.thumbnail((max_side, max_side), Image.Resampling.BICUBIC, reducing_gap=2.0)
+    return pil
+
+
+def thumbnail_png(image: ImageLike, max_side: int = 256) -> bytes:
+    """A PNG no larger than ``max_side`` on its longer side (aspect kept; never upscaled).
+
+    Fast zlib level, no ``optimize`` pass: a poster is a preview, not the output."""
     buf = io.BytesIO()
-    pil.save(buf, format="PNG", optimize=True)
+    _reduced(image, max_side).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+THUMBNAIL_JPEG_QUALITY = 80
+
+
+def thumbnail_jpeg(image: ImageLike, max_side: int = 256, quality: int = THUMBNAIL_JPEG_QUALITY) -> bytes:
+    """A small JPEG preview no larger than ``max_side`` (aspect kept; never upscaled).
+
+    Made from the decoded image by reduction (see :func:`_reduced`), never by a second encode of
+    the full-size output; a few KB where a PNG of generated noise is a hundred or more.
+    """
+    pil = _reduced(image, max_side)
+    if pil.mode != "RGB":
+        pil = pil.convert("RGB")
+    buf = io.BytesIO()
+    pil.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
 
 

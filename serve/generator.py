@@ -4,14 +4,30 @@ A plain class (testable without Ray); :mod:`serve.app` turns it into a Serve dep
 request it streams event dicts (``api.core.events`` shapes): stage, progress (step/total),
 output (already stored under the job's prefix), then done or error.
 
-Batching: the replica queues its requests and forms the next batch when the pipeline is free (up
-to ``max_batch_size`` requests with the same LoRA adapter set, waiting at most
-``batch_wait_timeout_s`` after the first one arrived). ``@serve.batch`` is not used: Ray 2.60 forms
-each batch as soon as its first request arrives (+ the wait) and only then queues it behind the
-running one, so requests arriving while a batch runs were split into batches of one or two by
-arrival time, and under steady load the replica fell behind running single requests. The batch
-itself is an async generator yielding one list per step, one item per request (``None`` when a
-request has nothing new); each request's ``generate`` stream passes its items on.
+Batching: the replica queues its requests and forms the next batch when the pipeline is free, FIFO
+by the oldest queued request (the head): the batch is the head plus the queued requests of its
+*bucket* (up to ``max_batch_size``). A bucket is the model's exact batching key
+(``Generator.compatible_key``: task, size, steps, guidance, frames, … plus the LoRA adapter set),
+so one batch is one pipeline call; requests of other buckets run in the batches after it, and a
+lone odd-sized request waits at most for the batches of the buckets whose heads are older.
+Sizes are bucketed, not padded: a padded latent is a different canvas (the denoiser attends over
+the padding), so the cropped output would not be the image the request's solo run makes. Steps
+and guidance are bucketed too: the schedulers' timestep tables depend on the step count, and the
+pipelines take guidance as one scalar per call. Prompts, negative prompts and seeds (one
+``torch.Generator`` each) stay per request.
+
+The batch wait adapts: the head waits for companions (at most ``batch_wait_timeout_s`` after it
+arrived) only while more requests are known to be coming: requests already inside ``generate``
+but not yet queued, or after a full batch (the replica is saturated). A lone request on an idle
+replica starts at once. ``@serve.batch`` is not used: Ray 2.60 forms each batch as soon as its
+first request arrives (+ the wait) and only then queues it behind the running one, so requests
+arriving while a batch runs were split into batches of one or two by arrival time.
+
+Encoding and upload overlap the next batch: once a batch's pipeline call returned (latents
+decoded), its PNG/MP4 encoding, thumbnails and uploads (and each ``result.json``) run in a worker
+thread while the loop starts denoising the next batch. At most :data:`FINISHING_KEPT` batches are
+finishing at once (memory: their decoded frames), beyond that the loop waits for the oldest.
+Each run's own events stay in order: stage, progress, stage ``encoding``, output, done.
 
 Replica-owned runs: once a request for job J reached the replica, the run is the replica's. A
 caller that goes away (its stream closed, its API restarted or SIGKILLed) only stops listening;
@@ -45,6 +61,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,6 +155,10 @@ class _Run:
     finished_at: float | None = None
     attempts: list[int] = field(default_factory=list)
     hold: tuple[str, int] | None = None
+    bucket: tuple[Any, ...] = ()
+    """Its batching key (see the module doc): runs batch together only within one bucket."""
+    bucket_label: str = ""
+    """The bucket, readable (``stats()``): task, size, steps, guidance, frames, LoRA set."""
 
     @property
     def job_id(self) -> str:
@@ -199,6 +220,10 @@ def _bounded(counter: dict[str, Any], kept: int = COUNTS_KEPT) -> None:
 
 
 BATCH_SIZES_KEPT = 1000
+BUCKETS_KEPT = 64
+"""Buckets kept in ``stats()["buckets"]`` (the least recently used go first)."""
+FINISHING_KEPT = 2
+"""Batches whose encoding and upload may run at once beside the next batch's denoising."""
 
 
 def _bounded_list(items: list[Any], kept: int = BATCH_SIZES_KEPT) -> None:
@@ -217,6 +242,10 @@ class GeneratorServer:
         self.generator = self._load(self.spec)
         self.source = self.spec.source.model_dump(exclude_none=True) if self.spec.source else {}
         self.batch_sizes: list[int] = []
+        self.batches: list[dict[str, Any]] = []
+        """The latest batches run here (bounded): their size and bucket label, in order."""
+        self.buckets: dict[str, dict[str, int]] = {}
+        """Per bucket label: batches and requests run, largest batch (bounded, see BUCKETS_KEPT)."""
         self.runs: dict[str, _Run] = {}
         """Job id → its latest run here: every queued and running one, and the last finished ones."""
         self.runs_by_job: dict[str, int] = {}
@@ -237,7 +266,13 @@ class GeneratorServer:
                                         self.storage, self.runtime.lora_cache_entries)
         self._pending: list[_Run] = []
         self._arrived = asyncio.Event()
+        self._arriving = 0
+        """Requests inside ``generate`` that are not queued (nor attached) yet: more are coming."""
+        self._last_batch_full = False
         self._batcher: asyncio.Task[None] | None = None
+        self._finishing: set[asyncio.Task[None]] = set()
+        """Batches being encoded and uploaded beside the next batch's denoising."""
+        self._encoder = ThreadPoolExecutor(max_workers=FINISHING_KEPT, thread_name_prefix="encode")
         self._configure_batching()
 
     def _load(self, spec: ModelSpec) -> Any:
@@ -287,7 +322,10 @@ class GeneratorServer:
             raise RuntimeError(f"the batching loop died: {self._batcher.exception()!r}")
 
     def stats(self) -> dict[str, Any]:
-        return {"batch_sizes": list(self.batch_sizes), "adapter_loads": dict(self.adapter_loads),
+        return {"batch_sizes": list(self.batch_sizes), "batches": [dict(b) for b in self.batches],
+                "buckets": {label: dict(info) for label, info in self.buckets.items()},
+                "queued_buckets": dict(Counter(run.bucket_label for run in self._pending)),
+                "finishing": len(self._finishing), "adapter_loads": dict(self.adapter_loads),
                 "swaps": self.swaps, "swap_error": self.swap_error, "source": self.source,
                 "canceled": list(self.canceled), "runs_by_job": dict(self.runs_by_job),
                 "attaches": dict(self.attaches), "queued": len(self._pending),
@@ -319,19 +357,24 @@ class GeneratorServer:
         only :meth:`cancel` does.
         """
         req = ReplicaRequest.model_validate(request)
-        # _attachable awaits (threads): without the job's lock two requests arriving together
-        # would both find nothing and both start the pipeline
-        async with self._job_lock(req.job_id):
-            run = await self._attachable(req)
-            if run is None:
-                run = self._start(req)
-            else:
-                self.attaches[req.job_id] = self.attaches.get(req.job_id, 0) + 1
-                _bounded(self.attaches)
-                logger.info("job %s attempt %d attached to its %s run (attempts %s)", req.job_id, req.attempt,
-                            run.state, run.attempts)
-            run.attempts.append(req.attempt)
-            replay, queue = run.listen()
+        self._arriving += 1  # a batch being formed meanwhile may wait for this one
+        try:
+            # _attachable awaits (threads): without the job's lock two requests arriving together
+            # would both find nothing and both start the pipeline
+            async with self._job_lock(req.job_id):
+                run = await self._attachable(req)
+                if run is None:
+                    run = self._start(req)
+                else:
+                    self.attaches[req.job_id] = self.attaches.get(req.job_id, 0) + 1
+                    _bounded(self.attaches)
+                    logger.info("job %s attempt %d attached to its %s run (attempts %s)", req.job_id,
+                                req.attempt, run.state, run.attempts)
+                run.attempts.append(req.attempt)
+                replay, queue = run.listen()
+        finally:
+            self._arriving -= 1
+            self._arrived.set()  # a waiting batch re-checks whether more are coming
         try:
             for event in replay:
                 yield event
@@ -379,6 +422,7 @@ class GeneratorServer:
     def _start(self, req: ReplicaRequest) -> _Run:
         loop = asyncio.get_running_loop()
         run = _Run(req, loop.time())
+        run.bucket, run.bucket_label = self._bucket(req)
         self._keep(run)
         if req.job_id in self.canceled_early:  # its cancel came first: never runs
             logger.info("job %s was canceled before it arrived here; not started", req.job_id)
@@ -461,6 +505,38 @@ class GeneratorServer:
             return None
         return record
 
+    def _bucket(self, req: ReplicaRequest) -> tuple[tuple[Any, ...], str]:
+        """The request's batching key and its readable label (see the module doc).
+
+        The input image is keyed by its upload (``image_key``): families that take one image per
+        call (Wan i2v) batch only requests of the same upload. A request whose key cannot be
+        computed (bad input) gets a bucket of its own; its error comes from the pipeline.
+        """
+        from models.generator import compatible_key, fill_defaults, task_of
+
+        data = {k: v for k, v in req.input.items() if k not in ("image", "image_key", "loras")}
+        if req.input.get("image_key"):
+            data["image"] = str(req.input["image_key"])
+        try:
+            exact = getattr(self.generator, "compatible_key", None)
+            filled = fill_defaults(self.spec, data)
+            key = exact(data) if exact is not None else compatible_key(filled)
+            task = task_of(filled, self.spec.kind)
+        except Exception as exc:  # noqa: BLE001 - see above
+            logger.info("job %s: no batching key (%s); it runs alone", req.job_id, exc)
+            return ("alone", req.job_id), f"alone {req.job_id}"
+        label = f"{task} {filled.get('width')}x{filled.get('height')} steps={filled.get('steps')} " \
+                f"guidance={filled.get('guidance')}"
+        if self.spec.kind == "video":
+            label += f" frames={filled.get('num_frames')} fps={filled.get('fps')}"
+        if req.adapter_set:
+            label += f" loras={len(json.loads(req.adapter_set))}"
+        return (req.adapter_set, key), label
+
+    def _more_coming(self) -> bool:
+        """Whether a batch being formed should wait for companions (see the module doc)."""
+        return self._arriving > 0 or self._last_batch_full
+
     async def _batch_loop(self) -> None:
         """Run batches one after another, each formed when the pipeline is free (see the module doc)."""
         loop = asyncio.get_running_loop()
@@ -470,7 +546,7 @@ class GeneratorServer:
                 await self._arrived.wait()
                 continue
             first = self._pending[0]
-            while len(self._companions(first)) < self.max_batch_size:
+            while len(self._companions(first)) < self.max_batch_size and self._more_coming():
                 remaining = first.arrived + self.batch_wait_timeout_s - loop.time()
                 if remaining <= 0:
                     break
@@ -482,37 +558,68 @@ class GeneratorServer:
             if first not in self._pending:
                 continue
             batch = self._companions(first)[:self.max_batch_size]
+            self._last_batch_full = len(batch) >= self.max_batch_size
             for run in batch:
                 self._pending.remove(run)
                 run.state = "running"
-            await self._run(batch)
+            finishing = await self._run(batch)
+            if finishing is not None:
+                self._finishing.add(finishing)
+                finishing.add_done_callback(self._finishing.discard)
+            while len(self._finishing) > FINISHING_KEPT:  # the encoder is behind: let it catch up
+                await asyncio.wait(set(self._finishing), return_when=asyncio.FIRST_COMPLETED)
 
     def _companions(self, first: _Run) -> list[_Run]:
-        """Queued runs that can share ``first``'s batch (one adapter set per batch), oldest first."""
-        return [p for p in self._pending if p.adapter_set == first.adapter_set]
+        """Queued runs that can share ``first``'s batch (its bucket), oldest first."""
+        return [p for p in self._pending if p.bucket == first.bucket]
 
-    async def _run(self, batch: list[_Run]) -> None:
-        try:
-            async for items in self._batched(batch):
-                for run, item in zip(batch, items, strict=True):
-                    if item is not None:
-                        run.emit(item)
-        except Exception as exc:  # noqa: BLE001 - a bug here must not stop the loop or hang callers
-            logger.exception("%s: batch failed", self.spec.id)
-            for run in batch:
-                run.emit(self._error(exc))
-        finally:
-            for run in batch:
-                run.close()
-            self._evict()
-
-    async def _batched(self, batch: list[_Run]) -> AsyncIterator[list[dict[str, Any] | None]]:
+    def _record_batch(self, batch: list[_Run]) -> None:
         n = len(batch)
         self.batch_sizes.append(n)
         _bounded_list(self.batch_sizes)
+        label = batch[0].bucket_label
+        self.batches.append({"size": n, "bucket": label})
+        _bounded_list(self.batches)
+        info = self.buckets.pop(label, {"batches": 0, "requests": 0, "max_size": 0})
+        info.update(batches=info["batches"] + 1, requests=info["requests"] + n, max_size=max(info["max_size"], n))
+        self.buckets[label] = info  # the latest last
+        _bounded(self.buckets, BUCKETS_KEPT)
         for run in batch:
             self.runs_by_job[run.job_id] = self.runs_by_job.get(run.job_id, 0) + 1
         _bounded(self.runs_by_job)
+
+    @staticmethod
+    def _emit(batch: list[_Run], event: dict[str, Any]) -> None:
+        for run in batch:
+            run.emit(event)
+
+    def _close(self, batch: list[_Run]) -> None:
+        for run in batch:
+            run.close()
+        self._evict()
+
+    async def _run(self, batch: list[_Run]) -> asyncio.Task[None] | None:
+        """Denoise ``batch``; returns the task that encodes and uploads its outputs (it runs beside
+        the next batch), or None when the batch already ended (error or cancel)."""
+        try:
+            done = await self._denoise(batch)
+        except Exception as exc:  # noqa: BLE001 - a bug here must not stop the loop or hang callers
+            logger.exception("%s: batch failed", self.spec.id)
+            self._emit(batch, self._error(exc))
+            done = None
+        if done is None:
+            self._close(batch)
+            return None
+        generator, media = done
+        self._emit(batch, event_to_wire(StageEvent("encoding")))
+        return asyncio.get_running_loop().create_task(self._finish(batch, generator, media),
+                                                      name=f"finish-{batch[0].job_id}")
+
+    async def _denoise(self, batch: list[_Run]) -> tuple[Any, list[Any]] | None:
+        """Run the pipeline for ``batch``, emitting its stage and progress events; the generator it
+        ran on and the media, or None after emitting the batch's error."""
+        n = len(batch)
+        self._record_batch(batch)
         requests = [run.request for run in batch]
         generator = self.generator  # the pipeline this batch runs on, even if a swap lands meanwhile
         try:
@@ -523,9 +630,9 @@ class GeneratorServer:
                 for run in batch:
                     run.hold = await asyncio.to_thread(self.hooks.hold_for, str(run.request.input.get("prompt", "")))
         except Exception as exc:  # noqa: BLE001 - becomes the requests' error event
-            yield [self._error(exc)] * n
-            return
-        yield [event_to_wire(StageEvent("generating"))] * n
+            self._emit(batch, self._error(exc))
+            return None
+        self._emit(batch, event_to_wire(StageEvent("generating")))
         loop = asyncio.get_running_loop()
         progress: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
 
@@ -546,33 +653,46 @@ class GeneratorServer:
             await asyncio.wait({run_task, getter}, return_when=asyncio.FIRST_COMPLETED)
             if getter.done():
                 done, total = getter.result()
-                yield [event_to_wire(ProgressEvent(done, total))] * n
+                self._emit(batch, event_to_wire(ProgressEvent(done, total)))
             else:
                 getter.cancel()
         try:
             media = run_task.result()
         except Exception as exc:  # noqa: BLE001 - classified into code + retryable
-            yield [self._error(exc)] * n
-            return
-        yield [event_to_wire(StageEvent("encoding"))] * n
-        outputs: list[dict[str, Any] | None] = []
-        results: list[dict[str, Any] | None] = []
-        for run, item in zip(batch, media, strict=True):
-            result = {"seed": item.seed, "device": generator.device}
-            if run.canceled:
-                outputs.append(event_to_wire(ErrorEvent("canceled", "canceled")))
-                results.append(None)
-                continue
-            try:
-                out = event_to_wire(await asyncio.to_thread(self._store, run.request, item))
-                await asyncio.to_thread(self._store_result, run.request, [out], result)
-                outputs.append(out)
-                results.append(event_to_wire(DoneEvent(result)))
-            except Exception as exc:  # noqa: BLE001
-                outputs.append(self._error(exc))
-                results.append(None)
-        yield outputs
-        yield results
+            self._emit(batch, self._error(exc))
+            return None
+        if len(media) != n:
+            raise RuntimeError(f"the pipeline returned {len(media)} outputs for {n} requests")
+        return generator, media
+
+    async def _finish(self, batch: list[_Run], generator: Any, media: list[Any]) -> None:
+        """Encode and upload each run's output in the encoder thread, then its ``result.json``;
+        each run gets its output and done events as soon as its own upload is stored."""
+        loop = asyncio.get_running_loop()
+        try:
+            for run, item in zip(batch, media, strict=True):
+                if run.canceled:
+                    run.emit(event_to_wire(ErrorEvent("canceled", "canceled")))
+                    continue
+                result = {"seed": item.seed, "device": generator.device}
+                try:
+                    out = await loop.run_in_executor(self._encoder, self._store_all, run.request, item, result)
+                except Exception as exc:  # noqa: BLE001
+                    run.emit(self._error(exc))
+                    continue
+                run.emit(out)
+                run.emit(event_to_wire(DoneEvent(result)))
+        except Exception as exc:  # noqa: BLE001 - a bug here must not hang callers
+            logger.exception("%s: finishing a batch failed", self.spec.id)
+            self._emit(batch, self._error(exc))
+        finally:
+            self._close(batch)
+
+    def _store_all(self, request: ReplicaRequest, item: Any, result: dict[str, Any]) -> dict[str, Any]:
+        """Encoder thread: the output and its thumbnail stored, then the result record."""
+        out = event_to_wire(self._store(request, item))
+        self._store_result(request, [out], result)
+        return out
 
     def _store_result(self, request: ReplicaRequest, outputs: list[dict[str, Any]], result: dict[str, Any]) -> None:
         """The result record, written after the outputs (see :class:`~serve.messages.ResultRecord`)."""
@@ -595,15 +715,15 @@ class GeneratorServer:
         return prepared
 
     def _store(self, request: ReplicaRequest, item: Any) -> OutputEvent:
-        from models.media import encode_mp4, encode_png, thumbnail_png
+        from models.media import encode_mp4, encode_png, thumbnail_jpeg, thumbnail_png
 
         prefix = request.output_prefix
         meta = dict(item.metadata)
         if item.kind == "image":
             key = f"{prefix}0.png"
             self.storage.put_bytes(key, encode_png(item.image, meta), "image/png")
-            thumb = f"{prefix}0.thumb.png"
-            self.storage.put_bytes(thumb, thumbnail_png(item.image), "image/png")
+            thumb = f"{prefix}0.thumb.jpg"  # reduced from the decoded image: no second PNG encode
+            self.storage.put_bytes(thumb, thumbnail_jpeg(item.image), "image/jpeg")
             return OutputEvent(key=key, content_type="image/png", width=item.width, height=item.height,
                                thumbnail_key=thumb)
         with tempfile.TemporaryDirectory() as tmp:

@@ -18,6 +18,7 @@ from models.media import (
     macro_block_for,
     probe_mp4,
     read_png_metadata,
+    thumbnail_jpeg,
     thumbnail_png,
 )
 
@@ -51,6 +52,24 @@ def test_thumbnail_keeps_aspect_and_never_upscales(size: tuple[int, int], expect
     data = thumbnail_png(Image.new("RGB", size, "white"))
     with Image.open(io.BytesIO(data)) as thumb:
         assert thumb.format == "PNG" and thumb.size == expected
+
+
+@pytest.mark.parametrize(("size", "expected"), [((1024, 512), (256, 128)), ((100, 300), (85, 256)),
+                                                 ((64, 64), (64, 64))])
+def test_jpeg_thumbnail_keeps_aspect_and_never_upscales(size: tuple[int, int], expected: tuple[int, int]) -> None:
+    data = thumbnail_jpeg(Image.new("RGBA", size, (200, 10, 10, 255)))
+    with Image.open(io.BytesIO(data)) as thumb:
+        assert thumb.format == "JPEG" and thumb.size == expected and thumb.mode == "RGB"
+        r, g, b = thumb.getpixel((thumb.width // 2, thumb.height // 2))
+        assert abs(r - 200) < 8 and g < 20 and b < 20  # the colours survive the reduction
+
+
+def test_jpeg_thumbnail_of_a_large_noisy_image_is_small() -> None:
+    """A generated image (noise, a hundred KB and more as PNG) previews in a few KB."""
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (1024, 1024, 3), dtype=np.uint8))
+    jpeg, png = thumbnail_jpeg(image), thumbnail_png(image)
+    assert len(jpeg) < len(png) / 4 and len(jpeg) < 40_000
 
 
 def test_thumbnail_max_side() -> None:

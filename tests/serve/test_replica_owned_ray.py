@@ -147,4 +147,4 @@ def test_an_api_restart_mid_generation_settles_the_replicas_run_once(
     assert job["credits"]["charged"] == job["credits"]["reserved"] > 0 and job["credits"]["refunded"] == 0
     assert len(job["outputs"]) == 1 and job["outputs"][0]["content_type"] == "image/png"
     assert ray_api.output_keys(user.user.id, job_id) == [f"outputs/{user.user.id}/{job_id}/0.png",
-                                                         f"outputs/{user.user.id}/{job_id}/0.thumb.png"]
+                                                         f"outputs/{user.user.id}/{job_id}/0.thumb.jpg"]

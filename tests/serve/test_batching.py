@@ -1,0 +1,252 @@
+"""``GeneratorServer`` batching (no Ray): buckets by size/steps/guidance/LoRA set, FIFO by the oldest
+head, the adaptive batch wait, and encoding/upload overlapped with the next batch's denoising.
+
+The stand-in pipeline and its gate come from ``test_generator_server``; the held storage below
+blocks chosen uploads until the test releases them, so nothing here depends on timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from models.catalog import Catalog
+from models.generator import limit_threads
+from serve.generator import GeneratorServer
+from tests.serve.test_generator_server import FakeGenerator, Server, collect, held_first, until
+
+
+def make_server(tmp_path: Path, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.05,
+                cls: type[GeneratorServer] = Server, **runtime: Any) -> Any:
+    spec = Catalog.load().get("tiny-sd")
+    assert spec is not None
+    data = spec.model_dump(mode="json")
+    data["serving"].update(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s)
+    server = cls(data, {"storage_url": f"file://{tmp_path / 'storage'}", "signing_secret": "s", **runtime})
+    if isinstance(server.generator, FakeGenerator):
+        server.generator.call_s = 0.0
+    return server
+
+
+def req(i: int, **inp: Any) -> dict[str, Any]:
+    return {"job_id": f"job_{i}", "attempt": 1, "input": {"prompt": f"p{i}", "seed": i, **inp},
+            "output_prefix": f"outputs/u/job_{i}/", "adapter_set": ""}
+
+
+class HeldStorage:
+    """The server's storage, with every upload under a held job's prefix blocked until released."""
+
+    def __init__(self, inner: Any, held: set[str]) -> None:
+        self.inner = inner
+        self.held = held
+        self.release = threading.Event()
+        self.blocked = threading.Event()
+        """Set once a held upload is waiting."""
+        self.stored: list[str] = []
+
+    def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
+        if any(f"/{job}/" in key for job in self.held):
+            self.blocked.set()
+            assert self.release.wait(10), "the test never released the upload"
+        self.inner.put_bytes(key, data, content_type)
+        self.stored.append(key)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+# --- the adaptive batch wait --------------------------------------------------------------------
+
+async def test_a_lone_request_starts_at_once_whatever_the_batch_wait(tmp_path: Path) -> None:
+    """Nothing else is coming: the head does not wait the 60 s for companions."""
+    server = make_server(tmp_path, batch_wait_timeout_s=60.0)
+    events = await asyncio.wait_for(collect(server, req(0)), timeout=5)
+    assert events[-1]["type"] == "done" and server.batch_sizes == [1]
+    # and the next lone one too (the previous batch was not full)
+    events = await asyncio.wait_for(collect(server, req(1)), timeout=5)
+    assert events[-1]["type"] == "done" and server.batch_sizes == [1, 1]
+
+
+async def test_requests_arriving_together_wait_for_each_other(tmp_path: Path) -> None:
+    """Requests still inside ``generate`` (looking for a stored result) are known to be coming."""
+    server = make_server(tmp_path, batch_wait_timeout_s=60.0)
+    results = await asyncio.wait_for(asyncio.gather(*(collect(server, req(i)) for i in range(3))), timeout=10)
+    assert all(events[-1]["type"] == "done" for events in results)
+    assert server.batch_sizes == [3]
+
+
+async def test_after_a_full_batch_the_next_one_waits_for_companions(tmp_path: Path) -> None:
+    """A full batch says the replica is saturated: the next head waits (bounded) for company."""
+    server = make_server(tmp_path, max_batch_size=2, batch_wait_timeout_s=60.0)
+    server.generator.gate.clear()
+    full = [asyncio.create_task(collect(server, req(i))) for i in range(2)]
+    await until(lambda: server.generator.calls == [2])
+    third = asyncio.create_task(collect(server, req(2)))
+    await until(lambda: server.stats()["queued"] == 1)
+    server.generator.gate.set()
+    await asyncio.wait_for(asyncio.gather(*full), timeout=5)
+    await until(lambda: server.stats()["finishing"] == 0)
+    assert server.stats()["queued"] == 1 and server.generator.calls == [2]  # waiting for a companion
+    fourth = asyncio.create_task(collect(server, req(3)))
+    await asyncio.wait_for(asyncio.gather(third, fourth), timeout=5)
+    assert server.batch_sizes == [2, 2]
+
+
+# --- buckets ------------------------------------------------------------------------------------
+
+async def test_sizes_steps_and_guidance_are_bucketed_fifo_by_the_oldest_head(tmp_path: Path) -> None:
+    server = make_server(tmp_path)
+    first = await held_first(server, req(0))  # 64×64, 4 steps (the spec's defaults)
+    shapes = [{}, {"width": 96}, {}, {"steps": 8}, {"width": 96}, {"guidance": 2.0}, {"width": 64, "height": 64}]
+    later = [asyncio.create_task(collect(server, req(i + 1, **shape))) for i, shape in enumerate(shapes)]
+    await until(lambda: server.stats()["queued"] == len(shapes))
+    assert server.stats()["queued_buckets"] == {"t2i 64x64 steps=4 guidance=5.0": 3, "t2i 96x64 steps=4 guidance=5.0": 2,
+                                                "t2i 64x64 steps=8 guidance=5.0": 1,
+                                                "t2i 64x64 steps=4 guidance=2.0": 1}
+    server.generator.gate.set()
+    results = await asyncio.wait_for(asyncio.gather(first, *later), timeout=10)
+    assert all(events[-1]["type"] == "done" for events in results)
+    # heads in arrival order: job_1 (64), job_2 (96), job_4 (8 steps), job_6 (guidance 2)
+    assert [b["bucket"] for b in server.stats()["batches"]] == [
+        "t2i 64x64 steps=4 guidance=5.0", "t2i 64x64 steps=4 guidance=5.0", "t2i 96x64 steps=4 guidance=5.0",
+        "t2i 64x64 steps=8 guidance=5.0", "t2i 64x64 steps=4 guidance=2.0"]
+    assert server.batch_sizes == [1, 3, 2, 1, 1] == server.generator.calls
+    assert server.stats()["buckets"]["t2i 64x64 steps=4 guidance=5.0"] == {"batches": 2, "requests": 4, "max_size": 3}
+
+
+async def test_a_lone_odd_sized_request_is_not_starved(tmp_path: Path) -> None:
+    """The odd one is the oldest head once the running batch ends: it goes before the crowd behind it."""
+    server = make_server(tmp_path)
+    first = await held_first(server, req(0))
+    odd = asyncio.create_task(collect(server, req(1, width=128, height=128)))
+    await until(lambda: server.stats()["queued"] == 1)
+    crowd = [asyncio.create_task(collect(server, req(i))) for i in range(2, 6)]
+    await until(lambda: server.stats()["queued"] == 5)
+    server.generator.gate.set()
+    await asyncio.wait_for(asyncio.gather(first, odd, *crowd), timeout=10)
+    assert [(b["size"], b["bucket"].split()[1]) for b in server.stats()["batches"]] == [
+        (1, "64x64"), (1, "128x128"), (4, "64x64")]
+
+
+async def test_lora_sets_batch_only_with_the_same_set(tmp_path: Path) -> None:
+    server = make_server(tmp_path)
+
+    async def no_adapters(set_id: str) -> list[Any]:
+        return []
+
+    server.adapter_set = no_adapters  # type: ignore[method-assign]
+    first = await held_first(server, req(0))
+    later = []
+    for i in range(1, 5):
+        r = req(i)
+        r["adapter_set"] = '[["l1","k",1.0]]' if i % 2 else ""
+        later.append(asyncio.create_task(collect(server, r)))
+    await until(lambda: server.stats()["queued"] == 4)
+    server.generator.gate.set()
+    await asyncio.wait_for(asyncio.gather(first, *later), timeout=10)
+    assert [b["bucket"] for b in server.stats()["batches"]] == [
+        "t2i 64x64 steps=4 guidance=5.0", "t2i 64x64 steps=4 guidance=5.0 loras=1", "t2i 64x64 steps=4 guidance=5.0"]
+    assert server.batch_sizes == [1, 2, 2]
+
+
+# --- encoding and upload beside the next batch ----------------------------------------------------
+
+async def test_the_next_batch_denoises_while_the_previous_one_uploads(tmp_path: Path) -> None:
+    server = make_server(tmp_path)
+    storage = HeldStorage(server.storage, {"job_0"})
+    server.storage = storage
+    first = asyncio.create_task(collect(server, req(0)))
+    await until(storage.blocked.is_set)  # job_0's upload is held
+    second = await asyncio.wait_for(collect(server, req(1)), timeout=5)
+    # the second batch ran its steps and even finished while the first one's upload is still held
+    assert server.generator.calls == [1, 1] and second[-1]["type"] == "done"
+    assert not first.done() and not any("/job_0/" in key for key in storage.stored)
+    storage.release.set()
+    events = await asyncio.wait_for(first, timeout=5)
+    types = [e["type"] for e in events]
+    assert types == ["stage", "progress", "progress", "progress", "stage", "output", "done"], types
+    assert [e["stage"] for e in events if e["type"] == "stage"] == ["generating", "encoding"]
+    assert events[-2]["key"] == "outputs/u/job_0/0.png" and events[-2]["thumbnail_key"] == "outputs/u/job_0/0.thumb.jpg"
+    # each run's result record is still written after its outputs
+    assert storage.stored.index("outputs/u/job_0/result.json") > storage.stored.index("outputs/u/job_0/0.png")
+    assert server.storage.exists("outputs/u/job_1/result.json")
+    assert server.stats()["jobs"]["job_0"]["state"] == "succeeded"
+
+
+async def test_a_backlog_of_uploads_holds_the_next_batch(tmp_path: Path) -> None:
+    """At most FINISHING_KEPT batches finish beside the denoising; one more and the loop waits."""
+    import serve.generator as generator
+
+    server = make_server(tmp_path)
+    storage = HeldStorage(server.storage, {"job_0", "job_1", "job_2"})
+    server.storage = storage
+    tasks = []
+    for i in range(generator.FINISHING_KEPT + 1):
+        tasks.append(asyncio.create_task(collect(server, req(i))))
+        await until(lambda n=i + 1: len(server.generator.calls) == n)
+    last = asyncio.create_task(collect(server, req(9)))
+    await until(lambda: server.stats()["queued"] == 1 and server.stats()["finishing"] == generator.FINISHING_KEPT + 1)
+    assert len(server.generator.calls) == generator.FINISHING_KEPT + 1  # the loop waits for the encoder
+    storage.release.set()
+    results = await asyncio.wait_for(asyncio.gather(*tasks, last), timeout=10)
+    assert all(events[-1]["type"] == "done" for events in results)
+    assert len(server.generator.calls) == generator.FINISHING_KEPT + 2
+
+
+async def test_a_job_canceled_while_its_batch_encodes_is_canceled(tmp_path: Path) -> None:
+    server = make_server(tmp_path)
+    storage = HeldStorage(server.storage, {"job_0"})
+    server.storage = storage
+    tasks = [asyncio.create_task(collect(server, req(i))) for i in range(2)]
+    await until(storage.blocked.is_set)  # job_0 uploading, job_1 waits behind it in the same batch
+    assert await server.cancel("job_1") is True
+    storage.release.set()
+    first, second = await asyncio.wait_for(asyncio.gather(*tasks), timeout=5)
+    assert first[-1]["type"] == "done"
+    assert second[-1]["type"] == "error" and second[-1]["code"] == "canceled"
+    assert not server.storage.exists("outputs/u/job_1/0.png")
+
+
+# --- the real pipeline --------------------------------------------------------------------------
+
+@pytest.fixture
+def tiny_dir(tmp_path: Path) -> Iterator[Path]:
+    from models.tiny import make_tiny
+
+    previous = limit_threads(1)
+    out = tmp_path / "tiny"
+    make_tiny(out, ["tiny-sd"])
+    yield out
+    limit_threads(previous)
+
+
+async def test_mixed_sizes_and_steps_on_tiny_sd_run_one_pipeline_call_per_batch(tmp_path: Path,
+                                                                                  tiny_dir: Path) -> None:
+    """With the real generator the buckets are its exact keys: every batch is one pipeline call."""
+    server = make_server(tmp_path, cls=GeneratorServer, tiny_dir=str(tiny_dir), threads=1)
+    calls: list[list[int]] = []
+    real = server.generator.generate
+
+    def generate(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return real(*args, **kwargs)
+        finally:
+            calls.append(list(server.generator.last_batch_sizes))
+
+    server.generator.generate = generate
+    shapes = [{"width": 64, "steps": 2}, {"width": 96, "steps": 2}, {"width": 64, "steps": 2},
+              {"width": 64, "steps": 3}, {"width": 96, "steps": 2}, {"width": 64, "steps": 2}]
+    results = await asyncio.wait_for(asyncio.gather(*(collect(server, req(i, **s)) for i, s in enumerate(shapes))),
+                                     timeout=120)
+    for shape, events in zip(shapes, results, strict=True):
+        assert events[-1]["type"] == "done", events[-1]
+        assert events[-2]["width"] == shape["width"]
+        steps = [e for e in events if e["type"] == "progress"]
+        assert steps[-1]["total"] == shape["steps"]
+    assert sorted(server.batch_sizes) == [1, 2, 3]
+    assert calls == [[n] for n in server.batch_sizes]  # one pipeline call per batch
