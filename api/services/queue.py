@@ -81,8 +81,9 @@ class QueueService:
                        Job.run_s.is_not(None), or_(Job.provider.is_(None), Job.provider == "local"))
                 .order_by(Job.completed_at.desc()).limit(self.settings.queue_eta_samples)).all()
         rate = seconds_per_unit((float(run_s), params or {}) for run_s, params in rows)
-        with self._lock:
-            self._rates[key] = (now + self.settings.queue_eta_cache_s, rate)
+        if rate is not None:  # not cached while unmeasured: the first success shows at once
+            with self._lock:
+                self._rates[key] = (now + self.settings.queue_eta_cache_s, rate)
         return rate
 
     def estimates(self, jobs: Iterable[Job]) -> dict[str, QueueEstimate]:

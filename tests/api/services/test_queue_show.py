@@ -95,6 +95,19 @@ async def test_queue_positions_match_the_start_order(settings: Settings, storage
         first.set()
         for job_id in [holder, *queued]:
             assert (await wait_job(db, job_id, timeout_s=30)).status == "succeeded"
-    started = [r.job_id for r in executor.runs]
+
+        # measured now (six runs of tiny-sd here): the ETA is a number for the next ones
+        again = executor.gates["again"] = threading.Event()
+        busy_again = await submit(alice, "again")
+        await wait_until(lambda: executor.runs[-1].job_id == busy_again, 20, what="the slot to be busy again")
+        waiting = await submit(bob, "after")
+        body = (await client.get(f"/v1/jobs/{waiting}", headers=bearer(bob.api_key))).json()
+        assert body["queue_position"] == 0 and body["eta_s"] is not None and body["eta_s"] >= 0
+        running = (await client.get(f"/v1/jobs/{busy_again}", headers=bearer(alice.api_key))).json()
+        assert running["queue_position"] is None and running["eta_s"] is not None
+        assert body["eta_s"] >= running["eta_s"]  # it starts after the running one ends
+        again.set()
+        assert (await wait_job(db, waiting, timeout_s=30)).status == "succeeded"
+    started = [r.job_id for r in executor.runs][:6]
     assert started[0] == holder and sorted(started[1:]) == sorted(queued)
     assert [positions[j] for j in started[1:]] == [0, 1, 2, 3, 4], (started, positions)
