@@ -23,6 +23,12 @@ from tests.fixtures.fake_executor import FakeExecutor
 from tests.fixtures.harness import add_user, balance, get_job, ledger_rows, wait_until
 
 
+@pytest.fixture
+def db(backend_db: Database) -> Database:
+    """Every test here runs on SQLite and again on PostgreSQL (row locks, conditional claims)."""
+    return backend_db
+
+
 @pytest.mark.parametrize(("text", "seconds"), [
     ("90s", 90), ("5m", 300), ("1h", 3600), ("1h30m", 5400), ("1m30s", 90), ("2h0m5s", 7205), (" 1s ", 1),
 ])
