@@ -597,5 +597,14 @@ def delete_video(video_id: str, user: User = Depends(current_user),
 # models --------------------------------------------------------------------------------------
 @router.get("/models", response_model=ModelList)
 def list_models(user: User = Depends(current_user), state: AppState = Depends(get_state)) -> ModelList:
-    owner = getattr(state.settings, "replicate_owner", "cineweave")
+    owner = state.settings.replicate_owner
     return ModelList(data=[ModelObject(id=spec.id, created=0, owned_by=owner) for spec in state.catalog.enabled()])
+
+
+@router.get("/models/{model_id}", response_model=ModelObject)
+def get_model(model_id: str, user: User = Depends(current_user), state: AppState = Depends(get_state)) -> ModelObject:
+    spec = state.catalog.get(model_id)
+    if spec is None or not spec.enabled:
+        raise NotFound(f"The model '{model_id}' does not exist or you do not have access to it.",
+                       {"field": "model"}, code="model_not_found")
+    return ModelObject(id=spec.id, created=0, owned_by=state.settings.replicate_owner)

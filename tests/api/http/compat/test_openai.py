@@ -371,8 +371,28 @@ def test_video_list_pages_with_after_limit_and_order(make_backend_stack: Callabl
 def test_models_list(make_stack: Callable[..., Stack]) -> None:
     stack = make_stack()
     user = add_user(stack.db, stack.settings, credits=1)
-    ids = [m.id for m in stack.client(user.api_key).models.list()]
+    client = stack.client(user.api_key)
+    ids = [m.id for m in client.models.list()]
     assert "tiny-sd" in ids and "tiny-wan" in ids
+    assert client.models.retrieve("tiny-wan").id == "tiny-wan"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-9")
+
+
+def test_video_expires_at_follows_the_retention_setting() -> None:
+    from datetime import UTC, datetime
+
+    from api.db.tables import Job
+    from api.http.compat.openai import video_view
+
+    done = datetime(2026, 1, 1, tzinfo=UTC)
+    job = Job(user_id="u", model="tiny-wan", kind="video", task="t2v", status="succeeded", progress=1.0,
+              input={"prompt": "p", "width": 64, "height": 48, "duration": 2.125}, created_at=done,
+              completed_at=done)
+    assert video_view(job, 7).expires_at == int(done.timestamp()) + 7 * 86400
+    assert video_view(job, 0).expires_at is None
+    view = video_view(job, 0)
+    assert (view.size, view.seconds, view.status, view.progress) == ("64x48", "2.125", "completed", 100)
 
 
 # errors through the client --------------------------------------------------------------------
@@ -469,7 +489,7 @@ def test_video_create_takes_json_too_and_the_schema_types_every_route(make_stack
     schema = httpx.get(f"{stack.server.url}/openapi.json", timeout=10).json()
     ours = {(path, method): op for path, ops in schema["paths"].items() if path.startswith("/openai/")
             for method, op in ops.items()}
-    assert len(ours) == 8
+    assert len(ours) == 9
     for (path, method), op in ours.items():
         content = op["responses"]["200"]["content"]
         if path.endswith("/content"):
