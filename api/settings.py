@@ -76,7 +76,8 @@ class Settings(BaseSettings):
     url_ttl_s: int = 3600
     runner_enabled: bool = True
     runner_concurrency: int = 32
-    runner_poll_s: float = 0.5
+    # only the safety net: the runner is woken (notify) when a job is queued, due or a slot frees
+    runner_poll_s: float = 5.0
     lease_s: float = 30.0
     # SQLite's busy timeout for writes under a lease (the runner's): well below the lease, so a
     # blocked write fails (and is retried) long before the lease runs out.

@@ -26,6 +26,7 @@ and on what else runs on it: the JSON records the load average around the run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -204,6 +205,114 @@ def run(size: int, steps: int, repeats: int, concurrency: int, rounds: int, thre
     }
 
 
+def profile(size: int, steps: int, repeats: int, tiny_dir: Path, data_dir: Path, out: Path) -> dict[str, Any]:
+    """Claim → settled under pyinstrument, on the tiny-sd path.
+
+    The stack runs without its own runner; a :class:`~api.runner.runner.Runner` on this thread's
+    event loop drives the same ``RayExecutor``/router the API uses, and jobs are submitted through
+    :class:`~api.services.jobs.JobService` (no HTTP: only claim → settled is profiled). The profiler
+    runs in async mode, so the time a coroutine spends awaiting (a database call on the runner's
+    pool, the replica's stream) is attributed to the line that awaits it.
+    """
+    import asyncio
+
+    from pyinstrument import Profiler
+
+    from api.db.engine import Database
+    from api.runner.runner import Runner
+    from api.services.events import EventBus
+    from api.services.jobs import JobService, Submission
+    from api.services.notify import Notifier
+    from api.services.users import create_user
+    from api.settings import Settings
+    from api.storage.base import make_storage
+    from models.catalog import Catalog
+    from models.generator import limit_threads
+    from ops.server import free_port, running_stack
+
+    catalog = Catalog.load()
+    spec = catalog.get(MODEL)
+    assert spec is not None
+    request = {"prompt": "a lighthouse at dusk", "width": size, "height": size, "steps": steps,
+               "guidance": spec.defaults.guidance}
+    settings = Settings(data_dir=data_dir, tiny_models_dir=tiny_dir.resolve(), port=free_port(),
+                        admin_key=secrets.token_urlsafe(24), max_active_jobs=64, rate_limit_per_minute=1_000_000,
+                        overflow_enabled=False, runner_enabled=False, _env_file=None)
+    limit_threads(1)
+    with running_stack(settings, models=[MODEL]) as (_url, stack):
+        db = Database(settings)
+        storage = make_storage(settings.resolved_storage_url(), signing_secret=settings.resolved_signing_secret(),
+                               public_base_url=f"http://{settings.host}:{settings.port}")
+        db.migrate()
+        with db.session() as session:
+            user = create_user(session, settings, f"profile-{uuid.uuid4().hex[:8]}@example.com", None, 1_000_000)
+            session.commit()
+        run_s: list[float] = []
+        queue_s: list[float] = []
+
+        async def main() -> Profiler:
+            bus = EventBus()
+            bus.bind(asyncio.get_running_loop())
+            notifier = Notifier(db)
+            notifier.subscribe("events", bus.on_notification)
+            await notifier.start()
+            jobs = JobService(db, settings, catalog, storage, bus)
+
+            def make_runner() -> Runner:
+                return Runner(db, stack.executor(), settings, storage, bus, notifier=notifier)
+
+            async def one(seed: int) -> None:
+                job, _ = await asyncio.to_thread(jobs.submit, user.user, Submission(MODEL, {**request, "seed": seed}))
+                deadline = time.monotonic() + JOB_TIMEOUT_S
+                while time.monotonic() < deadline:
+                    waiter = bus.waiter(job.id)
+                    try:
+                        current = await asyncio.to_thread(jobs.get, None, job.id)
+                        if current.status in ("succeeded", "failed", "canceled"):
+                            if current.status != "succeeded":
+                                raise RuntimeError(f"job {job.id} {current.status}: {current.error_code}")
+                            run_s.append(current.run_s or 0.0)
+                            queue_s.append(current.queue_s or 0.0)
+                            return
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(waiter.wait(), timeout=1.0)
+                    finally:
+                        bus.release(job.id, waiter)
+                raise TimeoutError(f"job {job.id} did not finish")
+
+            try:
+                warm = make_runner()  # warm-up: the first calls of each path, outside the profile
+                warm.start()
+                try:
+                    for seed in range(2):
+                        await one(seed)
+                finally:
+                    await warm.stop()
+                run_s.clear()
+                queue_s.clear()
+                # started before the runner: its loop and job tasks inherit the profiled context
+                profiler = Profiler(async_mode="enabled", interval=0.0005)
+                profiler.start()
+                runner = make_runner()
+                runner.start()
+                try:
+                    for i in range(repeats):
+                        await one(100 + i)
+                finally:
+                    await runner.stop()
+                profiler.stop()
+                return profiler
+            finally:
+                await notifier.stop()
+
+        profiler = asyncio.run(main())
+        db.dispose()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(profiler.output_text(unicode=True, show_all=False))
+    return {"profile": str(out), "job_run_s": stats_ms(run_s), "job_queue_s": stats_ms(queue_s),
+            "load_average": load_average(), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
 def table(report: dict[str, Any]) -> Any:
     from rich.table import Table
 
@@ -236,11 +345,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="the runner's polling interval (default: the product default, CINEWEAVE_RUNNER_POLL_S)")
     parser.add_argument("--tiny-dir", type=Path, default=Path("var/tiny-models"))
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--profile", type=Path, default=None, metavar="TXT",
+                        help="instead: profile claim → settled with pyinstrument, write the report to TXT")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from rich.console import Console
 
+    if args.profile is not None:
+        with tempfile.TemporaryDirectory(prefix="bench-profile-") as tmp:
+            summary = profile(args.size, args.steps, args.repeats, args.tiny_dir, Path(tmp), args.profile)
+        print(json.dumps(summary, indent=2))
+        return 0
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         report = run(args.size, args.steps, args.repeats, args.concurrency, args.rounds, args.threads,
                      args.runner_poll_s, args.tiny_dir, Path(tmp))

@@ -128,7 +128,8 @@ def create_app(settings: Settings, executor: Executor | None = None, *, catalog:
         deadlines.start()
         if executor is not None and want_runner:
             state.runner = Runner(db, executor, settings, storage, bus, metrics=metrics,
-                                  resolve_input=resolve_input or InputResolver(db, settings, storage, catalog))
+                                  resolve_input=resolve_input or InputResolver(db, settings, storage, catalog),
+                                  notifier=state.notifier)  # woken by it, not by a poll
             state.runner.start()
         # /metrics renders cached gauges; this thread refreshes them (database, cluster)
         metrics.start_refresher(settings.metrics_refresh_s)

@@ -15,6 +15,14 @@ one thread per job slot, so a renewal never queues behind claims, records or oth
 A renewal that fails (a database error, or a call still blocked) is retried until the lease would
 have expired; then the runner gives the job up (``LeaseLost``) and writes nothing more for it.
 
+Wake-ups, not polling: the loop sleeps until something can be claimed. The one cross-process
+signal (:mod:`api.services.notify`) says so: a job queued in this process wakes it right after the
+commit (no round trip), one queued elsewhere through PostgreSQL ``LISTEN/NOTIFY``; a job requeued
+with a backoff says when it is due and the loop wakes then; a job of this runner that ends frees
+its slot and wakes the loop directly. ``runner_poll_s`` is only the safety net (a lost
+notification, a lease that expired), and the sweep for expired leases runs at that pace, not on
+every wake-up.
+
 Fairness: the next job is taken from the user served least recently (round-robin across users
 within a priority), so one user's burst does not starve the others.
 """
@@ -22,18 +30,21 @@ within a priority), so one user's burst does not starve the others.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
+import heapq
 import logging
 import socket
 import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlmodel import Session
 
@@ -55,6 +66,7 @@ from api.core.jobs import JobStatus
 from api.db.engine import Database, DatabaseBusy
 from api.db.tables import Job, User, utcnow
 from api.services.events import EventBus, record_event
+from api.services.notify import Notifier
 from api.services.settlement import (
     announce,
     finish_job,
@@ -70,6 +82,8 @@ from api.storage.base import Storage
 logger = logging.getLogger(__name__)
 
 PROGRESS_MIN_INTERVAL_S = 0.2
+MAX_DUE = 1024  # retry due times remembered for wake-ups (more: the safety poll finds them)
+CLAIM_CANDIDATES = 8
 DB_THREADS = 4  # claims, records and settlements; SQLite serialises writes anyway
 WRITE_RETRY_S = 0.1
 CANCEL_SENDS = 30  # cancels sent to a run that goes on after one (one per poll interval, times 4)
@@ -79,6 +93,31 @@ T = TypeVar("T")
 
 class LeaseLost(Exception):
     """This runner no longer owns the job: another runner reclaimed it."""
+
+
+Recorded = tuple[ExecutorEvent, str, dict[str, Any]]  # an event, and the type and data published for it
+
+
+@dataclass(frozen=True)
+class Settled:
+    """What a settlement wrote: the job's new status, the events recorded with it, and for a
+    requeued job when it is due again (epoch seconds)."""
+
+    status: str
+    recorded: list[Recorded]
+    due: float | None = None
+
+
+def coalesce(pending: list[ExecutorEvent], event: ExecutorEvent) -> None:
+    """Buffer ``event``: a progress or stage event replaces a buffered one of the same stage (only
+    the latest is worth writing); everything else is kept, in order."""
+    if isinstance(event, ProgressEvent | StageEvent) and pending:
+        last = pending[-1]
+        if isinstance(last, ProgressEvent | StageEvent) and last.stage == event.stage and not (
+                isinstance(last, ProgressEvent) and isinstance(event, StageEvent)):
+            pending[-1] = event
+            return
+    pending.append(event)
 
 
 def database_unavailable(exc: BaseException) -> bool:
@@ -95,7 +134,8 @@ InputFn = Callable[[Job], dict[str, Any]]
 class Runner:
     def __init__(self, db: Database, executor: Executor, settings: Settings, storage: Storage,
                  bus: EventBus | None = None, *, runner_id: str | None = None,
-                 resolve_input: InputFn | None = None, metrics: Any = None) -> None:
+                 resolve_input: InputFn | None = None, metrics: Any = None,
+                 notifier: Notifier | None = None) -> None:
         self.db = db
         self.executor = executor
         self.settings = settings
@@ -111,6 +151,16 @@ class Runner:
         self._loop_task: asyncio.Task[None] | None = None
         self._db_pool: ThreadPoolExecutor | None = None
         self._lease_pool: ThreadPoolExecutor | None = None
+        self.notifier = notifier
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake = asyncio.Event()  # something may be claimable: run a tick now
+        self._due: list[float] = []  # heap of epoch seconds at which a requeued job becomes due
+        self._cancel_wakes: dict[str, asyncio.Event] = {}  # job id -> set when a cancel may be requested
+        # cancel notices for jobs not (yet) watched: one may arrive between a claim's commit and the
+        # watch's registration
+        self._recent_cancels: collections.deque[str] = collections.deque(maxlen=256)
+        self._listening = False
+        self.ticks = 0  # ticks the loop has finished (tests wait for the first one before submitting)
 
     # threads -----------------------------------------------------------------------------
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
@@ -175,7 +225,88 @@ class Runner:
     def start(self) -> None:
         self._stopping.clear()
         self._bind_bus()
+        self._listen()
         self._loop_task = asyncio.create_task(self.run_forever(), name=f"runner-{self.id}")
+
+    def _listen(self) -> None:
+        """Hear what makes a job claimable (notifications) and cancel requests (bus and notifications)."""
+        self._loop = asyncio.get_running_loop()
+        if self._listening:
+            return
+        self._listening = True
+        self.bus.add_listener(self._on_bus)
+        if self.notifier is not None:
+            self.notifier.subscribe("events", self._on_notice)
+
+    def _unlisten(self) -> None:
+        if self.notifier is not None and self._listening:
+            self.notifier.unsubscribe("events", self._on_notice)
+        # the bus keeps its listener (it has no removal); _on_bus ignores jobs this runner does not hold
+
+    # wake-ups ------------------------------------------------------------------------------
+    def _on_threadsafe(self, fn: Callable[[], None]) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            fn()
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(fn)
+
+    def wake(self) -> None:
+        """Claim now (from any thread): something may have become claimable."""
+        self._on_threadsafe(self._wake.set)
+
+    def _on_notice(self, message: dict[str, Any]) -> None:
+        """``notify`` subscriber (kind ``events``), on the loop: wake for a queued job (at once, or
+        when its backoff ends) and wake the cancel watch of a job this runner drives."""
+        type_ = message.get("type")
+        job_id = message.get("job")
+        if message.get("reconnected") or type_ is None:  # missed notifications, or a shrunk payload
+            self._wake.set()
+            for event in self._cancel_wakes.values():
+                event.set()
+            return
+        if type_ == "status" and message.get("s") == "queued":
+            at = message.get("at")
+            if isinstance(at, int | float) and at > time.time():
+                self._add_due(float(at))
+            else:
+                self._wake.set()
+        elif type_ == "logs" and isinstance(job_id, str):
+            self._cancel_notice(job_id)  # a cancel request is recorded as a log line
+
+    def _on_bus(self, job_id: str, type_: str, _data: dict[str, Any]) -> None:
+        """Bus listener: a cancel requested in this process (``JobService.cancel`` publishes it)."""
+        if type_ == "cancel":
+            self._cancel_notice(job_id)
+
+    def _cancel_notice(self, job_id: str) -> None:
+        wake = self._cancel_wakes.get(job_id)
+        if wake is not None:
+            wake.set()
+        else:
+            self._recent_cancels.append(job_id)
+
+    def _add_due(self, at: float, *, wake: bool = True) -> None:
+        if len(self._due) >= MAX_DUE or at in self._due:
+            return
+        earliest = not self._due or at < self._due[0]
+        heapq.heappush(self._due, at)
+        if wake and earliest:
+            self._wake.set()  # the loop recomputes its wait: this one is the earliest
+
+    def _wait_s(self, since_sweep_s: float) -> float:
+        """Until the next safety-net sweep or the earliest retry due, whichever comes first."""
+        wait = max(0.0, self.settings.runner_poll_s - since_sweep_s)
+        if self._due:
+            wait = min(wait, max(0.0, self._due[0] - time.time()))
+        return wait
 
     async def stop(self, grace_s: float = 5.0, *, release_leases: bool = True) -> None:
         """Stop claiming; let running jobs finish for ``grace_s``, then abandon them.
@@ -188,6 +319,8 @@ class Runner:
         Either way stopping never loses or double-charges a job.
         """
         self._stopping.set()
+        self._wake.set()
+        self._unlisten()
         if self._loop_task:
             await asyncio.wait([self._loop_task], timeout=grace_s)
         tasks = list(self._tasks.items())
@@ -224,26 +357,54 @@ class Runner:
         return len(released)
 
     async def run_forever(self) -> None:
+        """Tick when woken (a job queued or due, a slot freed) and, as a safety net, every
+        ``runner_poll_s``; the sweep for expired leases runs only at that pace."""
+        last_sweep: float | None = None
         while not self._stopping.is_set():
+            self._wake.clear()  # before the tick: a wake-up during it runs another
+            started_at, started_wall = time.monotonic(), time.time()
+            sweep = last_sweep is None or started_at - last_sweep >= self.settings.runner_poll_s
             try:
-                await self.tick()
+                await self.tick(sweep=sweep)
+                if sweep:
+                    last_sweep = started_at
             except Exception:  # noqa: BLE001 - the loop must survive a bad tick (db hiccup)
                 logger.exception("runner tick failed")
+                last_sweep = started_at  # a failing database: retry at the poll's pace, not in a spin
+            while self._due and self._due[0] <= started_wall:
+                heapq.heappop(self._due)  # due before this tick began: it has looked for them
+            self.ticks += 1
+            if self._stopping.is_set():
+                break
+            wait = self._wait_s(time.monotonic() - (last_sweep or started_at))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), timeout=self.settings.runner_poll_s)
+                await asyncio.wait_for(self._wake.wait(), timeout=wait)
 
-    async def tick(self) -> int:
-        """Reclaim expired leases, then claim and start jobs into free slots. Returns jobs started."""
-        await self._call(self.reclaim_expired)
+    async def tick(self, *, sweep: bool = True) -> int:
+        """Claim and start jobs into free slots (first, with ``sweep``, reclaim expired leases and
+        learn when the next requeued job is due). Returns jobs started."""
+        if sweep:
+            await self._call(self.reclaim_expired)
         started = 0
         while len(self._tasks) < self.settings.runner_concurrency and not self._stopping.is_set():
-            job = await self._call(self.claim_next)
+            job, more = await self._call(self._claim)
             if job is None:
                 break
+            # the cancel watch's wake-up exists from the claim on: a cancel requested before the
+            # watch starts is not missed (nor one requested before the claim committed)
+            wake = self._cancel_wakes.setdefault(job.id, asyncio.Event())
+            if job.cancel_requested or job.id in self._recent_cancels:
+                wake.set()
             task = asyncio.create_task(self._drive_guarded(job), name=f"job-{job.id}")
             self._tasks[job.id] = task
             task.add_done_callback(functools.partial(self._slot_freed, job.id))
             started += 1
+            if not more:
+                break  # nothing else was queued: no second query (a new job wakes the loop)
+        if sweep and len(self._tasks) < self.settings.runner_concurrency:
+            due = await self._call(self._next_due)
+            if due is not None:
+                self._add_due(due, wake=False)  # the loop computes its wait after this tick
         return started
 
     async def drain(self, timeout_s: float = 30.0) -> None:
@@ -263,6 +424,8 @@ class Runner:
     def _slot_freed(self, job_id: str, _task: asyncio.Task[None]) -> None:
         self._tasks.pop(job_id, None)
         self._lease_deadline.pop(job_id, None)
+        self._cancel_wakes.pop(job_id, None)
+        self._wake.set()  # a free slot: claim the next queued job now
 
     # claiming ----------------------------------------------------------------------------
     def _has_claimable(self) -> bool:
@@ -272,35 +435,41 @@ class Runner:
 
     def claim_next(self) -> Job | None:
         """Claim one job (blocking; the loop calls it on the runner's pool)."""
+        return self._claim()[0]
+
+    def _claim(self) -> tuple[Job | None, bool]:
+        """Claim one job in one transaction; also say whether more may be claimable now.
+
+        Round trips: the candidates, one ``UPDATE … RETURNING`` that claims the job and sets its
+        start (no re-read), the user's turn, the status event; then the commit.
+        """
         claimed_at = time.monotonic()  # the lease runs out lease_s after this, at the latest
         now = utcnow()
         with self.db.lease_session() as session:
             candidates = session.execute(
-                select(Job.id, Job.user_id).join(User, User.id == Job.user_id)
+                select(Job.id, Job.user_id, Job.started_at, Job.created_at).join(User, User.id == Job.user_id)
                 .where(Job.status == JobStatus.QUEUED.value,
                        (Job.next_attempt_at.is_(None)) | (Job.next_attempt_at <= now),
                        # a passed start deadline (Cancel-After): the deadline watcher aborts it
                        (Job.start_deadline_at.is_(None)) | (Job.start_deadline_at > now))
                 .order_by(Job.priority.desc(), User.last_served_at.asc().nulls_first(), Job.created_at.asc())
-                .limit(8)).all()
-            for job_id, user_id in candidates:
-                claimed = session.execute(
+                .limit(CLAIM_CANDIDATES)).all()
+            for index, (job_id, user_id, started_at, created_at) in enumerate(candidates):
+                first = started_at is None
+                values: dict[str, Any] = {
+                    "status": JobStatus.RUNNING.value, "stage": "starting", "lease_owner": self.id,
+                    "lease_expires_at": now + timedelta(seconds=self.settings.lease_s),
+                    "attempts": Job.attempts + 1, "updated_at": now, "next_attempt_at": None}
+                if first:  # started_at is only ever set by a claim, and this one is conditional on queued
+                    values.update(started_at=now, queue_s=(now - created_at).total_seconds())
+                job = session.execute(
                     update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
-                    .values(status=JobStatus.RUNNING.value, stage="starting", lease_owner=self.id,
-                            lease_expires_at=now + timedelta(seconds=self.settings.lease_s),
-                            attempts=Job.attempts + 1, updated_at=now, next_attempt_at=None)
-                    .execution_options(synchronize_session=False))
-                if claimed.rowcount != 1:
+                    .values(**values).returning(Job)
+                    .execution_options(synchronize_session=False, populate_existing=True)).scalars().first()
+                if job is None:
                     continue  # another runner took it
                 session.execute(update(User).where(User.id == user_id).values(last_served_at=now)
                                 .execution_options(synchronize_session=False))
-                job = session.get(Job, job_id)
-                assert job is not None
-                session.refresh(job)
-                first = job.started_at is None
-                if first:
-                    job.started_at = now
-                    job.queue_s = (now - job.created_at).total_seconds()
                 data: dict[str, Any] = {"status": job.status, "stage": job.stage, "attempt": job.attempts}
                 if not first:
                     data["resumed"] = True  # claimed before (a handover keeps attempt 1): no second "start"
@@ -310,8 +479,16 @@ class Runner:
                 self.bus.publish(job.id, "start" if job.attempts == 1 and first else "status",
                                  {"status": job.status, "attempt": job.attempts})
                 logger.info("runner %s claimed job %s (attempt %d)", self.id, job.id, job.attempts)
-                return job
-        return None
+                more = index + 1 < len(candidates) or len(candidates) == CLAIM_CANDIDATES
+                return job, more
+        return None, False
+
+    def _next_due(self) -> float | None:
+        """When the earliest job requeued with a backoff becomes due (epoch seconds), if any."""
+        with self.db.read() as session:
+            due = session.execute(select(func.min(Job.next_attempt_at)).where(
+                Job.status == JobStatus.QUEUED.value, Job.next_attempt_at > utcnow())).scalar()
+        return due.timestamp() if due is not None else None
 
     def reclaim_expired(self) -> int:
         """Jobs whose runner vanished: retry them, or fail and refund when out of attempts."""
@@ -361,28 +538,37 @@ class Runner:
             heartbeat.result()  # raises LeaseLost
         cancel_watch = asyncio.create_task(self._watch_cancel(job.id))
         final: ExecutorEvent | None = None
-        last_progress = 0.0
         timer = getattr(self.metrics, "stage_timer", None)
         stages = timer(job.model) if timer is not None else None  # "starting" until the first stage
+        loop = asyncio.get_running_loop()
+        # Coalescing: progress, stages, logs and outputs are buffered and written together, at most
+        # one write per PROGRESS_MIN_INTERVAL_S; a provider or checkpoint event is written at once
+        # (with what is buffered, in order); what is still buffered at the end goes into the
+        # settlement's transaction, so the last progress and every output are always written.
+        pending: list[ExecutorEvent] = []
+        last_write = loop.time()  # the claim
+        flush_at: list[float | None] = [None]  # when what is buffered must be written
         stream = self.executor.run(request)
         try:
-            async for event in self._events(stream, heartbeat):
+            async for event in self._events(stream, heartbeat, lambda: flush_at[0]):
                 if heartbeat.done():
                     heartbeat.result()  # raises LeaseLost
+                if event is None:  # the flush deadline passed with no event: write what is buffered
+                    await self._write(job.id, pending)
+                    pending, last_write, flush_at[0] = [], loop.time(), None
+                    continue
                 if stages is not None and isinstance(event, StageEvent | ProgressEvent):
                     stages.enter(event.stage)
-                if isinstance(event, ProgressEvent):
-                    now = asyncio.get_running_loop().time()
-                    if now - last_progress < PROGRESS_MIN_INTERVAL_S and event.step < event.total:
-                        continue
-                    last_progress = now
                 if isinstance(event, DoneEvent | ErrorEvent):
                     final = event
                     break
-                recorded = await self._under_lease(job.id, self._record, job.id, event,
-                                                   optional=isinstance(event, ProgressEvent | StageEvent | LogEvent))
-                if recorded is not None:
-                    self._after_record(job.id, event, *recorded)
+                coalesce(pending, event)
+                if isinstance(event, ProviderEvent | CheckpointEvent) \
+                        or loop.time() - last_write >= PROGRESS_MIN_INTERVAL_S:
+                    await self._write(job.id, pending)
+                    pending, last_write, flush_at[0] = [], loop.time(), None
+                elif flush_at[0] is None:
+                    flush_at[0] = last_write + PROGRESS_MIN_INTERVAL_S
         except LeaseLost:
             raise
         except asyncio.CancelledError:
@@ -402,27 +588,46 @@ class Runner:
         if final is None:
             final = ErrorEvent("incomplete", "the executor ended without a result", retryable=True)
         if isinstance(final, DoneEvent):
-            await self._settle(job.id, functools.partial(self._settle_success, job.id, final))
+            await self._settle(job.id, functools.partial(self._settle_success, job.id, final, pending))
         else:
-            await self._settle(job.id, functools.partial(self._settle_error, job.id, final))
+            await self._settle(job.id, functools.partial(self._settle_error, job.id, final, pending=pending))
 
-    async def _settle(self, job_id: str, settle: Callable[[], None]) -> None:
+    async def _write(self, job_id: str, events: list[ExecutorEvent]) -> None:
+        """Record ``events`` in one transaction under the lease, then publish them. Only progress,
+        stages and logs: dropped on a database error; with anything else: retried (``_under_lease``)."""
+        if not events:
+            return
+        optional = all(isinstance(e, ProgressEvent | StageEvent | LogEvent) for e in events)
+        recorded = await self._under_lease(job_id, self._record_many, job_id, events, optional=optional)
+        for event, type_, data in recorded or ():
+            self._after_record(job_id, event, type_, data)
+
+    async def _settle(self, job_id: str, settle: Callable[[], Settled]) -> None:
         """Settle under the lease, then announce. A settlement that fails for another reason than
         the database (a bug) is replaced by a retryable ``executor_error``, so the job still ends
-        (a retry, or a refund on its last attempt) instead of waiting for its lease to expire."""
+        (a retry, or a refund on its last attempt) instead of waiting for its lease to expire.
+
+        The announcement needs no re-read: the settlement says the status it wrote."""
         try:
-            await self._under_lease(job_id, settle)
+            settled = await self._under_lease(job_id, settle)
         except LeaseLost:
             raise
         except Exception as exc:  # noqa: BLE001 - logged; the job must still settle
             logger.exception("settling job %s failed; settling it as an executor error", job_id)
-            await self._under_lease(job_id, functools.partial(
+            settled = await self._under_lease(job_id, functools.partial(
                 self._settle_error, job_id,
                 ErrorEvent("executor_error", f"{type(exc).__name__}: {exc}", retryable=True)))
+        if settled is None:
+            return
+        for event, type_, data in settled.recorded:
+            self._after_record(job_id, event, type_, data)
+        terminal = settled.status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
         try:
-            await self._call(self._announce, job_id)
+            self.bus.publish(job_id, "completed" if terminal else "status", {"status": settled.status})
         except Exception:  # noqa: BLE001 - listeners also poll; the settlement is committed
             logger.warning("announcing job %s failed", job_id, exc_info=True)
+        if settled.due is not None:
+            self._add_due(settled.due)  # its backoff: this runner wakes when it ends
 
     def _after_record(self, job_id: str, event: ExecutorEvent, type_: str, data: dict[str, Any]) -> None:
         """Side effects of a committed record: never retried with the write, never failing the job."""
@@ -437,22 +642,38 @@ class Runner:
             logger.warning("publishing an event of job %s failed", job_id, exc_info=True)
 
     @staticmethod
-    async def _events(stream: Any, heartbeat: asyncio.Task[None]) -> Any:
+    async def _events(stream: Any, heartbeat: asyncio.Task[None],
+                      flush_at: Callable[[], float | None] = lambda: None) -> Any:
         """The executor's events, until the heartbeat ends: a lost lease (LeaseLost) is raised at
-        once, even while the executor is silent, and the stale run is no longer waited on."""
+        once, even while the executor is silent, and the stale run is no longer waited on.
+
+        ``None`` is yielded when the loop time ``flush_at()`` passes with no event (the pending
+        read goes on): the caller writes what it buffered."""
         events = stream.__aiter__()
+        loop = asyncio.get_running_loop()
+        step: asyncio.Future[Any] | None = None
         while True:
-            step = asyncio.ensure_future(events.__anext__())
+            if step is None:
+                step = asyncio.ensure_future(events.__anext__())
+            deadline = flush_at()
+            timeout = None if deadline is None else max(0.0, deadline - loop.time())
             try:
-                await asyncio.wait({step, heartbeat}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                if not step.done():  # the lease is lost, or this task is being cancelled
+                await asyncio.wait({step, heartbeat}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            except BaseException:
+                step.cancel()  # this task is being cancelled
+                await asyncio.gather(step, return_exceptions=True)
+                raise
+            if not step.done():
+                if heartbeat.done():  # the lease is lost
                     step.cancel()
                     await asyncio.gather(step, return_exceptions=True)
-            if step.cancelled():
-                heartbeat.result()  # raises LeaseLost
+                    heartbeat.result()  # raises LeaseLost
+                    return
+                yield None  # the flush deadline
+                continue
+            done, step = step, None
             try:
-                event = step.result()
+                event = done.result()
             except StopAsyncIteration:
                 return
             yield event
@@ -497,27 +718,40 @@ class Runner:
             session.commit()
         return renewed.rowcount == 1
 
+    def _cancel_check_s(self) -> float:
+        """How often a running job's cancel flag is read when nothing said it changed: the poll's
+        pace with a notifier (a cancel anywhere wakes the watch), at most 2 s without one."""
+        interval = max(self.settings.runner_poll_s, 0.05) * 4
+        return interval if self.notifier is not None else min(interval, 2.0)
+
     async def _watch_cancel(self, job_id: str) -> None:
-        while True:
-            waiter = self.bus.waiter(job_id)
-            # asyncio.wait, not wait_for: on Python 3.11 wait_for swallows a cancellation that
-            # arrives as the event is set (a publish right before the job ends), and drive() would
-            # then wait for this task forever.
-            woken = asyncio.ensure_future(waiter.wait())
-            try:
-                await asyncio.wait({woken}, timeout=max(self.settings.runner_poll_s, 0.05) * 4)
-            finally:
-                woken.cancel()
-                self.bus.release(job_id, waiter)
-            if await self._call(self._cancel_requested, job_id):
-                await self._send_cancel(job_id)
-                return
+        """Read the job's cancel flag when woken by a cancel request (this process's bus, another
+        process's notification) or, as a safety net, every ``_cancel_check_s``; not on every event
+        of the job (its own progress would wake it for nothing)."""
+        wake = self._cancel_wakes.setdefault(job_id, asyncio.Event())
+        try:
+            while True:
+                # asyncio.wait, not wait_for: on Python 3.11 wait_for swallows a cancellation that
+                # arrives as the event is set (a publish right before the job ends), and drive() would
+                # then wait for this task forever.
+                woken = asyncio.ensure_future(wake.wait())
+                try:
+                    await asyncio.wait({woken}, timeout=self._cancel_check_s())
+                finally:
+                    woken.cancel()
+                wake.clear()
+                if await self._call(self._cancel_requested, job_id):
+                    await self._send_cancel(job_id)
+                    return
+        finally:
+            if self._cancel_wakes.get(job_id) is wake:
+                del self._cancel_wakes[job_id]
 
     async def _send_cancel(self, job_id: str) -> None:
         """Tell the executor to cancel, again every poll until drive() ends the run's stream (which
         cancels this task): one cancel can miss (the replica has not registered the run yet, a
         call fails in transit). At most CANCEL_SENDS of them."""
-        interval = max(self.settings.runner_poll_s, 0.05) * 4
+        interval = min(max(self.settings.runner_poll_s, 0.05) * 4, 2.0)
         for n in range(CANCEL_SENDS):
             if n == 0:
                 logger.info("cancel of job %s requested; telling the executor", job_id)
@@ -548,63 +782,92 @@ class Runner:
             raise LeaseLost(job_id)
         return job
 
-    def _record(self, job_id: str, event: ExecutorEvent) -> tuple[str, dict[str, Any]] | None:
-        """Write one event; returns what to publish (the caller does, after the commit)."""
-        with self.db.lease_session() as session:
-            job = self._owned(session, job_id)
-            job.updated_at = utcnow()
-            if isinstance(event, StageEvent):
-                job.stage = event.stage
-                type_, data = "progress", {"stage": event.stage, "progress": job.progress}
-            elif isinstance(event, ProgressEvent):
-                job.stage = event.stage
-                job.progress = round(event.fraction, 4)
-                type_, data = "progress", {"stage": event.stage, "progress": job.progress,
-                                           "step": event.step, "total": event.total, **event.metrics}
-            elif isinstance(event, OutputEvent):
-                output = {k: v for k, v in event_to_dict(event).items() if k != "type" and v is not None}
-                job.outputs = [*job.outputs, output]
-                type_, data = "output", {"output": output}
-            elif isinstance(event, ProviderEvent):
-                job.provider = event.provider
-                job.provider_job_id = event.provider_job_id or job.provider_job_id
-                job.route_reason = event.reason or job.route_reason
-                if event.cost_usd is not None:
-                    job.cost_usd = event.cost_usd
-                type_, data = "provider", {"provider": event.provider, "reason": event.reason}
-            elif isinstance(event, LogEvent):
-                type_, data = "logs", {"message": event.message}
-            elif isinstance(event, CheckpointEvent):
-                job.resume = {"checkpoint_key": event.key, "step": event.step}
-                type_, data = "logs", {"message": f"checkpoint at step {event.step}"}
-            else:
-                return None
-            record_event(session, job.id, type_, data)
-            session.commit()
+    def _apply(self, session: Session, job: Job, event: ExecutorEvent) -> tuple[str, dict[str, Any]] | None:
+        """Apply one event to the (locked, owned) job and store it; returns what to publish."""
+        if isinstance(event, StageEvent):
+            job.stage = event.stage
+            type_, data = "progress", {"stage": event.stage, "progress": job.progress}
+        elif isinstance(event, ProgressEvent):
+            job.stage = event.stage
+            job.progress = round(event.fraction, 4)
+            type_, data = "progress", {"stage": event.stage, "progress": job.progress,
+                                       "step": event.step, "total": event.total, **event.metrics}
+        elif isinstance(event, OutputEvent):
+            output = {k: v for k, v in event_to_dict(event).items() if k != "type" and v is not None}
+            job.outputs = [*job.outputs, output]
+            type_, data = "output", {"output": output}
+        elif isinstance(event, ProviderEvent):
+            job.provider = event.provider
+            job.provider_job_id = event.provider_job_id or job.provider_job_id
+            job.route_reason = event.reason or job.route_reason
+            if event.cost_usd is not None:
+                job.cost_usd = event.cost_usd
+            type_, data = "provider", {"provider": event.provider, "reason": event.reason}
+        elif isinstance(event, LogEvent):
+            type_, data = "logs", {"message": event.message}
+        elif isinstance(event, CheckpointEvent):
+            job.resume = {"checkpoint_key": event.key, "step": event.step}
+            type_, data = "logs", {"message": f"checkpoint at step {event.step}"}
+        else:
+            return None
+        record_event(session, job.id, type_, data)
         return type_, data
 
-    def _settle_success(self, job_id: str, done: DoneEvent) -> None:
+    def _apply_all(self, session: Session, job: Job, events: list[ExecutorEvent]) -> list[Recorded]:
+        recorded: list[Recorded] = []
+        for event in events:
+            applied = self._apply(session, job, event)
+            if applied is not None:
+                recorded.append((event, *applied))
+        if recorded:
+            job.updated_at = utcnow()
+        return recorded
+
+    def _record(self, job_id: str, event: ExecutorEvent) -> tuple[str, dict[str, Any]] | None:
+        """Write one event; returns what to publish (the caller does, after the commit)."""
+        recorded = self._record_many(job_id, [event])
+        return (recorded[0][1], recorded[0][2]) if recorded else None
+
+    def _record_many(self, job_id: str, events: list[ExecutorEvent]) -> list[Recorded]:
+        """Write ``events`` in one transaction; returns what to publish (after the commit)."""
         with self.db.lease_session() as session:
             job = self._owned(session, job_id)
+            recorded = self._apply_all(session, job, events)
+            session.commit()
+        return recorded
+
+    def _settle_success(self, job_id: str, done: DoneEvent, pending: list[ExecutorEvent] | None = None) -> Settled:
+        """Settle a delivered job, with the events still buffered, in one transaction."""
+        with self.db.lease_session() as session:
+            job = self._owned(session, job_id)
+            recorded = self._apply_all(session, job, pending or [])
             if job.cancel_requested:
                 finish_job(session, self.storage, job, JobStatus.CANCELED, None, self.metrics)
             else:
                 job.result = dict(done.result)
                 finish_job(session, self.storage, job, JobStatus.SUCCEEDED, None, self.metrics)
             session.commit()
+            return Settled(job.status, recorded)
 
-    def _settle_error(self, job_id: str, error: ErrorEvent, *, trusted: bool = False) -> None:
+    def _settle_error(self, job_id: str, error: ErrorEvent, *, trusted: bool = False,
+                      pending: list[ExecutorEvent] | None = None) -> Settled:
         """``trusted``: the message was written by our own validation and may reach the client."""
         with self.db.lease_session() as session:
             job = self._owned(session, job_id)
+            # what was buffered still happened (a provider's log line, the last progress): kept in
+            # order before the outcome; outputs are not (a failed attempt's files are discarded)
+            recorded = self._apply_all(session, job, [e for e in pending or [] if not isinstance(e, OutputEvent)])
+            due: float | None = None
             if job.cancel_requested or error.code == "canceled":
                 finish_job(session, self.storage, job, JobStatus.CANCELED, None, self.metrics)
             elif error.retryable and job.attempts < job.max_attempts:
                 requeue_job(session, self.settings, self.storage, job, error.code, error.message,
                             trusted=trusted)
+                due = job.next_attempt_at.timestamp() if job.next_attempt_at is not None else None
             else:
                 finish_job(session, self.storage, job, JobStatus.FAILED, error, self.metrics, trusted=trusted)
             session.commit()
+            return Settled(job.status, recorded, due)
 
     def _announce(self, job_id: str) -> None:
         announce(self.db, self.bus, job_id)

@@ -50,8 +50,22 @@ def record_event(session: Session, job_id: str, type_: str, data: dict[str, Any]
     hook = webhook_event(type_, data)
     if hook is not None:
         enqueue_webhook(session, job_id, hook)
-    notify.signal(session, "events", {"job": job_id, "type": type_})
+    notify.signal(session, "events", _notice(session, job_id, type_, data))
     return event
+
+
+def _notice(session: Session, job_id: str, type_: str, data: dict[str, Any]) -> dict[str, Any]:
+    """The notification of a stored event: a status change also says the new status and, for a
+    job queued with a backoff, when it is due (``at``, epoch seconds), so a runner wakes then."""
+    notice: dict[str, Any] = {"job": job_id, "type": type_}
+    if type_ == "status" and isinstance(data.get("status"), str):
+        notice["s"] = data["status"]
+        if data["status"] == "queued":
+            job = session.get(Job, job_id)  # in the session already: the caller just changed it
+            due = job.next_attempt_at if job is not None else None
+            if due is not None:
+                notice["at"] = round(due.timestamp(), 3)
+    return notice
 
 
 def enqueue_webhook(session: Session, job_id: str, event: str) -> WebhookDelivery | None:

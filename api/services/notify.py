@@ -11,8 +11,10 @@ A change is announced with :func:`signal` *inside* the transaction that makes it
 Each API process runs one :class:`Notifier`: a listener task on its own autocommit psycopg
 connection (reconnecting with a bounded backoff) that dispatches each notification to the
 callbacks subscribed for its kind. Kinds in use: ``events`` (a job event was stored: wakes local
-SSE streams and the runner's cancel watch through the :class:`EventBus`) and ``webhooks`` (the
-outbox has a new row: wakes the deliverer). The signal only wakes readers; the tables stay the
+SSE streams through the :class:`EventBus`, and the runner: a job queued, requeued with a backoff
+or handed back, a cancel requested) and ``webhooks`` (the outbox has a new row: wakes the
+deliverer). The committing process hears its own signals at once, after the commit, on
+PostgreSQL too (not through the server). The signal only wakes readers; the tables stay the
 truth, so a lost notification costs latency (readers also poll slowly), never data.
 """
 
@@ -22,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import uuid
 import weakref
 from collections import defaultdict
 from collections.abc import Callable
@@ -40,6 +43,7 @@ CHANNEL = "cineweave_events"
 LISTENER_NAME = "cineweave-notify"  # application_name of the listening connection (pg_stat_activity)
 MAX_PAYLOAD_BYTES = 7000  # PostgreSQL refuses payloads of 8000 bytes or more
 _PENDING = "cineweave_notify_pending"
+ORIGIN = "o"  # payload key: the token of the notifier whose process sent it (PostgreSQL)
 
 Callback = Callable[[dict[str, Any]], None]
 
@@ -49,17 +53,24 @@ _local: weakref.WeakKeyDictionary[Pool, Notifier] = weakref.WeakKeyDictionary()
 
 
 def signal(session: Session, kind: str, payload: dict[str, Any] | None = None) -> None:
-    """Announce ``kind`` (with a small JSON ``payload``) when ``session``'s transaction commits."""
+    """Announce ``kind`` (with a small JSON ``payload``) when ``session``'s transaction commits.
+
+    The process that commits hears its own signal right after the commit, without a round trip
+    through the server (that is what wakes its runner for a job it just queued); on PostgreSQL the
+    notification also carries the origin notifier's token, so that notifier skips its own copy
+    when the server delivers it back.
+    """
     message = {"k": kind, **(payload or {})}
     bind = session.get_bind()
     engine = bind.engine if hasattr(bind, "engine") else bind
     if is_postgres(engine):  # type: ignore[arg-type]
-        body = json.dumps(message, separators=(",", ":"))
+        local = _local.get(engine.pool)  # type: ignore[union-attr]
+        wire = {**message, ORIGIN: local.origin} if local is not None else message
+        body = json.dumps(wire, separators=(",", ":"))
         if len(body.encode()) > MAX_PAYLOAD_BYTES:
-            body = json.dumps({"k": kind})
+            body = json.dumps({"k": kind})  # no origin: its own listener dispatches it again (harmless)
         session.execute(text("SELECT pg_notify(:channel, :payload)"), {"channel": CHANNEL, "payload": body})
-        return
-    session.info.setdefault(_PENDING, []).append((engine.pool, message))
+    session.info.setdefault(_PENDING, []).append((engine.pool, message))  # type: ignore[union-attr]
 
 
 @event.listens_for(Session, "after_commit")
@@ -105,16 +116,21 @@ class Notifier:
         self._ping_s = ping_s  # a quiet listener checks its connection this often (a half-open one is noticed)
         self._ping_timeout_s = ping_timeout_s
         self.received = 0  # notifications dispatched (tests, metrics)
+        self.origin = uuid.uuid4().hex[:12]  # marks this process's own notifications (skipped when echoed)
 
     def subscribe(self, kind: str, callback: Callback) -> None:
         self._subscribers[kind].append(callback)
+
+    def unsubscribe(self, kind: str, callback: Callback) -> None:
+        with contextlib.suppress(ValueError):
+            self._subscribers[kind].remove(callback)
 
     # lifecycle ----------------------------------------------------------------------------
     async def start(self, ready_timeout_s: float = 10.0) -> None:
         """Bind to the running loop; on PostgreSQL start listening (waits, bounded, until it is)."""
         self._loop = asyncio.get_running_loop()
+        _local[self.db.engine.pool] = self  # this process's own signals, dispatched after their commit
         if not self.postgres:
-            _local[self.db.engine.pool] = self
             return
         self._task = asyncio.create_task(self._listen_forever(), name="notify-listener")
         try:
@@ -123,7 +139,8 @@ class Notifier:
             logger.warning("notify: not listening after %.0fs; readers fall back to polling", ready_timeout_s)
 
     async def stop(self) -> None:
-        _local.pop(self.db.engine.pool, None)
+        if _local.get(self.db.engine.pool) is self:
+            _local.pop(self.db.engine.pool, None)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -202,8 +219,11 @@ class Notifier:
                                 message = json.loads(note.payload)
                             except ValueError:
                                 continue
-                            if isinstance(message, dict):
-                                self.dispatch(message)
+                            if not isinstance(message, dict):
+                                continue
+                            if message.pop(ORIGIN, None) == self.origin:
+                                continue  # ours: dispatched right after its commit already
+                            self.dispatch(message)
                         # quiet for ping_s: a round trip proves the connection still works (bounded;
                         # TimeoutError -> reconnect)
                         await asyncio.wait_for(conn.execute("SELECT 1"), timeout=self._ping_timeout_s)

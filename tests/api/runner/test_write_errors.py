@@ -7,10 +7,11 @@ from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlmodel import Session
 
 from api.core.events import DoneEvent, ExecutorEvent, OutputEvent, ProviderEvent
 from api.db.engine import Database
-from api.db.tables import JobEvent
+from api.db.tables import Job, JobEvent
 from api.runner.runner import Runner
 from api.services.events import EventBus
 from api.services.jobs import JobService, Submission
@@ -27,19 +28,20 @@ def submit(jobs: JobService, user: NewUser) -> str:
 
 
 class FlakyRecord(Runner):
-    """``_record`` of an output raises ``errors`` (one per call) before writing."""
+    """Recording an output raises ``errors`` (one per call) inside its transaction (which the
+    runner writes with the settlement: the output arrives right before the result)."""
 
     def __init__(self, *args: Any, errors: list[Exception], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.errors = errors
         self.output_writes = 0
 
-    def _record(self, job_id: str, event: ExecutorEvent) -> tuple[str, dict[str, Any]] | None:
+    def _apply(self, session: Session, job: Job, event: ExecutorEvent) -> tuple[str, dict[str, Any]] | None:
         if isinstance(event, OutputEvent):
             self.output_writes += 1
             if self.errors:
                 raise self.errors.pop(0)
-        return super()._record(job_id, event)
+        return super()._apply(session, job, event)
 
 
 def _runner(cls: type[Runner], rdb: Database, rsettings: Settings, storage: LocalStorage, bus: EventBus,

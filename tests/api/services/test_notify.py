@@ -324,3 +324,28 @@ async def test_pg_listener_connection_has_tcp_keepalives(pg_pair: Any, pg_url: s
     assert {k: recorded.get(k) for k in ("keepalives", "keepalives_idle", "keepalives_interval",
                                          "keepalives_count")} == {
         "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
+
+
+@pytest.mark.postgres
+async def test_pg_own_signal_is_dispatched_once_after_commit_not_echoed(pg_pair: Any) -> None:
+    """The committing process hears its own signal right after the commit (no round trip through
+    the server, which is what wakes its runner at once) and skips the server's echo of it."""
+    db_a, a, db_b, b = pg_pair
+    inbox_a, inbox_b = Inbox(), Inbox()
+    a.subscribe("events", inbox_a)
+    b.subscribe("events", inbox_b)
+    with db_a.session() as session:
+        record_event(session, "job_own", "status", {"status": "queued"})
+        assert inbox_a.messages == []  # not before the commit
+        session.commit()
+    assert [m.get("job") for m in inbox_a.messages] == ["job_own"]  # dispatched at the commit, locally
+    assert "o" not in inbox_a.messages[0]  # the origin token never reaches subscribers
+    await inbox_b.wait_for(lambda m: m.get("job") == "job_own")
+    # a later notification from the other process: the server delivers in commit order, so the
+    # echo of job_own (if it were dispatched) would come before it
+    with db_b.session() as session:
+        record_event(session, "job_marker", "status", {"status": "queued"})
+        session.commit()
+    await inbox_a.wait_for(lambda m: m.get("job") == "job_marker")
+    assert [m.get("job") for m in inbox_a.messages].count("job_own") == 1
+    assert inbox_b.messages[0]["s"] == "queued" and "o" not in inbox_b.messages[0]
