@@ -198,7 +198,8 @@ def test_versions_and_model_names_all_reach_the_model(make_rep: Callable[..., Re
     by_id = client.predictions.create(version=vid, input={"prompt": "by id"})
     by_ref = client.predictions.create(version=f"cineweave/tiny-sd:{vid}", input={"prompt": "by ref"})
     by_name = client.predictions.create(version="cineweave/tiny-sd", input={"prompt": "by name"})
-    for p in (by_id, by_ref, by_name):
+    by_deployment = client.predictions.create(deployment="cineweave/tiny-sd", input={"prompt": "deployed"})
+    for p in (by_id, by_ref, by_name, by_deployment):
         p.wait()
         assert p.status == "succeeded" and p.version == vid
     # run with owner/name:version fetches the version (GET .../versions/{id}) and runs it
@@ -315,6 +316,13 @@ def test_a_webhook_is_the_prediction_signed_as_our_webhooks_are(make_rep: Callab
         with httpx.Client(verify=rep.ssl, timeout=30) as http:
             fetched = http.get(final["output"])
         assert fetched.status_code == 200 and fetched.content == rep.storage.get_bytes(output_key(rep, p.id))
+        # the legacy webhook_completed: the completion only
+        legacy = client.predictions.create(version="cineweave/tiny-sd", input={"prompt": "legacy"},
+                                           webhook_completed=receiver.url)
+        legacy.wait()
+        wait_for(lambda: len(receiver.received) >= 3, "the legacy webhook")
+        late = [json.loads(body) for _, body in receiver.received[2:]]
+        assert [(b["id"], b["status"]) for b in late] == [(legacy.id, "succeeded")]
         tampered = dict(receiver.received[-1][0])
         with pytest.raises(Exception):  # noqa: B017 - the library's verification error
             Webhook(user.webhook_secret).verify(receiver.received[-1][1] + b" ", tampered)
