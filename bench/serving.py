@@ -2,18 +2,24 @@
 diffusers pipeline call, and what batching buys back.
 
     .venv/bin/python -m bench.serving [--size 64] [--steps 4] [--repeats 8] [--concurrency 16]
-                                      [--rounds 2] [--threads 1] [--runner-poll-s S]
+                                      [--rounds 2] [--threads 1] [--runner-poll-s S] [--mixed]
+    .venv/bin/python -m bench.serving --profile claim-settled.txt [--repeats 8]
 
 (a) **Overhead.** One request at a time: a raw call (``StableDiffusionPipeline.from_pretrained`` of
     the tiny-sd checkpoint, called directly in this process) against the full HTTP path of the
     embedded stack (``POST /v1/jobs`` → runner claim → ``RayExecutor`` → Serve replica: pipeline,
     PNG + thumbnail encoding, storage → job ``succeeded`` → the PNG downloaded from its signed URL).
     Ratio = median full path / median raw call. The two alternate, so a change in the machine's
-    load hits both alike. The job's own metrics split the full path: ``queue_s`` (waiting for a
-    runner to claim it: up to ``runner_poll_s``) and ``run_s`` (claim to settled).
+    load hits both alike. The job's own metrics split the full path: ``queue_s`` (submit to claim:
+    the runner is woken by the submission, so this is the claim's own cost) and ``run_s`` (claim to
+    settled). Targets: ratio ≤ 1.10, ``queue_s`` median < 20 ms.
 (b) **Throughput.** ``--concurrency`` requests submitted at once through the stack (the replica
     batches them) against the same number of raw calls one after another. Ratio = stack
-    requests/s / raw requests/s (above 1: the stack is faster than a loop of bare calls).
+    requests/s / raw requests/s (above 1: the stack is faster than a loop of bare calls). Target ≥ 1.0.
+(c) ``--mixed``: the same with sizes 64 and 96 and step counts of 1×, 1.5× and 2× ``--steps``
+    interleaved; prints the batch sizes the replica ran (its ``stats()["batch_sizes"]``) and the
+    throughput ratio.
+``--profile``: instead of (a)–(c), claim → settled under pyinstrument (see :func:`profile`).
 
 Both sides use the same size, steps, guidance and thread count (the replica runs with one torch
 thread, as ``cineweave up`` configures it; ``--threads`` sets the raw side, default 1 to match).
@@ -64,10 +70,10 @@ class RawPipeline:
         self.pipe.set_progress_bar_config(disable=True)
         self.request = request
 
-    def __call__(self, seed: int) -> Any:
+    def __call__(self, seed: int, overrides: dict[str, Any] | None = None) -> Any:
         import torch
 
-        r = self.request
+        r = {**self.request, **(overrides or {})}
         out = self.pipe(r["prompt"], width=r["width"], height=r["height"], num_inference_steps=r["steps"],
                         guidance_scale=r["guidance"], generator=torch.Generator("cpu").manual_seed(seed),
                         output_type="pil")
@@ -84,12 +90,12 @@ class StackClient:
     def __init__(self, url: str, api_key: str, request: dict[str, Any]) -> None:
         self.url, self.api_key, self.request = url, api_key, request
 
-    def one(self, seed: int) -> dict[str, Any]:
+    def one(self, seed: int, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         from ops.client import Client
 
         client = Client(self.url, self.api_key, timeout_s=60)
         try:
-            job = client.submit(MODEL, {**self.request, "seed": seed})
+            job = client.submit(MODEL, {**self.request, **(overrides or {}), "seed": seed})
             job = client.wait(job["id"], timeout_s=JOB_TIMEOUT_S)
             if job["status"] != "succeeded":
                 raise RuntimeError(f"job {job['id']} {job['status']}: {job.get('error')}")
@@ -101,8 +107,30 @@ class StackClient:
             client.close()
 
 
+def uptime() -> str | None:
+    """``uptime``'s line (the load average as the brief's readers know it)."""
+    import subprocess
+
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def replica_stats(handle: Any) -> dict[str, Any]:
+    """The replica's ``stats()`` (``batch_sizes``: the batch sizes it ran, oldest first)."""
+    return dict(handle.stats.remote().result(timeout_s=60))
+
+
+def mixed_requests(n: int, steps: int) -> list[dict[str, Any]]:
+    """``n`` requests of sizes 64 and 96 and step counts steps, 1.5× and 2× steps, interleaved."""
+    sizes = (64, 96)
+    step_counts = (steps, max(1, round(steps * 1.5)), steps * 2)
+    return [{"width": sizes[i % 2], "height": sizes[i % 2], "steps": step_counts[(i // 2) % 3]} for i in range(n)]
+
+
 def run(size: int, steps: int, repeats: int, concurrency: int, rounds: int, threads: int,
-        runner_poll_s: float | None, tiny_dir: Path, data_dir: Path) -> dict[str, Any]:
+        runner_poll_s: float | None, tiny_dir: Path, data_dir: Path, mixed: bool = False) -> dict[str, Any]:
     import diffusers
     import ray
     import torch
@@ -150,9 +178,9 @@ def run(size: int, steps: int, repeats: int, concurrency: int, rounds: int, thre
             t0 = time.perf_counter()
             raw(100 + i)
             raw_s.append(time.perf_counter() - t0)
-            # Arrive at a random point of the runner's polling cycle, as a client would: a fixed
-            # rhythm here could lock onto the poll period and bias the queueing time either way.
-            time.sleep(jitter.uniform(0, settings.runner_poll_s))
+            # Arrive at a random moment, as a client would: a fixed rhythm could lock onto a period
+            # of the stack (the runner's safety poll, the replica's batch wait) and bias the figure.
+            time.sleep(jitter.uniform(0, min(settings.runner_poll_s, 0.5)))
             t0 = time.perf_counter()
             job = client.one(100 + i)
             http_s.append(time.perf_counter() - t0)
@@ -169,12 +197,42 @@ def run(size: int, steps: int, repeats: int, concurrency: int, rounds: int, thre
                 raw(1000 * (r + 1) + i)
             seq_walls.append(time.perf_counter() - t0)
 
-            before = len(handle.stats.remote().result(timeout_s=60)["batch_sizes"])
+            before = len(replica_stats(handle).get("batch_sizes", []))
             t0 = time.perf_counter()
             with ThreadPoolExecutor(max_workers=concurrency) as pool:
                 list(pool.map(client.one, [2000 * (r + 1) + i for i in range(concurrency)]))
             stack_walls.append(time.perf_counter() - t0)
-            batch_sizes.extend(handle.stats.remote().result(timeout_s=60)["batch_sizes"][before:])
+            batch_sizes.extend(replica_stats(handle).get("batch_sizes", [])[before:])
+
+        # (c) --mixed: sizes 64 and 96, mixed step counts, N concurrent against N sequential ----
+        mixed_report: dict[str, Any] | None = None
+        if mixed:
+            plan = mixed_requests(concurrency, steps)
+            mixed_seq: list[float] = []
+            mixed_stack: list[float] = []
+            mixed_batches: list[Any] = []
+            mixed_sizes: list[int] = []
+            for r in range(rounds):
+                t0 = time.perf_counter()
+                for i, overrides in enumerate(plan):
+                    raw(3000 * (r + 1) + i, overrides)
+                mixed_seq.append(time.perf_counter() - t0)
+                stats_before = replica_stats(handle)
+                n_sizes, n_batches = len(stats_before.get("batch_sizes", [])), len(stats_before.get("batches", []))
+                t0 = time.perf_counter()
+                with ThreadPoolExecutor(max_workers=concurrency) as pool:
+                    list(pool.map(lambda a: client.one(*a), [(4000 * (r + 1) + i, o) for i, o in enumerate(plan)]))
+                mixed_stack.append(time.perf_counter() - t0)
+                stats_after = replica_stats(handle)
+                mixed_sizes.extend(stats_after.get("batch_sizes", [])[n_sizes:])
+                mixed_batches.extend(stats_after.get("batches", [])[n_batches:])
+            mixed_report = {
+                "requests": concurrency, "rounds": rounds, "plan": plan,
+                "raw_sequential_s": [round(x, 3) for x in mixed_seq],
+                "stack_concurrent_s": [round(x, 3) for x in mixed_stack],
+                "ratio": round(statistics.median(mixed_seq) / statistics.median(mixed_stack), 2),
+                "replica_batch_sizes": mixed_sizes, "replica_batches": mixed_batches,
+            }
 
     raw_median = statistics.median(raw_s)
     http_median = statistics.median(http_s)
@@ -194,11 +252,14 @@ def run(size: int, steps: int, repeats: int, concurrency: int, rounds: int, thre
             "raw_rps": round(concurrency / seq_wall, 3), "stack_rps": round(concurrency / stack_wall, 3),
             "ratio": round(seq_wall / stack_wall, 2), "replica_batch_sizes": batch_sizes,
         },
+        "mixed": mixed_report,
+        "targets": {"overhead_ratio_max": 1.10, "queue_median_ms_max": 20.0, "throughput_ratio_min": 1.0},
         "stack": {"startup_s": round(startup_s, 1), "runner_poll_s": settings.runner_poll_s,
                   "max_batch_size": spec.serving.max_batch_size, "batch_wait_timeout_s": spec.serving.batch_wait_timeout_s,
                   "replica_torch_threads": 1},
         "machine": {"cpus": os.cpu_count(), "torch_threads_raw": threads, "load_average_before": load_before,
-                    "load_average_after": load_average(), "cuda": torch.cuda.is_available(),
+                    "load_average_after": load_average(), "uptime_after": uptime(),
+                    "cuda": torch.cuda.is_available(),
                     "python": platform.python_version(), "torch": torch.__version__,
                     "diffusers": diffusers.__version__, "ray": ray.__version__},
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -330,6 +391,21 @@ def table(report: dict[str, Any]) -> Any:
     out.add_row(f"(b) {t['requests']} requests, throughput", f"{t['raw_rps']:.2f} req/s (sequential)",
                 f"{t['stack_rps']:.2f} req/s (concurrent)", f"{t['ratio']:.2f}×")
     out.add_row("    replica batch sizes", "", ",".join(map(str, t["replica_batch_sizes"])), "")
+    m = report.get("mixed")
+    if m:
+        out.add_row(f"(c) {m['requests']} mixed (64/96 px, mixed steps)",
+                    f"{statistics.median(m['raw_sequential_s']):.2f} s (sequential)",
+                    f"{statistics.median(m['stack_concurrent_s']):.2f} s (concurrent)", f"{m['ratio']:.2f}×")
+        out.add_row("    replica batch sizes", "", ",".join(map(str, m["replica_batch_sizes"])) or "(not reported)", "")
+    g = report["targets"]
+    verdict = [(f"overhead ≤ {g['overhead_ratio_max']:.2f}×", o["ratio"] <= g["overhead_ratio_max"]),
+               (f"queue median < {g['queue_median_ms_max']:.0f} ms",
+                o["job_queue_s"]["median_ms"] < g["queue_median_ms_max"]),
+               (f"throughput ≥ {g['throughput_ratio_min']:.1f}×", t["ratio"] >= g["throughput_ratio_min"])]
+    out.add_row("targets", "", "; ".join(f"{name}: {'met' if ok else 'NOT met'}" for name, ok in verdict), "")
+    machine = report["machine"]
+    out.add_row("load average (before → after)", "", f"{machine['load_average_before']} → "
+                f"{machine['load_average_after']}", "")
     return out
 
 
@@ -345,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the runner's polling interval (default: the product default, CINEWEAVE_RUNNER_POLL_S)")
     parser.add_argument("--tiny-dir", type=Path, default=Path("var/tiny-models"))
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--mixed", action="store_true",
+                        help="also (c): sizes 64 and 96 and mixed step counts, concurrent vs sequential")
     parser.add_argument("--profile", type=Path, default=None, metavar="TXT",
                         help="instead: profile claim → settled with pyinstrument, write the report to TXT")
     args = parser.parse_args(argv)
@@ -359,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         report = run(args.size, args.steps, args.repeats, args.concurrency, args.rounds, args.threads,
-                     args.runner_poll_s, args.tiny_dir, Path(tmp))
+                     args.runner_poll_s, args.tiny_dir, Path(tmp), mixed=args.mixed)
     Console().print(table(report))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -1,0 +1,44 @@
+"""bench/serving.py without running it: the mixed plan and the report's table (targets, load)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.serving import mixed_requests, table
+
+
+def test_mixed_plan_interleaves_both_sizes_and_three_step_counts() -> None:
+    plan = mixed_requests(16, 4)
+    assert len(plan) == 16
+    assert {p["width"] for p in plan} == {64, 96} and all(p["width"] == p["height"] for p in plan)
+    assert {p["steps"] for p in plan} == {4, 6, 8}
+    assert {(p["width"], p["steps"]) for p in plan} == {(w, s) for w in (64, 96) for s in (4, 6, 8)}
+
+
+def _report(ratio: float, queue_ms: float, throughput: float) -> dict[str, Any]:
+    ms = {"median_ms": 300.0}
+    return {"model": "tiny-sd", "size": "64x64", "inference_steps": 4, "stack": {"runner_poll_s": 5.0},
+            "overhead": {"raw_call": ms, "http_path": {"median_ms": 300.0 * ratio}, "ratio": ratio, "added_ms": 1.0,
+                         "job_queue_s": {"median_ms": queue_ms}, "job_run_s": ms},
+            "throughput": {"requests": 16, "raw_rps": 3.0, "stack_rps": 3.0 * throughput, "ratio": throughput,
+                           "replica_batch_sizes": [8, 8]},
+            "mixed": {"requests": 16, "raw_sequential_s": [5.0], "stack_concurrent_s": [4.0], "ratio": 1.25,
+                      "replica_batch_sizes": [4, 4, 8]},
+            "targets": {"overhead_ratio_max": 1.10, "queue_median_ms_max": 20.0, "throughput_ratio_min": 1.0},
+            "machine": {"load_average_before": [0.1, 0.2, 0.3], "load_average_after": [0.4, 0.5, 0.6]}}
+
+
+def _text(report: dict[str, Any]) -> str:
+    from rich.console import Console
+
+    console = Console(width=250, record=True)
+    console.print(table(report))
+    return console.export_text()
+
+
+def test_table_says_which_targets_are_met_and_shows_the_mixed_batches_and_load() -> None:
+    met = _text(_report(1.05, 3.0, 1.2))
+    assert "overhead ≤ 1.10×: met" in met and "queue median < 20 ms: met" in met and "throughput ≥ 1.0×: met" in met
+    assert "4,4,8" in met and "[0.4, 0.5, 0.6]" in met
+    missed = _text(_report(1.5, 30.0, 0.8))
+    assert missed.count("NOT met") == 3
