@@ -125,6 +125,7 @@ def create_app(settings: Settings, executor: Executor | None = None, *, catalog:
         # Cancel-After: aborts (or cancels) jobs whose start deadline passed
         deadlines = DeadlineWatcher(db, settings, storage, bus, jobs_service, metrics)
         state.extras["deadlines"] = deadlines
+        state.notifier.subscribe("events", deadlines.on_notification)
         deadlines.start()
         if executor is not None and want_runner:
             state.runner = Runner(db, executor, settings, storage, bus, metrics=metrics,

@@ -4,8 +4,8 @@ refunded in full; one running at that time is canceled through the native cancel
 A job with a deadline carries ``start_deadline_at``. Two things enforce it: the runner never
 claims a queued job whose deadline passed (a filter in its claim), and the :class:`DeadlineWatcher`
 of each API process sleeps until the earliest deadline, then settles the jobs that are due. It is
-woken by this process's submissions (the event bus) and re-reads at least every
-``deadline_poll_s`` for deadlines set by other processes.
+woken by this process's submissions (the event bus) and other processes' (the ``events``
+notification of a queued job), and re-reads at least every ``deadline_poll_s`` as a safety net.
 
 Race-free by locking: an abort takes the job row (``locked_job``) and acts only while it is still
 ``queued``; the runner's claim is a conditional update on ``queued``, so exactly one of them wins.
@@ -76,12 +76,19 @@ class DeadlineWatcher:
         self.metrics = metrics
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self.rounds = 0  # rounds done (tests wait for the watcher to be asleep)
         bus.add_listener(self._on_event)
 
     # lifecycle ----------------------------------------------------------------------------
     def _on_event(self, _job_id: str, type_: str, data: dict[str, Any]) -> None:
         if type_ == "status" and data.get("status") == JobStatus.QUEUED:
             self._wake.set()  # a submission (or a requeue) may carry an earlier deadline
+
+    def on_notification(self, message: dict[str, Any]) -> None:
+        """``notify`` subscriber for kind ``events``: another process queued a job (it may carry
+        an earlier deadline than the one this watcher sleeps until)."""
+        if message.get("type") == "status" and message.get("s") == JobStatus.QUEUED:
+            self._wake.set()
 
     def wake(self) -> None:
         self._wake.set()
@@ -109,6 +116,7 @@ class DeadlineWatcher:
                 raise
             except Exception:  # noqa: BLE001 - the database may be briefly away; try again later
                 logger.exception("deadline watcher: a round failed")
+            self.rounds += 1
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=wait_s)
 

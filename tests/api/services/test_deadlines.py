@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
-from typing import Any
 
 import pytest
 from sqlalchemy import update
@@ -116,6 +115,14 @@ async def test_a_running_job_at_its_deadline_is_canceled_not_aborted(
     assert watcher.enforce_due(now=later) == 0  # acted on once
 
 
+async def _asleep(watcher: DeadlineWatcher, db: Database, job_id: str) -> None:
+    """Wait until the watcher has done its first round (it then sleeps for an hour), then move the
+    job's deadline into the past behind its back."""
+    await wait_until(lambda: watcher.rounds >= 1, timeout_s=10, what="the watcher's first round")
+    _set_deadline(db, job_id, -1)
+    assert watcher.rounds == 1 and get_job(db, job_id).status == "queued"
+
+
 async def test_the_watcher_is_woken_by_a_submission(
         db: Database, settings: Settings, storage: LocalStorage, jobs: JobService) -> None:
     bus = EventBus()
@@ -123,19 +130,35 @@ async def test_the_watcher_is_woken_by_a_submission(
     jobs.bus = bus
     # an hour's safety poll: only the bus can wake it in time
     watcher = _watcher(db, settings.model_copy(update={"deadline_poll_s": 3600.0}), storage, bus, jobs)
+    user = add_user(db, settings, credits=100)
+    job, _ = jobs.submit(user.user, Submission("tiny-sd", {"prompt": "a"}, cancel_after_s=3600))
     watcher.start()
     try:
-        user = add_user(db, settings, credits=100)
-        job, _ = jobs.submit(user.user, Submission("tiny-sd", {"prompt": "a"}, cancel_after_s=3600))
-        await asyncio.sleep(0)
-        _set_deadline(db, job.id, -1)  # as if its deadline had come
+        await _asleep(watcher, db, job.id)
         other, _ = jobs.submit(user.user, Submission("tiny-sd", {"prompt": "b"}))  # publishes: wakes it
-
-        async def aborted() -> Any:
-            return get_job(db, job.id).status == "canceled"
-
-        await wait_until(aborted, timeout_s=10, what="the watcher to abort the job")
+        await wait_until(lambda: get_job(db, job.id).status == "canceled", timeout_s=10,
+                         what="the watcher to abort the job")
         assert get_job(db, job.id).error_code == ABORT_CODE
         assert get_job(db, other.id).status == "queued"
+    finally:
+        await watcher.stop()
+
+
+async def test_the_watcher_is_woken_by_another_process_queuing_a_job(
+        db: Database, settings: Settings, storage: LocalStorage, jobs: JobService) -> None:
+    bus = EventBus()
+    bus.bind(asyncio.get_running_loop())
+    watcher = _watcher(db, settings.model_copy(update={"deadline_poll_s": 3600.0}), storage, bus, jobs)
+    user = add_user(db, settings, credits=100)
+    job, _ = jobs.submit(user.user, Submission("tiny-sd", {"prompt": "a"}, cancel_after_s=3600))
+    watcher.start()
+    try:
+        await _asleep(watcher, db, job.id)  # nothing is published on this watcher's bus
+        watcher.on_notification({"job": "job_other", "type": "progress"})  # not a queued job: no wake
+        await asyncio.sleep(0.05)
+        assert watcher.rounds == 1
+        watcher.on_notification({"job": "job_other", "type": "status", "s": "queued"})
+        await wait_until(lambda: get_job(db, job.id).status == "canceled", timeout_s=10,
+                         what="the watcher to abort the job")
     finally:
         await watcher.stop()
