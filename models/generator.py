@@ -247,6 +247,7 @@ class Generator:
             call = {**self.spec.pipeline_kwargs, **kwargs, "generator": generators, "output_type": "pil",
                     "callback_on_step_end": callback}
             started = time.perf_counter()
+            self.loaded.before_call(pipe, call)  # per-call optimizations (auto VAE tiling, step caches)
             try:
                 result = pipe(**call)
             except BaseException:

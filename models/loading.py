@@ -17,7 +17,9 @@ from typing import Any
 import torch
 from diffusers import DiffusionPipeline
 
+from models import optimizations
 from models.families.base import Family
+from models.optimizations import CallPolicy
 from models.registry import get_family
 from models.sources import (
     ModelUnavailable,
@@ -26,7 +28,7 @@ from models.sources import (
     availability,
     resolve_source,
 )
-from models.spec import ModelSpec
+from models.spec import ModelSpec, Optimizations
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +37,7 @@ __all__ = [
     "ModelUnavailable",
     "S3Config",
     "apply_optimizations",
+    "apply_plan",
     "availability",
     "choose_device",
     "choose_dtype",
@@ -44,8 +47,9 @@ __all__ = [
     "xformers_available",
 ]
 
-OPTIMIZATIONS = ("xformers", "sdpa", "cpu_offload", "vae_slicing", "vae_tiling", "attention_slicing",
-                 "torch_compile")
+OPTIMIZATIONS = ("xformers", "sdpa", "sage", "flash", "cpu_offload", "quantize:int8_weight", "quantize:fp8",
+                 "step_cache:first_block", "step_cache:taylorseer", "step_cache:magcache", "channels_last",
+                 "vae_slicing", "vae_tiling", "vae_tiling_auto", "attention_slicing", "torch_compile")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -68,21 +72,46 @@ def choose_dtype(spec_dtype: str, cuda: bool, bf16_supported: bool) -> str:
     return spec_dtype
 
 
-def plan_optimizations(spec: ModelSpec, cuda: bool, xformers_available: bool) -> list[str]:
+def plan_optimizations(spec: ModelSpec, cuda: bool, xformers_available: bool, *,
+                       attention_available: dict[str, bool] | None = None,
+                       capability: tuple[int, int] | None = None, torchao: bool | None = None) -> list[str]:
     """Which optimizations to apply, in order, from the spec and what the machine has.
 
-    Attention is ``xformers`` when the spec asks, CUDA is there and xformers imports; otherwise
-    ``sdpa`` (PyTorch's scaled-dot-product attention, diffusers' default: nothing to apply).
-    CPU offload needs CUDA. VAE slicing/tiling, attention slicing and torch.compile work anywhere.
+    Attention: ``sage``/``flash`` when the spec's ``attention_backend`` asks, CUDA is there and the
+    package imports (:func:`models.optimizations.choose_attention_backend`); else ``xformers`` when
+    the spec asks, CUDA is there and xformers imports; otherwise ``sdpa`` (PyTorch's
+    scaled-dot-product attention, diffusers' default: nothing to apply). CPU offload needs CUDA.
+    Quantization is ``quantize:fp8`` on CUDA capability >= 8.9, else ``quantize:int8_weight``.
+    ``vae_tiling_auto`` tiles per call above the spec's frame size. Step caches, channels-last,
+    VAE slicing/tiling, attention slicing and torch.compile work anywhere.
     """
     opt = spec.optimizations
-    plan = ["xformers" if (opt.xformers and cuda and xformers_available) else "sdpa"]
+    if attention_available is None:
+        attention_available = {name: optimizations.importable(mod)
+                               for name, mod in optimizations.ATTENTION_PACKAGES.items()}
+    backend = optimizations.choose_attention_backend(opt.attention_backend, cuda, attention_available)
+    if backend != "sdpa":
+        plan = [backend]
+    else:
+        plan = ["xformers" if (opt.xformers and cuda and xformers_available) else "sdpa"]
     if opt.cpu_offload and cuda:
         plan.append("cpu_offload")
+    if opt.quantization != "none":
+        quant = optimizations.choose_quantization(
+            opt.quantization, capability if cuda else None,
+            optimizations.importable("torchao") if torchao is None else torchao)
+        if quant:
+            plan.append(f"quantize:{quant}")
+    if opt.step_cache is not None:
+        plan.append(f"step_cache:{opt.step_cache.kind}")
+    if opt.channels_last:
+        plan.append("channels_last")
     if opt.vae_slicing:
         plan.append("vae_slicing")
-    if opt.vae_tiling:
+    if opt.vae_tiling is True:
         plan.append("vae_tiling")
+    elif opt.vae_tiling == "auto":
+        plan.append("vae_tiling_auto")
     if opt.attention_slicing:
         plan.append("attention_slicing")
     if opt.torch_compile:
@@ -97,10 +126,23 @@ def xformers_available() -> bool:
 # --- applying ----------------------------------------------------------------------------------
 
 def apply_optimizations(pipe: DiffusionPipeline, plan: list[str], device: str, denoiser_attr: str,
-                        compile_kwargs: dict[str, Any] | None = None) -> list[str]:
+                        compile_kwargs: dict[str, Any] | None = None,
+                        options: Optimizations | None = None) -> list[str]:
     """Apply ``plan`` and place the pipeline on ``device`` (or hook CPU offload); return what was
-    applied. Failures of optional speedups (xformers, compile) are logged, never fatal."""
+    applied (see :func:`apply_plan`)."""
+    return apply_plan(pipe, plan, device, denoiser_attr, compile_kwargs, options)[0]
+
+
+def apply_plan(pipe: DiffusionPipeline, plan: list[str], device: str, denoiser_attr: str,
+               compile_kwargs: dict[str, Any] | None = None, options: Optimizations | None = None,
+               ) -> tuple[list[str], optimizations.CallPolicy]:
+    """Apply ``plan``; return what was applied and the per-call policy (auto VAE tiling, a magnitude
+    cache's step count). Failures of optional speed-ups (xformers, attention kernels, compile) are
+    logged, never fatal; a step cache on a denoiser without support is a ValueError (a config error)."""
+    options = options or Optimizations()
+    policy = optimizations.CallPolicy(options=options)
     applied: list[str] = []
+    denoiser = getattr(pipe, denoiser_attr, None)
     if "cpu_offload" in plan:
         pipe.enable_model_cpu_offload(device=device)
         applied.append("cpu_offload")
@@ -113,29 +155,58 @@ def apply_optimizations(pipe: DiffusionPipeline, plan: list[str], device: str, d
         except Exception as exc:  # xformers built for another torch/CUDA, no kernel for this GPU, …
             logger.warning("xformers could not be enabled (%s): using PyTorch SDPA", exc)
             applied.append("sdpa")
+    elif "sage" in plan or "flash" in plan:
+        backend = "sage" if "sage" in plan else "flash"
+        try:
+            ok = denoiser is not None and optimizations.apply_attention_backend(denoiser, backend)
+        except Exception as exc:  # kernel built for another torch/CUDA, head dim or dtype unsupported, …
+            logger.warning("attention backend %s could not be set (%s): using PyTorch SDPA", backend, exc)
+            ok = False
+        applied.append(backend if ok else "sdpa")
     elif "sdpa" in plan:
         applied.append("sdpa")
+    for step in plan:
+        if step.startswith("quantize:"):
+            if denoiser is None:
+                logger.warning("%s requested but the pipeline has no %s", step, denoiser_attr)
+                continue
+            optimizations.quantize_denoiser(denoiser, step.split(":", 1)[1])
+            applied.append(step)
+    for step in plan:
+        if step.startswith("step_cache:") and options.step_cache is not None:
+            if denoiser is None:
+                raise ValueError(f"{step} requested but the pipeline has no {denoiser_attr}")
+            config = optimizations.apply_step_cache(denoiser, options.step_cache)
+            if options.step_cache.kind == "magcache":
+                policy.mag_config, policy.mag_ratios = config, config.mag_ratios.clone()
+            applied.append(step)
+    if "channels_last" in plan:
+        if optimizations.apply_channels_last(pipe):
+            applied.append("channels_last")
     vae = getattr(pipe, "vae", None)
-    for name, method in (("vae_slicing", "enable_slicing"), ("vae_tiling", "enable_tiling")):
+    for name, method in (("vae_slicing", "enable_slicing"), ("vae_tiling", "enable_tiling"),
+                         ("vae_tiling_auto", "enable_tiling")):
         if name in plan:
             if vae is not None and hasattr(vae, method):
-                getattr(vae, method)()
+                if name != "vae_tiling_auto":
+                    getattr(vae, method)()
                 applied.append(name)
             else:
                 logger.warning("%s requested but %s has no %s", name, type(vae).__name__, method)
+    if "vae_tiling_auto" not in applied:
+        policy.options = options.model_copy(update={"vae_tiling": False})
     if "attention_slicing" in plan and hasattr(pipe, "enable_attention_slicing"):
         pipe.enable_attention_slicing()
         applied.append("attention_slicing")
     if "torch_compile" in plan:
-        denoiser = getattr(pipe, denoiser_attr, None)
         if denoiser is None:
             logger.warning("torch_compile requested but the pipeline has no %s", denoiser_attr)
         else:
             # Module.compile() compiles in place: the attribute keeps its class, so LoRA loading
             # and from_pipe still see a UNet/transformer (a torch.compile() wrapper would not).
-            denoiser.compile(**(compile_kwargs or {}))
-            applied.append("torch_compile")
-    return applied
+            mode = optimizations.compile_denoiser(denoiser, options.compile_mode, compile_kwargs)
+            applied.extend(["torch_compile", f"compile:{mode}"])
+    return applied, policy
 
 
 @dataclass
@@ -146,6 +217,12 @@ class LoadedPipeline:
     device: str
     dtype: str
     optimizations: list[str] = field(default_factory=list)
+    policy: CallPolicy = field(default_factory=CallPolicy)
+    """Per-call adjustments the optimizations need (auto VAE tiling, a magnitude cache's steps)."""
+
+    def before_call(self, pipe: DiffusionPipeline, call: dict[str, Any]) -> None:
+        """Call right before ``pipe(**call)`` (``pipe``: this one or a task pipeline built from it)."""
+        self.policy.before_call(pipe, call)
 
 
 def _hf_download(repo: str, revision: str | None, cache_dir: Path | None) -> Path:
@@ -184,8 +261,9 @@ def load_pipeline(spec: ModelSpec, tiny_dir: Path | None = None, cache_dir: Path
             raise ValueError(f"{spec.id}: unknown scheduler {spec.scheduler!r}")
         pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    plan = plan_optimizations(spec, cuda, xformers_available())
-    applied = apply_optimizations(pipe, plan, device, family.denoiser_attr, compile_kwargs)
+    capability = optimizations.cuda_capability() if cuda and torch.cuda.is_available() else None
+    plan = plan_optimizations(spec, cuda, xformers_available(), capability=capability)
+    applied, policy = apply_plan(pipe, plan, device, family.denoiser_attr, compile_kwargs, spec.optimizations)
     logger.info("loaded %s from %s on %s (%s): %s", spec.id, path, device, dtype, ", ".join(applied))
     return LoadedPipeline(pipe=pipe, family=family, path=path, device=device, dtype=dtype,
-                          optimizations=applied)
+                          optimizations=applied, policy=policy)

@@ -126,13 +126,60 @@ class Serving(_Strict):
                     "generations it owns before it exits; set it above the longest run")
 
 
+UNET_FAMILIES = frozenset({"stable_diffusion"})
+"""Families whose denoiser is a UNet: no transformer blocks for step caches or transformer quantization."""
+
+
+class StepCache(_Strict):
+    """A diffusers step cache on the denoiser (transformer families only): skip the repeated blocks of
+    a denoising step whose first-block output (first_block), magnitude ratio (magcache) or Taylor
+    forecast (taylorseer) says they would change little, reusing the cached residual instead."""
+
+    kind: Literal["first_block", "taylorseer", "magcache"]
+    threshold: float | None = Field(
+        default=None, gt=0, le=1,
+        description="first_block: relative change of the first block's residual under which a step reuses the "
+                    "cache (diffusers' default 0.05); magcache: accumulated error budget (default 0.06)")
+    cache_interval: int = Field(default=5, ge=1, le=100, description="taylorseer: full steps every N steps")
+    disable_cache_before_step: int = Field(default=3, ge=0, description="taylorseer: always compute the first N")
+    max_order: int = Field(default=1, ge=0, le=4, description="taylorseer: Taylor expansion order")
+    max_skip_steps: int = Field(default=3, ge=1, description="magcache: at most N skipped steps in a row")
+    retention_ratio: float = Field(default=0.2, ge=0, le=1, description="magcache: never skip the first share")
+    mag_ratios: list[float] | Literal["flux"] | None = Field(
+        default=None, description="magcache: the checkpoint's calibrated magnitude ratios ('flux': diffusers' "
+                                  "FLUX.1 ratios); interpolated to each request's step count")
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> StepCache:
+        if self.kind == "magcache" and self.mag_ratios is None:
+            raise ValueError("step_cache magcache needs mag_ratios (calibrated for the checkpoint, or 'flux')")
+        if self.kind == "taylorseer" and self.threshold is not None:
+            raise ValueError("step_cache taylorseer has no threshold (it uses cache_interval)")
+        return self
+
+
 class Optimizations(_Strict):
+    """Speed-ups applied at load time (models/loading.py, models/optimizations.py). Each GPU-only one is
+    chosen by device detection and falls back, with a log line, where the machine cannot run it."""
+
     xformers: bool = True
     cpu_offload: bool = False
-    vae_tiling: bool = False
+    vae_tiling: bool | Literal["auto"] = Field(
+        default="auto", description="auto: tile the VAE decode of calls above vae_tiling_min_pixels per frame")
+    vae_tiling_min_pixels: int = Field(default=1536 * 1024, ge=1, description="auto VAE tiling: frame size above which")
     vae_slicing: bool = False
     torch_compile: bool = False
+    compile_mode: Literal["regional", "full"] = Field(
+        default="regional", description="regional: compile each repeated block (fast compile, same speed-up); "
+                                        "full: the whole denoiser")
     attention_slicing: bool = False
+    channels_last: bool = Field(default=False, description="channels-last memory format for the UNet and a 2D VAE")
+    attention_backend: Literal["sdpa", "sage", "flash", "auto"] = Field(
+        default="sdpa", description="sage/flash where importable on CUDA (auto: sage, then flash), else SDPA")
+    quantization: Literal["none", "int8_weight", "fp8", "auto"] = Field(
+        default="none", description="torchao weight quantization of the transformer: fp8 on CUDA compute "
+                                    "capability >= 8.9, else int8 weight-only; auto picks by device")
+    step_cache: StepCache | None = None
 
 
 class Overflow(_Strict):
@@ -174,6 +221,12 @@ class ModelSpec(_Strict):
         wrong = set(self.tasks) - (VIDEO_TASKS if self.kind == "video" else IMAGE_TASKS)
         if wrong:
             raise ValueError(f"tasks {sorted(wrong)} do not fit kind {self.kind}")
+        unet = self.family in UNET_FAMILIES
+        if unet and self.optimizations.step_cache is not None:
+            raise ValueError(f"optimizations.step_cache needs a transformer family (wan, flux, ltx); "
+                             f"{self.family} has a UNet denoiser")
+        if unet and self.optimizations.quantization != "none":
+            raise ValueError(f"optimizations.quantization is for the transformer families; {self.family} has a UNet")
         if self.overflow.remote_only:
             if not self.overflow.provider:
                 raise ValueError("a remote-only model needs overflow.provider")

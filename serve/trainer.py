@@ -312,7 +312,9 @@ class TrainerServer:
                     torch.cuda.empty_cache()
         # CPU offload moves modules between steps and a compiled denoiser would recompile once the
         # adapter is attached: neither suits training.
-        opts = spec.optimizations.model_copy(update={"cpu_offload": False, "torch_compile": False})
+        # Quantized weights take no gradients and a step cache skips blocks: off for training too.
+        opts = spec.optimizations.model_copy(update={"cpu_offload": False, "torch_compile": False,
+                                                     "quantization": "none", "step_cache": None})
         started = time.perf_counter()
         loaded = load_pipeline(spec.model_copy(update={"optimizations": opts}),
                                Path(self.runtime.tiny_dir) if self.runtime.tiny_dir else None,

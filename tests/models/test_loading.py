@@ -53,18 +53,21 @@ def test_choose_dtype(spec_dtype: str, cuda: bool, bf16: bool, expected: str) ->
 
 
 def test_plan_optimizations(catalog: Catalog) -> None:
-    sdxl = tiny_spec(catalog, "sdxl")  # xformers + vae slicing
-    assert plan_optimizations(sdxl, cuda=True, xformers_available=True) == ["xformers", "vae_slicing"]
-    assert plan_optimizations(sdxl, cuda=True, xformers_available=False) == ["sdpa", "vae_slicing"]
-    assert plan_optimizations(sdxl, cuda=False, xformers_available=True) == ["sdpa", "vae_slicing"]
+    sdxl = tiny_spec(catalog, "sdxl")  # xformers, channels-last, vae slicing, VAE tiling by frame size
+    rest = ["channels_last", "vae_slicing", "vae_tiling_auto"]
+    assert plan_optimizations(sdxl, cuda=True, xformers_available=True) == ["xformers", *rest]
+    assert plan_optimizations(sdxl, cuda=True, xformers_available=False) == ["sdpa", *rest]
+    assert plan_optimizations(sdxl, cuda=False, xformers_available=True) == ["sdpa", *rest]
     everything = spec_with(sdxl, optimizations={"cpu_offload": True, "vae_tiling": True, "torch_compile": True,
-                                                "attention_slicing": True})
+                                                "attention_slicing": True, "channels_last": True})
     assert plan_optimizations(everything, cuda=True, xformers_available=True) == [
-        "xformers", "cpu_offload", "vae_slicing", "vae_tiling", "attention_slicing", "torch_compile"]
+        "xformers", "cpu_offload", "channels_last", "vae_slicing", "vae_tiling", "attention_slicing",
+        "torch_compile"]
     # No CUDA: no offload and no xformers, the rest still applies (compile is allowed on CPU).
     assert plan_optimizations(everything, cuda=False, xformers_available=True) == [
-        "sdpa", "vae_slicing", "vae_tiling", "attention_slicing", "torch_compile"]
-    assert plan_optimizations(tiny_spec(catalog, "tiny-sd"), cuda=False, xformers_available=False) == ["sdpa"]
+        "sdpa", "channels_last", "vae_slicing", "vae_tiling", "attention_slicing", "torch_compile"]
+    assert plan_optimizations(spec_with(tiny_spec(catalog, "tiny-sd"), optimizations={"vae_tiling": False}),
+                              cuda=False, xformers_available=False) == ["sdpa"]
 
 
 def test_apply_optimizations_on_cpu(tiny_dir: Path) -> None:
@@ -87,9 +90,9 @@ def test_xformers_failure_falls_back_to_sdpa(tiny_dir: Path, monkeypatch: pytest
 
 @pytest.mark.slow
 def test_torch_compile_wraps_denoiser_in_place(tiny_dir: Path, catalog: Catalog) -> None:
-    spec = spec_with(tiny_spec(catalog, "tiny-sd"), optimizations={"torch_compile": True})
+    spec = spec_with(tiny_spec(catalog, "tiny-sd"), optimizations={"torch_compile": True, "compile_mode": "full"})
     loaded = load_pipeline(spec, tiny_dir, compile_kwargs={"backend": "eager"})
-    assert "torch_compile" in loaded.optimizations
+    assert "torch_compile" in loaded.optimizations and "compile:full" in loaded.optimizations
     assert type(loaded.pipe.unet).__name__ == "UNet2DConditionModel"  # still the class LoRA loading expects
     assert loaded.pipe.unet._compiled_call_impl is not None
     out = loaded.pipe("x", width=64, height=64, num_inference_steps=1, output_type="np").images
@@ -98,7 +101,8 @@ def test_torch_compile_wraps_denoiser_in_place(tiny_dir: Path, catalog: Catalog)
 
 def test_load_pipeline_cpu_float32(tiny_dir: Path, catalog: Catalog) -> None:
     loaded = load_pipeline(tiny_spec(catalog, "tiny-sd"), tiny_dir)
-    assert loaded.device == "cpu" and loaded.dtype == "float32" and loaded.optimizations == ["sdpa"]
+    assert loaded.device == "cpu" and loaded.dtype == "float32"
+    assert loaded.optimizations == ["sdpa", "vae_tiling_auto"]
     assert loaded.pipe.unet.dtype == torch.float32
     assert loaded.path == tiny_dir / "tiny-sd"
 
