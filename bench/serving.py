@@ -44,6 +44,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -266,6 +267,18 @@ def run(size: int, steps: int, repeats: int, concurrency: int, rounds: int, thre
     }
 
 
+def count_calls(runner: Any, calls: Counter[str]) -> None:
+    """Count the runner's database calls (each is one transaction on its pool) by function name."""
+    real = runner._call
+
+    async def counted(fn: Any, *args: Any) -> Any:
+        inner = getattr(fn, "func", fn)  # functools.partial
+        calls[getattr(inner, "__name__", repr(inner))] += 1
+        return await real(fn, *args)
+
+    runner._call = counted
+
+
 def profile(size: int, steps: int, repeats: int, tiny_dir: Path, data_dir: Path, out: Path) -> dict[str, Any]:
     """Claim → settled under pyinstrument, on the tiny-sd path.
 
@@ -310,6 +323,7 @@ def profile(size: int, steps: int, repeats: int, tiny_dir: Path, data_dir: Path,
             session.commit()
         run_s: list[float] = []
         queue_s: list[float] = []
+        calls: Counter[str] = Counter()
 
         async def main() -> Profiler:
             bus = EventBus()
@@ -355,6 +369,7 @@ def profile(size: int, steps: int, repeats: int, tiny_dir: Path, data_dir: Path,
                 profiler = Profiler(async_mode="enabled", interval=0.0005)
                 profiler.start()
                 runner = make_runner()
+                count_calls(runner, calls)
                 runner.start()
                 try:
                     for i in range(repeats):
@@ -371,6 +386,8 @@ def profile(size: int, steps: int, repeats: int, tiny_dir: Path, data_dir: Path,
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(profiler.output_text(unicode=True, show_all=False))
     return {"profile": str(out), "job_run_s": stats_ms(run_s), "job_queue_s": stats_ms(queue_s),
+            "runner_db_calls_per_job": {k: round(v / max(1, repeats), 2) for k, v in sorted(calls.items())},
+            "runner_db_calls_per_job_total": round(sum(calls.values()) / max(1, repeats), 2),
             "load_average": load_average(), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
