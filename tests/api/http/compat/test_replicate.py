@@ -405,6 +405,9 @@ def test_errors_are_the_clients_own_exceptions_with_our_message(make_rep: Callab
         client.run("cineweave/tiny-sd", input={"prompt": "boom"})
     assert str(failed.value) == "the model ran out of GPU memory; try a smaller size, fewer frames or fewer steps"
     assert balance(rep.state.db, poor.user.id).available == 0
+    with pytest.raises(ReplicateError) as info:
+        rep.client("cw_not_a_key").predictions.list()
+    assert info.value.status == 401 and info.value.title == "Unauthenticated"
 
 
 def test_a_rate_limit_is_a_429_with_retry_after(make_rep: Callable[..., Rep]) -> None:
