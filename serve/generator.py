@@ -18,7 +18,8 @@ pipelines take guidance as one scalar per call. Prompts, negative prompts and se
 
 The batch wait adapts: the head waits for companions (at most ``batch_wait_timeout_s`` after it
 arrived) only while more requests are known to be coming: requests already inside ``generate``
-but not yet queued, or after a full batch (the replica is saturated). A lone request on an idle
+but not yet queued, requests the sender announced (``ReplicaRequest.queued_behind``), or after a
+full batch (the replica is saturated). A lone request on an idle
 replica starts at once. ``@serve.batch`` is not used: Ray 2.60 forms each batch as soon as its
 first request arrives (+ the wait) and only then queues it behind the running one, so requests
 arriving while a batch runs were split into batches of one or two by arrival time.
@@ -269,6 +270,8 @@ class GeneratorServer:
         self._arriving = 0
         """Requests inside ``generate`` that are not queued (nor attached) yet: more are coming."""
         self._last_batch_full = False
+        self._promised = 0
+        """Requests the senders said follow (``ReplicaRequest.queued_behind``) that have not come yet."""
         self._batcher: asyncio.Task[None] | None = None
         self._finishing: set[asyncio.Task[None]] = set()
         """Batches being encoded and uploaded beside the next batch's denoising."""
@@ -431,6 +434,7 @@ class GeneratorServer:
             run.close()
             self._evict()
             return run
+        self._promised = max(self._promised - 1, req.queued_behind)
         self._pending.append(run)
         self._arrived.set()
         if self._batcher is None or self._batcher.done():
@@ -535,7 +539,7 @@ class GeneratorServer:
 
     def _more_coming(self) -> bool:
         """Whether a batch being formed should wait for companions (see the module doc)."""
-        return self._arriving > 0 or self._last_batch_full
+        return self._arriving > 0 or self._promised > 0 or self._last_batch_full
 
     async def _batch_loop(self) -> None:
         """Run batches one after another, each formed when the pipeline is free (see the module doc)."""
@@ -549,6 +553,7 @@ class GeneratorServer:
             while len(self._companions(first)) < self.max_batch_size and self._more_coming():
                 remaining = first.arrived + self.batch_wait_timeout_s - loop.time()
                 if remaining <= 0:
+                    self._promised = 0  # what was promised did not come in time: stop waiting for it
                     break
                 self._arrived.clear()
                 with contextlib.suppress(TimeoutError):

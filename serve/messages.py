@@ -31,6 +31,10 @@ class ReplicaRequest(BaseModel):
     adapter_set: str = ""
     """The LoRA set (``serve.generator.adapter_set_id``), also the multiplexed model id; ``""``: none."""
     resume: dict[str, Any] = Field(default_factory=dict)
+    queued_behind: int = Field(default=0, ge=0)
+    """How many more requests for this model the sender is about to send right after this one (it
+    claimed them together): the replica's batch waits for them (at most the batch wait). An older
+    sender leaves it 0: the replica then waits only for requests it sees arriving."""
 
 
 RESULT_NAME = "result.json"

@@ -97,6 +97,31 @@ async def test_after_a_full_batch_the_next_one_waits_for_companions(tmp_path: Pa
     assert server.batch_sizes == [2, 2]
 
 
+async def test_requests_the_sender_announced_are_waited_for(tmp_path: Path) -> None:
+    """``queued_behind``: the runner claimed several jobs at once and sends them one by one."""
+    server = make_server(tmp_path, batch_wait_timeout_s=60.0)
+    first = asyncio.create_task(collect(server, {**req(0), "queued_behind": 2}))
+    await until(lambda: server.stats()["queued"] == 1)
+    second = asyncio.create_task(collect(server, {**req(1), "queued_behind": 1}))
+    await until(lambda: server.stats()["queued"] == 2)
+    assert server.generator.calls == []  # still waiting for the third
+    third = asyncio.create_task(collect(server, req(2)))
+    await asyncio.wait_for(asyncio.gather(first, second, third), timeout=5)
+    assert server.batch_sizes == [3]
+    await asyncio.wait_for(collect(server, req(3)), timeout=5)  # nothing announced: at once
+    assert server.batch_sizes == [3, 1]
+
+
+async def test_an_announced_request_that_never_comes_is_waited_for_once(tmp_path: Path) -> None:
+    server = make_server(tmp_path, batch_wait_timeout_s=0.2)
+    events = await asyncio.wait_for(collect(server, {**req(0), "queued_behind": 5}), timeout=5)
+    assert events[-1]["type"] == "done" and server.batch_sizes == [1]
+    assert server._promised == 0  # the broken promise is forgotten: the next lone request goes at once
+    server.batch_wait_timeout_s = 60.0
+    await asyncio.wait_for(collect(server, req(1)), timeout=5)
+    assert server.batch_sizes == [1, 1]
+
+
 # --- buckets ------------------------------------------------------------------------------------
 
 async def test_sizes_steps_and_guidance_are_bucketed_fifo_by_the_oldest_head(tmp_path: Path) -> None:
