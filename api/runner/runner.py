@@ -161,6 +161,10 @@ class Runner:
         self._recent_cancels: collections.deque[str] = collections.deque(maxlen=256)
         self._listening = False
         self.ticks = 0  # ticks the loop has finished (tests wait for the first one before submitting)
+        # queued-job notices heard, and how many of them a claim has since looked past: equal means
+        # nothing new was queued since the queue was last seen empty (a freed slot needs no query)
+        self._queued_seen = 0
+        self._queued_claimed = -1
 
     # threads -----------------------------------------------------------------------------
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
@@ -268,6 +272,7 @@ class Runner:
         type_ = message.get("type")
         job_id = message.get("job")
         if message.get("reconnected") or type_ is None:  # missed notifications, or a shrunk payload
+            self._queued_seen += 1
             self._wake.set()
             for event in self._cancel_wakes.values():
                 event.set()
@@ -277,6 +282,7 @@ class Runner:
             if isinstance(at, int | float) and at > time.time():
                 self._add_due(float(at))
             else:
+                self._queued_seen += 1
                 self._wake.set()
         elif type_ == "logs" and isinstance(job_id, str):
             self._cancel_notice(job_id)  # a cancel request is recorded as a log line
@@ -364,6 +370,8 @@ class Runner:
             self._wake.clear()  # before the tick: a wake-up during it runs another
             started_at, started_wall = time.monotonic(), time.time()
             sweep = last_sweep is None or started_at - last_sweep >= self.settings.runner_poll_s
+            if self._due and self._due[0] <= started_wall:
+                self._queued_seen += 1  # a backoff ended: a job is claimable
             try:
                 await self.tick(sweep=sweep)
                 if sweep:
@@ -386,8 +394,15 @@ class Runner:
         if sweep:
             await self._call(self.reclaim_expired)
         started = 0
-        while len(self._tasks) < self.settings.runner_concurrency and not self._stopping.is_set():
+        # Woken by a freed slot with nothing queued since the queue was last seen empty: no query.
+        # Without a notifier nothing says when a job is queued, so every tick looks.
+        nothing_new = self.notifier is not None and self._queued_claimed == self._queued_seen
+        while len(self._tasks) < self.settings.runner_concurrency and not self._stopping.is_set() \
+                and (sweep or not nothing_new):
+            seen = self._queued_seen
             job, more = await self._call(self._claim)
+            if job is None or not more:
+                self._queued_claimed = seen  # the queue held nothing more, as of the notices up to `seen`
             if job is None:
                 break
             # the cancel watch's wake-up exists from the claim on: a cancel requested before the

@@ -107,6 +107,38 @@ async def test_a_freed_slot_claims_the_next_job_without_a_poll(
         await runner.stop()
 
 
+async def test_a_freed_slot_with_nothing_queued_makes_no_claim_query(
+        rdb: Database, wsettings: Settings, storage: LocalStorage, bus: EventBus, catalog: Catalog,
+        notifier: Notifier, alice: NewUser) -> None:
+    gate = threading.Event()
+    runner = Runner(rdb, FakeExecutor(storage=storage, gates={"held": gate}), wsettings, storage, bus,
+                    runner_id="r1", metrics=Metrics(), notifier=notifier)
+    claims: list[bool] = []
+    real = runner._claim
+
+    def counting() -> Any:
+        job, more = real()
+        claims.append(job is not None)
+        return job, more
+
+    runner._claim = counting  # type: ignore[method-assign]
+    await started_idle(runner)
+    jobs = JobService(rdb, wsettings, catalog, storage, bus)
+    try:
+        claims.clear()  # the start-up sweep's
+        job_id = await asyncio.to_thread(submit, jobs, alice, "held")
+        await wait_until(lambda: status(rdb, job_id) == "running", WAKE_WAIT_S, what="the job")
+        ticks = runner.ticks
+        gate.set()
+        await wait_until(lambda: status(rdb, job_id) == "succeeded" and not runner.active_job_ids, WAKE_WAIT_S,
+                         what="the job to end")
+        await wait_until(lambda: runner.ticks > ticks, WAKE_WAIT_S, what="the tick its freed slot woke")
+        assert claims == [True]  # the submission's claim only: the queue was seen empty by it
+    finally:
+        gate.set()
+        await runner.stop()
+
+
 async def test_a_retry_wakes_the_runner_when_its_backoff_ends(
         rdb: Database, wsettings: Settings, storage: LocalStorage, bus: EventBus, catalog: Catalog,
         alice: NewUser) -> None:
