@@ -19,10 +19,10 @@ pipelines take guidance as one scalar per call. Prompts, negative prompts and se
 The batch wait adapts: the head waits for companions (at most ``batch_wait_timeout_s`` after it
 arrived) only while more requests are known to be coming: requests already inside ``generate``
 but not yet queued, requests the sender announced (``ReplicaRequest.queued_behind``), or after a
-full batch (the replica is saturated). A lone request on an idle
-replica starts at once. ``@serve.batch`` is not used: Ray 2.60 forms each batch as soon as its
-first request arrives (+ the wait) and only then queues it behind the running one, so requests
-arriving while a batch runs were split into batches of one or two by arrival time.
+full batch (the replica is saturated). A lone request on an idle replica starts at once.
+``@serve.batch`` is not used: Ray 2.60 forms each batch as soon as its first request arrives (+ the
+wait) and only then queues it behind the running one, so requests arriving while a batch runs were
+split into batches of one or two by arrival time.
 
 Encoding and upload overlap the next batch: once a batch's pipeline call returned (latents
 decoded), its PNG/MP4 encoding, thumbnails and uploads (and each ``result.json``) run in a worker
