@@ -162,8 +162,15 @@ def quantize_denoiser(denoiser: torch.nn.Module, kind: str) -> None:
         quantize_,
     )
 
-    config = Float8DynamicActivationFloat8WeightConfig() if kind == "fp8" else Int8WeightOnlyConfig()
-    quantize_(denoiser, config)
+    if kind == "fp8":
+        # fp8 matmuls (torch._scaled_mm) need both dimensions divisible by 16: other linears stay.
+        quantize_(denoiser, Float8DynamicActivationFloat8WeightConfig(), filter_fn=_fp8_friendly)
+    else:
+        quantize_(denoiser, Int8WeightOnlyConfig())
+
+
+def _fp8_friendly(module: torch.nn.Module, fqn: str) -> bool:
+    return isinstance(module, torch.nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
 
 
 def compile_denoiser(denoiser: torch.nn.Module, mode: str, compile_kwargs: Mapping[str, Any] | None) -> str:
