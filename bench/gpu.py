@@ -499,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="a local diffusers directory for a model")
     parser.add_argument("--budget-s", type=float, default=300.0,
                         help=f"time budget for the benchmark part (the CUDA tests get {TEST_TIMEOUT_S}s more)")
-    parser.add_argument("--repeats", type=int, default=2, help="timed calls per case after one warm-up call")
+    parser.add_argument("--repeats", type=int, default=1, help="timed calls per case after one warm-up call")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
     args = parser.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
