@@ -179,6 +179,27 @@ async def test_lora_sets_batch_only_with_the_same_set(tmp_path: Path) -> None:
     assert server.batch_sizes == [1, 2, 2]
 
 
+async def test_a_request_without_a_batching_key_runs_alone(tmp_path: Path) -> None:
+    """Bad input the key cannot read (the pipeline will refuse it): a bucket of its own, not a
+    crash of the loop, and the others still batch."""
+    server = make_server(tmp_path)
+
+    def compatible_key(data: dict[str, Any]) -> tuple[Any, ...]:
+        if data["prompt"] == "p1":
+            raise ValueError("width must be a number")
+        return ("ok",)
+
+    server.generator.compatible_key = compatible_key
+    first = await held_first(server, req(0))
+    later = [asyncio.create_task(collect(server, req(i))) for i in range(1, 4)]
+    await until(lambda: server.stats()["queued"] == 3)
+    server.generator.gate.set()
+    await asyncio.wait_for(asyncio.gather(first, *later), timeout=10)
+    assert [b["bucket"] for b in server.stats()["batches"]][1:] == ["alone job_1", "t2i 64x64 steps=4 guidance=5.0"]
+    assert server.batch_sizes == [1, 1, 2]
+    server.check_health()
+
+
 # --- encoding and upload beside the next batch ----------------------------------------------------
 
 async def test_the_next_batch_denoises_while_the_previous_one_uploads(tmp_path: Path) -> None:
