@@ -564,8 +564,9 @@ class Runner:
         last_write = loop.time()  # the claim
         flush_at: list[float | None] = [None]  # when what is buffered must be written
         stream = self.executor.run(request)
+        events = self._events(stream, heartbeat, lambda: flush_at[0])
         try:
-            async for event in self._events(stream, heartbeat, lambda: flush_at[0]):
+            async for event in events:
                 if heartbeat.done():
                     heartbeat.result()  # raises LeaseLost
                 if event is None:  # the flush deadline passed with no event: write what is buffered
@@ -595,6 +596,8 @@ class Runner:
         finally:
             if stages is not None:
                 stages.close()
+            with contextlib.suppress(Exception):
+                await events.aclose()  # first: it cancels a read ahead still pending on the stream
             heartbeat.cancel()
             cancel_watch.cancel()
             await asyncio.gather(heartbeat, cancel_watch, return_exceptions=True)
@@ -663,35 +666,40 @@ class Runner:
         once, even while the executor is silent, and the stale run is no longer waited on.
 
         ``None`` is yielded when the loop time ``flush_at()`` passes with no event (the pending
-        read goes on): the caller writes what it buffered."""
+        read goes on): the caller writes what it buffered.
+
+        One event is read ahead (never past a result): while the caller records an event, the
+        executor goes on, e.g. sends the request to the replica while the router's provider event
+        is written, instead of waiting for that write. Closing this generator (the caller leaves)
+        cancels a read still pending, before the caller closes the stream."""
         events = stream.__aiter__()
         loop = asyncio.get_running_loop()
         step: asyncio.Future[Any] | None = None
-        while True:
-            if step is None:
-                step = asyncio.ensure_future(events.__anext__())
-            deadline = flush_at()
-            timeout = None if deadline is None else max(0.0, deadline - loop.time())
-            try:
+        try:
+            while True:
+                if step is None:
+                    step = asyncio.ensure_future(events.__anext__())
+                deadline = flush_at()
+                timeout = None if deadline is None else max(0.0, deadline - loop.time())
                 await asyncio.wait({step, heartbeat}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-            except BaseException:
-                step.cancel()  # this task is being cancelled
-                await asyncio.gather(step, return_exceptions=True)
-                raise
-            if not step.done():
-                if heartbeat.done():  # the lease is lost
-                    step.cancel()
-                    await asyncio.gather(step, return_exceptions=True)
-                    heartbeat.result()  # raises LeaseLost
+                if not step.done():
+                    if heartbeat.done():  # the lease is lost
+                        heartbeat.result()  # raises LeaseLost (the pending read is cancelled below)
+                        return
+                    yield None  # the flush deadline
+                    continue
+                done, step = step, None
+                try:
+                    event = done.result()
+                except StopAsyncIteration:
                     return
-                yield None  # the flush deadline
-                continue
-            done, step = step, None
-            try:
-                event = done.result()
-            except StopAsyncIteration:
-                return
-            yield event
+                if not isinstance(event, DoneEvent | ErrorEvent):
+                    step = asyncio.ensure_future(events.__anext__())  # read ahead
+                yield event
+        finally:
+            if step is not None and not step.done():
+                step.cancel()  # the caller left, the lease is lost, or this task is being cancelled
+                await asyncio.gather(step, return_exceptions=True)
 
     async def _heartbeat(self, job_id: str) -> None:
         """Renew the lease every ``lease_s / 3`` on the lease pool; raise LeaseLost when it is gone.

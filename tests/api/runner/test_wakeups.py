@@ -257,3 +257,39 @@ async def test_pg_a_job_submitted_by_another_process_starts_at_once(
         await notifier_api.stop()
         db_runner.dispose()
         db_api.dispose()
+
+
+async def test_the_executor_goes_on_while_an_event_is_written(
+        rdb: Database, rsettings: Settings, storage: LocalStorage, bus: EventBus, catalog: Catalog,
+        alice: NewUser) -> None:
+    """The router's provider event is written at once, but the request does not wait for that
+    write: the runner reads one event ahead, so the executor has already resumed (sent the request
+    to its replica) while the write is still held."""
+    from api.core.events import DoneEvent, OutputEvent, ProviderEvent
+
+    resumed = threading.Event()
+
+    class Routed(FakeExecutor):
+        async def run(self, request: Any) -> Any:  # type: ignore[override]
+            yield ProviderEvent(provider="local", reason="local")
+            resumed.set()  # what a router does next: start the local run
+            key = f"{request.output_prefix}0.png"
+            storage.put_bytes(key, b"\x89PNG", "image/png")
+            yield OutputEvent(key=key, content_type="image/png")
+            yield DoneEvent({})
+
+    class Held(Runner):
+        seen_resumed: list[bool] = []
+
+        def _record_many(self, job_id: str, events: list[Any]) -> Any:
+            if any(isinstance(e, ProviderEvent) for e in events):
+                self.seen_resumed.append(resumed.wait(timeout=5))  # on the runner's pool: may block
+            return super()._record_many(job_id, events)
+
+    runner = Held(rdb, Routed(storage=storage), rsettings, storage, bus, runner_id="r1", metrics=Metrics())
+    jobs = JobService(rdb, rsettings, catalog, storage, bus)
+    job_id = submit(jobs, alice)
+    await runner.drain(timeout_s=20)
+    assert runner.seen_resumed == [True]
+    job = get_job(rdb, job_id)
+    assert (job.status, job.provider, len(job.outputs)) == ("succeeded", "local", 1)
