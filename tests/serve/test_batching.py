@@ -38,6 +38,17 @@ def req(i: int, **inp: Any) -> dict[str, Any]:
             "output_prefix": f"outputs/u/job_{i}/", "adapter_set": ""}
 
 
+async def queue_in_order(server: Any, reqs: list[dict[str, Any]]) -> list[asyncio.Task[list[dict[str, Any]]]]:
+    """Start ``reqs`` one after another, each queued before the next starts (a request reaches the
+    queue after a thread hop, so requests started together may queue in any order)."""
+    tasks = []
+    for r in reqs:
+        queued = server.stats()["queued"]
+        tasks.append(asyncio.create_task(collect(server, r)))
+        await until(lambda q=queued: server.stats()["queued"] == q + 1)
+    return tasks
+
+
 class HeldStorage:
     """The server's storage, with every upload under a held job's prefix blocked until released."""
 
@@ -128,8 +139,7 @@ async def test_sizes_steps_and_guidance_are_bucketed_fifo_by_the_oldest_head(tmp
     server = make_server(tmp_path)
     first = await held_first(server, req(0))  # 64×64, 4 steps (the spec's defaults)
     shapes = [{}, {"width": 96}, {}, {"steps": 8}, {"width": 96}, {"guidance": 2.0}, {"width": 64, "height": 64}]
-    later = [asyncio.create_task(collect(server, req(i + 1, **shape))) for i, shape in enumerate(shapes)]
-    await until(lambda: server.stats()["queued"] == len(shapes))
+    later = await queue_in_order(server, [req(i + 1, **shape) for i, shape in enumerate(shapes)])
     assert server.stats()["queued_buckets"] == {"t2i 64x64 steps=4 guidance=5.0": 3, "t2i 96x64 steps=4 guidance=5.0": 2,
                                                 "t2i 64x64 steps=8 guidance=5.0": 1,
                                                 "t2i 64x64 steps=4 guidance=2.0": 1}
@@ -148,10 +158,7 @@ async def test_a_lone_odd_sized_request_is_not_starved(tmp_path: Path) -> None:
     """The odd one is the oldest head once the running batch ends: it goes before the crowd behind it."""
     server = make_server(tmp_path)
     first = await held_first(server, req(0))
-    odd = asyncio.create_task(collect(server, req(1, width=128, height=128)))
-    await until(lambda: server.stats()["queued"] == 1)
-    crowd = [asyncio.create_task(collect(server, req(i))) for i in range(2, 6)]
-    await until(lambda: server.stats()["queued"] == 5)
+    odd, *crowd = await queue_in_order(server, [req(1, width=128, height=128)] + [req(i) for i in range(2, 6)])
     server.generator.gate.set()
     await asyncio.wait_for(asyncio.gather(first, odd, *crowd), timeout=10)
     assert [(b["size"], b["bucket"].split()[1]) for b in server.stats()["batches"]] == [
@@ -166,12 +173,8 @@ async def test_lora_sets_batch_only_with_the_same_set(tmp_path: Path) -> None:
 
     server.adapter_set = no_adapters  # type: ignore[method-assign]
     first = await held_first(server, req(0))
-    later = []
-    for i in range(1, 5):
-        r = req(i)
-        r["adapter_set"] = '[["l1","k",1.0]]' if i % 2 else ""
-        later.append(asyncio.create_task(collect(server, r)))
-    await until(lambda: server.stats()["queued"] == 4)
+    later = await queue_in_order(server, [{**req(i), "adapter_set": '[["l1","k",1.0]]' if i % 2 else ""}
+                                          for i in range(1, 5)])
     server.generator.gate.set()
     await asyncio.wait_for(asyncio.gather(first, *later), timeout=10)
     assert [b["bucket"] for b in server.stats()["batches"]] == [
@@ -191,8 +194,7 @@ async def test_a_request_without_a_batching_key_runs_alone(tmp_path: Path) -> No
 
     server.generator.compatible_key = compatible_key
     first = await held_first(server, req(0))
-    later = [asyncio.create_task(collect(server, req(i))) for i in range(1, 4)]
-    await until(lambda: server.stats()["queued"] == 3)
+    later = await queue_in_order(server, [req(i) for i in range(1, 4)])
     server.generator.gate.set()
     await asyncio.wait_for(asyncio.gather(first, *later), timeout=10)
     assert [b["bucket"] for b in server.stats()["batches"]][1:] == ["alone job_1", "t2i 64x64 steps=4 guidance=5.0"]
@@ -248,7 +250,8 @@ async def test_a_job_canceled_while_its_batch_encodes_is_canceled(tmp_path: Path
     server = make_server(tmp_path)
     storage = HeldStorage(server.storage, {"job_0"})
     server.storage = storage
-    tasks = [asyncio.create_task(collect(server, req(i))) for i in range(2)]
+    tasks = await queue_in_order(server, [{**req(0), "queued_behind": 1}])  # it waits for the announced one
+    tasks.append(asyncio.create_task(collect(server, req(1))))  # one batch, job_0 first
     await until(storage.blocked.is_set)  # job_0 uploading, job_1 waits behind it in the same batch
     assert await server.cancel("job_1") is True
     storage.release.set()
