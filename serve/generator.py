@@ -232,6 +232,21 @@ def _bounded_list(items: list[Any], kept: int = BATCH_SIZES_KEPT) -> None:
         del items[:len(items) - kept]
 
 
+def outputs_of(data: dict[str, Any]) -> int:
+    """How many images a request asks for (``num_outputs``, 1 when absent)."""
+    return max(1, int(data.get("num_outputs") or 1))
+
+
+def expand_outputs(prepared: dict[str, Any], n: int) -> list[dict[str, Any]]:
+    """One generator entry per image a request asks for, seeds ``seed``, ``seed+1``, … (mod 2**32),
+    so each image is the one a single-image request with that seed would give."""
+    base = {k: v for k, v in prepared.items() if k != "num_outputs"}
+    seed = base.get("seed")
+    if n == 1 or seed is None:
+        return [dict(base) for _ in range(n)]
+    return [{**base, "seed": (int(seed) + i) % 2**32} for i in range(n)]
+
+
 class GeneratorServer:
     def __init__(self, spec: dict[str, Any], runtime: dict[str, Any]) -> None:
         from models.generator import Generator
@@ -562,7 +577,7 @@ class GeneratorServer:
                     break
             if first not in self._pending:
                 continue
-            batch = self._companions(first)[:self.max_batch_size]
+            batch = self._fill(self._companions(first))
             self._last_batch_full = len(batch) >= self.max_batch_size
             for run in batch:
                 self._pending.remove(run)
@@ -573,6 +588,19 @@ class GeneratorServer:
                 finishing.add_done_callback(self._finishing.discard)
             while len(self._finishing) > FINISHING_KEPT:  # the encoder is behind: let it catch up
                 await asyncio.wait(set(self._finishing), return_when=asyncio.FIRST_COMPLETED)
+
+    def _fill(self, companions: list[_Run]) -> list[_Run]:
+        """The runs of one batch: up to ``max_batch_size`` images in all (a run of n images counts
+        n; one run alone may exceed it), oldest first."""
+        batch: list[_Run] = []
+        images = 0
+        for run in companions:
+            n = outputs_of(run.request.input)
+            if batch and images + n > self.max_batch_size:
+                break
+            batch.append(run)
+            images += n
+        return batch
 
     def _companions(self, first: _Run) -> list[_Run]:
         """Queued runs that can share ``first``'s batch (its bucket), oldest first."""
@@ -630,7 +658,9 @@ class GeneratorServer:
         try:
             set_id = requests[0].adapter_set
             adapters = await self.adapter_set(set_id) if set_id else None
-            inputs = [await asyncio.to_thread(self._prepare_input, r.input) for r in requests]
+            prepared = [await asyncio.to_thread(self._prepare_input, r.input) for r in requests]
+            counts = [outputs_of(r.input) for r in requests]  # a request for n images is n entries
+            inputs = [e for p, c in zip(prepared, counts, strict=True) for e in expand_outputs(p, c)]
             if self.hooks is not None:
                 for run in batch:
                     run.hold = await asyncio.to_thread(self.hooks.hold_for, str(run.request.input.get("prompt", "")))
@@ -666,26 +696,34 @@ class GeneratorServer:
         except Exception as exc:  # noqa: BLE001 - classified into code + retryable
             self._emit(batch, self._error(exc))
             return None
-        if len(media) != n:
-            raise RuntimeError(f"the pipeline returned {len(media)} outputs for {n} requests")
-        return generator, media
+        if len(media) != sum(counts):
+            raise RuntimeError(f"the pipeline returned {len(media)} outputs for {n} requests "
+                               f"({sum(counts)} images)")
+        grouped, at = [], 0
+        for count in counts:  # each run's own images back, in order
+            grouped.append(media[at:at + count])
+            at += count
+        return generator, grouped
 
     async def _finish(self, batch: list[_Run], generator: Any, media: list[Any]) -> None:
         """Encode and upload each run's output in the encoder thread, then its ``result.json``;
         each run gets its output and done events as soon as its own upload is stored."""
         loop = asyncio.get_running_loop()
         try:
-            for run, item in zip(batch, media, strict=True):
+            for run, items in zip(batch, media, strict=True):
                 if run.canceled:
                     run.emit(event_to_wire(ErrorEvent("canceled", "canceled")))
                     continue
-                result = {"seed": item.seed, "device": generator.device}
+                result = {"seed": items[0].seed, "device": generator.device}
+                if len(items) > 1:
+                    result["seeds"] = [item.seed for item in items]
                 try:
-                    out = await loop.run_in_executor(self._encoder, self._store_all, run.request, item, result)
+                    outs = await loop.run_in_executor(self._encoder, self._store_all, run.request, items, result)
                 except Exception as exc:  # noqa: BLE001
                     run.emit(self._error(exc))
                     continue
-                run.emit(out)
+                for out in outs:
+                    run.emit(out)
                 run.emit(event_to_wire(DoneEvent(result)))
         except Exception as exc:  # noqa: BLE001 - a bug here must not hang callers
             logger.exception("%s: finishing a batch failed", self.spec.id)
@@ -693,11 +731,12 @@ class GeneratorServer:
         finally:
             self._close(batch)
 
-    def _store_all(self, request: ReplicaRequest, item: Any, result: dict[str, Any]) -> dict[str, Any]:
-        """Encoder thread: the output and its thumbnail stored, then the result record."""
-        out = event_to_wire(self._store(request, item))
-        self._store_result(request, [out], result)
-        return out
+    def _store_all(self, request: ReplicaRequest, items: list[Any], result: dict[str, Any]) -> list[dict[str, Any]]:
+        """Encoder thread: the run's outputs (``0.png``, ``1.png``, …) and thumbnails stored, then
+        the result record."""
+        outs = [event_to_wire(self._store(request, item, index)) for index, item in enumerate(items)]
+        self._store_result(request, outs, result)
+        return outs
 
     def _store_result(self, request: ReplicaRequest, outputs: list[dict[str, Any]], result: dict[str, Any]) -> None:
         """The result record, written after the outputs (see :class:`~serve.messages.ResultRecord`)."""
@@ -719,15 +758,15 @@ class GeneratorServer:
                 prepared["image"] = img.convert("RGB")
         return prepared
 
-    def _store(self, request: ReplicaRequest, item: Any) -> OutputEvent:
+    def _store(self, request: ReplicaRequest, item: Any, index: int = 0) -> OutputEvent:
         from models.media import encode_mp4, encode_png, thumbnail_jpeg, thumbnail_png
 
         prefix = request.output_prefix
         meta = dict(item.metadata)
         if item.kind == "image":
-            key = f"{prefix}0.png"
+            key = f"{prefix}{index}.png"
             self.storage.put_bytes(key, encode_png(item.image, meta), "image/png")
-            thumb = f"{prefix}0.thumb.jpg"  # reduced from the decoded image: no second PNG encode
+            thumb = f"{prefix}{index}.thumb.jpg"  # reduced from the decoded image: no second PNG encode
             self.storage.put_bytes(thumb, thumbnail_jpeg(item.image), "image/jpeg")
             return OutputEvent(key=key, content_type="image/png", width=item.width, height=item.height,
                                thumbnail_key=thumb)
