@@ -55,6 +55,13 @@ class Submission:
 def request_hash(sub: Submission) -> str:
     body = {"model": sub.model, "input": sub.input, "webhook": sub.webhook,
             "webhook_events_filter": sub.webhook_events_filter}
+    # The shape and Cancel-After change what the job is (its deadline, how it is shown), so a
+    # replay with another shape or deadline is a conflict, not the old job. Left out when default,
+    # so hashes of native jobs stored before this stay valid.
+    if sub.api_shape != "native":
+        body["api_shape"] = sub.api_shape
+    if sub.cancel_after_s is not None:
+        body["cancel_after_s"] = sub.cancel_after_s
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
