@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,8 +19,10 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from PIL import Image
+from sqlalchemy import update
 
-from api.db.tables import ApiKey, Lora
+from api.db.tables import ApiKey, Job, Lora, utcnow
+from api.http.compat.replicate import version_id
 from api.services.jobs import Submission
 from api.services.users import NewUser, create_api_key
 from tests.fixtures.fake_executor import FakeExecutor
@@ -75,6 +78,28 @@ ROUTES: dict[tuple[str, str], str] = {
     ("POST", "/v1/admin/jobs/{job_id}/cancel"): ADMIN,
     ("POST", "/v1/admin/models/{model_id}/swap"): ADMIN,
     ("GET", "/v1/admin/stats"): ADMIN,
+    # the OpenAI shape
+    ("GET", "/openai/v1/models"): USER,
+    ("GET", "/openai/v1/models/{model_id}"): USER,
+    ("GET", "/openai/v1/videos"): USER,
+    ("POST", "/openai/v1/videos"): USER,
+    ("POST", "/openai/v1/images/generations"): USER,
+    ("POST", "/openai/v1/images/edits"): USER,
+    ("GET", "/openai/v1/videos/{video_id}"): OWNED,
+    ("DELETE", "/openai/v1/videos/{video_id}"): OWNED,
+    ("GET", "/openai/v1/videos/{video_id}/content"): OWNED,
+    # the Replicate shape
+    ("GET", "/replicate/v1/models"): USER,
+    ("GET", "/replicate/v1/models/{owner}/{name}"): USER,
+    ("GET", "/replicate/v1/models/{owner}/{name}/versions"): USER,
+    ("GET", "/replicate/v1/models/{owner}/{name}/versions/{version}"): USER,
+    ("GET", "/replicate/v1/predictions"): USER,
+    ("POST", "/replicate/v1/predictions"): USER,
+    ("POST", "/replicate/v1/models/{owner}/{name}/predictions"): USER,
+    ("POST", "/replicate/v1/deployments/{owner}/{name}/predictions"): USER,
+    ("GET", "/replicate/v1/predictions/{prediction_id}"): OWNED,
+    ("POST", "/replicate/v1/predictions/{prediction_id}/cancel"): OWNED,
+    ("GET", "/replicate/v1/predictions/{prediction_id}/stream"): OWNED,
 }
 
 
@@ -123,18 +148,34 @@ class World:
     bob_upload: str
     bob_key: str
     bob_lora: str
+    alice_video: str
+    alice_done_video: str
+    alice_doomed_video: str
+    bob_video: str
 
 
 @pytest.fixture
 async def world(make_api: Any, storage: Any) -> World:
-    h = await make_api(executor=WebhookExecutor(storage=storage), run_runner=False)
-    alice, bob = h.user(credits=100), h.user(credits=100)
+    # no runner: a synchronous OpenAI images call answers 408 (still pending) after openai_wait_s;
+    # alice submits on many routes, so her limits are raised
+    h = await make_api(executor=WebhookExecutor(storage=storage), run_runner=False, openai_wait_s=0.2,
+                       max_active_jobs=100, rate_limit_per_minute=1000)
+    alice, bob = h.user(credits=10_000), h.user(credits=10_000)
     admin_user = h.user(credits=0, admin=True)
     jobs = h.state.jobs
     alice_job, _ = jobs.submit(alice.user, Submission("tiny-sd", {"prompt": "a"}))
     alice_done, _ = jobs.submit(alice.user, Submission("tiny-sd", {"prompt": "a"}))
     jobs.cancel(alice.user, alice_done.id)  # finished: its event stream ends, its outputs can be deleted
     bob_job, _ = jobs.submit(bob.user, Submission("tiny-sd", {"prompt": "b"}))
+    alice_video, _ = jobs.submit(alice.user, Submission("tiny-wan", {"prompt": "a"}))
+    alice_done_video, _ = jobs.submit(alice.user, Submission("tiny-wan", {"prompt": "a"}))
+    alice_doomed_video, _ = jobs.submit(alice.user, Submission("tiny-wan", {"prompt": "a"}))
+    jobs.cancel(alice.user, alice_doomed_video.id)  # finished: its files can be deleted
+    bob_video, _ = jobs.submit(bob.user, Submission("tiny-wan", {"prompt": "b"}))
+    # a video that succeeded, with its MP4 and poster in storage (for /content)
+    prefix = f"outputs/{alice.user.id}/{alice_done_video.id}/"
+    h.storage.put_bytes(prefix + "0.mp4", b"\x00\x00\x00\x18ftypmp42", "video/mp4")
+    h.storage.put_bytes(prefix + "0.poster.png", png(), "image/png")
     alice_upload, alice_doomed = (u.id for u in h.state.uploads.create(
         alice.user, [("a.png", png()), ("doomed.png", png())]))
     bob_upload = h.state.uploads.create(bob.user, [("b.png", png())])[0].id
@@ -143,20 +184,39 @@ async def world(make_api: Any, storage: Any) -> World:
         loras = [Lora(user_id=u.user.id, name=n, base_model="tiny-sd", status="succeeded", weights_key="w")
                  for u, n in ((alice, "a"), (alice, "doomed"), (bob, "b"))]
         s.add_all(loras)
+        s.execute(update(Job).where(Job.id == alice_done_video.id).values(
+            status="succeeded", completed_at=utcnow(),
+            outputs=[{"key": prefix + "0.mp4", "content_type": "video/mp4", "thumbnail_key": prefix + "0.poster.png"}]))
         s.commit()
         bob_key = s.query(ApiKey).filter(ApiKey.user_id == bob.user.id).one().id
     return World(h, alice, bob, admin_user, alice_job.id, alice_done.id, alice_upload, alice_doomed, spare.id,
-                 loras[0].id, loras[1].id, bob_job.id, bob_upload, bob_key, loras[2].id)
+                 loras[0].id, loras[1].id, bob_job.id, bob_upload, bob_key, loras[2].id,
+                 alice_video.id, alice_done_video.id, alice_doomed_video.id, bob_video.id)
 
 
 def _url(world: World, method: str, path: str, owner: str) -> str:
     """Fill the path's ids with ``owner``'s resources ("alice" = the caller's, "bob" = someone else's)."""
     mine = owner == "alice"
-    job = (world.alice_done_job if method == "DELETE" or path.endswith("/events") else world.alice_job) \
-        if mine else world.bob_job
+    # an event stream (native /events, Replicate /stream) of a finished job ends
+    finished = method == "DELETE" or path.endswith(("/events", "/stream"))
+    job = (world.alice_done_job if finished else world.alice_job) if mine else world.bob_job
     doomed = method == "DELETE"  # deleting must not take away what the other routes are tried on
+    if not mine:
+        video = world.bob_video
+    elif doomed:
+        video = world.alice_doomed_video
+    elif path.endswith("/content"):
+        video = world.alice_done_video  # succeeded, with its files
+    else:
+        video = world.alice_video
+    spec = world.h.state.catalog.get("tiny-sd")
     values = {
         "job_id": job,
+        "prediction_id": job,
+        "video_id": video,
+        "owner": world.h.settings.replicate_owner,
+        "name": spec.id,
+        "version": version_id(spec),
         "upload_id": (world.alice_doomed_upload if doomed else world.alice_upload) if mine else world.bob_upload,
         "lora_id": (world.alice_doomed_lora if doomed else world.alice_lora) if mine else world.bob_lora,
         "key_id": world.alice_spare_key if mine else world.bob_key,
@@ -175,6 +235,16 @@ def _body(method: str, path: str) -> dict[str, Any]:
         return {}
     if path == "/v1/jobs":
         return {"json": {"model": "tiny-sd", "input": {"prompt": "a cat"}}}
+    if path == "/openai/v1/images/generations":
+        return {"json": {"model": "tiny-sd", "prompt": "a cat"}}
+    if path == "/openai/v1/images/edits":
+        return {"data": {"model": "tiny-sd", "prompt": "a cat"}, "files": {"image": ("x.png", png(), "image/png")}}
+    if path == "/openai/v1/videos":
+        return {"json": {"model": "tiny-wan", "prompt": "a cat"}}
+    if path == "/replicate/v1/predictions":
+        return {"json": {"version": "cineweave/tiny-sd", "input": {"prompt": "a cat"}}}
+    if path.startswith("/replicate/v1/") and path.endswith("/predictions"):
+        return {"json": {"input": {"prompt": "a cat"}}}
     if path == "/v1/uploads":
         return {"files": {"file": ("x.png", png(), "image/png")}}
     if path == "/v1/admin/users":
@@ -190,6 +260,19 @@ def _body(method: str, path: str) -> dict[str, Any]:
     if path.startswith("/v1/admin/users/"):
         return {"json": {"plan": "starter"}}
     return {"json": {}}
+
+
+def _unknown(path: str) -> str:
+    """``path`` with its last id (the resource the route acts on) replaced by one that names nothing."""
+    return re.sub(r"\{[a-z_]+\}(?!.*\{)", "nothing_here", path)
+
+
+def _error_code(path: str, response: httpx.Response) -> str | None:
+    """The stable error code, where each shape puts it (Replicate: top level; OpenAI, native: ``error``)."""
+    body = response.json()
+    if path.startswith("/replicate/"):
+        return body.get("code")
+    return body.get("error", {}).get("code")
 
 
 async def _call(client: httpx.AsyncClient, method: str, url: str, key: str | None, path: str) -> httpx.Response:
@@ -220,7 +303,7 @@ async def test_route_authorization(world: World) -> None:
     def expect(route: str, what: str, response: httpx.Response, statuses: set[int], code: str | None = None) -> None:
         ok = response.status_code in statuses
         if ok and code is not None and response.status_code >= 400:
-            ok = response.json().get("error", {}).get("code") == code
+            ok = _error_code(route.split(" ", 1)[1], response) == code
         if not ok:
             problems.append(f"{route} {what}: {response.status_code} {response.text[:160]}")
 
@@ -240,12 +323,13 @@ async def test_route_authorization(world: World) -> None:
             theirs = _url(world, method, path, "bob")
             expect(route, "other user's id", await _call(client, method, theirs, world.alice.api_key, path),
                    {404}, "not_found")
-            unknown = mine.replace(mine.split("/")[3], "nothing_here")
+            unknown = _url(world, method, _unknown(path), "alice")
             expect(route, "unknown id", await _call(client, method, unknown, world.alice.api_key, path),
                    {404}, "not_found")
 
     # Someone else's resources came through untouched.
     assert get_job(h.db, world.bob_job).status == "queued"
+    assert get_job(h.db, world.bob_video).status == "queued"
     assert (await client.get(f"/v1/uploads/{world.bob_upload}", headers=bearer(world.bob.api_key))).status_code == 200
     assert (await client.get("/v1/credits", headers=bearer(world.bob.api_key))).status_code == 200
 
@@ -259,7 +343,11 @@ async def test_route_authorization(world: World) -> None:
                 body["json"]["images"] = [world.alice_upload]
             r = await asyncio.wait_for(client.request(
                 method, _url(world, method, path, "alice"), headers=bearer(world.alice.api_key), **body), 10)
-            expect(route, "owner", r, {200, 201, 202, 204})
+            if path.startswith("/openai/v1/images/"):
+                # let through and submitted; with no runner the synchronous wait ends still pending
+                expect(route, "owner", r, {408}, "generation_pending")
+            else:
+                expect(route, "owner", r, {200, 201, 202, 204})
         elif kind == ADMIN:
             for key in (ADMIN_KEY, world.admin_user.api_key):
                 url = _url(world, method, path, "alice")
