@@ -11,7 +11,7 @@ storage and events as ``POST /v1/jobs``. What is OpenAI's own:
   was charged (``input_tokens`` 0), so a client that meters usage meters what it paid.
 - A synchronous images call holds for its job up to ``openai_wait_s`` (60 s, as Prefer: wait); if
   the job has not finished by then the answer is a 408 ``generation_pending`` error naming the
-  job id to poll at ``GET /v1/jobs/{id}`` (never a 504), marked ``x-should-retry: false`` so the
+  job id and the absolute URL to poll on the native API, ``GET <base>/v1/jobs/{id}`` (never a 504), marked ``x-should-retry: false`` so the
   client does not submit (and pay for) it again.
 - Errors are OpenAI's ``{"error": {"message", "type", "param", "code"}}``. As OpenAI does, invalid
   requests are 400 (not 422) and an account that cannot pay gets 429 ``insufficient_quota``;
@@ -57,7 +57,7 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "
                409: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
                429: "rate_limit_error"}
 RETRYABLE_CODES = {"rate_limited", "concurrency_limit", "uploads_busy"}
-FINAL_CODES = {"generation_failed"}  # server-side, but a retry would only submit the job again
+FINAL_CODES = {"generation_failed", "result_unavailable"}  # server-side, but a retry would only submit the job again
 SIZE_RE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
 FORM_FIELD_BYTES = 64 * 1024
 
@@ -95,6 +95,13 @@ class GenerationFailed(CineWeaveError):
     """The job ended failed or canceled (its credits are refunded)."""
 
     code, status = "generation_failed", 500
+
+
+class ResultUnavailable(CineWeaveError):
+    """The job exists (and may be charged) but its answer could not be built: final, so the
+    client does not retry and submit (and pay for) a new job; the error names the job."""
+
+    code, status = "result_unavailable", 500
 
 
 # request and response models ---------------------------------------------------------------
@@ -410,18 +417,35 @@ async def _upload_one(state: AppState, user: User, files: list[tuple[str, bytes]
 
 
 # images --------------------------------------------------------------------------------------
-async def _generate(state: AppState, user: User, spec: ModelSpec, req: ImageRequest,
+def native_job_url(request: Request, state: AppState, job_id: str) -> str:
+    """The absolute URL of the job on the native API (not under the OpenAI base URL)."""
+    base = (state.settings.public_url or str(request.base_url)).rstrip("/")
+    return f"{base}/v1/jobs/{job_id}"
+
+
+async def _generate(request: Request, state: AppState, user: User, spec: ModelSpec, req: ImageRequest,
                     native: dict[str, Any], idempotency_key: str | None) -> ImagesResponse:
     job, _created = await run_in_threadpool(
         state.jobs.submit, user, Submission(spec.id, native, api_shape="openai"), idempotency_key)
-    job = await wait_for_job(state.jobs, user, job.id, state.settings.openai_wait_s)
-    if not is_terminal(job):
-        raise GenerationPending(f"the images are still being generated: poll GET /v1/jobs/{job.id} "
-                                f"(job {job.id}, status {job.status})", {"job_id": job.id})
-    if job.status != JobStatus.SUCCEEDED:
-        raise GenerationFailed(f"job {job.id} {job.status}: {job.error_message or job.error_code or 'no output'}"
-                               " (its credits are refunded)", {"job_id": job.id})
-    return await run_in_threadpool(_images_response, state, job, req)
+    url = native_job_url(request, state, job.id)
+    job_id = job.id
+    try:
+        job = await wait_for_job(state.jobs, user, job_id, state.settings.openai_wait_s)
+        if not is_terminal(job):
+            raise GenerationPending(f"the images of job {job_id} are still being generated (status "
+                                    f"{job.status}): poll GET {url} on the native API (not under the "
+                                    "OpenAI base URL)", {"job_id": job_id})
+        if job.status != JobStatus.SUCCEEDED:
+            raise GenerationFailed(f"job {job_id} {job.status}: {job.error_message or job.error_code or 'no output'}"
+                                   " (its credits are refunded)", {"job_id": job_id})
+        return await run_in_threadpool(_images_response, state, job, req)
+    except (GenerationPending, GenerationFailed):
+        raise
+    except Exception as exc:  # noqa: BLE001 - once the job exists, a retry would pay for a new one
+        logger.exception("job %s: building the images answer failed", job_id)
+        raise ResultUnavailable(f"job {job_id} was created but its images could not be returned "
+                                f"({type(exc).__name__}); do not resubmit: fetch it with GET {url} "
+                                "on the native API", {"job_id": job_id}) from exc
 
 
 def _images_response(state: AppState, job: Job, req: ImageRequest) -> ImagesResponse:
@@ -446,12 +470,12 @@ def _images_response(state: AppState, job: Job, req: ImageRequest) -> ImagesResp
 
 
 @router.post("/images/generations", response_model=ImagesResponse, response_model_exclude_none=True)
-async def create_image(body: ImageRequest, user: User = Depends(current_user),
+async def create_image(request: Request, body: ImageRequest, user: User = Depends(current_user),
                        state: AppState = Depends(get_state),
                        idempotency_key: str | None = Header(default=None, alias="Idempotency-Key")) -> ImagesResponse:
     """``images.generate``: one job of ``n`` images; answers when it is done."""
     spec = _model(state, body.model, "image")
-    return await _generate(state, user, spec, body, image_input(spec, body), idempotency_key)
+    return await _generate(request, state, user, spec, body, image_input(spec, body), idempotency_key)
 
 
 _EDIT_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
@@ -480,7 +504,7 @@ async def edit_image(request: Request, user: User = Depends(current_user), state
         raise InvalidInput("image is required (multipart file field 'image')", {"field": "image"})
     parse_size(spec, req.size)  # refused before anything is stored
     upload = await _upload_one(state, user, files["image"], "image")
-    return await _generate(state, user, spec, req, image_input(spec, req, upload), idempotency_key)
+    return await _generate(request, state, user, spec, req, image_input(spec, req, upload), idempotency_key)
 
 
 # videos --------------------------------------------------------------------------------------
