@@ -70,9 +70,10 @@ def claim_order(jobs: Iterable[QueuedJob], last_served: Mapping[str, datetime | 
 
 def work_units(params: Mapping[str, Any]) -> float:
     """How much compute a request asks for, relative to others of the same model:
-    steps × frames × pixels (each factor 1 when the input does not say)."""
+    steps × frames × pixels × outputs (each factor 1 when the input does not say): a job of
+    ``num_outputs`` n generates n images, so it is n times the work of one."""
     units = 1.0
-    for name in ("steps", "num_frames", "width", "height"):
+    for name in ("steps", "num_frames", "width", "height", "num_outputs"):
         value = params.get(name)
         if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
             units *= float(value)
