@@ -15,7 +15,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Column, DateTime, select
+from sqlalchemy import Column, DateTime, func, select
 from sqlmodel import Session
 
 from api.db.tables import Job, JobEvent, WebhookDelivery
@@ -116,6 +116,22 @@ def events_after(session: Session, job_id: str, after_id: int, limit: int = 500)
     return list(session.execute(
         select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after_id)
         .order_by(JobEvent.id).limit(limit)).scalars())
+
+
+def events_of(session: Session, job_ids: list[str], types: tuple[str, ...],
+              limit_per_job: int = 1000) -> dict[str, list[JobEvent]]:
+    """The first ``limit_per_job`` events of ``types`` of each job, in one query (a page of jobs)."""
+    if not job_ids:
+        return {}
+    rank = func.row_number().over(partition_by=JobEvent.job_id, order_by=JobEvent.id).label("rank")
+    ranked = (select(JobEvent.id, rank)
+              .where(JobEvent.job_id.in_(job_ids), JobEvent.type.in_(types)).subquery())
+    rows = session.execute(select(JobEvent).join(ranked, ranked.c.id == JobEvent.id)
+                           .where(ranked.c.rank <= limit_per_job).order_by(JobEvent.id)).scalars()
+    out: dict[str, list[JobEvent]] = {job_id: [] for job_id in job_ids}
+    for event in rows:
+        out[event.job_id].append(event)
+    return out
 
 
 class EventBus:

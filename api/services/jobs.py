@@ -235,7 +235,7 @@ class JobService:
 
     def list(self, user: User | None, *, status: str | None = None, kind: str | None = None,
              model: str | None = None, cursor: str | None = None, limit: int = 20,
-             ascending: bool = False) -> tuple[list[Job], str | None]:
+             ascending: bool = False, exclude_kind: str | None = None) -> tuple[list[Job], str | None]:
         """Newest first (``ascending``: oldest first); ``cursor`` continues after a page's last job."""
         query = select(Job)
         if user is not None:
@@ -248,6 +248,8 @@ class JobService:
             query = query.where(Job.status.in_(statuses))
         if kind:
             query = query.where(Job.kind == kind)
+        if exclude_kind:
+            query = query.where(Job.kind != exclude_kind)
         if model:
             query = query.where(Job.model == model)
         if cursor:

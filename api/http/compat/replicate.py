@@ -41,7 +41,7 @@ from api.db.tables import Job, JobEvent, User, utcnow
 from api.http.deps import current_user, get_state
 from api.http.state import AppState
 from api.services.deadlines import is_aborted, parse_cancel_after
-from api.services.events import events_after
+from api.services.events import events_after, events_of
 from api.services.jobs import Submission
 from api.services.waiting import wait_for_job
 from models.spec import ModelSpec
@@ -346,9 +346,13 @@ class Views:
                 "default_example": None, "latest_version": self.version(spec, max_prompt_chars)}
 
     def logs(self, job_id: str) -> str:
+        return self.logs_of([job_id])[job_id]
+
+    def logs_of(self, job_ids: list[str]) -> dict[str, str]:
+        """The logs of each job, read in one query (a list page does not query once per job)."""
         with self.state.db.read() as session:
-            events = [e for e in events_after(session, job_id, 0, limit=1000) if e.type in LOG_EVENTS]
-        return "\n".join(line for line in map(log_line, events) if line)
+            events = events_of(session, job_ids, LOG_EVENTS)
+        return {job_id: "\n".join(line for line in map(log_line, evs) if line) for job_id, evs in events.items()}
 
     def output(self, job: Job) -> str | list[str] | None:
         ttl = self.state.settings.url_ttl_s
@@ -548,10 +552,12 @@ def list_predictions(request: Request, user: User = Depends(current_user), state
     native, stack = None, []
     if cursor is not None:
         native, stack, limit = _decode_page(cursor)
-    jobs, next_native = state.jobs.list(user, cursor=native, limit=limit)
+    # LoRA trainings are Replicate trainings, not predictions
+    jobs, next_native = state.jobs.list(user, cursor=native, limit=limit, exclude_kind="training")
     base, views = _base(request), Views(state)
+    logs = views.logs_of([j.id for j in jobs])
     here = f"{base}/v1/predictions?cursor="
-    return {"results": [views.prediction(j, base) for j in jobs],
+    return {"results": [views.prediction(j, base, logs=logs[j.id]) for j in jobs],
             "next": here + _encode_page(next_native, [*stack, native], limit) if next_native else None,
             "previous": here + _encode_page(stack[-1], stack[:-1], limit) if stack else None}
 
