@@ -66,7 +66,8 @@ class RayExecutor:
         message = ReplicaRequest(job_id=request.job_id, attempt=request.attempt, user_id=request.user_id,
                                  model=request.model, task=request.task, input=request.input,
                                  output_prefix=request.output_prefix, resume=request.resume,
-                                 adapter_set=adapter_set_id(request.input.get("loras") or []))
+                                 adapter_set=adapter_set_id(request.input.get("loras") or []),
+                                 queued_behind=request.queued_behind)
         payload = message.model_dump(mode="json")
         method = "train" if request.kind == "training" else "generate"
         options: dict[str, Any] = {"stream": True}

@@ -32,6 +32,8 @@ class ExecutionRequest:
     output_prefix: str = ""
     resume: dict[str, Any] = field(default_factory=dict)
     """State the executor left on an earlier attempt (e.g. a training checkpoint key)."""
+    queued_behind: int = 0
+    """Jobs of the same model the runner claimed right behind this one (a replica may batch them)."""
     # ``job_id`` and ``attempt`` are what a replica attaches by: a reclaimed job's next attempt
     # joins the run an earlier attempt started there (see serve.generator).
 

@@ -156,6 +156,8 @@ class Runner:
         self._wake = asyncio.Event()  # something may be claimable: run a tick now
         self._due: list[float] = []  # heap of epoch seconds at which a requeued job becomes due
         self._cancel_wakes: dict[str, asyncio.Event] = {}  # job id -> set when a cancel may be requested
+        self._queued_behind: dict[str, int] = {}  # job id -> same-model jobs claimed right after it
+        self._next_models: dict[str, list[str]] = {}  # job id -> models of the candidates behind its claim
         # cancel notices for jobs not (yet) watched: one may arrive between a claim's commit and the
         # watch's registration
         self._recent_cancels: collections.deque[str] = collections.deque(maxlen=256)
@@ -407,6 +409,11 @@ class Runner:
                 break
             # the cancel watch's wake-up exists from the claim on: a cancel requested before the
             # watch starts is not missed (nor one requested before the claim committed)
+            # followers announced to the replica: the same model's among the jobs this tick claims
+            # next (as many as it has slots left), in the claim's order
+            free_after = max(0, self.settings.runner_concurrency - len(self._tasks) - 1)
+            following = self._next_models.pop(job.id, [])[:free_after]
+            self._queued_behind[job.id] = sum(1 for model in following if model == job.model)
             wake = self._cancel_wakes.setdefault(job.id, asyncio.Event())
             if job.cancel_requested or job.id in self._recent_cancels:
                 wake.set()
@@ -440,6 +447,7 @@ class Runner:
         self._tasks.pop(job_id, None)
         self._lease_deadline.pop(job_id, None)
         self._cancel_wakes.pop(job_id, None)
+        self._queued_behind.pop(job_id, None)
         self._wake.set()  # a free slot: claim the next queued job now
 
     # claiming ----------------------------------------------------------------------------
@@ -450,7 +458,10 @@ class Runner:
 
     def claim_next(self) -> Job | None:
         """Claim one job (blocking; the loop calls it on the runner's pool)."""
-        return self._claim()[0]
+        job = self._claim()[0]
+        if job is not None:
+            self._next_models.pop(job.id, None)  # not driven here: nothing follows it to a replica
+        return job
 
     def _claim(self) -> tuple[Job | None, bool]:
         """Claim one job in one transaction; also say whether more may be claimable now.
@@ -462,14 +473,15 @@ class Runner:
         now = utcnow()
         with self.db.lease_session() as session:
             candidates = session.execute(
-                select(Job.id, Job.user_id, Job.started_at, Job.created_at).join(User, User.id == Job.user_id)
+                select(Job.id, Job.user_id, Job.started_at, Job.created_at, Job.model)
+                .join(User, User.id == Job.user_id)
                 .where(Job.status == JobStatus.QUEUED.value,
                        (Job.next_attempt_at.is_(None)) | (Job.next_attempt_at <= now),
                        # a passed start deadline (Cancel-After): the deadline watcher aborts it
                        (Job.start_deadline_at.is_(None)) | (Job.start_deadline_at > now))
                 .order_by(Job.priority.desc(), User.last_served_at.asc().nulls_first(), Job.created_at.asc())
                 .limit(CLAIM_CANDIDATES)).all()
-            for index, (job_id, user_id, started_at, created_at) in enumerate(candidates):
+            for index, (job_id, user_id, started_at, created_at, _model) in enumerate(candidates):
                 first = started_at is None
                 values: dict[str, Any] = {
                     "status": JobStatus.RUNNING.value, "stage": "starting", "lease_owner": self.id,
@@ -495,6 +507,9 @@ class Runner:
                                  {"status": job.status, "attempt": job.attempts})
                 logger.info("runner %s claimed job %s (attempt %d)", self.id, job.id, job.attempts)
                 more = index + 1 < len(candidates) or len(candidates) == CLAIM_CANDIDATES
+                # the models of the claimable jobs right behind it: the tick claims them next, and
+                # the replica's batch waits for the ones announced (ReplicaRequest.queued_behind)
+                self._next_models[job.id] = [c[4] for c in candidates[index + 1:]]
                 return job, more
         return None, False
 
@@ -529,7 +544,8 @@ class Runner:
             data = self.resolve_input(job)
         return ExecutionRequest(job_id=job.id, user_id=job.user_id, model=job.model, kind=job.kind,
                                 task=job.task, input=data, attempt=job.attempts,
-                                output_prefix=output_prefix(job.user_id, job.id), resume=dict(job.resume))
+                                output_prefix=output_prefix(job.user_id, job.id), resume=dict(job.resume),
+                                queued_behind=self._queued_behind.pop(job.id, 0))
 
     async def drive(self, job: Job) -> None:
         self._lease_deadline.setdefault(job.id, time.monotonic() + self.settings.lease_s)
