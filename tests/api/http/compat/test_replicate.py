@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -281,9 +282,26 @@ def test_prefer_wait_holds_until_done_or_n_seconds(make_rep: Callable[..., Rep])
     done = client.predictions.create(version="cineweave/tiny-sd", input={"prompt": "quick"}, wait=True)
     assert done.status == "succeeded" and isinstance(done.output, str)  # in the create answer itself
 
-    started = time.monotonic()
+    # held until the job ends: its gate is opened only once the job runs, while the request is held
+    answered = threading.Event()
+    answered_at_opening: list[bool] = []
+
+    def open_when_running() -> None:
+        wait_for(lambda: any(r.input.get("prompt") == "held2" for r in rep.executor.runs), "the job to run")
+        answered_at_opening.append(answered.is_set())
+        rep.gates["held2"].set()
+
+    opener = threading.Thread(target=open_when_running, name="opener", daemon=True)
+    opener.start()
+    waited = client.models.predictions.create(model="cineweave/tiny-sd", input={"prompt": "held2"}, wait=60)
+    answered.set()
+    opener.join(timeout=WAIT_S)
+    assert answered_at_opening == [False]  # the gate opened before the answer came back
+    assert waited.status == "succeeded" and isinstance(waited.output, str)  # terminal in the create answer
+
+    # ... or until N seconds: the answer comes back while the job is still held by its shut gate
     held = client.models.predictions.create(model="cineweave/tiny-sd", input={"prompt": "held"}, wait=1)
-    assert time.monotonic() - started >= 0.9
+    assert not rep.gates["held"].is_set()
     assert held.status == "starting"  # not done yet: the client polls on (as on Replicate)
     assert client.predictions.get(held.id).status == "processing"
     rep.gates["held"].set()
@@ -364,10 +382,19 @@ def test_cancel_after_aborts_a_queued_prediction_and_refunds_it(make_rep: Callab
 def test_cancel_after_cancels_a_running_prediction(make_rep: Callable[..., Rep]) -> None:
     rep = make_rep()
     user = rep.user(credits=100)
-    client = rep.client(user.api_key, headers={"Cancel-After": "1s"})
+    client = rep.client(user.api_key, headers={"Cancel-After": "1h"})
     p = client.predictions.create(model="cineweave/tiny-sd", input={"prompt": "held"})
-    p.wait()  # held by its gate: only the deadline ends it
+    # held by its gate: running, and far from its deadline
+    wait_for(lambda: client.predictions.get(p.id).status == "processing", "the job to start")
+    deadline = get_job(rep.state.db, p.id).start_deadline_at
+    assert deadline is not None
+    # the server's watcher, one round as if the deadline had come (no waiting for a real clock)
+    watcher = rep.state.extras["deadlines"]
+    assert watcher.enforce_due(now=deadline - timedelta(seconds=1)) == 0  # not yet due: left running
+    assert watcher.enforce_due(now=deadline + timedelta(seconds=1)) == 1
+    p.wait()  # the gate is still shut: only the deadline ended it
     assert p.status == "canceled"
+    assert not rep.gates["held"].is_set()
     job = get_job(rep.state.db, p.id)
     assert job.started_at is not None and job.error_code is None
     assert job.credits_refunded == job.credits_reserved
