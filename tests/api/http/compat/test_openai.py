@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +24,11 @@ import imageio_ffmpeg
 import openai
 import pytest
 from PIL import Image
+from sqlalchemy import update
 
 from api.core.events import DoneEvent, ErrorEvent, ExecutorEvent, OutputEvent, ProgressEvent, StageEvent
 from api.core.executor import ExecutionRequest
-from api.db.tables import Upload
+from api.db.tables import Job, Upload
 from api.http.app import create_app
 from api.settings import Settings
 from api.storage.local import LocalStorage
@@ -349,10 +351,13 @@ def test_video_list_pages_with_after_limit_and_order(make_backend_stack: Callabl
     user = add_user(stack.db, stack.settings, credits=500)
     client = stack.client(user.api_key)
     client.images.generate(model="tiny-sd", prompt="not a video", response_format="b64_json")
-    ids = []
-    for i in range(3):
-        ids.append(client.videos.create(model="tiny-wan", prompt=f"v{i}").id)
-        time.sleep(0.002)  # distinct created_at; order is (created_at, id) anyway
+    ids = [client.videos.create(model="tiny-wan", prompt=f"v{i}").id for i in range(3)]
+    # distinct creation times, a second apart, in the order of creation (a fast clock may give equal ones)
+    base = get_job(stack.db, ids[0]).created_at - timedelta(seconds=10)
+    with stack.db.session() as session:
+        for i, job_id in enumerate(ids):
+            session.execute(update(Job).where(Job.id == job_id).values(created_at=base + timedelta(seconds=i)))
+        session.commit()
     first = client.videos.list(limit=2)
     assert [v.id for v in first.data] == ids[::-1][:2] and first.has_more
     assert first.last_id == ids[1] and first.first_id == ids[2]
