@@ -154,10 +154,12 @@ async def test_the_watcher_is_woken_by_another_process_queuing_a_job(
     watcher.start()
     try:
         await _asleep(watcher, db, job.id)  # nothing is published on this watcher's bus
+        # on_notification is synchronous and nothing is awaited in between, so the watcher cannot have
+        # taken a wake yet: its wake flag says at once whether the notification woke it
         watcher.on_notification({"job": "job_other", "type": "progress"})  # not a queued job: no wake
-        await asyncio.sleep(0.05)
-        assert watcher.rounds == 1
+        assert not watcher._wake.is_set() and watcher.rounds == 1
         watcher.on_notification({"job": "job_other", "type": "status", "s": "queued"})
+        assert watcher._wake.is_set()
         await wait_until(lambda: get_job(db, job.id).status == "canceled", timeout_s=10,
                          what="the watcher to abort the job")
     finally:

@@ -6,6 +6,8 @@ import asyncio
 import threading
 from typing import Any
 
+import pytest
+
 from api.core.errors import NotFound
 from api.services.waiting import wait_for_job
 from tests.fixtures.fake_executor import FakeExecutor
@@ -41,8 +43,5 @@ async def test_scoped_to_the_caller(make_api: Any) -> None:
     api = await make_api(run_runner=False)
     owner, other = api.user(credits=100), api.user(credits=100)
     job = (await api.submit(owner.api_key)).json()
-    try:
+    with pytest.raises(NotFound):
         await wait_for_job(api.state.jobs, other.user, job["id"], 1)
-    except NotFound:
-        return
-    raise AssertionError("another user's job must be not found")
