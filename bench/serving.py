@@ -92,20 +92,40 @@ class StackClient:
         self.url, self.api_key, self.request = url, api_key, request
 
     def one(self, seed: int, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The finished job, with ``_phases``: the client's own timings of each leg (seconds)."""
         from ops.client import Client
 
         client = Client(self.url, self.api_key, timeout_s=60)
         try:
+            t0 = time.perf_counter()
             job = client.submit(MODEL, {**self.request, **(overrides or {}), "seed": seed})
+            t1 = time.perf_counter()
             job = client.wait(job["id"], timeout_s=JOB_TIMEOUT_S)
+            t2, completed_seen = time.perf_counter(), time.time()
             if job["status"] != "succeeded":
                 raise RuntimeError(f"job {job['id']} {job['status']}: {job.get('error')}")
             png = client.http.get(job["outputs"][0]["url"])
             if png.status_code != 200 or not png.content.startswith(b"\x89PNG"):
                 raise RuntimeError(f"job {job['id']}: output not downloadable ({png.status_code})")
+            t3 = time.perf_counter()
+            job["_phases"] = {"post_s": t1 - t0, "wait_s": t2 - t1, "download_s": t3 - t2,
+                              "completed_to_client_s": completion_lag(job, completed_seen)}
             return job
         finally:
             client.close()
+
+
+def completion_lag(job: dict[str, Any], seen_wall: float) -> float | None:
+    """Seconds from the job's ``completed_at`` (server clock: this machine) to the client seeing it."""
+    from datetime import UTC, datetime
+
+    stamp = job.get("completed_at")
+    if not stamp:
+        return None
+    at = datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=UTC)
+    return seen_wall - at.timestamp()
 
 
 def uptime() -> str | None:
@@ -174,6 +194,7 @@ def run(size: int, steps: int, repeats: int, concurrency: int, rounds: int, thre
         http_s: list[float] = []
         queue_s: list[float] = []
         run_s: list[float] = []
+        phases: list[dict[str, Any]] = []
         jitter = random.Random(0)
         for i in range(repeats):
             t0 = time.perf_counter()
@@ -187,6 +208,8 @@ def run(size: int, steps: int, repeats: int, concurrency: int, rounds: int, thre
             http_s.append(time.perf_counter() - t0)
             queue_s.append(job["metrics"]["queue_s"] or 0.0)
             run_s.append(job["metrics"]["run_s"] or 0.0)
+            phases.append({**job["_phases"], "raw_s": raw_s[-1], "http_s": http_s[-1],
+                           "queue_s": queue_s[-1], "run_s": run_s[-1]})
 
         # (b) N concurrent through the stack against N sequential raw calls ---------------------
         seq_walls: list[float] = []
@@ -246,6 +269,7 @@ def run(size: int, steps: int, repeats: int, concurrency: int, rounds: int, thre
             "ratio": round(http_median / raw_median, 2),
             "added_ms": round((http_median - raw_median) * 1000, 1),
             "job_queue_s": stats_ms(queue_s), "job_run_s": stats_ms(run_s),
+            "phases_median_ms": phase_medians(phases),
         },
         "throughput": {
             "requests": concurrency, "rounds": rounds,
@@ -265,6 +289,24 @@ def run(size: int, steps: int, repeats: int, concurrency: int, rounds: int, thre
                     "diffusers": diffusers.__version__, "ray": ray.__version__},
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def phase_medians(phases: list[dict[str, Any]]) -> dict[str, float]:
+    """Median of each leg of (a) in ms; ``unaccounted``: POST's return to the job's claim, and
+    settlement to ``completed_at`` (full path − POST − queue − run − completion lag − download)."""
+    out: dict[str, float] = {}
+    for name in ("raw_s", "http_s", "post_s", "queue_s", "run_s", "completed_to_client_s", "download_s", "wait_s"):
+        values = [p[name] for p in phases if p.get(name) is not None]
+        if values:
+            out[name.removesuffix("_s")] = round(statistics.median(values) * 1000, 1)
+    rest = [p["http_s"] - p["post_s"] - p["queue_s"] - p["run_s"] - (p["completed_to_client_s"] or 0.0)
+            - p["download_s"] for p in phases]
+    if rest:
+        out["unaccounted"] = round(statistics.median(rest) * 1000, 1)
+    around = [p["run_s"] - p["raw_s"] for p in phases]
+    if around:
+        out["run_minus_raw"] = round(statistics.median(around) * 1000, 1)
+    return out
 
 
 def count_calls(runner: Any, calls: Counter[str]) -> None:
@@ -405,6 +447,8 @@ def table(report: dict[str, Any]) -> Any:
                 f"{o['http_path']['median_ms']:.0f} ms", f"{o['ratio']:.2f}× (+{o['added_ms']:.0f} ms)")
     out.add_row("    of which: queued for a runner", "", f"{o['job_queue_s']['median_ms']:.0f} ms", "")
     out.add_row("    of which: claim → settled", "", f"{o['job_run_s']['median_ms']:.0f} ms", "")
+    for name, ms in o.get("phases_median_ms", {}).items():
+        out.add_row(f"    phase median: {name}", "", f"{ms:.1f} ms", "")
     out.add_row(f"(b) {t['requests']} requests, throughput", f"{t['raw_rps']:.2f} req/s (sequential)",
                 f"{t['stack_rps']:.2f} req/s (concurrent)", f"{t['ratio']:.2f}×")
     out.add_row("    replica batch sizes", "", ",".join(map(str, t["replica_batch_sizes"])), "")
