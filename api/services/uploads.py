@@ -77,9 +77,12 @@ class _Part:
 class _UploadStream:
     """Callbacks for python-multipart's push parser that enforce the limits as bytes arrive."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, file_fields: frozenset[str] = frozenset({"file"})) -> None:
         self.settings = settings
+        self.file_fields = file_fields
         self.files: list[tuple[str, Blob]] = []
+        self.by_field: dict[str, list[tuple[str, Blob]]] = {}  # the files again, by form field
+        self.fields: dict[str, str] = {}  # the other (small) form fields
         self.part = _Part()
         self.header_field = b""
         self.header_value = b""
@@ -104,34 +107,54 @@ class _UploadStream:
         self.part.name = options.get(b"name", b"").decode("utf-8", "replace")
         filename = options.get(b"filename")
         self.part.filename = filename.decode("utf-8", "replace") if filename is not None else None
-        if self.part.name == "file":
+        if self.part.name in self.file_fields:
             if len(self.files) + 1 > self.settings.max_upload_files:  # before this file's body
                 raise InvalidInput(f"more than {self.settings.max_upload_files} files; the limit is "
                                    f"{self.settings.max_upload_files}",
                                    {"max_files": self.settings.max_upload_files}, code="too_many_files")
             self.part.limit = zip_file_limit(self.settings)  # narrowed once the first bytes say what it is
         else:
-            self.part.limit = 64 * 1024  # other form fields are ignored; keep them small
+            if len(self.fields) >= 100:
+                raise InvalidInput("more than 100 form fields", code="invalid_input")
+            self.part.limit = 64 * 1024  # other form fields are small
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         part = self.part
         part.data += memoryview(data)[start:end]  # no intermediate copy of the chunk
-        if part.name == "file" and len(part.data) >= 4 and part.data[:4] != ZIP_MAGIC:
+        if part.name in self.file_fields and len(part.data) >= 4 and part.data[:4] != ZIP_MAGIC:
             part.limit = self.settings.max_upload_bytes
         if len(part.data) > part.limit:
             name = part.filename or part.name or "file"
             raise PayloadTooLarge(f"{name} is larger than {part.limit} bytes", {"file": name, "max_bytes": part.limit})
 
     def on_part_end(self) -> None:
-        if self.part.name == "file":
+        if self.part.name in self.file_fields:
             # the buffer itself, not a copy (bytes-like for everything downstream)
-            self.files.append((self.part.filename or "file", self.part.data))
+            item = (self.part.filename or self.part.name, self.part.data)
+            self.files.append(item)
+            self.by_field.setdefault(self.part.name, []).append(item)
+        elif self.part.name:
+            self.fields[self.part.name] = bytes(self.part.data).decode("utf-8", "replace")
         self.part = _Part()
 
 
 async def read_multipart(chunks: AsyncIterator[bytes], content_type: str, content_length: str | None,
                          settings: Settings) -> list[tuple[str, Blob]]:
     """The ``file`` parts of a multipart/form-data body, read with every limit enforced as it streams."""
+    return (await _read_stream(chunks, content_type, content_length, settings, frozenset({"file"}))).files
+
+
+async def read_form(chunks: AsyncIterator[bytes], content_type: str, content_length: str | None,
+                    settings: Settings, file_fields: frozenset[str],
+                    ) -> tuple[dict[str, str], dict[str, list[tuple[str, Blob]]]]:
+    """A multipart form's small fields and its files (by field name, of ``file_fields``), read
+    with the limits of ``read_multipart`` enforced as it streams (the compat shapes' forms)."""
+    sink = await _read_stream(chunks, content_type, content_length, settings, file_fields)
+    return sink.fields, sink.by_field
+
+
+async def _read_stream(chunks: AsyncIterator[bytes], content_type: str, content_length: str | None,
+                       settings: Settings, file_fields: frozenset[str]) -> _UploadStream:
     cap = settings.max_upload_request_bytes
     if content_length is not None:
         try:
@@ -144,7 +167,7 @@ async def read_multipart(chunks: AsyncIterator[bytes], content_type: str, conten
     boundary = options.get(b"boundary")
     if kind != b"multipart/form-data" or not boundary:
         raise InvalidInput("send the files as multipart/form-data (field 'file')", {"field": "file"})
-    sink = _UploadStream(settings)
+    sink = _UploadStream(settings, file_fields)
     callbacks = {name: getattr(sink, name) for name in (
         "on_part_begin", "on_header_field", "on_header_value", "on_header_end", "on_headers_finished",
         "on_part_data", "on_part_end")}
@@ -163,7 +186,7 @@ async def read_multipart(chunks: AsyncIterator[bytes], content_type: str, conten
     except TimeoutError:
         raise UploadTimeout(f"the upload did not arrive within {settings.upload_read_timeout_s:g} s",
                             {"timeout_s": settings.upload_read_timeout_s}) from None
-    return sink.files
+    return sink
 
 
 @dataclass(frozen=True)
@@ -336,16 +359,17 @@ class UploadService:
         finally:
             self._slots.release()
 
-    def create(self, user: User, files: list[tuple[str, Blob]]) -> list[Upload]:
-        """Check every file first; store only when all pass. A ZIP becomes one ``dataset`` upload."""
+    def create(self, user: User, files: list[tuple[str, Blob]], ids: list[str] | None = None) -> list[Upload]:
+        """Check every file first; store only when all pass. A ZIP becomes one ``dataset`` upload.
+        ``ids``: the uploads' ids (one per file) when the caller derives them; else new ones."""
         if not files:
             raise InvalidInput("no file was sent (multipart field 'file')", code="invalid_upload")
         if len(files) > self.settings.max_upload_files:
             raise InvalidInput(f"{len(files)} files; the limit is {self.settings.max_upload_files}",
                                {"max_files": self.settings.max_upload_files}, code="too_many_files")
         planned: list[tuple[Upload, list[tuple[str, Blob, str]]]] = []
-        for filename, data in files:
-            upload_id = new_id("upl")
+        for i_file, (filename, data) in enumerate(files):
+            upload_id = ids[i_file] if ids is not None else new_id("upl")
             prefix = f"uploads/{user.id}/{upload_id}"
             if data[:4] == ZIP_MAGIC:
                 items, skipped = check_zip(data, self.settings)

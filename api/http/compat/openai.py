@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import json
 import logging
 import re
@@ -35,6 +36,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from sqlalchemy.exc import IntegrityError
 from starlette.background import BackgroundTask
 
 from api.core.errors import CineWeaveError, InvalidInput, NotFound
@@ -44,7 +46,7 @@ from api.http.deps import current_user, get_state
 from api.http.state import AppState
 from api.services import media_convert
 from api.services.jobs import Submission, encode_cursor
-from api.services.uploads import PayloadTooLarge, UploadTimeout
+from api.services.uploads import ZIP_MAGIC, PayloadTooLarge, UploadTimeout, read_form
 from api.services.waiting import is_terminal, wait_for_job
 from api.storage.local import LocalStorage
 from models.spec import ModelSpec
@@ -59,7 +61,6 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "
 RETRYABLE_CODES = {"rate_limited", "concurrency_limit", "uploads_busy"}
 FINAL_CODES = {"generation_failed", "result_unavailable"}  # server-side, but a retry would only submit the job again
 SIZE_RE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
-FORM_FIELD_BYTES = 64 * 1024
 
 router = APIRouter(prefix=f"{PREFIX}/v1", tags=["openai"])
 
@@ -351,19 +352,49 @@ def video_view(job: Job, retention_days: int) -> Video:
 Files = dict[str, list[tuple[str, bytes]]]
 
 
+FILE_FIELDS = frozenset({"image", "image[]", "mask", "input_reference"})
+JSON_BODY_BYTES = 1024 * 1024
+
+
+def is_multipart(request: Request) -> bool:
+    return request.headers.get("content-type", "").startswith("multipart/form-data")
+
+
+def upload_slot(request: Request, state: AppState) -> contextlib.AbstractContextManager[None]:
+    """One of the upload service's slots for a multipart request (read, checked and stored under
+    it, as /v1/uploads); a JSON body takes none."""
+    return state.uploads.admit() if is_multipart(request) else contextlib.nullcontext()
+
+
+async def _capped_body(request: Request, cap: int) -> bytes:
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > cap:
+            raise PayloadTooLarge(f"the request body is more than {cap} bytes", {"max_bytes": cap})
+    return bytes(body)
+
+
 async def read_body(request: Request, state: AppState) -> tuple[dict[str, Any], Files]:
     """A JSON object or a multipart form: its fields, and its files by field name (``image[]``
-    counts as ``image``). Uploads' limits hold: the declared length, each file's bytes, the number
-    of files and the read deadline."""
+    counts as ``image``). The multipart body streams through the upload service's parser, so its
+    limits hold as bytes arrive: the request's bytes, each file's, the number of files and the
+    read deadline. A JSON body is capped at ``JSON_BODY_BYTES``."""
     s = state.settings
     ctype = request.headers.get("content-type", "")
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > s.max_upload_request_bytes:
-        raise PayloadTooLarge(f"the request is {declared} bytes; the limit is {s.max_upload_request_bytes}",
-                              {"max_bytes": s.max_upload_request_bytes})
     if ctype.startswith("application/json") or not ctype:
+        if declared is not None and declared.isdigit() and int(declared) > JSON_BODY_BYTES:
+            raise PayloadTooLarge(f"the request is {declared} bytes; the limit is {JSON_BODY_BYTES}",
+                                  {"max_bytes": JSON_BODY_BYTES})
         try:
-            body = json.loads(await request.body() or b"{}")
+            async with asyncio.timeout(s.upload_read_timeout_s):
+                raw = await _capped_body(request, JSON_BODY_BYTES)
+        except TimeoutError:
+            raise UploadTimeout(f"the body did not arrive within {s.upload_read_timeout_s:g} s",
+                                {"timeout_s": s.upload_read_timeout_s}) from None
+        try:
+            body = json.loads(raw or b"{}")
         except ValueError:
             raise InvalidInput("the request body is not valid JSON") from None
         if not isinstance(body, dict):
@@ -371,29 +402,11 @@ async def read_body(request: Request, state: AppState) -> tuple[dict[str, Any], 
         return body, {}
     if not ctype.startswith("multipart/form-data"):
         raise InvalidInput("send JSON or multipart/form-data", code="unsupported_content_type")
-    fields: dict[str, Any] = {}
+    fields, by_field = await read_form(request.stream(), ctype, declared, s, FILE_FIELDS)
     files: Files = {}
-    try:
-        async with asyncio.timeout(s.upload_read_timeout_s):
-            form = await request.form(max_files=s.max_upload_files, max_fields=100,
-                                      max_part_size=FORM_FIELD_BYTES)
-            for name, value in form.multi_items():
-                key = name[:-2] if name.endswith("[]") else name
-                if isinstance(value, str):
-                    fields[key] = value
-                    continue
-                if value.size is not None and value.size > s.max_upload_bytes:
-                    raise PayloadTooLarge(f"{value.filename or key} is larger than {s.max_upload_bytes} bytes",
-                                          {"file": value.filename or key, "max_bytes": s.max_upload_bytes})
-                files.setdefault(key, []).append((value.filename or key, await value.read()))
-    except TimeoutError:
-        raise UploadTimeout(f"the upload did not arrive within {s.upload_read_timeout_s:g} s",
-                            {"timeout_s": s.upload_read_timeout_s}) from None
-    except CineWeaveError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - starlette's MultiPartException and parse errors
-        raise InvalidInput(f"the multipart body is malformed: {exc}") from None
-    return fields, files
+    for name, items in by_field.items():
+        files.setdefault(name.removesuffix("[]"), []).extend((fn, bytes(data)) for fn, data in items)
+    return {k.removesuffix("[]"): v for k, v in fields.items()}, files
 
 
 def _validated(model: type[BaseModel], fields: dict[str, Any]) -> Any:
@@ -405,15 +418,43 @@ def _validated(model: type[BaseModel], fields: dict[str, Any]) -> Any:
         raise InvalidInput(f"{field}: {first['msg']}", {"field": field}) from None
 
 
-async def _upload_one(state: AppState, user: User, files: list[tuple[str, bytes]], field: str) -> Upload:
-    """One image through the upload service (the same decoding checks and limits as /v1/uploads)."""
+def upload_id_for(user: User, data: bytes) -> str:
+    """The same bytes from the same user are the same upload, so an Idempotency-Key replay of an
+    edit sends the same input (and one image is stored once)."""
+    return "upl_" + hashlib.sha256(user.id.encode() + b"\0" + data).hexdigest()[:24]
+
+
+def _upload_one(state: AppState, user: User, files: list[tuple[str, bytes]], field: str) -> tuple[Upload, bool]:
+    """One image through the upload service (the same decoding checks and limits as /v1/uploads);
+    ``(upload, created)``: ``created`` is False when the user had already sent these bytes.
+    Called under the request's upload slot (:func:`upload_slot`)."""
     if len(files) != 1:
         raise InvalidInput(f"send exactly one {field} image (got {len(files)})", {"field": field})
-    with state.uploads.admit():
-        uploads = await run_in_threadpool(state.uploads.create, user, files)
-    if uploads[0].kind != "image":
-        raise InvalidInput(f"{field} must be a PNG, JPEG or WebP image", {"field": field})
-    return uploads[0]
+    data = files[0][1]
+    if data[:4] == ZIP_MAGIC:
+        raise InvalidInput(f"{field} must be a PNG, JPEG or WebP image, not a ZIP", {"field": field},
+                           code="invalid_upload")
+    upload_id = upload_id_for(user, data)
+    with contextlib.suppress(NotFound):
+        return state.uploads.get(user, upload_id), False
+    try:
+        upload = state.uploads.create(user, files, ids=[upload_id])[0]
+    except IntegrityError:  # the same bytes stored concurrently by another request
+        return state.uploads.get(user, upload_id), False
+    return upload, True
+
+
+async def _submit_with_upload(state: AppState, user: User, sub: Submission, idempotency_key: str | None,
+                              upload: Upload | None, created: bool) -> Job:
+    """Submit; when the submit is refused, the upload this request stored goes too."""
+    try:
+        job, _created = await run_in_threadpool(state.jobs.submit, user, sub, idempotency_key)
+    except Exception:
+        if upload is not None and created:
+            with contextlib.suppress(Exception):
+                await run_in_threadpool(state.uploads.delete, user, upload.id)
+        raise
+    return job
 
 
 # images --------------------------------------------------------------------------------------
@@ -424,9 +465,10 @@ def native_job_url(request: Request, state: AppState, job_id: str) -> str:
 
 
 async def _generate(request: Request, state: AppState, user: User, spec: ModelSpec, req: ImageRequest,
-                    native: dict[str, Any], idempotency_key: str | None) -> ImagesResponse:
-    job, _created = await run_in_threadpool(
-        state.jobs.submit, user, Submission(spec.id, native, api_shape="openai"), idempotency_key)
+                    native: dict[str, Any], idempotency_key: str | None,
+                    upload: Upload | None = None, upload_created: bool = False) -> ImagesResponse:
+    job = await _submit_with_upload(state, user, Submission(spec.id, native, api_shape="openai"),
+                                    idempotency_key, upload, upload_created)
     url = native_job_url(request, state, job.id)
     job_id = job.id
     try:
@@ -491,20 +533,23 @@ _EDIT_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data
 async def edit_image(request: Request, user: User = Depends(current_user), state: AppState = Depends(get_state),
                      idempotency_key: str | None = Header(default=None, alias="Idempotency-Key")) -> ImagesResponse:
     """``images.edit``: the image is uploaded (checked as /v1/uploads does), then an i2i job."""
-    fields, files = await read_body(request, state)
-    req: ImageEditRequest = _validated(ImageEditRequest, fields)
-    spec = _model(state, req.model, "image")
-    if "i2i" not in spec.tasks:
-        raise InvalidInput(f"{spec.id} does not edit images (tasks: {', '.join(spec.tasks)})",
-                           {"field": "model"}, code="invalid_model")
-    if files.get("mask") and not supports_mask(spec):
-        raise InvalidInput(f"{spec.id} does not support masks (inpainting): send the image without a mask "
-                           "for image-to-image", {"field": "mask"}, code="mask_not_supported")
-    if not files.get("image"):
-        raise InvalidInput("image is required (multipart file field 'image')", {"field": "image"})
-    parse_size(spec, req.size)  # refused before anything is stored
-    upload = await _upload_one(state, user, files["image"], "image")
-    return await _generate(request, state, user, spec, req, image_input(spec, req, upload), idempotency_key)
+    with upload_slot(request, state):
+        fields, files = await read_body(request, state)
+        req: ImageEditRequest = _validated(ImageEditRequest, fields)
+        spec = _model(state, req.model, "image")
+        if "i2i" not in spec.tasks:
+            raise InvalidInput(f"{spec.id} does not edit images (tasks: {', '.join(spec.tasks)})",
+                               {"field": "model"}, code="invalid_model")
+        if files.get("mask") and not supports_mask(spec):
+            raise InvalidInput(f"{spec.id} does not support masks (inpainting): send the image without a mask "
+                               "for image-to-image", {"field": "mask"}, code="mask_not_supported")
+        if not files.get("image"):
+            raise InvalidInput("image is required (multipart file field 'image')", {"field": "image"})
+        parse_size(spec, req.size)  # refused before anything is stored
+        upload, created = await run_in_threadpool(_upload_one, state, user, files["image"], "image")
+        del files, fields
+    return await _generate(request, state, user, spec, req, image_input(spec, req, upload), idempotency_key,
+                           upload, created)
 
 
 # videos --------------------------------------------------------------------------------------
@@ -537,19 +582,23 @@ def _video_job(state: AppState, user: User, video_id: str) -> Job:
 async def create_video(request: Request, user: User = Depends(current_user), state: AppState = Depends(get_state),
                        idempotency_key: str | None = Header(default=None, alias="Idempotency-Key")) -> Video:
     """``videos.create``: a queued video job (t2v, or i2v from ``input_reference``)."""
-    fields, files = await read_body(request, state)
-    req: VideoRequest = _validated(VideoRequest, fields)
-    spec = _model(state, req.model, "video")
-    references = files.get("input_reference") or []
-    if references and "i2v" not in spec.tasks:
-        raise InvalidInput(f"{spec.id} does not take an input_reference (tasks: {', '.join(spec.tasks)})",
-                           {"field": "input_reference"})
-    seconds = None if req.seconds is None else str(req.seconds)
-    video_input(spec, req.prompt, seconds, req.size, None)  # refused before anything is stored
-    upload = await _upload_one(state, user, references, "input_reference") if references else None
+    with upload_slot(request, state):
+        fields, files = await read_body(request, state)
+        req: VideoRequest = _validated(VideoRequest, fields)
+        spec = _model(state, req.model, "video")
+        references = files.get("input_reference") or []
+        if references and "i2v" not in spec.tasks:
+            raise InvalidInput(f"{spec.id} does not take an input_reference (tasks: {', '.join(spec.tasks)})",
+                               {"field": "input_reference"})
+        seconds = None if req.seconds is None else str(req.seconds)
+        video_input(spec, req.prompt, seconds, req.size, None)  # refused before anything is stored
+        upload, created = None, False
+        if references:
+            upload, created = await run_in_threadpool(_upload_one, state, user, references, "input_reference")
+        del files, fields, references
     native = video_input(spec, req.prompt, seconds, req.size, upload)
-    job, _created = await run_in_threadpool(
-        state.jobs.submit, user, Submission(spec.id, native, api_shape="openai"), idempotency_key)
+    job = await _submit_with_upload(state, user, Submission(spec.id, native, api_shape="openai"),
+                                    idempotency_key, upload, created)
     return video_view(job, state.settings.output_retention_days)
 
 
