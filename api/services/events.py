@@ -12,13 +12,13 @@ import asyncio
 import logging
 from collections import defaultdict
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Column, DateTime, func, select
 from sqlmodel import Session
 
-from api.db.tables import Job, JobEvent, WebhookDelivery
+from api.db.tables import Job, JobEvent, WebhookDelivery, utcnow
 from api.services import notify
 
 logger = logging.getLogger(__name__)
@@ -27,6 +27,10 @@ Listener = Callable[[str, str, dict[str, Any]], None]
 
 
 WEBHOOK_EVENTS = ("start", "output", "logs", "completed")
+# Replicate sends ``output`` and ``logs`` webhooks at most once per 500 ms each (``start`` and
+# ``completed`` always; the completed body carries every output and log line anyway)
+THROTTLED_EVENTS = ("output", "logs")
+REPLICATE_THROTTLE_S = 0.5
 # job columns a webhook never carries (internal bookkeeping)
 _PRIVATE_COLUMNS = frozenset({"lease_owner", "lease_expires_at", "request_hash", "idempotency_key", "resume",
                               "next_attempt_at", "priority"})
@@ -76,11 +80,20 @@ def enqueue_webhook(session: Session, job_id: str, event: str) -> WebhookDeliver
     wanted = job.webhook_events_filter or list(WEBHOOK_EVENTS)
     if event not in wanted:
         return None
+    if job.api_shape == "replicate" and event in THROTTLED_EVENTS and _sent_recently(session, job.id, event):
+        return None
     delivery = WebhookDelivery(job_id=job.id, user_id=job.user_id, event=event, url=job.webhook,
                                payload=job_snapshot(job))
     session.add(delivery)
     notify.signal(session, "webhooks", {"job": job_id})
     return delivery
+
+
+def _sent_recently(session: Session, job_id: str, event: str) -> bool:
+    since = utcnow() - timedelta(seconds=REPLICATE_THROTTLE_S)
+    return session.execute(select(WebhookDelivery.id).where(
+        WebhookDelivery.job_id == job_id, WebhookDelivery.event == event,
+        WebhookDelivery.created_at >= since).limit(1)).first() is not None
 
 
 def job_snapshot(job: Job) -> dict[str, Any]:
