@@ -33,7 +33,7 @@ from api.http.app import create_app
 from api.settings import Settings
 from api.storage.local import LocalStorage
 from models.media import encode_mp4, encode_png, extract_poster
-from tests.fixtures.harness import LiveServer, add_user, balance, get_job, job_count, ledger_rows
+from tests.fixtures.harness import LiveServer, add_user, balance, get_job, job_count, ledger_rows, wait_for
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the client marks Sora deprecated
 
@@ -140,12 +140,6 @@ def png_bytes(width: int = 64, height: int = 64) -> bytes:
     Image.new("RGB", (width, height), (10, 200, 30)).save(buf, format="PNG")
     return buf.getvalue()
 
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def ledger_kinds(stack: Stack, job_id: str) -> list[tuple[str, int]]:

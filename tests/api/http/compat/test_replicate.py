@@ -36,7 +36,7 @@ from api.settings import Settings
 from api.storage.local import LocalStorage
 from tests.fakes.webhook_sink import CountingReceiver
 from tests.fixtures.fake_executor import FakeExecutor
-from tests.fixtures.harness import LiveServer, add_user, balance, get_job, ledger_rows
+from tests.fixtures.harness import LiveServer, add_user, balance, get_job, ledger_rows, wait_for
 
 WAIT_S = 20.0
 
@@ -120,13 +120,6 @@ class Rep:
         return httpx.Client(base_url=self.url + "/replicate", verify=self.ssl, timeout=30,
                             headers={"Authorization": f"Bearer {key}"})
 
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = WAIT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 @pytest.fixture
