@@ -11,7 +11,6 @@ import io
 import json
 import ssl
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -70,23 +69,8 @@ class TlsServer(LiveServer):
     def url(self) -> str:
         return f"https://127.0.0.1:{self.port}"
 
-    def start(self, timeout_s: float = 30.0) -> TlsServer:
-        import uvicorn
-
-        config = uvicorn.Config(self.app, log_level="warning", lifespan="on", timeout_graceful_shutdown=1,
-                                ssl_certfile=self.certfile, ssl_keyfile=self.keyfile)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
-                                       name=f"uvicorn-tls-{self.port}", daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + timeout_s
-        while not self.server.started:
-            if not self.thread.is_alive():
-                raise RuntimeError("uvicorn exited during startup")
-            if time.monotonic() > deadline:
-                raise TimeoutError("uvicorn did not start")
-            time.sleep(0.02)
-        return self
+    def config_kwargs(self) -> dict[str, Any]:
+        return {"ssl_certfile": self.certfile, "ssl_keyfile": self.keyfile}
 
 
 @dataclass
