@@ -66,7 +66,7 @@ from api.core.jobs import JobStatus
 from api.db.engine import Database, DatabaseBusy
 from api.db.tables import Job, User, utcnow
 from api.services.events import EventBus, record_event
-from api.services.notify import Notifier
+from api.services.notify import Notifier, call_on_loop
 from api.services.settlement import (
     announce,
     finish_job,
@@ -251,18 +251,7 @@ class Runner:
 
     # wake-ups ------------------------------------------------------------------------------
     def _on_threadsafe(self, fn: Callable[[], None]) -> None:
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            return
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop:
-            fn()
-        else:
-            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-                loop.call_soon_threadsafe(fn)
+        call_on_loop(self._loop, fn)
 
     def wake(self) -> None:
         """Claim now (from any thread): something may have become claimable."""

@@ -87,6 +87,22 @@ def _after_rollback(session: Session) -> None:
     session.info.pop(_PENDING, None)
 
 
+def call_on_loop(loop: asyncio.AbstractEventLoop | None, fn: Callable[..., None], *args: Any) -> None:
+    """Run ``fn(*args)`` on ``loop``: at once when called on it, else handed over thread-safely
+    (nothing when the loop is gone)."""
+    if loop is None or loop.is_closed():
+        return
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:
+        fn(*args)
+    else:
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(fn, *args)
+
+
 def libpq_url(db: Database) -> str:
     """The database URL as psycopg wants it (no SQLAlchemy driver suffix)."""
     return make_url(str(db.engine.url.render_as_string(hide_password=False))).set(
@@ -167,18 +183,7 @@ class Notifier:
 
     # dispatch ------------------------------------------------------------------------------
     def dispatch_threadsafe(self, message: dict[str, Any]) -> None:
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            return
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop:
-            self.dispatch(message)
-        else:
-            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-                loop.call_soon_threadsafe(self.dispatch, message)
+        call_on_loop(self._loop, self.dispatch, message)
 
     def dispatch(self, message: dict[str, Any]) -> None:
         self.received += 1

@@ -32,7 +32,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -42,7 +42,7 @@ from starlette.background import BackgroundTask
 from api.core.errors import CineWeaveError, InvalidInput, NotFound
 from api.core.jobs import JobStatus
 from api.db.tables import Job, Upload, User
-from api.http.deps import current_user, get_state
+from api.http.deps import CurrentUser, State
 from api.http.state import AppState
 from api.services import media_convert
 from api.services.jobs import Submission, encode_cursor
@@ -512,8 +512,8 @@ def _images_response(state: AppState, job: Job, req: ImageRequest) -> ImagesResp
 
 
 @router.post("/images/generations", response_model=ImagesResponse, response_model_exclude_none=True)
-async def create_image(request: Request, body: ImageRequest, user: User = Depends(current_user),
-                       state: AppState = Depends(get_state),
+async def create_image(request: Request, body: ImageRequest, user: CurrentUser,
+                       state: State,
                        idempotency_key: str | None = Header(default=None, alias="Idempotency-Key")) -> ImagesResponse:
     """``images.generate``: one job of ``n`` images; answers when it is done."""
     spec = _model(state, body.model, "image")
@@ -530,7 +530,7 @@ _EDIT_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data
 
 @router.post("/images/edits", response_model=ImagesResponse, response_model_exclude_none=True,
              openapi_extra=_EDIT_BODY)
-async def edit_image(request: Request, user: User = Depends(current_user), state: AppState = Depends(get_state),
+async def edit_image(request: Request, user: CurrentUser, state: State,
                      idempotency_key: str | None = Header(default=None, alias="Idempotency-Key")) -> ImagesResponse:
     """``images.edit``: the image is uploaded (checked as /v1/uploads does), then an i2i job."""
     with upload_slot(request, state):
@@ -579,7 +579,7 @@ def _video_job(state: AppState, user: User, video_id: str) -> Job:
 
 
 @router.post("/videos", response_model=Video, openapi_extra=_VIDEO_BODY)
-async def create_video(request: Request, user: User = Depends(current_user), state: AppState = Depends(get_state),
+async def create_video(request: Request, user: CurrentUser, state: State,
                        idempotency_key: str | None = Header(default=None, alias="Idempotency-Key")) -> Video:
     """``videos.create``: a queued video job (t2v, or i2v from ``input_reference``)."""
     with upload_slot(request, state):
@@ -603,7 +603,7 @@ async def create_video(request: Request, user: User = Depends(current_user), sta
 
 
 @router.get("/videos", response_model=VideoList)
-def list_videos(user: User = Depends(current_user), state: AppState = Depends(get_state),
+def list_videos(user: CurrentUser, state: State,
                 after: str | None = Query(default=None, max_length=64),
                 limit: int = Query(default=20, ge=1, le=100),
                 order: Literal["asc", "desc"] = Query(default="desc")) -> VideoList:
@@ -618,13 +618,13 @@ def list_videos(user: User = Depends(current_user), state: AppState = Depends(ge
 
 
 @router.get("/videos/{video_id}", response_model=Video)
-def get_video(video_id: str, user: User = Depends(current_user), state: AppState = Depends(get_state)) -> Video:
+def get_video(video_id: str, user: CurrentUser, state: State) -> Video:
     return video_view(_video_job(state, user, video_id), state.settings.output_retention_days)
 
 
 @router.get("/videos/{video_id}/content", response_class=FileResponse,
             responses={200: {"content": {"video/mp4": {}, "image/png": {}}}})
-def get_video_content(video_id: str, user: User = Depends(current_user), state: AppState = Depends(get_state),
+def get_video_content(video_id: str, user: CurrentUser, state: State,
                       variant: Literal["video", "thumbnail", "spritesheet"] = Query(default="video")) -> FileResponse:
     """The MP4 (``variant=thumbnail``: its poster), streamed from storage."""
     job = _video_job(state, user, video_id)
@@ -659,8 +659,8 @@ def _stream(state: AppState, key: str, media_type: str) -> FileResponse:
 
 
 @router.delete("/videos/{video_id}", response_model=VideoDeleted)
-def delete_video(video_id: str, user: User = Depends(current_user),
-                 state: AppState = Depends(get_state)) -> VideoDeleted:
+def delete_video(video_id: str, user: CurrentUser,
+                 state: State) -> VideoDeleted:
     """Deletes the video's files (the job and its ledger stay, as ``DELETE /v1/jobs/{id}``)."""
     job = _video_job(state, user, video_id)
     state.jobs.delete_outputs(user, job.id)
@@ -669,13 +669,13 @@ def delete_video(video_id: str, user: User = Depends(current_user),
 
 # models --------------------------------------------------------------------------------------
 @router.get("/models", response_model=ModelList)
-def list_models(user: User = Depends(current_user), state: AppState = Depends(get_state)) -> ModelList:
+def list_models(user: CurrentUser, state: State) -> ModelList:
     owner = state.settings.replicate_owner
     return ModelList(data=[ModelObject(id=spec.id, created=0, owned_by=owner) for spec in state.catalog.enabled()])
 
 
 @router.get("/models/{model_id}", response_model=ModelObject)
-def get_model(model_id: str, user: User = Depends(current_user), state: AppState = Depends(get_state)) -> ModelObject:
+def get_model(model_id: str, user: CurrentUser, state: State) -> ModelObject:
     spec = state.catalog.get(model_id)
     if spec is None or not spec.enabled:
         raise NotFound(f"The model '{model_id}' does not exist or you do not have access to it.",

@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -38,7 +38,7 @@ from sse_starlette.sse import EventSourceResponse
 from api.core.errors import InvalidInput, NotFound
 from api.core.jobs import TERMINAL, JobStatus
 from api.db.tables import Job, JobEvent, User, utcnow
-from api.http.deps import current_user, get_state
+from api.http.deps import CurrentUser, State
 from api.http.state import AppState
 from api.services.deadlines import is_aborted, parse_cancel_after
 from api.services.events import events_after, events_of
@@ -462,29 +462,29 @@ def _decode_page(token: str) -> tuple[str | None, list[str | None], int]:
 
 # models ------------------------------------------------------------------------------------------
 @router.get("/models", response_model=ModelPage)
-def list_models(request: Request, user: User = Depends(current_user),
-                state: AppState = Depends(get_state)) -> dict[str, Any]:
+def list_models(request: Request, user: CurrentUser,
+                state: State) -> dict[str, Any]:
     views, chars = Views(state), _max_chars(state, user)
     return {"previous": None, "next": None,
             "results": [views.model(s, _base(request), chars) for s in state.catalog.enabled()]}
 
 
 @router.get("/models/{owner}/{name}", response_model=ReplicateModel)
-def get_model(owner: str, name: str, request: Request, user: User = Depends(current_user),
-              state: AppState = Depends(get_state)) -> dict[str, Any]:
+def get_model(owner: str, name: str, request: Request, user: CurrentUser,
+              state: State) -> dict[str, Any]:
     return Views(state).model(_spec(state, owner, name), _base(request), _max_chars(state, user))
 
 
 @router.get("/models/{owner}/{name}/versions", response_model=VersionPage)
-def list_versions(owner: str, name: str, user: User = Depends(current_user),
-                  state: AppState = Depends(get_state)) -> dict[str, Any]:
+def list_versions(owner: str, name: str, user: CurrentUser,
+                  state: State) -> dict[str, Any]:
     spec = _spec(state, owner, name)
     return {"previous": None, "next": None, "results": [Views(state).version(spec, _max_chars(state, user))]}
 
 
 @router.get("/models/{owner}/{name}/versions/{version}", response_model=ReplicateVersion)
-def get_version(owner: str, name: str, version: str, user: User = Depends(current_user),
-                state: AppState = Depends(get_state)) -> dict[str, Any]:
+def get_version(owner: str, name: str, version: str, user: CurrentUser,
+                state: State) -> dict[str, Any]:
     spec = _spec(state, owner, name)
     if version != version_id(spec):
         raise NotFound(f"version {version} of {owner}/{name} not found")
@@ -512,8 +512,8 @@ _IDEMPOTENCY = Header(default=None, alias="Idempotency-Key")
 
 
 @router.post("/predictions", status_code=201, response_model=ReplicatePrediction)
-async def create_prediction(body: PredictionCreate, request: Request, user: User = Depends(current_user),
-                            state: AppState = Depends(get_state), prefer: str | None = _PREFER,
+async def create_prediction(body: PredictionCreate, request: Request, user: CurrentUser,
+                            state: State, prefer: str | None = _PREFER,
                             cancel_after: str | None = _CANCEL_AFTER,
                             idempotency_key: str | None = _IDEMPOTENCY) -> dict[str, Any]:
     if not body.version:
@@ -525,7 +525,7 @@ async def create_prediction(body: PredictionCreate, request: Request, user: User
 
 @router.post("/models/{owner}/{name}/predictions", status_code=201, response_model=ReplicatePrediction)
 async def create_model_prediction(owner: str, name: str, body: PredictionCreate, request: Request,
-                                  user: User = Depends(current_user), state: AppState = Depends(get_state),
+                                  user: CurrentUser, state: State,
                                   prefer: str | None = _PREFER, cancel_after: str | None = _CANCEL_AFTER,
                                   idempotency_key: str | None = _IDEMPOTENCY) -> dict[str, Any]:
     spec = _spec(state, owner, name)
@@ -536,7 +536,7 @@ async def create_model_prediction(owner: str, name: str, body: PredictionCreate,
 
 @router.post("/deployments/{owner}/{name}/predictions", status_code=201, response_model=ReplicatePrediction)
 async def create_deployment_prediction(owner: str, name: str, body: PredictionCreate, request: Request,
-                                       user: User = Depends(current_user), state: AppState = Depends(get_state),
+                                       user: CurrentUser, state: State,
                                        prefer: str | None = _PREFER, cancel_after: str | None = _CANCEL_AFTER,
                                        idempotency_key: str | None = _IDEMPOTENCY) -> dict[str, Any]:
     """A deployment is the model of the same name (each model is served as one deployment here)."""
@@ -545,7 +545,7 @@ async def create_deployment_prediction(owner: str, name: str, body: PredictionCr
 
 
 @router.get("/predictions", response_model=PredictionPage)
-def list_predictions(request: Request, user: User = Depends(current_user), state: AppState = Depends(get_state),
+def list_predictions(request: Request, user: CurrentUser, state: State,
                      cursor: str | None = Query(default=None, max_length=8192),
                      limit: int = Query(default=MAX_PAGE, ge=1, le=MAX_PAGE)) -> dict[str, Any]:
     """The caller's jobs, newest first; ``next``/``previous`` are absolute URLs (the client GETs them)."""
@@ -563,21 +563,21 @@ def list_predictions(request: Request, user: User = Depends(current_user), state
 
 
 @router.get("/predictions/{prediction_id}", response_model=ReplicatePrediction)
-def get_prediction(prediction_id: str, request: Request, user: User = Depends(current_user),
-                   state: AppState = Depends(get_state)) -> dict[str, Any]:
+def get_prediction(prediction_id: str, request: Request, user: CurrentUser,
+                   state: State) -> dict[str, Any]:
     return Views(state).prediction(state.jobs.get(user, prediction_id), _base(request))
 
 
 @router.post("/predictions/{prediction_id}/cancel", response_model=ReplicatePrediction)
-def cancel_prediction(prediction_id: str, request: Request, user: User = Depends(current_user),
-                      state: AppState = Depends(get_state)) -> dict[str, Any]:
+def cancel_prediction(prediction_id: str, request: Request, user: CurrentUser,
+                      state: State) -> dict[str, Any]:
     return Views(state).prediction(state.jobs.cancel(user, prediction_id), _base(request))
 
 
 @router.get("/predictions/{prediction_id}/stream", response_class=EventSourceResponse,
             responses={200: {"content": {"text/event-stream": {}}}})
-async def stream_prediction(prediction_id: str, request: Request, user: User = Depends(current_user),
-                            state: AppState = Depends(get_state)) -> EventSourceResponse:
+async def stream_prediction(prediction_id: str, request: Request, user: CurrentUser,
+                            state: State) -> EventSourceResponse:
     """SSE as Replicate streams: ``output`` (a file URL), ``logs`` (a line), ``error``, ``done``."""
     await run_in_threadpool(state.jobs.get, user, prediction_id)
     return EventSourceResponse(_stream(state, request, prediction_id), ping=15)
