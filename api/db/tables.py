@@ -29,6 +29,9 @@ class User(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
     last_served_at: datetime | None = None
     disabled: bool = False
+    # "person" (signs in with an API key or a JWT) or "team" (a team's account: its balance,
+    # plan and ledger; never authenticates; its id is the team's id)
+    kind: str = Field(default="person", sa_column_kwargs={"server_default": "person"})
 
 
 class ApiKey(SQLModel, table=True):
@@ -51,11 +54,14 @@ class Balance(SQLModel, table=True):
     __table_args__ = (
         CheckConstraint("available >= 0", name="ck_balance_available_nonneg"),
         CheckConstraint("reserved >= 0", name="ck_balance_reserved_nonneg"),
+        CheckConstraint("debt >= 0", name="ck_balance_debt_nonneg"),
     )
 
     user_id: str = Field(foreign_key="users.id", primary_key=True)
     available: int = 0
     reserved: int = 0
+    # credits refunded or disputed after they were spent: blocks new jobs until paid back
+    debt: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     updated_at: datetime = Field(default_factory=utcnow)
 
 
@@ -132,6 +138,8 @@ class Job(SQLModel, table=True):
     api_shape: str = Field(default="native", sa_column_kwargs={"server_default": "native"})
     # Replicate's Cancel-After: not started by then, aborted and refunded; running, canceled
     start_deadline_at: datetime | None = None
+    # the member who submitted a job "as the team" (user_id is then the team's account); else None
+    submitted_by: str | None = Field(default=None, index=True)
 
 
 class JobEvent(SQLModel, table=True):
@@ -226,3 +234,124 @@ class WebhookDelivery(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
     claimed_by: str | None = None
     claim_expires_at: datetime | None = None
+
+
+# ---- identity (JWT end users) ---------------------------------------------------------------
+
+
+class Identity(SQLModel, table=True):
+    """An end user known to a configured identity provider: (issuer, sub) -> one CineWeave user."""
+
+    __tablename__ = "identities"
+    __table_args__ = (UniqueConstraint("issuer", "subject", name="uq_identity_issuer_subject"),)
+
+    id: str = Field(default_factory=lambda: new_id("idn"), primary_key=True)
+    user_id: str = Field(foreign_key="users.id", index=True)
+    issuer: str
+    subject: str
+    created_at: datetime = Field(default_factory=utcnow)
+    last_seen_at: datetime | None = None
+
+
+# ---- teams -----------------------------------------------------------------------------------
+
+
+class Team(SQLModel, table=True):
+    """A team; ``id`` is also the id of its account row in ``users`` (kind "team")."""
+
+    __tablename__ = "teams"
+
+    id: str = Field(foreign_key="users.id", primary_key=True)
+    name: str
+    created_by: str = Field(foreign_key="users.id")
+    created_at: datetime = Field(default_factory=utcnow)
+    deleted_at: datetime | None = None
+
+
+class TeamMember(SQLModel, table=True):
+    __tablename__ = "team_members"
+    __table_args__ = (UniqueConstraint("team_id", "user_id", name="uq_team_member"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    team_id: str = Field(foreign_key="teams.id", index=True)
+    user_id: str = Field(foreign_key="users.id", index=True)
+    role: str = "member"  # owner | admin | member
+    # credits a member may spend from the team per calendar month (None: no cap)
+    monthly_cap: int | None = None
+    joined_at: datetime = Field(default_factory=utcnow)
+    removed_at: datetime | None = None
+
+
+class TeamInvitation(SQLModel, table=True):
+    __tablename__ = "team_invitations"
+
+    id: str = Field(default_factory=lambda: new_id("inv"), primary_key=True)
+    team_id: str = Field(foreign_key="teams.id", index=True)
+    email: str = Field(index=True)
+    role: str = "member"
+    token_hash: str = Field(unique=True)
+    invited_by: str = Field(foreign_key="users.id")
+    created_at: datetime = Field(default_factory=utcnow)
+    expires_at: datetime
+    accepted_at: datetime | None = None
+    accepted_by: str | None = None
+    revoked_at: datetime | None = None
+
+
+# ---- billing (Stripe) ------------------------------------------------------------------------
+
+
+class BillingCustomer(SQLModel, table=True):
+    """The Stripe customer of an account (a person or a team)."""
+
+    __tablename__ = "billing_customers"
+
+    account_id: str = Field(foreign_key="users.id", primary_key=True)
+    stripe_customer_id: str = Field(unique=True)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Subscription(SQLModel, table=True):
+    """An account's Stripe subscription, as the newest applied event left it."""
+
+    __tablename__ = "subscriptions"
+
+    id: str = Field(primary_key=True)  # the Stripe subscription id
+    account_id: str = Field(foreign_key="users.id", index=True)
+    plan: str
+    status: str
+    stripe_price_id: str | None = None
+    current_period_end: datetime | None = None
+    cancel_at_period_end: bool = False
+    # the Stripe ``created`` of the newest event applied, so an older event never overwrites it
+    event_created: int = 0
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class CreditPurchase(SQLModel, table=True):
+    """Credits an account got for a payment (a pack or a paid invoice): what a refund claws back."""
+
+    __tablename__ = "credit_purchases"
+
+    id: int | None = Field(default=None, primary_key=True)
+    account_id: str = Field(foreign_key="users.id", index=True)
+    source: str  # pack | invoice
+    stripe_object_id: str = Field(unique=True)  # checkout session or invoice id
+    payment_intent: str | None = Field(default=None, index=True)
+    charge_id: str | None = Field(default=None, index=True)
+    credits: int
+    amount_cents: int = 0
+    clawed_back: int = 0
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class StripeEvent(SQLModel, table=True):
+    """Every Stripe event applied (or deliberately ignored), once: the webhook's idempotency key."""
+
+    __tablename__ = "stripe_events"
+
+    id: str = Field(primary_key=True)  # evt_...
+    type: str
+    created: int
+    result: str = ""
+    applied_at: datetime = Field(default_factory=utcnow)
