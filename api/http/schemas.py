@@ -373,9 +373,31 @@ class TimingStats(Public):
     avg_queue_s: float | None = None
 
 
+class JobOutcomes(Public):
+    total: int
+    by_status: dict[str, int] = Field(description="status -> count, over every model")
+    success_rate: float | None = Field(description="succeeded / (succeeded + failed); null before any finished")
+
+
+class FailureStats(Public):
+    model: str
+    code: str = Field(description="the failed jobs' error code (unknown when none was recorded)")
+    jobs: int
+
+
+class OverflowStats(Public):
+    jobs: int = Field(description="jobs run at a fallback provider instead of a local replica")
+    by_provider: dict[str, int]
+    by_reason: dict[str, int] = Field(description="remote_only | wait | capacity -> count")
+    cost_usd: float
+
+
 class AdminStats(Public):
     users: int
     jobs: dict[str, dict[str, int]] = Field(description="model -> status -> count")
+    outcomes: JobOutcomes
+    failures: list[FailureStats] = Field(description="failed jobs by model and error code, most first")
+    overflow: OverflowStats
     routes: list[RouteStats]
     credits: dict[str, CreditStats] = Field(description="ledger kind -> totals")
     timings: dict[str, TimingStats] = Field(description="model -> averages of succeeded jobs")

@@ -14,6 +14,9 @@ from api.db.tables import Job, LedgerEntry, User
 from api.services.users import get_user
 from api.settings import Settings
 
+#: the provider name the router records for a run on a local replica (``serve.router.LOCAL``)
+LOCAL_PROVIDER = "local"
+
 
 class AdminService:
     def __init__(self, db: Database, settings: Settings) -> None:
@@ -64,17 +67,51 @@ class AdminService:
             run = session.execute(select(Job.model, func.avg(Job.run_s), func.avg(Job.queue_s))
                                   .where(Job.status == "succeeded").group_by(Job.model)).all()
             users = session.execute(select(func.count()).select_from(User)).scalar_one()
+            failed = session.execute(select(Job.model, Job.error_code, func.count())
+                                     .where(Job.status == "failed")
+                                     .group_by(Job.model, Job.error_code)).all()
         jobs: dict[str, dict[str, int]] = {}
         for model, status, count in by_status:
             jobs.setdefault(model, {})[status] = count
+        routes = [{"provider": p, "reason": r, "jobs": c, "cost_usd": round(float(s or 0), 4)}
+                  for p, r, c, s in by_route]
         return {
             "users": users,
             "jobs": jobs,
-            "routes": [{"provider": p, "reason": r, "jobs": c, "cost_usd": round(float(s or 0), 4)}
-                       for p, r, c, s in by_route],
+            "outcomes": _outcomes(jobs),
+            "failures": sorted(({"model": m, "code": code or "unknown", "jobs": n} for m, code, n in failed),
+                               key=lambda f: (-f["jobs"], f["model"], f["code"])),
+            "overflow": _overflow(routes),
+            "routes": routes,
             "credits": {kind: {"amount": int(total or 0), "entries": n} for kind, total, n in credits},
             "timings": {model: {"avg_run_s": _round(r), "avg_queue_s": _round(q)} for model, r, q in run},
         }
+
+
+def _outcomes(jobs: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """Totals over every model; the success rate counts finished jobs that were not canceled
+    (a cancel is the user's choice, not a failure), None before the first one finishes."""
+    totals: dict[str, int] = {}
+    for counts in jobs.values():
+        for status, n in counts.items():
+            totals[status] = totals.get(status, 0) + n
+    succeeded, failed = totals.get("succeeded", 0), totals.get("failed", 0)
+    decided = succeeded + failed
+    return {"total": sum(totals.values()), "by_status": totals,
+            "success_rate": round(succeeded / decided, 4) if decided else None}
+
+
+def _overflow(routes: list[dict[str, Any]]) -> dict[str, Any]:
+    """Jobs that ran at a fallback provider instead of a local replica, by provider and reason."""
+    remote = [r for r in routes if r["provider"] != LOCAL_PROVIDER]
+    by_provider: dict[str, int] = {}
+    by_reason: dict[str, int] = {}
+    for r in remote:
+        by_provider[r["provider"]] = by_provider.get(r["provider"], 0) + r["jobs"]
+        reason = r["reason"] or "unknown"
+        by_reason[reason] = by_reason.get(reason, 0) + r["jobs"]
+    return {"jobs": sum(r["jobs"] for r in remote), "by_provider": by_provider, "by_reason": by_reason,
+            "cost_usd": round(sum(r["cost_usd"] for r in remote), 4)}
 
 
 def _round(value: float | None) -> float | None:
