@@ -20,7 +20,7 @@ from api.core.errors import CineWeaveError
 from api.core.executor import Executor
 from api.db.engine import Database
 from api.db.tables import Job, WebhookDelivery
-from api.http import compat
+from api.http import compat, console
 from api.http.routes import account, admin, files, jobs, loras, system
 from api.http.state import AppState
 from api.http.webhooks import ShapedView, WebhookDeliverer
@@ -197,4 +197,5 @@ def create_app(settings: Settings, executor: Executor | None = None, *, catalog:
     for module in (system, jobs, loras, account, admin, files):
         app.include_router(module.router)
     compat.include(app)
+    console.mount(app, storage)  # the web console at / (static files, no build step)
     return app
