@@ -41,6 +41,14 @@ def default_plans() -> list[Plan]:
     ]
 
 
+class CreditPack(BaseModel):
+    """A one-off credit pack sold through Stripe Checkout (mode ``payment``)."""
+
+    id: str = Field(min_length=1, max_length=64)
+    credits: int = Field(gt=0)
+    stripe_price_id: str = Field(min_length=1)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CINEWEAVE_", env_file=".env", extra="ignore")
 
@@ -166,6 +174,19 @@ class Settings(BaseSettings):
     egress_allow_networks: list[str] = Field(default_factory=list)
     egress_max_redirects: int = 3
     egress_timeout_s: float = 20.0
+
+    # billing with Stripe (README "Billing with Stripe"): the secret API key, the webhook endpoint's
+    # signing secret and timestamp tolerance, the API base (tests: a fake on loopback), where
+    # Checkout returns to, plan id -> Stripe price id, and the credit packs on sale
+    stripe_secret_key: str | None = None
+    stripe_webhook_secret: str | None = None
+    stripe_webhook_tolerance_s: int = Field(default=300, ge=1, le=3600)
+    stripe_api_base: str | None = None
+    stripe_success_url: str = "http://127.0.0.1:8000/billing/success?session_id={CHECKOUT_SESSION_ID}"
+    stripe_cancel_url: str = "http://127.0.0.1:8000/billing/canceled"
+    stripe_portal_return_url: str = "http://127.0.0.1:8000/billing"
+    stripe_plan_prices: dict[str, str] = Field(default_factory=dict)
+    credit_packs: list[CreditPack] = Field(default_factory=list)
 
     # /metrics: when set, scrapes must send ``Authorization: Bearer <metrics_token>``
     metrics_token: str | None = None

@@ -34,6 +34,9 @@ logger = logging.getLogger(__name__)
 
 OnStep = Callable[[int, int], None]
 ShouldCancel = Callable[[], bool]
+OnLatents = Callable[[int, int, Sequence[int], torch.Tensor, Mapping[str, Any]], None]
+"""``on_latents(done, total, indices, latents, call)`` after a step: the call's latents (row i is
+request ``indices[i]`` of the batch) and its keyword arguments; for previews. Must be quick."""
 
 
 class GenerationCanceled(Exception):
@@ -187,23 +190,25 @@ class Generator:
 
     def generate(self, batch: Sequence[Mapping[str, Any]], on_step: OnStep | None = None,
                  should_cancel: ShouldCancel | None = None,
-                 adapters: AdapterSet | None = None) -> list[GeneratedMedia]:
+                 adapters: AdapterSet | None = None, on_latents: OnLatents | None = None) -> list[GeneratedMedia]:
         """Run ``batch`` and return one :class:`GeneratedMedia` per request, in order.
 
         Compatible requests share one pipeline call (normally the whole batch; incompatible ones
         are split into groups run one after another). ``on_step(done, total)`` counts denoising
         steps over the whole batch. ``adapters`` is the LoRA set for every request of the batch.
         Raises :class:`GenerationCanceled` within one step of ``should_cancel()`` turning true.
+        ``on_latents`` (see :data:`OnLatents`) sees each step's latents, after ``on_step``.
         """
         if not batch:
             return []
         with self._lock:
             if self.pipe is None:
                 raise RuntimeError(f"the generator for {self.spec.id} is closed")
-            return self._generate(batch, on_step, should_cancel, adapters)
+            return self._generate(batch, on_step, should_cancel, adapters, on_latents)
 
     def _generate(self, batch: Sequence[Mapping[str, Any]], on_step: OnStep | None,
-                  should_cancel: ShouldCancel | None, adapters: AdapterSet | None) -> list[GeneratedMedia]:
+                  should_cancel: ShouldCancel | None, adapters: AdapterSet | None,
+                  on_latents: OnLatents | None = None) -> list[GeneratedMedia]:
         requests = [fill_defaults(self.spec, r) for r in batch]
         for r in requests:
             if r.get("seed") is None:
@@ -237,8 +242,11 @@ class Generator:
             pipe = self.pipeline_for(task)
 
             def callback(pipeline: Any, step: int, timestep: Any, tensors: dict[str, Any],
-                         _offset: int = offset) -> dict[str, Any]:
+                         _offset: int = offset, _idx: list[int] = idx, _call: dict[str, Any] = kwargs) -> dict[str, Any]:
                 report(_offset + step + 1)
+                latents = tensors.get("latents")
+                if on_latents is not None and latents is not None:
+                    on_latents(min(_offset + step + 1, total), total, _idx, latents, _call)
                 if should_cancel is not None and should_cancel():
                     raise GenerationCanceled(f"canceled after step {_offset + step + 1} of {total}")
                 return {}
@@ -246,6 +254,8 @@ class Generator:
             generators = [torch.Generator(device="cpu").manual_seed(int(requests[i]["seed"])) for i in idx]
             call = {**self.spec.pipeline_kwargs, **kwargs, "generator": generators, "output_type": "pil",
                     "callback_on_step_end": callback}
+            if on_latents is not None:
+                call["callback_on_step_end_tensor_inputs"] = ["latents"]
             started = time.perf_counter()
             self.loaded.before_call(pipe, call)  # per-call optimizations (auto VAE tiling, step caches)
             try:

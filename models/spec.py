@@ -182,6 +182,29 @@ class Optimizations(_Strict):
     step_cache: StepCache | None = None
 
 
+class Previews(_Strict):
+    """Live step previews (``models/previews.py``): a small JPEG every ``every_k_steps`` denoising steps.
+
+    Unset ``every_k_steps``: on for image models (every 2 steps), off for video: at real video
+    sizes the latents are large and each step is long, so a model opts in explicitly.
+    """
+
+    every_k_steps: int | None = Field(default=None, ge=0, le=1000,
+                                      description="a preview every k steps; 0: none; unset: 2 for images, 0 for video")
+    decoder: Literal["projection", "taesd"] = Field(
+        default="projection", description="projection: a fixed linear map of the latent channels to RGB (cheap); "
+                                          "taesd: the tiny autoencoder at taesd_source, else the projection")
+    taesd_source: str | None = Field(
+        default=None, description="a local diffusers AutoencoderTiny directory, or a Hugging Face repo in the cache")
+    max_side: int = Field(default=128, ge=16, le=512, description="longest side of a preview (never above the job's)")
+
+    @model_validator(mode="after")
+    def _taesd_named(self) -> Previews:
+        if self.decoder == "taesd" and not self.taesd_source:
+            raise ValueError("previews.decoder taesd needs previews.taesd_source")
+        return self
+
+
 class Overflow(_Strict):
     provider: Literal["replicate", "veo"] | None = None
     model: str | None = Field(default=None, description="provider's model name, e.g. google/veo-3.1")
@@ -211,6 +234,7 @@ class ModelSpec(_Strict):
     serving: Serving = Serving()
     optimizations: Optimizations = Optimizations()
     overflow: Overflow = Overflow()
+    previews: Previews = Previews()
     trainable: bool = False
     measured_run_s: float | None = Field(default=None, description="typical run time, for wait estimates")
 
@@ -238,6 +262,14 @@ class ModelSpec(_Strict):
     @property
     def remote_only(self) -> bool:
         return self.overflow.remote_only
+
+    @property
+    def preview_every(self) -> int:
+        """Steps between two previews; 0: none (see :class:`Previews`)."""
+        every = self.previews.every_k_steps
+        if every is None:
+            return 2 if self.kind == "image" else 0
+        return every
 
 
 def load_spec_file(path: Path) -> ModelSpec:

@@ -75,10 +75,17 @@ def create_user(session: Session, settings: Settings, email: str, plan: str | No
     return NewUser(user, raw, secret)
 
 
-def grant_plan_month(session: Session, settings: Settings, user: User, period: str | None = None) -> int:
-    """Grant a paid plan's monthly credits for ``period`` (YYYY-MM) once; returns credits granted."""
+def grant_plan_month(session: Session, settings: Settings, user: User, period: str | None = None,
+                     plan_id: str | None = None) -> int:
+    """Grant a paid plan's monthly credits for ``period`` (YYYY-MM) once; returns credits granted.
+
+    One grant per (account, period) whoever asks: the scheduled grant and a paid Stripe invoice
+    (``plan_id``: the invoice's plan) share the ``plan_grants`` row and the ledger key, so the
+    same period is never granted twice. The key ``plan:{account}:{period}`` also marks the
+    credits as expiring (see ``api/services/billing.py``).
+    """
     try:
-        plan = settings.plan(user.plan)
+        plan = settings.plan(plan_id or user.plan)
     except KeyError:
         return 0
     if not plan.monthly_credits:
