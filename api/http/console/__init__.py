@@ -123,7 +123,18 @@ def mount(app: FastAPI, storage: Storage, static_dir: Path = STATIC_DIR) -> None
         apply_headers(response, csp)
         return response
 
+    async def favicon() -> Response:
+        """Browsers ask for /favicon.ico whatever the page says; a 404 there is a console error."""
+        path = static_dir / "favicon.ico"
+        if path.is_file():
+            response = Response(path.read_bytes(), media_type=CONTENT_TYPES[".ico"])
+        else:
+            response = Response(status_code=204)
+        apply_headers(response, csp)
+        return response
+
     app.add_api_route("/", index, methods=["GET", "HEAD"], include_in_schema=False)
+    app.add_api_route("/favicon.ico", favicon, methods=["GET", "HEAD"], include_in_schema=False)
     app.mount(ASSETS_PREFIX, files, name="console")
 
 

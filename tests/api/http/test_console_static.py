@@ -95,6 +95,18 @@ async def test_assets_with_module_types_and_caching(assets: Path, storage: Local
             assert r.status_code == 404 or b"nope" not in r.content, path
 
 
+async def test_favicon_never_404s(assets: Path, storage: LocalStorage) -> None:
+    app = FastAPI()
+    console.mount(app, storage, assets)
+    async with client_for(app) as client:
+        r = await client.get("/favicon.ico")
+        assert r.status_code == 204 and r.content == b""
+        (assets / "favicon.ico").write_bytes(b"\x00\x00\x01\x00")
+        r = await client.get("/favicon.ico")
+        assert r.status_code == 200 and r.headers["content-type"] == "image/x-icon"
+        assert r.content == b"\x00\x00\x01\x00"
+
+
 async def test_no_index_no_console(tmp_path: Path, storage: LocalStorage) -> None:
     app = FastAPI()
     console.mount(app, storage, tmp_path)  # an empty directory: nothing mounted, API unaffected
