@@ -23,9 +23,13 @@ class AdminService:
         self.db = db
         self.settings = settings
 
-    def list_users(self, limit: int = 100, offset: int = 0) -> list[tuple[User, ledger.BalanceView]]:
+    def list_users(self, limit: int = 100, offset: int = 0, q: str | None = None) -> list[tuple[User, ledger.BalanceView]]:
+        """Oldest first; ``q``: only users whose email contains it (any case)."""
+        query = select(User)
+        if q:
+            query = query.where(func.lower(User.email).contains(q.lower(), autoescape=True))
         with self.db.read() as session:
-            users = session.execute(select(User).order_by(User.created_at).offset(offset).limit(limit)).scalars().all()
+            users = session.execute(query.order_by(User.created_at, User.id).offset(offset).limit(limit)).scalars().all()
             return [(u, ledger.get_balance(session, u.id)) for u in users]
 
     def user(self, user_id: str) -> tuple[User, ledger.BalanceView]:

@@ -44,8 +44,10 @@ def _with_balance(user: User, balance: Any) -> dict[str, Any]:
 
 @router.get("/users", response_model=AdminUserList, responses=error_responses(422))
 def list_users(state: State, limit: int = Query(default=100, ge=1, le=1000),
-               offset: int = Query(default=0, ge=0, le=2**63 - 1)) -> dict[str, Any]:
-    return {"data": [_with_balance(u, b) for u, b in state.admin.list_users(limit, offset)]}
+               offset: int = Query(default=0, ge=0, le=2**63 - 1),
+               q: str | None = Query(default=None, max_length=254,
+                                     description="only users whose email contains this (any case)")) -> dict[str, Any]:
+    return {"data": [_with_balance(u, b) for u, b in state.admin.list_users(limit, offset, q)]}
 
 
 @router.post("/users", status_code=201, response_model=UserCreated, responses=error_responses(409, 422))

@@ -66,3 +66,23 @@ async def test_stats_route_answers_the_new_fields(make_api: Callable[..., Awaita
     assert body["outcomes"]["success_rate"] == round(3 / 7, 4)
     assert body["failures"][0] == {"model": "veo-3.1", "code": "content_policy", "jobs": 2}
     assert body["overflow"]["jobs"] == 3
+
+
+def test_list_users_finds_by_email_substring(db: Database, settings: Settings) -> None:
+    alice = add_user(db, settings, email="Alice.Smith@example.com").user
+    add_user(db, settings, email="bob@example.com")
+    add_user(db, settings, email="a_lice@example.org")
+    admin = AdminService(db, settings)
+    assert [u.id for u, _ in admin.list_users(q="alice.s")] == [alice.id]  # any case
+    assert [u.email for u, _ in admin.list_users(q="a_l")] == ["a_lice@example.org"]  # _ is not a wildcard
+    assert [u.email for u, _ in admin.list_users(q="%")] == []
+    assert len(admin.list_users(q=None)) == 3
+
+
+async def test_users_route_filters_by_q(make_api: Callable[..., Awaitable[ApiHarness]]) -> None:
+    api = await make_api(run_runner=False)
+    carol = api.user(email="carol@example.com")
+    api.user(email="dave@example.com")
+    body = (await api.client.get("/v1/admin/users", params={"q": "CAROL"}, headers=bearer(ADMIN_KEY))).json()
+    assert [u["id"] for u in body["data"]] == [carol.user.id]
+    assert body["data"][0]["credits"] == {"balance": 100, "reserved": 0}
