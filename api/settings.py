@@ -10,7 +10,7 @@ import secrets
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -47,6 +47,47 @@ class CreditPack(BaseModel):
     id: str = Field(min_length=1, max_length=64)
     credits: int = Field(gt=0)
     stripe_price_id: str = Field(min_length=1)
+
+
+# JWS algorithms an identity provider's JWKS (public keys) can verify; HS* (a shared secret) and
+# "none" are never accepted: an HS256 token "signed" with a public key must not verify
+ASYMMETRIC_JWT_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+                                       "ES256", "ES384", "ES512", "EdDSA"})
+
+
+class AdminClaim(BaseModel):
+    """The claim that makes a token's bearer an admin: ``claim`` (a dotted path such as
+    ``app_metadata.role``) equals ``value``, or is a list holding it."""
+
+    claim: str = Field(min_length=1)
+    value: str | int | bool
+
+
+class JwtIssuer(BaseModel):
+    """An app's identity provider whose JWTs sign end users in (Clerk, Supabase, any OIDC issuer)."""
+
+    issuer: str = Field(min_length=1)  # the exact ``iss`` of its tokens
+    jwks_url: str = Field(pattern=r"^https?://")
+    audience: list[str] = Field(min_length=1)  # the token's ``aud`` must name one of these
+    algorithms: list[str] = Field(default_factory=lambda: ["RS256"], min_length=1)
+    admin_claim: AdminClaim | None = None  # None: no token of this issuer is ever an admin
+    email_claim: str = "email"
+    # the token's ``azp`` must be one of these when set (Clerk: your app's origins)
+    authorized_parties: list[str] = Field(default_factory=list)
+    default_plan: str | None = None  # a new user's plan (None: Settings.default_plan)
+
+    @field_validator("audience", mode="before")
+    @classmethod
+    def _one_audience(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _asymmetric_only(self) -> JwtIssuer:
+        bad = [a for a in self.algorithms if a not in ASYMMETRIC_JWT_ALGORITHMS]
+        if bad:
+            raise ValueError(f"issuer {self.issuer}: algorithms {bad} are not allowed; a JWKS issuer takes "
+                             f"only {sorted(ASYMMETRIC_JWT_ALGORITHMS)}")
+        return self
 
 
 class Settings(BaseSettings):
@@ -188,6 +229,15 @@ class Settings(BaseSettings):
     stripe_plan_prices: dict[str, str] = Field(default_factory=dict)
     credit_packs: list[CreditPack] = Field(default_factory=list)
 
+    # end users signed in by the app's identity provider (JSON list of JwtIssuer; README "Signing in
+    # end users (JWT)"); clock leeway for exp/nbf; how long a JWKS is kept; an unknown kid refetches
+    # it at most once per jwks_refetch_s; the JWKS request's timeout
+    jwt_issuers: list[JwtIssuer] = Field(default_factory=list)
+    jwt_leeway_s: float = Field(default=30.0, ge=0, le=300)
+    jwks_cache_s: float = Field(default=300.0, gt=0)
+    jwks_refetch_s: float = Field(default=30.0, ge=0)
+    jwks_timeout_s: float = Field(default=5.0, gt=0, le=60)
+
     # /metrics: when set, scrapes must send ``Authorization: Bearer <metrics_token>``
     metrics_token: str | None = None
     # how often /metrics' database and cluster gauges are refreshed in the background (seconds)
@@ -260,4 +310,4 @@ def get_settings(fresh: bool = False) -> Settings:
     return _cached_settings()
 
 
-__all__ = ["Plan", "PlanLimits", "Settings", "default_plans", "get_settings"]
+__all__ = ["AdminClaim", "JwtIssuer", "Plan", "PlanLimits", "Settings", "default_plans", "get_settings"]

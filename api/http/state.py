@@ -12,6 +12,7 @@ from api.metrics import Metrics
 from api.runner.runner import Runner
 from api.services.admin import AdminService
 from api.services.events import EventBus
+from api.services.identity import IdentityService
 from api.services.jobs import JobService
 from api.services.loras import LoraService
 from api.services.models import ModelService
@@ -42,9 +43,11 @@ class AppState:
     notifier: Notifier | None = None
     extras: dict[str, Any] = field(default_factory=dict)
     queue: QueueService = field(init=False)
+    identity: IdentityService = field(init=False)  # bearer credential (API key or JWT) -> caller
 
     def __post_init__(self) -> None:
         self.queue = QueueService(self.db, self.settings, self.catalog)
+        self.identity = IdentityService(self.db, self.settings)
 
     def job_view(self, job: Any, queue: QueueEstimate | None = None) -> dict[str, Any]:
         """``queue``: the job's position and ETA (routes compute it; webhooks and others leave it out)."""
