@@ -35,6 +35,12 @@ class InsufficientCredits(CineWeaveError):
     code, status = "insufficient_credits", 402
 
 
+class AccountInDebt(CineWeaveError):
+    """A refund or dispute took back credits that were already spent: no new jobs until paid back."""
+
+    code, status = "account_in_debt", 402
+
+
 class RateLimited(CineWeaveError):
     code, status = "rate_limited", 429
 

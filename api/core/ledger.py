@@ -34,6 +34,11 @@ class EntryKind(StrEnum):
     CAPTURE = "capture"
     REFUND = "refund"
     EXPIRE = "expire"
+    # billing: a refunded or disputed payment takes its credits back (never below zero); what
+    # could not be taken is recorded as debt (``Balance.debt``), which later credits pay first
+    CLAWBACK = "clawback"
+    DEBT = "debt"
+    DEBT_PAID = "debt_paid"
 
 
 CREDIT_KINDS = frozenset({EntryKind.GRANT, EntryKind.PURCHASE, EntryKind.ADJUST})
@@ -61,9 +66,16 @@ def _existing(session: Session, key: str) -> LedgerEntry | None:
     return session.execute(select(LedgerEntry).where(LedgerEntry.idempotency_key == key)).scalars().first()
 
 
+def get_debt(session: Session, user_id: str) -> int:
+    """Credits owed back (refunds and disputes after they were spent); 0 for an unknown account."""
+    value = session.execute(select(Balance.debt).where(Balance.user_id == user_id)).scalar()
+    return int(value or 0)
+
+
 def _apply(session: Session, user_id: str, kind: EntryKind, amount: int, key: str, *,
            job_id: str | None, note: str, d_available: int, d_reserved: int,
-           guard_available: int = 0, guard_reserved: int = 0) -> LedgerEntry:
+           guard_available: int = 0, guard_reserved: int = 0, d_debt: int = 0,
+           guard_debt: int = 0) -> LedgerEntry:
     """Insert the entry and move the balance, atomically and at most once per key."""
     if amount < 0:
         raise InvalidInput("amount must not be negative", {"amount": amount})
@@ -73,12 +85,15 @@ def _apply(session: Session, user_id: str, kind: EntryKind, amount: int, key: st
     ensure_balance(session, user_id)
     try:
         with session.begin_nested():
+            values = {"available": Balance.available + d_available, "reserved": Balance.reserved + d_reserved,
+                      "updated_at": utcnow()}
+            guards = [Balance.user_id == user_id, Balance.available >= guard_available,
+                      Balance.reserved >= guard_reserved]
+            if d_debt or guard_debt:
+                values["debt"] = Balance.debt + d_debt
+                guards.append(Balance.debt >= guard_debt)
             result = session.execute(
-                update(Balance)
-                .where(Balance.user_id == user_id, Balance.available >= guard_available,
-                       Balance.reserved >= guard_reserved)
-                .values(available=Balance.available + d_available, reserved=Balance.reserved + d_reserved,
-                        updated_at=utcnow())
+                update(Balance).where(*guards).values(**values)
                 .execution_options(synchronize_session=False))
             if result.rowcount != 1:
                 raise _Short()
@@ -114,11 +129,38 @@ class _Short(Exception):
 
 def credit(session: Session, user_id: str, amount: int, key: str, *, kind: EntryKind = EntryKind.GRANT,
            note: str = "") -> LedgerEntry:
-    """Add credits (grant, purchase or adjust)."""
+    """Add credits (grant, purchase or adjust). New credits pay the account's debt first."""
     if kind not in CREDIT_KINDS:
         raise InvalidInput(f"{kind} does not add credits")
-    return _apply(session, user_id, kind, amount, key, job_id=None, note=note,
-                  d_available=amount, d_reserved=0)
+    found = _existing(session, key)
+    if found is not None:
+        return found
+    entry = _apply(session, user_id, kind, amount, key, job_id=None, note=note,
+                   d_available=amount, d_reserved=0)
+    owed = min(get_debt(session, user_id), amount, get_balance(session, user_id).available)
+    if owed > 0:
+        _apply(session, user_id, EntryKind.DEBT_PAID, owed, f"{key}:debt", job_id=None,
+               note=f"debt paid from {kind.value} {key}", d_available=-owed, d_reserved=0,
+               guard_available=owed, d_debt=-owed, guard_debt=owed)
+    return entry
+
+
+def claw_back(session: Session, user_id: str, amount: int, key: str, note: str = "") -> tuple[int, int]:
+    """Take back ``amount`` credits: what is available now (never below zero), the rest as debt.
+
+    Returns ``(taken, debt_added)``; once per key (a second call returns the first call's split).
+    """
+    found = _existing(session, key)
+    if found is None:
+        take = min(amount, get_balance(session, user_id).available)
+        found = _apply(session, user_id, EntryKind.CLAWBACK, take, key, job_id=None, note=note,
+                       d_available=-take, d_reserved=0, guard_available=take)
+        rest = amount - found.amount
+        if rest > 0:
+            _apply(session, user_id, EntryKind.DEBT, rest, f"{key}:debt", job_id=None, note=note,
+                   d_available=0, d_reserved=0, d_debt=rest)
+    debt = _existing(session, f"{key}:debt")
+    return found.amount, debt.amount if debt is not None else 0
 
 
 def expire(session: Session, user_id: str, amount: int, key: str, note: str = "") -> LedgerEntry:

@@ -325,6 +325,8 @@ class Subscription(SQLModel, table=True):
     cancel_at_period_end: bool = False
     # the Stripe ``created`` of the newest event applied, so an older event never overwrites it
     event_created: int = 0
+    # a downgrade (or cancellation) keeps the paid plan until then; None: nothing pending
+    downgrade_at: datetime | None = None
     updated_at: datetime = Field(default_factory=utcnow)
 
 
@@ -341,7 +343,10 @@ class CreditPurchase(SQLModel, table=True):
     charge_id: str | None = Field(default=None, index=True)
     credits: int
     amount_cents: int = 0
+    # credits taken back so far by refunds and disputes (what was available plus what became debt)
     clawed_back: int = 0
+    # the ledger entry that credited it (``stripe:{session}`` or ``plan:{account}:{period}``)
+    ledger_key: str = Field(default="", sa_column_kwargs={"server_default": ""})
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -355,3 +360,7 @@ class StripeEvent(SQLModel, table=True):
     created: int
     result: str = ""
     applied_at: datetime = Field(default_factory=utcnow)
+    # the payment a refund or dispute is about (payment intent, else charge id): one that arrives
+    # before its purchase is applied when the purchase is
+    ref: str | None = Field(default=None, index=True)
+    data: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))

@@ -21,7 +21,7 @@ from api.core.executor import Executor
 from api.db.engine import Database
 from api.db.tables import Job, WebhookDelivery
 from api.http import compat, console
-from api.http.routes import account, admin, files, jobs, loras, system
+from api.http.routes import account, admin, billing, files, jobs, loras, system
 from api.http.state import AppState
 from api.http.webhooks import ShapedView, WebhookDeliverer
 from api.metrics import Metrics
@@ -194,7 +194,8 @@ def create_app(settings: Settings, executor: Executor | None = None, *, catalog:
         logger.exception("unhandled error")
         return _shaped_error(request, 500, "internal_error", "internal error")
 
-    for module in (system, jobs, loras, account, admin, files):
+    # billing before files: /v1/webhooks/stripe must match ahead of /v1/webhooks/{provider}
+    for module in (system, jobs, loras, account, admin, billing, files):
         app.include_router(module.router)
     compat.include(app)
     console.mount(app, storage)  # the web console at / (static files, no build step)

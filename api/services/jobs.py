@@ -21,7 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from api.core import ledger
-from api.core.errors import Conflict, IdempotencyConflict, InvalidInput, NotFound
+from api.core.errors import AccountInDebt, Conflict, IdempotencyConflict, InvalidInput, NotFound
 from api.core.jobs import ACTIVE, JobStatus
 from api.core.limits import check_active_jobs, check_content_policy, check_rate
 from api.core.pricing import price_generation
@@ -202,6 +202,10 @@ class JobService:
     def admit(self, session: Session, user_id: str, max_active: int, per_minute: int | None) -> None:
         """Limits checked inside the submitting transaction, with the user row locked."""
         lock_user(session, user_id)
+        debt = ledger.get_debt(session, user_id)
+        if debt > 0:
+            raise AccountInDebt(f"this account owes {debt} credits (a refunded or disputed payment); "
+                                "buy credits to pay it back first", {"debt": debt})
         active = session.execute(select(func.count()).select_from(Job).where(
             Job.user_id == user_id, Job.status.in_([s.value for s in ACTIVE]))).scalar_one()
         check_active_jobs(active, max_active)

@@ -1,4 +1,5 @@
-"""Scheduled tasks: monthly plan grants, output expiry, and the stuck-job reaper.
+"""Scheduled tasks: monthly plan grants, plan changes at period end, expiry of plan credits,
+output expiry, and the stuck-job reaper.
 
 ``cineweave maintenance run`` runs them once; the API server runs them every
 ``maintenance_interval_s``. Each task is idempotent, so running it twice (or on two servers) is safe.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import asdict, dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import select
 
@@ -17,6 +18,7 @@ from api.core.events import ErrorEvent
 from api.core.jobs import JobStatus
 from api.db.engine import Database
 from api.db.tables import Job, User, utcnow
+from api.services.billing import BillingService, stripe_managed_accounts
 from api.services.events import EventBus
 from api.services.settlement import delete_job_outputs, finish_job, locked_job, reclaim_expired
 from api.services.users import grant_plan_month
@@ -33,6 +35,9 @@ class MaintenanceReport:
     outputs_expired: int = 0
     leases_reclaimed: int = 0
     stuck_failed: int = 0
+    plan_changes: int = 0
+    grants_expired: int = 0
+    credits_expired: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -45,9 +50,14 @@ class Maintenance:
         self.storage = storage
         self.bus = bus or EventBus()
 
-    def run_once(self, period: str | None = None) -> MaintenanceReport:
+    def run_once(self, period: str | None = None, now: datetime | None = None) -> MaintenanceReport:
         report = MaintenanceReport()
+        billing = BillingService(self.db, self.settings)
+        # a paid period that ended moves the account to its next plan before this month's grant
+        report.plan_changes = billing.apply_downgrades(now)
         self.grant_plans(report, period)
+        # plan credits are usable through the month after their own, then expire (billing.py)
+        report.grants_expired, report.credits_expired = billing.expire_credits(now)
         self.expire_outputs(report)
         report.leases_reclaimed = reclaim_expired(self.db, self.settings, self.storage, self.bus)
         self.reap_stuck(report)
@@ -63,9 +73,14 @@ class Maintenance:
             await asyncio.sleep(self.settings.maintenance_interval_s)
 
     def grant_plans(self, report: MaintenanceReport, period: str | None = None) -> None:
+        """Paid plans' monthly credits, people and team accounts alike, once per period.
+
+        Accounts with a Stripe subscription are left out: a paid invoice grants their month.
+        """
         paid = [p.id for p in self.settings.plans if p.monthly_credits]
         with self.db.read() as session:
-            user_ids = session.execute(select(User.id).where(User.plan.in_(paid), User.disabled.is_(False))
+            user_ids = session.execute(select(User.id).where(
+                User.plan.in_(paid), User.disabled.is_(False), User.id.not_in(stripe_managed_accounts()))
                                        ).scalars().all()
         for user_id in user_ids:
             with self.db.session() as session:

@@ -25,8 +25,12 @@ def upgrade() -> None:
     sa.Column('created', sa.Integer(), nullable=False),
     sa.Column('result', sqlmodel.sql.sqltypes.AutoString(), nullable=False),
     sa.Column('applied_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
+    sa.Column('ref', sqlmodel.sql.sqltypes.AutoString(), nullable=True),
+    sa.Column('data', sa.JSON(), nullable=False),
     sa.PrimaryKeyConstraint('id')
     )
+    with op.batch_alter_table('stripe_events', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_stripe_events_ref'), ['ref'], unique=False)
     op.create_table('billing_customers',
     sa.Column('account_id', sqlmodel.sql.sqltypes.AutoString(), nullable=False),
     sa.Column('stripe_customer_id', sqlmodel.sql.sqltypes.AutoString(), nullable=False),
@@ -45,6 +49,7 @@ def upgrade() -> None:
     sa.Column('credits', sa.Integer(), nullable=False),
     sa.Column('amount_cents', sa.Integer(), nullable=False),
     sa.Column('clawed_back', sa.Integer(), nullable=False),
+    sa.Column('ledger_key', sqlmodel.sql.sqltypes.AutoString(), server_default='', nullable=False),
     sa.Column('created_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
     sa.ForeignKeyConstraint(['account_id'], ['users.id'], ),
     sa.PrimaryKeyConstraint('id'),
@@ -79,6 +84,7 @@ def upgrade() -> None:
     sa.Column('cancel_at_period_end', sa.Boolean(), nullable=False),
     sa.Column('event_created', sa.Integer(), nullable=False),
     sa.Column('updated_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
+    sa.Column('downgrade_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
     sa.ForeignKeyConstraint(['account_id'], ['users.id'], ),
     sa.PrimaryKeyConstraint('id')
     )
@@ -184,4 +190,7 @@ def downgrade() -> None:
 
     op.drop_table('credit_purchases')
     op.drop_table('billing_customers')
+    with op.batch_alter_table('stripe_events', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_stripe_events_ref'))
+
     op.drop_table('stripe_events')

@@ -1,0 +1,685 @@
+"""Billing with Stripe: Checkout and the Customer Portal out, signed webhook events in, and the
+rules for monthly credits (grants, rollover, expiry).
+
+Accounts. An account is a ``users`` row: a person, or a team's account (``User.kind == "team"``).
+A person acts on their own account; on a team's account when they are its owner or admin.
+
+Events. Every Stripe event is applied at most once: its id is inserted into ``stripe_events`` in
+the same transaction as its effects (a concurrent duplicate waits on the primary key and then
+changes nothing). Events may come in any order: a subscription event older than the one applied
+(``Subscription.event_created``) changes nothing; a refund or dispute that comes before its
+purchase is kept (``StripeEvent.ref``) and applied when the purchase is.
+
+Credits (the rollover rule; README "Billing with Stripe"):
+- a plan's monthly credits for period ``YYYY-MM`` (ledger key ``plan:{account}:{period}``, granted
+  by a paid invoice or by the scheduled grant, never both) expire at the end of the following
+  month: one month of rollover;
+- sign-up credits, purchased packs and admin grants never expire;
+- credits are spent oldest-expiring first (so rolled-over plan credits go before this month's,
+  and both before credits that never expire).
+The ledger keeps one ``available`` figure; which lot a credit belongs to is computed by replaying
+the account's ledger (:func:`credit_lots`), so nothing else in the stack has to know about lots.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import stripe
+from sqlalchemy import func, or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session
+
+from api.core import ledger
+from api.core.errors import CineWeaveError, Conflict, Forbidden, InvalidInput, NotFound
+from api.core.ledger import EntryKind
+from api.db.engine import Database
+from api.db.tables import (
+    Balance,
+    BillingCustomer,
+    CreditPurchase,
+    LedgerEntry,
+    StripeEvent,
+    Subscription,
+    Team,
+    TeamMember,
+    User,
+    utcnow,
+)
+from api.services.jobs import lock_user
+from api.services.users import grant_plan_month
+from api.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# Stripe subscription statuses in which the plan is paid for (or being retried)
+LIVE_STATUSES = frozenset({"active", "trialing", "past_due"})
+REFUND_EVENTS = ("charge.refunded", "charge.dispute.created")
+TEAM_BILLING_ROLES = frozenset({"owner", "admin"})
+
+
+class BillingNotConfigured(CineWeaveError):
+    code, status = "billing_not_configured", 503
+
+
+class BillingProviderError(CineWeaveError):
+    code, status = "billing_provider_error", 502
+
+
+class InvalidSignature(CineWeaveError):
+    code, status = "invalid_signature", 400
+
+
+# ---- periods and credit lots ---------------------------------------------------------------
+
+
+def period_of(when: datetime) -> str:
+    return when.astimezone(UTC).strftime("%Y-%m")
+
+
+def period_start(period: str) -> datetime:
+    year, month = (int(p) for p in period.split("-"))
+    return datetime(year, month, 1, tzinfo=UTC)
+
+
+def add_months(period: str, months: int) -> str:
+    year, month = (int(p) for p in period.split("-"))
+    index = year * 12 + (month - 1) + months
+    return f"{index // 12:04d}-{index % 12 + 1:02d}"
+
+
+def plan_grant_expiry(period: str) -> datetime:
+    """Plan credits of ``period`` are usable through the following month, then expire."""
+    return period_start(add_months(period, 2))
+
+
+def plan_grant_period(key: str) -> str | None:
+    """The period of a plan-grant ledger key ``plan:{account}:{YYYY-MM}``; None for other keys."""
+    if not key.startswith("plan:"):
+        return None
+    period = key.rsplit(":", 1)[-1]
+    if len(period) != 7 or period[4] != "-" or not (period[:4] + period[5:]).isdigit():
+        return None
+    return period
+
+
+def expire_key(account_id: str, period: str) -> str:
+    return f"expire:{account_id}:{period}"
+
+
+@dataclass
+class Lot:
+    key: str
+    remaining: int
+    expires_at: datetime | None
+    seq: int
+    closed: bool = False
+
+
+@dataclass
+class Lots:
+    lots: dict[str, Lot] = field(default_factory=dict)
+
+    def spend_order(self) -> list[Lot]:
+        far = datetime.max.replace(tzinfo=UTC)
+        return sorted((lot for lot in self.lots.values() if not lot.closed),
+                      key=lambda lot: (lot.expires_at is None, lot.expires_at or far, lot.seq))
+
+    def take(self, amount: int, first: str | None = None) -> list[tuple[str, int]]:
+        taken: list[tuple[str, int]] = []
+        order = self.spend_order()
+        if first is not None and first in self.lots:
+            order = [self.lots[first]] + [lot for lot in order if lot.key != first]
+        for lot in order:
+            if amount <= 0:
+                break
+            n = min(amount, lot.remaining)
+            if n:
+                lot.remaining -= n
+                amount -= n
+                taken.append((lot.key, n))
+        return taken
+
+    @property
+    def total(self) -> int:
+        return sum(lot.remaining for lot in self.lots.values() if not lot.closed)
+
+
+def credit_lots(entries: Iterable[LedgerEntry]) -> Lots:
+    """Replay an account's ledger (in id order) into lots, spending oldest-expiring first."""
+    lots = Lots()
+    held: dict[str, list[tuple[str, int]]] = {}
+    for e in entries:
+        kind, key, seq = e.kind, e.idempotency_key, e.id or 0
+        if kind in ledger.CREDIT_KINDS:
+            period = plan_grant_period(key) if kind == EntryKind.GRANT else None
+            lots.lots[key] = Lot(key, e.amount, plan_grant_expiry(period) if period else None, seq)
+        elif kind == EntryKind.RESERVE and e.job_id:
+            held[e.job_id] = lots.take(e.amount)
+        elif kind == EntryKind.REFUND and e.job_id:
+            for lot_key, n in held.pop(e.job_id, []):
+                lots.lots[lot_key].remaining += n
+        elif kind == EntryKind.CAPTURE and e.job_id:
+            held.pop(e.job_id, None)
+        elif kind == EntryKind.EXPIRE:
+            target = None
+            if key.startswith("expire:") and plan_grant_period(key):
+                account, period = key[len("expire:"):].rsplit(":", 1)
+                target = f"plan:{account}:{period}"
+            lots.take(e.amount, first=target)
+            if target in lots.lots:
+                lots.lots[target].closed = True
+        elif kind == EntryKind.CLAWBACK:
+            # key "clawback:{lot key}:{event id}": the refunded purchase's own credits go first
+            lot_key = key[len("clawback:"):].rsplit(":", 1)[0] if key.startswith("clawback:") else None
+            lots.take(e.amount, first=lot_key)
+        elif kind == EntryKind.DEBT_PAID:
+            lots.take(e.amount, first=key.removesuffix(":debt"))
+    return lots
+
+
+def account_lots(session: Session, account_id: str) -> Lots:
+    rows = session.execute(select(LedgerEntry).where(LedgerEntry.user_id == account_id)
+                           .order_by(LedgerEntry.id)).scalars()
+    return credit_lots(rows)
+
+
+# ---- plans ---------------------------------------------------------------------------------
+
+
+def _rank(settings: Settings, plan_id: str) -> tuple[int, float]:
+    try:
+        plan = settings.plan(plan_id)
+    except KeyError:
+        return (-1, 0.0)
+    return (plan.monthly_credits, plan.price_usd)
+
+
+def apply_plan(session: Session, settings: Settings, account: User, sub: Subscription, now: datetime) -> None:
+    """Make ``account.plan`` follow its subscription.
+
+    An upgrade applies at once. A downgrade, a cancellation at period end or a canceled
+    subscription keep the paid plan until the period's end (``downgrade_at``), then the
+    subscription's plan (downgrade) or the default plan (ended).
+    """
+    if sub.status == "incomplete":
+        return  # not paid yet
+    ended = sub.status not in LIVE_STATUSES or sub.cancel_at_period_end
+    target = settings.default_plan if ended else sub.plan
+    if not ended and _rank(settings, sub.plan) >= _rank(settings, account.plan):
+        account.plan = sub.plan
+        sub.downgrade_at = None
+    elif account.plan != target:
+        if sub.downgrade_at is None:
+            sub.downgrade_at = sub.current_period_end or now
+        if now >= sub.downgrade_at:
+            logger.info("account %s: plan %s -> %s (subscription %s %s)", account.id, account.plan, target,
+                        sub.id, sub.status)
+            account.plan = target
+            sub.downgrade_at = None
+    else:
+        sub.downgrade_at = None
+    session.add(account)
+    session.add(sub)
+
+
+def stripe_managed_accounts() -> Any:
+    """Accounts whose monthly grants come from paid invoices, not from the scheduled grant."""
+    return select(Subscription.account_id).where(or_(Subscription.status.in_(LIVE_STATUSES),
+                                                     Subscription.downgrade_at.is_not(None)))
+
+
+# ---- the service ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckoutResult:
+    id: str
+    url: str
+    mode: str
+    account_id: str
+
+
+def _get(obj: Any, *path: str | int) -> Any:
+    """``obj[a][b]...`` through dicts and lists, None where anything is missing."""
+    for part in path:
+        if isinstance(part, int):
+            if not isinstance(obj, list) or len(obj) <= part:
+                return None
+            obj = obj[part]
+        else:
+            if not isinstance(obj, dict):
+                return None
+            obj = obj.get(part)
+        if obj is None:
+            return None
+    return obj
+
+
+def _ts(value: Any) -> datetime | None:
+    return datetime.fromtimestamp(int(value), UTC) if value else None
+
+
+class BillingService:
+    def __init__(self, db: Database, settings: Settings, client: stripe.StripeClient | None = None) -> None:
+        self.db = db
+        self.settings = settings
+        self._client = client
+
+    # the Stripe client ------------------------------------------------------------------
+    @property
+    def client(self) -> stripe.StripeClient:
+        if self._client is None:
+            if not self.settings.stripe_secret_key:
+                raise BillingNotConfigured("billing is not configured (CINEWEAVE_STRIPE_SECRET_KEY)")
+            base = {"api": self.settings.stripe_api_base} if self.settings.stripe_api_base else None
+            self._client = stripe.StripeClient(self.settings.stripe_secret_key, base_addresses=base,  # type: ignore[arg-type]
+                                               max_network_retries=2)
+        return self._client
+
+    def plan_for_price(self, price_id: str | None) -> str | None:
+        for plan_id, price in self.settings.stripe_plan_prices.items():
+            if price == price_id:
+                return plan_id
+        return None
+
+    def pack(self, pack_id: str) -> Any:
+        for pack in self.settings.credit_packs:
+            if pack.id == pack_id:
+                return pack
+        raise InvalidInput(f"unknown credit pack {pack_id!r}", {"field": "pack",
+                           "packs": [p.id for p in self.settings.credit_packs]})
+
+    # whose account ----------------------------------------------------------------------
+    def account_for(self, session: Session, caller: User, team: str | None = None) -> User:
+        """The account ``caller`` acts on: their own, or a team's they own or administer.
+
+        Hook for teams: a team's account is its ``users`` row (id = team id); membership is read
+        from ``team_members``. Non-members get 404 (the team's existence is not revealed).
+        """
+        if team is None or team == caller.id:
+            return caller
+        row = session.execute(select(TeamMember.role).join(Team, Team.id == TeamMember.team_id).where(
+            TeamMember.team_id == team, TeamMember.user_id == caller.id, TeamMember.removed_at.is_(None),
+            Team.deleted_at.is_(None))).first()
+        account = session.get(User, team)
+        if row is None or account is None:
+            raise NotFound(f"team {team} not found")
+        if row[0] not in TEAM_BILLING_ROLES:
+            raise Forbidden("only a team's owners and admins manage its billing")
+        return account
+
+    def _customer(self, account: User) -> str:
+        """The account's Stripe customer, created once (Stripe idempotency key + unique row)."""
+        with self.db.read() as session:
+            row = session.get(BillingCustomer, account.id)
+        if row is not None:
+            return row.stripe_customer_id
+        try:
+            customer = self.client.v1.customers.create(
+                params={"email": account.email, "metadata": {"account_id": account.id, "kind": account.kind}},
+                options={"idempotency_key": f"cineweave-customer-{account.id}"})
+        except stripe.StripeError as exc:
+            raise BillingProviderError(f"Stripe refused to create the customer: {exc.user_message or exc}") from None
+        try:
+            with self.db.session() as session:
+                session.add(BillingCustomer(account_id=account.id, stripe_customer_id=customer.id))
+                session.commit()
+        except IntegrityError:
+            with self.db.read() as session:
+                row = session.get(BillingCustomer, account.id)
+            if row is None:
+                raise
+            return row.stripe_customer_id
+        return customer.id
+
+    # checkout and portal ----------------------------------------------------------------
+    def checkout(self, caller: User, *, plan: str | None = None, pack: str | None = None,
+                 team: str | None = None) -> CheckoutResult:
+        """A Checkout Session: a plan's subscription, or a credit pack paid once."""
+        if (plan is None) == (pack is None):
+            raise InvalidInput("give exactly one of plan or pack", {"field": "plan"})
+        with self.db.read() as session:
+            account = self.account_for(session, caller, team)
+            live = session.execute(select(Subscription.id).where(
+                Subscription.account_id == account.id, Subscription.status.in_(LIVE_STATUSES))).first()
+        metadata = {"account_id": account.id}
+        params: dict[str, Any] = {"success_url": self.settings.stripe_success_url,
+                                  "cancel_url": self.settings.stripe_cancel_url,
+                                  "client_reference_id": account.id}
+        if plan is not None:
+            price = self.settings.stripe_plan_prices.get(plan)
+            if price is None:
+                raise InvalidInput(f"plan {plan!r} is not sold through Stripe",
+                                   {"field": "plan", "plans": sorted(self.settings.stripe_plan_prices)})
+            if live is not None:
+                raise Conflict("this account already has a subscription: change it in the customer portal",
+                               {"subscription": live[0]}, code="subscription_exists")
+            metadata["plan"] = plan
+            params.update(mode="subscription", line_items=[{"price": price, "quantity": 1}],
+                          subscription_data={"metadata": dict(metadata)})
+        else:
+            assert pack is not None
+            chosen = self.pack(pack)
+            metadata.update(pack=chosen.id, credits=str(chosen.credits))
+            params.update(mode="payment", line_items=[{"price": chosen.stripe_price_id, "quantity": 1}],
+                          payment_intent_data={"metadata": dict(metadata)})
+        params["metadata"] = metadata
+        params["customer"] = self._customer(account)
+        try:
+            session_obj = self.client.v1.checkout.sessions.create(params=params)  # type: ignore[arg-type]
+        except stripe.StripeError as exc:
+            raise BillingProviderError(f"Stripe refused the checkout: {exc.user_message or exc}") from None
+        logger.info("checkout %s for %s: %s", session_obj.id, account.id, plan or pack)
+        return CheckoutResult(session_obj.id, session_obj.url or "", params["mode"], account.id)
+
+    def portal(self, caller: User, team: str | None = None) -> str:
+        with self.db.read() as session:
+            account = self.account_for(session, caller, team)
+        if not self.settings.stripe_secret_key:
+            raise BillingNotConfigured("billing is not configured (CINEWEAVE_STRIPE_SECRET_KEY)")
+        customer = self._customer(account)
+        try:
+            portal = self.client.v1.billing_portal.sessions.create(
+                params={"customer": customer, "return_url": self.settings.stripe_portal_return_url})
+        except stripe.StripeError as exc:
+            raise BillingProviderError(f"Stripe refused the portal session: {exc.user_message or exc}") from None
+        return portal.url
+
+    # reading ----------------------------------------------------------------------------
+    def subscription(self, caller: User, team: str | None = None) -> dict[str, Any]:
+        with self.db.read() as session:
+            account = self.account_for(session, caller, team)
+            sub = session.execute(select(Subscription).where(Subscription.account_id == account.id)
+                                  .order_by(Subscription.updated_at.desc())).scalars().first()
+        return {"account_id": account.id, "plan": account.plan, "subscription": sub}
+
+    def usage(self, caller: User, team: str | None = None, now: datetime | None = None) -> dict[str, Any]:
+        """This calendar month's credits granted and spent, the balance, the debt, what expires next."""
+        now = now or utcnow()
+        period = period_of(now)
+        start, end = period_start(period), period_start(add_months(period, 1))
+        with self.db.read() as session:
+            account = self.account_for(session, caller, team)
+            sums = dict(session.execute(select(LedgerEntry.kind, func.coalesce(func.sum(LedgerEntry.amount), 0))
+                                        .where(LedgerEntry.user_id == account.id,
+                                               LedgerEntry.created_at >= start, LedgerEntry.created_at < end)
+                                        .group_by(LedgerEntry.kind)).all())
+            bal = session.get(Balance, account.id)
+            lots = account_lots(session, account.id)
+        expiring = [lot for lot in lots.spend_order() if lot.expires_at is not None and lot.remaining > 0]
+        nxt = expiring[0] if expiring else None
+        return {"account_id": account.id, "plan": account.plan, "period": period,
+                "period_start": start, "period_end": end,
+                "credits_granted": int(sum(sums.get(k.value, 0) for k in ledger.CREDIT_KINDS)),
+                "credits_spent": int(sums.get(EntryKind.CAPTURE.value, 0)),
+                "credits_expired": int(sums.get(EntryKind.EXPIRE.value, 0)),
+                "credits_clawed_back": int(sums.get(EntryKind.CLAWBACK.value, 0)),
+                "balance": bal.available if bal else 0, "reserved": bal.reserved if bal else 0,
+                "debt": bal.debt if bal else 0,
+                "next_expiry": {"at": nxt.expires_at, "credits": nxt.remaining} if nxt else None}
+
+    # webhooks ---------------------------------------------------------------------------
+    def handle_webhook(self, payload: bytes, signature: str | None, now: datetime | None = None) -> str:
+        """Verify a Stripe event and apply it once. Returns what was done (for the log and tests)."""
+        secret = self.settings.stripe_webhook_secret
+        if not secret:
+            raise BillingNotConfigured("Stripe webhooks are not configured (CINEWEAVE_STRIPE_WEBHOOK_SECRET)")
+        try:
+            stripe.Webhook.construct_event(payload, signature or "", secret,
+                                           tolerance=self.settings.stripe_webhook_tolerance_s)
+        except stripe.SignatureVerificationError:
+            raise InvalidSignature("the Stripe-Signature header does not verify (or is too old)") from None
+        except ValueError:
+            raise InvalidSignature("the event is not valid JSON") from None
+        event = json.loads(payload)
+        event_id, kind, created = str(event.get("id") or ""), str(event.get("type") or ""), int(event.get("created") or 0)
+        obj = _get(event, "data", "object") or {}
+        if not event_id.startswith("evt_") or not isinstance(obj, dict):
+            raise InvalidInput("not a Stripe event", {"field": "id"})
+        return self.apply_event(event_id, kind, created, obj, now or utcnow())
+
+    def apply_event(self, event_id: str, kind: str, created: int, obj: dict[str, Any], now: datetime) -> str:
+        with self.db.session() as session:
+            row = StripeEvent(id=event_id, type=kind, created=created)
+            if kind in REFUND_EVENTS:
+                row.ref = obj.get("payment_intent") or (obj.get("charge") if kind != "charge.refunded"
+                                                        else obj.get("id"))
+                row.data = {"charge": obj.get("id") if kind == "charge.refunded" else obj.get("charge"),
+                            "amount": obj.get("amount"), "amount_refunded": obj.get("amount_refunded")}
+            try:
+                with session.begin_nested():
+                    session.add(row)
+                    session.flush()
+            except IntegrityError:
+                logger.info("stripe event %s (%s) already applied", event_id, kind)
+                return "duplicate"
+            handler = {
+                "checkout.session.completed": self._on_checkout,
+                "checkout.session.async_payment_succeeded": self._on_checkout,
+                "invoice.paid": self._on_invoice_paid,
+                "customer.subscription.created": self._on_subscription,
+                "customer.subscription.updated": self._on_subscription,
+                "customer.subscription.deleted": self._on_subscription,
+                "charge.refunded": self._on_refund,
+                "charge.dispute.created": self._on_refund,
+            }.get(kind)
+            result = handler(session, row, obj, now) if handler else "ignored: event type not handled"
+            row.result = result[:500]
+            session.add(row)
+            session.commit()
+        logger.info("stripe event %s (%s): %s", event_id, kind, result)
+        return result
+
+    def _account(self, session: Session, obj: dict[str, Any], *metadata_paths: tuple[str, ...]) -> User | None:
+        """The account an object is about: our metadata, else its Stripe customer."""
+        for path in (("metadata",), *metadata_paths):
+            account_id = _get(obj, *path, "account_id")
+            if account_id:
+                user = session.get(User, str(account_id))
+                if user is not None:
+                    return user
+        customer = obj.get("customer")
+        if customer:
+            row = session.execute(select(BillingCustomer.account_id).where(
+                BillingCustomer.stripe_customer_id == str(customer))).first()
+            if row is not None:
+                return session.get(User, row[0])
+        return None
+
+    def _on_checkout(self, session: Session, event: StripeEvent, obj: dict[str, Any], now: datetime) -> str:
+        account = self._account(session, obj)
+        if account is None:
+            return "ignored: unknown account"
+        lock_user(session, account.id)
+        if obj.get("mode") == "subscription":
+            sub_id = obj.get("subscription")
+            if not sub_id:
+                return "ignored: no subscription"
+            sub = session.get(Subscription, str(sub_id))
+            if sub is None:
+                plan = _get(obj, "metadata", "plan")
+                if plan not in self.settings.stripe_plan_prices:
+                    return f"ignored: unknown plan {plan!r}"
+                sub = Subscription(id=str(sub_id), account_id=account.id, plan=str(plan), status="active",
+                                   stripe_price_id=self.settings.stripe_plan_prices[str(plan)], event_created=0)
+                session.add(sub)
+                session.flush()
+                apply_plan(session, self.settings, account, sub, now)
+                return f"linked subscription {sub_id} ({plan})"
+            return f"subscription {sub_id} already known"
+        if obj.get("payment_status") not in ("paid", "no_payment_required"):
+            return "pending: payment not settled yet"
+        pack_id = _get(obj, "metadata", "pack")
+        try:
+            pack = self.pack(str(pack_id))
+        except InvalidInput:
+            return f"ignored: unknown pack {pack_id!r}"
+        key = f"stripe:{obj['id']}"
+        return self._purchase(session, account, "pack", str(obj["id"]), key, pack.credits,
+                              obj.get("payment_intent"), None, int(obj.get("amount_total") or 0),
+                              f"credit pack {pack.id}")
+
+    def _purchase(self, session: Session, account: User, source: str, object_id: str, key: str, credits: int,
+                  payment_intent: str | None, charge: str | None, amount_cents: int, note: str) -> str:
+        """Credits for a payment, once per Stripe object; then any refund that came first."""
+        if session.execute(select(CreditPurchase.id).where(CreditPurchase.stripe_object_id == object_id)).first():
+            return f"{object_id} already credited"
+        purchase = CreditPurchase(account_id=account.id, source=source, stripe_object_id=object_id,
+                                  payment_intent=payment_intent, charge_id=charge, credits=credits,
+                                  amount_cents=amount_cents, ledger_key=key)
+        session.add(purchase)
+        session.flush()
+        if source == "pack":
+            ledger.credit(session, account.id, credits, key, kind=EntryKind.PURCHASE, note=note)
+        result = f"credited {credits} ({note})"
+        refs = [r for r in (payment_intent, charge) if r]
+        if refs:
+            early = session.execute(select(StripeEvent).where(StripeEvent.ref.in_(refs),
+                                                               StripeEvent.type.in_(REFUND_EVENTS))
+                                    .order_by(StripeEvent.created)).scalars().all()
+            for ev in early:
+                result += "; " + self._claw(session, purchase, ev)
+        return result
+
+    def _on_invoice_paid(self, session: Session, event: StripeEvent, obj: dict[str, Any], now: datetime) -> str:
+        line = _get(obj, "lines", "data", 0) or {}
+        account = self._account(session, obj, ("parent", "subscription_details", "metadata"),
+                                ("subscription_details", "metadata"))
+        if account is None:
+            return "ignored: unknown account"
+        lock_user(session, account.id)
+        reason = obj.get("billing_reason")
+        if reason not in ("subscription_create", "subscription_cycle"):
+            return f"no grant: billing_reason {reason}"
+        price = (_get(line, "price", "id") or _get(line, "pricing", "price_details", "price")
+                 or _get(line, "plan", "id"))
+        plan = self.plan_for_price(price)
+        if plan is None:
+            return f"ignored: price {price!r} is not a configured plan"
+        start = _ts(_get(line, "period", "start")) or _ts(obj.get("period_start")) or _ts(obj.get("created")) or now
+        period = period_of(start)
+        sub_id = obj.get("subscription") or _get(obj, "parent", "subscription_details", "subscription")
+        if sub_id:
+            sub = session.get(Subscription, str(sub_id))
+            if sub is None:
+                sub = Subscription(id=str(sub_id), account_id=account.id, plan=plan, status="active",
+                                   stripe_price_id=price, event_created=0,
+                                   current_period_end=_ts(_get(line, "period", "end")))
+                session.add(sub)
+                session.flush()
+            apply_plan(session, self.settings, account, sub, now)
+        granted = grant_plan_month(session, self.settings, account, period, plan_id=plan)
+        if not granted:
+            return f"no grant: {period} already granted"
+        payment_intent = obj.get("payment_intent") or _get(obj, "payments", "data", 0, "payment", "payment_intent")
+        result = self._purchase(session, account, "invoice", str(obj["id"]), f"plan:{account.id}:{period}",
+                                granted, payment_intent, obj.get("charge"), int(obj.get("amount_paid") or 0),
+                                f"{plan} {period}")
+        return f"granted {granted} for {period}; {result}"
+
+    def _on_subscription(self, session: Session, event: StripeEvent, obj: dict[str, Any], now: datetime) -> str:
+        account = self._account(session, obj)
+        if account is None:
+            return "ignored: unknown account"
+        lock_user(session, account.id)
+        sub = session.get(Subscription, str(obj["id"]))
+        if sub is not None and sub.event_created > event.created:
+            return "stale: a newer event was applied"
+        item = _get(obj, "items", "data", 0) or {}
+        price = _get(item, "price", "id") or _get(obj, "plan", "id")
+        plan = self.plan_for_price(price) or (sub.plan if sub else _get(obj, "metadata", "plan"))
+        if plan is None:
+            return f"ignored: price {price!r} is not a configured plan"
+        if sub is None:
+            sub = Subscription(id=str(obj["id"]), account_id=account.id, plan=str(plan), status="incomplete")
+        sub.plan = str(plan)
+        sub.stripe_price_id = price
+        sub.status = "canceled" if event.type == "customer.subscription.deleted" else str(obj.get("status"))
+        sub.current_period_end = _ts(obj.get("current_period_end") or item.get("current_period_end"))
+        sub.cancel_at_period_end = bool(obj.get("cancel_at_period_end"))
+        sub.event_created = event.created
+        sub.updated_at = now
+        session.add(sub)
+        session.flush()
+        apply_plan(session, self.settings, account, sub, now)
+        return f"subscription {sub.id}: {sub.status} {sub.plan}; account plan {account.plan}"
+
+    def _on_refund(self, session: Session, event: StripeEvent, obj: dict[str, Any], now: datetime) -> str:
+        refs = [r for r in (event.ref, event.data.get("charge")) if r]
+        purchase = session.execute(select(CreditPurchase).where(or_(
+            CreditPurchase.payment_intent.in_(refs), CreditPurchase.charge_id.in_(refs)))).scalars().first()
+        if purchase is None:
+            return "pending: no purchase for this payment yet"
+        lock_user(session, purchase.account_id)
+        return self._claw(session, purchase, event)
+
+    def _claw(self, session: Session, purchase: CreditPurchase, event: StripeEvent) -> str:
+        """Take back the refunded share of a purchase (a dispute: all of it), once per event."""
+        if event.type == "charge.dispute.created":
+            target = purchase.credits
+        else:
+            amount = int(event.data.get("amount") or 0)
+            refunded = int(event.data.get("amount_refunded") or 0)
+            target = purchase.credits if amount <= 0 or refunded >= amount else purchase.credits * refunded // amount
+        claw = target - purchase.clawed_back
+        if claw <= 0:
+            return "nothing more to claw back"
+        taken, debt = ledger.claw_back(session, purchase.account_id, claw,
+                                       f"clawback:{purchase.ledger_key}:{event.id}",
+                                       note=f"{event.type} {purchase.stripe_object_id}")
+        purchase.clawed_back += claw
+        session.add(purchase)
+        return f"clawed back {taken}, debt {debt}"
+
+    # scheduled ---------------------------------------------------------------------------
+    def expire_credits(self, now: datetime | None = None) -> tuple[int, int]:
+        """Expire what is left of each plan grant past its expiry; returns (grants, credits)."""
+        now = now or utcnow()
+        with self.db.read() as session:
+            keys = session.execute(select(LedgerEntry.user_id, LedgerEntry.idempotency_key).where(
+                LedgerEntry.kind == EntryKind.GRANT.value, LedgerEntry.idempotency_key.like("plan:%"))).all()
+            done = set(session.execute(select(LedgerEntry.idempotency_key).where(
+                LedgerEntry.kind == EntryKind.EXPIRE.value, LedgerEntry.idempotency_key.like("expire:%"))
+                ).scalars())
+        due: list[tuple[str, str]] = []
+        for account_id, key in keys:
+            period = plan_grant_period(key)
+            if period and plan_grant_expiry(period) <= now and expire_key(account_id, period) not in done:
+                due.append((account_id, period))
+        grants = credits = 0
+        for account_id, period in sorted(due, key=lambda d: d[1]):
+            with self.db.session() as session:
+                lock_user(session, account_id)
+                lot = account_lots(session, account_id).lots.get(f"plan:{account_id}:{period}")
+                left = lot.remaining if lot is not None and not lot.closed else 0
+                entry = ledger.expire(session, account_id, left, expire_key(account_id, period),
+                                      note=f"plan credits of {period} expired")
+                session.commit()
+            grants += 1
+            credits += entry.amount
+        return grants, credits
+
+    def apply_downgrades(self, now: datetime | None = None) -> int:
+        """Accounts whose paid period ended: the subscription's plan (or the default plan) now."""
+        now = now or utcnow()
+        with self.db.read() as session:
+            ids = session.execute(select(Subscription.id).where(Subscription.downgrade_at <= now)).scalars().all()
+        changed = 0
+        for sub_id in ids:
+            with self.db.session() as session:
+                sub = session.get(Subscription, sub_id)
+                account = session.get(User, sub.account_id) if sub else None
+                if sub is None or account is None:
+                    continue
+                lock_user(session, account.id)
+                before = account.plan
+                apply_plan(session, self.settings, account, sub, now)
+                session.commit()
+                changed += before != account.plan
+        return changed
