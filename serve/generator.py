@@ -77,6 +77,7 @@ from models.spec import ModelSpec
 from serve.errors import classify
 from serve.lora_cache import LoraFileCache
 from serve.messages import RESULT_NAME, ReplicaRequest, ResultRecord
+from serve.previews import PreviewPump
 from serve.testhooks import StepHooks
 
 logger = logging.getLogger(__name__)
@@ -189,6 +190,14 @@ class _Run:
         for queue in self.listeners:
             queue.put_nowait(event)
 
+    def broadcast(self, event: dict[str, Any]) -> None:
+        """A live-only event (a step preview): to the callers listening now, not into the log, so a
+        caller that attaches later never gets it replayed."""
+        if self.finished or self.canceled:
+            return
+        for queue in self.listeners:
+            queue.put_nowait(event)
+
     def close(self) -> None:
         if self.finished:
             return
@@ -256,6 +265,8 @@ class GeneratorServer:
         self.storage = self.runtime.storage()
         self._generator_cls = Generator
         self.generator = self._load(self.spec)
+        self.previews = PreviewPump(self.spec, self.generator)
+        """Live step previews (``serve.previews``): every k steps, off the denoising thread."""
         self.source = self.spec.source.model_dump(exclude_none=True) if self.spec.source else {}
         self.batch_sizes: list[int] = []
         self.batches: list[dict[str, Any]] = []
@@ -327,6 +338,8 @@ class GeneratorServer:
             return
         old, self.generator = self.generator, new_generator
         self.spec, self.source = new_spec, source
+        old_previews, self.previews = self.previews, PreviewPump(new_spec, new_generator)
+        old_previews.close()
         self.swaps += 1
         self.swap_error = None
         logger.info("%s swapped to %s", self.spec.id, source)
@@ -349,7 +362,8 @@ class GeneratorServer:
                 "attaches": dict(self.attaches), "queued": len(self._pending),
                 "jobs": {job_id: {"state": run.state, "attempts": list(run.attempts),
                                   "listeners": len(run.listeners)} for job_id, run in self.runs.items()},
-                "replica": replica_id(), "gpu_memory_bytes": gpu_memory_bytes()}
+                "replica": replica_id(), "gpu_memory_bytes": gpu_memory_bytes(),
+                "previews": self.previews.stats()}
 
     # LoRA sets (multiplexed) --------------------------------------------------------------
     @serve.multiplexed(max_num_models_per_replica=4)
@@ -681,8 +695,12 @@ class GeneratorServer:
                     if run.hold is not None and run.hold[1] == done:
                         self.hooks.hold(run.job_id, run.hold[0], done, lambda r=run: r.canceled)
 
+        on_latents = self.previews.callback(
+            [run.job_id for run in batch], counts,
+            lambda index, event: loop.call_soon_threadsafe(batch[index].broadcast, event))
+        extra = {"on_latents": on_latents} if on_latents is not None else {}
         run_task = asyncio.ensure_future(asyncio.to_thread(generator.generate, inputs, on_step, should_cancel,
-                                                           adapters))
+                                                           adapters, **extra))
         while not run_task.done() or not progress.empty():
             getter = asyncio.ensure_future(progress.get())
             await asyncio.wait({run_task, getter}, return_when=asyncio.FIRST_COMPLETED)

@@ -82,6 +82,23 @@ class CheckpointEvent:
 
 
 @dataclass(frozen=True)
+class PreviewEvent:
+    """A small picture of the job while it denoises: ``image`` is a ``data:image/jpeg;base64,…`` URL.
+
+    Live only: sent to SSE subscribers, never stored, never replayed, never sent to webhooks.
+    ``index`` is which of the job's images it shows (``num_outputs`` > 1).
+    """
+
+    step: int
+    total: int
+    image: str
+    width: int
+    height: int
+    index: int = 0
+    type: Literal["preview"] = "preview"
+
+
+@dataclass(frozen=True)
 class DoneEvent:
     result: dict[str, Any] = field(default_factory=dict)
     type: Literal["done"] = "done"
@@ -96,11 +113,12 @@ class ErrorEvent:
 
 
 ExecutorEvent = (StageEvent | ProgressEvent | OutputEvent | LogEvent | ProviderEvent | CheckpointEvent
-                 | DoneEvent | ErrorEvent)
+                 | PreviewEvent | DoneEvent | ErrorEvent)
 
 _BY_TYPE: dict[str, type] = {
     "stage": StageEvent, "progress": ProgressEvent, "output": OutputEvent, "log": LogEvent,
-    "provider": ProviderEvent, "checkpoint": CheckpointEvent, "done": DoneEvent, "error": ErrorEvent,
+    "provider": ProviderEvent, "checkpoint": CheckpointEvent, "preview": PreviewEvent, "done": DoneEvent,
+    "error": ErrorEvent,
 }
 
 

@@ -34,6 +34,7 @@ import collections
 import contextlib
 import functools
 import heapq
+import json
 import logging
 import socket
 import time
@@ -56,6 +57,7 @@ from api.core.events import (
     ExecutorEvent,
     LogEvent,
     OutputEvent,
+    PreviewEvent,
     ProgressEvent,
     ProviderEvent,
     StageEvent,
@@ -66,7 +68,7 @@ from api.core.jobs import JobStatus
 from api.db.engine import Database, DatabaseBusy
 from api.db.tables import Job, User, utcnow
 from api.services.events import EventBus, record_event
-from api.services.notify import Notifier, call_on_loop
+from api.services.notify import MAX_PAYLOAD_BYTES, Notifier, call_on_loop
 from api.services.settlement import (
     announce,
     finish_job,
@@ -120,6 +122,12 @@ def coalesce(pending: list[ExecutorEvent], event: ExecutorEvent) -> None:
     pending.append(event)
 
 
+def _fits_notify(notice: dict[str, Any]) -> bool:
+    """Whether a notification carrying ``notice`` stays under PostgreSQL's payload limit (with room
+    for the kind and the origin token ``notify`` adds)."""
+    return len(json.dumps(notice, separators=(",", ":")).encode()) <= MAX_PAYLOAD_BYTES - 64
+
+
 def database_unavailable(exc: BaseException) -> bool:
     """An error that says the database could not be reached or was busy (worth a retry), as
     opposed to one the same write would raise again (a bug, a constraint violation)."""
@@ -167,6 +175,9 @@ class Runner:
         # nothing new was queued since the queue was last seen empty (a freed slot needs no query)
         self._queued_seen = 0
         self._queued_claimed = -1
+        # job id -> the newest preview waiting for the NOTIFY in flight (None: nothing waits)
+        self._preview_outbox: dict[str, dict[str, Any] | None] = {}
+        self._preview_sends: set[asyncio.Task[None]] = set()
 
     # threads -----------------------------------------------------------------------------
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
@@ -578,6 +589,9 @@ class Runner:
                     await self._write(job.id, pending)
                     pending, last_write, flush_at[0] = [], loop.time(), None
                     continue
+                if isinstance(event, PreviewEvent):  # live only: never written, never a webhook
+                    self._preview(job.id, event)
+                    continue
                 if stages is not None and isinstance(event, StageEvent | ProgressEvent):
                     stages.enter(event.stage)
                 if isinstance(event, DoneEvent | ErrorEvent):
@@ -651,6 +665,45 @@ class Runner:
             logger.warning("announcing job %s failed", job_id, exc_info=True)
         if settled.due is not None:
             self._add_due(settled.due)  # its backoff: this runner wakes when it ends
+
+    def _preview(self, job_id: str, event: PreviewEvent) -> None:
+        """Hand a step preview to SSE subscribers, never blocking the job.
+
+        In this process through the bus. On PostgreSQL also to the other API processes, as a NOTIFY
+        (kind ``events``, type ``preview``) when it fits the payload limit: one in flight per job,
+        and only the newest waiting one is sent after it (the others are dropped). A preview too
+        big for a notification reaches only this process's streams.
+        """
+        data = {"step": event.step, "total": event.total, "image": event.image,
+                "width": event.width, "height": event.height}
+        notifier = self.notifier
+        notice = {"job": job_id, "type": "preview", "preview": data}
+        if notifier is None or not notifier.postgres or not _fits_notify(notice):
+            self.bus.publish_preview(job_id, data)
+            return
+        if job_id in self._preview_outbox:  # a NOTIFY of this job is in flight: keep only the newest
+            self._preview_outbox[job_id] = notice
+            return
+        self._preview_outbox[job_id] = None
+        task = asyncio.get_running_loop().create_task(self._send_previews(notifier, job_id, notice))
+        self._preview_sends.add(task)
+        task.add_done_callback(self._preview_sends.discard)
+
+    async def _send_previews(self, notifier: Notifier, job_id: str, notice: dict[str, Any]) -> None:
+        """Send ``notice`` (its own process hears it after the commit, the others through the
+        server), then the newest one that came meanwhile, until none waits."""
+        next_notice: dict[str, Any] | None = notice
+        try:
+            while next_notice is not None:
+                try:
+                    await asyncio.to_thread(notifier.publish, "events", next_notice)
+                except Exception as exc:  # noqa: BLE001 - at least this process's streams get it
+                    logger.debug("preview NOTIFY of job %s failed: %s", job_id, exc)
+                    self.bus.publish_preview(job_id, next_notice["preview"])
+                next_notice = self._preview_outbox.get(job_id)
+                self._preview_outbox[job_id] = None
+        finally:
+            self._preview_outbox.pop(job_id, None)
 
     def _after_record(self, job_id: str, event: ExecutorEvent, type_: str, data: dict[str, Any]) -> None:
         """Side effects of a committed record: never retried with the write, never failing the job."""

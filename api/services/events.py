@@ -20,6 +20,7 @@ from sqlmodel import Session
 
 from api.db.tables import Job, JobEvent, WebhookDelivery, utcnow
 from api.services import notify
+from api.services.notify import call_on_loop
 
 logger = logging.getLogger(__name__)
 
@@ -147,13 +148,24 @@ def events_of(session: Session, job_ids: list[str], types: tuple[str, ...],
     return out
 
 
+PREVIEWS_KEPT = 1024
+"""Jobs whose newest step preview the bus holds (one each; a job's goes when it completes)."""
+
+
 class EventBus:
-    """Wakes SSE streams and feeds outgoing webhooks after a change is committed."""
+    """Wakes SSE streams and feeds outgoing webhooks after a change is committed.
+
+    Step previews (:meth:`publish_preview`) are live only: the bus keeps the newest one per job
+    (each with a sequence number) and wakes the job's streams; they are never stored, never given
+    to listeners (so never to webhooks), and a stream sends only those newer than its start.
+    """
 
     def __init__(self) -> None:
         self._waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
         self._listeners: list[Listener] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._previews: dict[str, tuple[int, dict[str, Any]]] = {}
+        self._preview_seq = 0
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """The loop listeners live on; ``publish`` from a worker thread is handed to it."""
@@ -175,6 +187,8 @@ class EventBus:
         self._publish_now(job_id, type_, data)
 
     def _publish_now(self, job_id: str, type_: str, data: dict[str, Any]) -> None:
+        if type_ == "completed":
+            self._previews.pop(job_id, None)
         for waiter in list(self._waiters.get(job_id, ())):
             waiter.set()
         for listener in self._listeners:
@@ -192,9 +206,40 @@ class EventBus:
                 waiter.set()
 
     def on_notification(self, message: dict[str, Any]) -> None:
-        """``notify`` subscriber for kind ``events`` (runs on the bus's loop)."""
+        """``notify`` subscriber for kind ``events`` (runs on the bus's loop); a ``preview`` notice
+        (another process's runner, see ``Runner._preview``) carries the preview itself."""
         job_id = message.get("job")
+        preview = message.get("preview")
+        if message.get("type") == "preview" and isinstance(job_id, str) and isinstance(preview, dict):
+            self._preview_now(job_id, preview)
+            return
         self.wake(job_id if isinstance(job_id, str) else None)
+
+    # step previews (live only, see the class doc) ------------------------------------------------
+    def publish_preview(self, job_id: str, data: dict[str, Any]) -> None:
+        """Hold ``data`` as the job's newest preview (replacing an unsent one) and wake its streams;
+        from any thread."""
+        if self._loop is None:
+            self._preview_now(job_id, data)
+        else:
+            call_on_loop(self._loop, self._preview_now, job_id, data)
+
+    def _preview_now(self, job_id: str, data: dict[str, Any]) -> None:
+        self._preview_seq += 1
+        self._previews.pop(job_id, None)
+        self._previews[job_id] = (self._preview_seq, data)
+        while len(self._previews) > PREVIEWS_KEPT:
+            del self._previews[next(iter(self._previews))]
+        self.wake(job_id)
+
+    def preview_seq(self) -> int:
+        """The sequence number of the newest preview so far (a stream sends only later ones)."""
+        return self._preview_seq
+
+    def preview(self, job_id: str, after: int) -> tuple[int, dict[str, Any]] | None:
+        """The job's newest preview if its sequence number is above ``after``."""
+        held = self._previews.get(job_id)
+        return held if held is not None and held[0] > after else None
 
     def waiter(self, job_id: str) -> asyncio.Event:
         event = asyncio.Event()

@@ -69,7 +69,9 @@ def delete_job(job_id: str, user: CurrentUser, state: State) -> dict[str, Any]:
 @router.get("/{job_id}/events", response_class=EventSourceResponse,
             responses={200: {"content": {"text/event-stream": {}},
                              "description": "events: status, start, progress, output, logs, queue "
-                                            "(data: QueueUpdate, while queued), completed"},
+                                            "(data: QueueUpdate, while queued), preview (no id, never "
+                                            "replayed: step, total, image as a JPEG data URL, width, "
+                                            "height), completed"},
                        **READ_ERRORS})
 async def job_events(job_id: str, request: Request, user: CurrentUser, state: State,
                      last_event_id: str | None = Header(default=None, alias="Last-Event-ID")) -> EventSourceResponse:
@@ -106,6 +108,7 @@ async def _stream(state: AppState, request: Request, job_id: str, after: int) ->
 
     sent: QueueEstimate | None = None
     quiet = False
+    preview_after = state.bus.preview_seq()  # previews are live only: none from before this stream
     while loop.time() < deadline:
         waiter = state.bus.waiter(job_id)
         try:
@@ -118,6 +121,10 @@ async def _stream(state: AppState, request: Request, job_id: str, after: int) ->
                 yield {"id": str(event.id), "event": event.type, "data": json.dumps(data)}
                 if event.type == "completed":
                     return
+            preview = state.bus.preview(job_id, preview_after)
+            if preview is not None:  # the newest only (never stored: no id, not replayed)
+                preview_after = preview[0]
+                yield {"event": "preview", "data": json.dumps(preview[1])}
             if quiet:
                 # a poll found nothing new for this job: if it is still waiting, where is it? (the
                 # jobs ahead of it move without waking this stream; a job claimed at once never

@@ -1,0 +1,240 @@
+"""Step previews over SSE: a ``preview`` event reaches a live stream, is never stored (no JobEvent,
+not replayed), never becomes a webhook (native or Replicate shape), only the newest pending one is
+sent, and on PostgreSQL it crosses to another API process's streams through NOTIFY.
+
+The executor holds each job after its first step until the test's stream is connected (a
+threading.Event set once the stream delivered its first event), so the previews are published
+while someone listens; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from sqlalchemy import select
+
+from api.core.events import (
+    DoneEvent,
+    ErrorEvent,
+    ExecutorEvent,
+    OutputEvent,
+    PreviewEvent,
+    ProgressEvent,
+    StageEvent,
+    event_from_dict,
+    event_to_wire,
+)
+from api.core.executor import ExecutionRequest
+from api.db.tables import JobEvent, WebhookDelivery
+from api.http.app import create_app
+from api.services.events import EventBus, webhook_event
+from api.settings import Settings
+from api.storage.local import LocalStorage
+from models.previews import encode_data_url
+from tests.fixtures.fake_executor import TINY_PNG
+from tests.fixtures.harness import LiveServer, add_user, bearer, wait_for
+
+STREAM_TIMEOUT_S = 30.0
+LOOPBACK: dict[str, Any] = {"egress_allow_networks": ["127.0.0.1/32"], "webhook_poll_s": 600.0,
+                            "max_active_jobs": 10}
+
+
+def preview_url(shade: int) -> str:
+    return encode_data_url(np.full((8, 8, 3), shade, np.uint8), (64, 64))
+
+
+@dataclass
+class PreviewingExecutor:
+    """Stage, a first step, (held until ``go``), then previews at steps 2 and 3, the rest, done."""
+
+    storage: LocalStorage
+    go: threading.Event = field(default_factory=threading.Event)
+    previews: int = 2
+    runs: list[str] = field(default_factory=list)
+
+    async def run(self, request: ExecutionRequest) -> AsyncIterator[ExecutorEvent]:
+        self.runs.append(request.job_id)
+        yield StageEvent("generating")
+        yield ProgressEvent(1, 4)
+        deadline = time.monotonic() + STREAM_TIMEOUT_S
+        while not self.go.is_set():
+            if time.monotonic() > deadline:
+                yield ErrorEvent("test_timeout", "the stream never connected")
+                return
+            await asyncio.sleep(0.01)
+        for index in range(self.previews):
+            step = 2 + index
+            yield PreviewEvent(step=step, total=4, image=preview_url(40 * step), width=64, height=64)
+            yield ProgressEvent(step, 4)
+        key = f"{request.output_prefix}0.png"
+        self.storage.put_bytes(key, TINY_PNG, "image/png")
+        yield OutputEvent(key=key, content_type="image/png", width=64, height=64)
+        yield DoneEvent({"seed": 1})
+
+    async def cancel(self, job_id: str) -> None:
+        return None
+
+
+def read_stream(client: httpx.Client, url: str, headers: dict[str, str],
+                on_first: Callable[[], None] = lambda: None) -> list[dict[str, Any]]:
+    """Read an SSE stream to its end (bounded); ``on_first`` runs once the first event arrived."""
+    events: list[dict[str, Any]] = []
+    current: dict[str, Any] = {}
+    deadline = time.monotonic() + STREAM_TIMEOUT_S
+    with client.stream("GET", url, headers=headers, timeout=httpx.Timeout(STREAM_TIMEOUT_S)) as response:
+        assert response.status_code == 200, response.read()
+        for line in response.iter_lines():
+            assert time.monotonic() < deadline, "the stream did not end"
+            if not line:
+                if "event" in current:
+                    events.append(current)
+                    if len(events) == 1:
+                        on_first()
+                current = {}
+                continue
+            if line.startswith(":"):
+                continue
+            name, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            current[name] = json.loads(value) if name == "data" else value
+    return events
+
+
+def check_preview(event: dict[str, Any]) -> None:
+    assert "id" not in event  # live only: not part of the Last-Event-ID sequence
+    data = event["data"]
+    assert set(data) == {"step", "total", "image", "width", "height"}
+    assert data["total"] == 4 and data["width"] == data["height"] == 64
+    prefix = "data:image/jpeg;base64,"
+    assert data["image"].startswith(prefix)
+    image = Image.open(io.BytesIO(base64.b64decode(data["image"][len(prefix):])))
+    assert image.format == "JPEG" and image.size == (64, 64)
+
+
+def start(settings: Settings, storage: LocalStorage, live_server: Any, executor: Any,
+          **overrides: Any) -> tuple[LiveServer, Any]:
+    s = settings.model_copy(update={**LOOPBACK, **overrides})
+    app = create_app(s, executor, storage=storage, run_maintenance=False)
+    return live_server(app), app
+
+
+def test_preview_reaches_the_stream_and_is_never_stored_nor_a_webhook(
+        settings: Settings, storage: LocalStorage, live_server: Any) -> None:
+    executor = PreviewingExecutor(storage)
+    srv, app = start(settings, storage, live_server, executor)
+    db = app.state.cineweave.db
+    user = add_user(db, settings, credits=100)
+    with httpx.Client(base_url=srv.url, timeout=20) as client:
+        job = client.post("/v1/jobs", json={"model": "tiny-sd", "input": {"prompt": "a cat", "steps": 4},
+                                            "webhook": "http://127.0.0.1:9/hook"},
+                          headers=bearer(user.api_key)).json()
+        live = read_stream(client, f"/v1/jobs/{job['id']}/events", bearer(user.api_key), executor.go.set)
+        types = [e["event"] for e in live]
+        assert types[-1] == "completed"
+        previews = [e for e in live if e["event"] == "preview"]
+        assert previews, types
+        for event in previews:
+            check_preview(event)
+        assert types.index("preview") < types.index("completed")
+
+        # not stored: no JobEvent row, so a replay (or a resume) has none
+        with db.read() as session:
+            stored = list(session.execute(select(JobEvent.type).where(JobEvent.job_id == job["id"])).scalars())
+        assert "preview" not in stored and "output" in stored
+        replay = read_stream(client, f"/v1/jobs/{job['id']}/events", bearer(user.api_key))
+        assert "preview" not in [e["event"] for e in replay]
+        assert [e["event"] for e in replay] == [e["event"] for e in live if e["event"] != "preview"]
+
+        # never a webhook: the outbox has the job's start/output/completed rows, none with a preview
+        with db.read() as session:
+            rows = list(session.execute(select(WebhookDelivery).where(WebhookDelivery.job_id == job["id"])).scalars())
+        assert {r.event for r in rows} == {"start", "output", "completed"}
+        assert not any("data:image" in json.dumps(r.payload) for r in rows)
+        assert webhook_event("preview", previews[0]["data"]) is None
+
+
+def test_replicate_prediction_webhooks_carry_no_preview(settings: Settings, storage: LocalStorage,
+                                                         live_server: Any) -> None:
+    executor = PreviewingExecutor(storage)
+    executor.go.set()
+    srv, app = start(settings, storage, live_server, executor)
+    db = app.state.cineweave.db
+    user = add_user(db, settings, credits=100)
+    with httpx.Client(base_url=srv.url, timeout=20) as client:
+        answer = client.post(f"/replicate/v1/models/{settings.replicate_owner}/tiny-sd/predictions",
+                             json={"input": {"prompt": "a cat"}, "webhook": "http://127.0.0.1:9/hook"},
+                             headers=bearer(user.api_key))
+        assert answer.status_code in (200, 201, 202), answer.text
+        prediction = answer.json()
+
+        def done() -> bool:
+            got = client.get(f"/replicate/v1/predictions/{prediction['id']}", headers=bearer(user.api_key)).json()
+            return got["status"] in ("succeeded", "failed", "canceled")
+
+        wait_for(done, "the prediction to finish")
+    with db.read() as session:
+        rows = list(session.execute(select(WebhookDelivery).where(WebhookDelivery.job_id == prediction["id"]))
+                    .scalars())
+        stored = list(session.execute(select(JobEvent.type).where(JobEvent.job_id == prediction["id"])).scalars())
+    assert rows and "completed" in {r.event for r in rows}
+    assert not any("data:image" in json.dumps(r.payload) for r in rows)
+    assert "preview" not in stored
+
+
+def test_bus_keeps_only_the_newest_preview_and_none_from_before_a_stream() -> None:
+    bus = EventBus()
+    before = bus.preview_seq()
+    for step in (2, 4, 6):  # three previews while the stream was busy: only the newest is pending
+        bus.publish_preview("job_a", {"step": step})
+    pending = bus.preview("job_a", before)
+    assert pending is not None and pending[1] == {"step": 6}
+    assert bus.preview("job_a", pending[0]) is None  # sent: nothing newer
+    later = bus.preview_seq()
+    assert bus.preview("job_a", later) is None  # a stream started now gets none of the old ones
+    bus.publish_preview("job_b", {"step": 2})
+    assert bus.preview("job_a", later) is None and bus.preview("job_b", later) is not None
+    seen: list[str] = []
+    bus.add_listener(lambda job, type_, data: seen.append(type_))
+    bus.publish_preview("job_a", {"step": 8})
+    assert seen == []  # listeners (webhooks, deadlines, the runner) never see previews
+    bus.publish("job_a", "completed", {"status": "succeeded"})
+    assert bus.preview("job_a", 0) is None  # dropped with the job's end
+
+
+def test_preview_event_on_the_wire() -> None:
+    event = PreviewEvent(step=2, total=4, image="data:image/jpeg;base64,AA==", width=64, height=48)
+    wire = event_to_wire(event)
+    assert wire["type"] == "preview" and wire["v"] == 1
+    assert event_from_dict({**wire, "newer_field": 1}) == event  # unknown fields ignored
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_preview_crosses_to_another_api_process_over_notify(settings: Settings, storage: LocalStorage,
+                                                             live_server: Any, pg_url: str) -> None:
+    """App A runs the job; the stream is on app B (no runner, its SSE poll far beyond the wait):
+    B's previews can only come through PostgreSQL NOTIFY."""
+    executor = PreviewingExecutor(storage)
+    srv_a, app_a = start(settings, storage, live_server, executor, database_url=pg_url)
+    srv_b, _ = start(settings, storage, live_server, None, database_url=pg_url, sse_poll_s=120.0)
+    user = add_user(app_a.state.cineweave.db, settings, credits=100)
+    with httpx.Client(base_url=srv_a.url, timeout=20) as a, httpx.Client(base_url=srv_b.url, timeout=20) as b:
+        job = a.post("/v1/jobs", json={"model": "tiny-sd", "input": {"prompt": "a cat", "steps": 4}},
+                     headers=bearer(user.api_key)).json()
+        live = read_stream(b, f"/v1/jobs/{job['id']}/events", bearer(user.api_key), executor.go.set)
+    previews = [e for e in live if e["event"] == "preview"]
+    assert previews and live[-1]["event"] == "completed"
+    for event in previews:
+        check_preview(event)
