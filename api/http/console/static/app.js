@@ -142,7 +142,14 @@ async function route() {
   }
   const page = pages.get(id);
   if (!page || (id === "signin" && whoami) || (page.nav && !canSee(page))) {
-    navigate(homeHash());
+    if (`#/${id}` !== homeHash()) {
+      navigate(homeHash());
+      return;
+    }
+    // the home page itself did not load (a module missing): say so instead of looping
+    renderChrome();
+    replace(view, h("p", { class: "error", role: "alert", dataset: { testid: "page-error" } },
+      `The ${id || "home"} page is not available in this console.`));
     return;
   }
   if (cleanup) {
