@@ -113,6 +113,8 @@ class Settings(BaseSettings):
     # Job.priority a plan's submissions get (the runner claims higher first; plans not listed: 0)
     plan_priority: dict[str, int] = Field(
         default_factory=lambda: {"free": 0, "starter": 1, "creator": 2, "studio": 3})
+    # teams: how long an invitation's token can be accepted (api/services/teams.py)
+    team_invitation_ttl_s: float = Field(default=7 * 86400.0, gt=0)
 
     # pricing (the model spec may override per model)
     video_credits_per_second: float = 10.0

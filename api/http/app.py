@@ -21,7 +21,7 @@ from api.core.executor import Executor
 from api.db.engine import Database
 from api.db.tables import Job, WebhookDelivery
 from api.http import compat, console
-from api.http.routes import account, admin, billing, files, jobs, loras, system
+from api.http.routes import account, admin, billing, files, jobs, loras, system, teams
 from api.http.state import AppState
 from api.http.webhooks import ShapedView, WebhookDeliverer
 from api.metrics import Metrics
@@ -195,7 +195,7 @@ def create_app(settings: Settings, executor: Executor | None = None, *, catalog:
         return _shaped_error(request, 500, "internal_error", "internal error")
 
     # billing before files: /v1/webhooks/stripe must match ahead of /v1/webhooks/{provider}
-    for module in (system, jobs, loras, account, admin, billing, files):
+    for module in (system, jobs, loras, account, admin, billing, files, teams):
         app.include_router(module.router)
     compat.include(app)
     console.mount(app, storage)  # the web console at / (static files, no build step)

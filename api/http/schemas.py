@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api.db.tables import Job, LedgerEntry, Lora, Upload, User
 from api.services.queue import QueueEstimate
+from api.services.teams import team_job_fields
 from api.storage.base import Storage
 
 
@@ -19,6 +20,8 @@ class JobCreate(BaseModel):
     input: dict[str, Any]
     webhook: str | None = Field(default=None, max_length=2048)
     webhook_events_filter: list[str] | None = None
+    # teams: submit as this team (or header X-CineWeave-Team): charged to the team's credits
+    team: str | None = Field(default=None, min_length=1, max_length=64)
 
 
 class CreditGrant(BaseModel):
@@ -152,6 +155,9 @@ class JobPublic(Public):
     eta_s: float | None = Field(
         default=None, description="seconds until the job should finish, from this model's measured run "
                                   "times (remaining time when running); null when unknown")
+    # teams: present only on a job submitted as a team
+    team: str | None = Field(default=None, description="the team whose credits pay for it")
+    submitted_by: str | None = Field(default=None, description="the member who submitted it as the team")
 
 
 class JobList(Public):
@@ -480,6 +486,7 @@ def job_view(job: Job, storage: Storage, ttl_s: int, queue: QueueEstimate | None
         "result": job.result or None,
         "queue_position": queue.queue_position if queue is not None else None,
         "eta_s": queue.eta_s if queue is not None else None,
+        **team_job_fields(job),  # teams: "team" and "submitted_by", on a team's jobs only
     }
 
 

@@ -18,6 +18,7 @@ from api.services.loras import LoraService
 from api.services.models import ModelService
 from api.services.notify import Notifier
 from api.services.queue import QueueEstimate, QueueService
+from api.services.teams import TeamService
 from api.services.uploads import UploadService
 from api.settings import Settings
 from api.storage.base import Storage
@@ -44,10 +45,12 @@ class AppState:
     extras: dict[str, Any] = field(default_factory=dict)
     queue: QueueService = field(init=False)
     identity: IdentityService = field(init=False)  # bearer credential (API key or JWT) -> caller
+    teams: TeamService = field(init=False)
 
     def __post_init__(self) -> None:
         self.queue = QueueService(self.db, self.settings, self.catalog)
         self.identity = IdentityService(self.db, self.settings)
+        self.teams = TeamService(self.db, self.settings)
 
     def job_view(self, job: Any, queue: QueueEstimate | None = None) -> dict[str, Any]:
         """``queue``: the job's position and ETA (routes compute it; webhooks and others leave it out)."""

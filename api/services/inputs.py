@@ -28,6 +28,12 @@ from models.catalog import Catalog
 logger = logging.getLogger(__name__)
 
 
+def _owners(job: Job) -> tuple[str, ...]:
+    """Whose uploads, LoRAs and jobs a job may use: its account's, and (a job submitted as a team)
+    the submitting member's own, which submission checked."""
+    return (job.user_id, job.submitted_by) if job.submitted_by else (job.user_id,)
+
+
 class InputResolver:
     def __init__(self, db: Database, settings: Settings, storage: Storage, catalog: Catalog) -> None:
         self.db = db
@@ -54,7 +60,7 @@ class InputResolver:
         if ref.startswith("job:"):
             with self.db.read() as session:
                 source = session.get(Job, ref[4:])
-            if source is None or source.user_id != job.user_id or not source.outputs:
+            if source is None or source.user_id not in _owners(job) or not source.outputs:
                 raise InvalidInput(f"input.image: job {ref[4:]} has no output", {"field": "image"})
             first = source.outputs[0]
             return first["key"], first.get("content_type", "image/png")
@@ -62,7 +68,7 @@ class InputResolver:
             return self._fetch(job, ref)
         with self.db.read() as session:
             upload = session.get(Upload, ref)
-        if upload is None or upload.user_id != job.user_id:
+        if upload is None or upload.user_id not in _owners(job):
             raise InvalidInput(f"input.image: upload {ref} not found", {"field": "image"})
         return upload.key, upload.content_type
 
@@ -85,7 +91,7 @@ class InputResolver:
         with self.db.read() as session:
             for ref in refs:
                 lora = session.get(Lora, ref["id"])
-                if lora is None or lora.user_id != job.user_id or lora.deleted_at is not None \
+                if lora is None or lora.user_id not in _owners(job) or lora.deleted_at is not None \
                         or not lora.weights_key:
                     raise InvalidInput(f"LoRA {ref['id']} was deleted", {"field": "loras"},
                                        code="lora_unavailable")

@@ -28,6 +28,7 @@ from api.core.pricing import price_generation
 from api.core.requests import normalize_input
 from api.db.engine import Database, is_postgres
 from api.db.tables import Balance, Job, Lora, Upload, User, utcnow
+from api.services import teams
 from api.services.egress import EgressPolicy, check_url
 from api.services.events import EventBus, record_event
 from api.services.settlement import delete_job_outputs, finish_job, locked_job
@@ -50,6 +51,7 @@ class Submission:
     priority: int = 0
     api_shape: str = "native"  # the API shape that submitted it (native | replicate | openai)
     cancel_after_s: float | None = None  # Replicate's Cancel-After, from submission
+    team: str | None = None  # submit "as the team" (its id): charged to the team's account
 
 
 def request_hash(sub: Submission) -> str:
@@ -147,6 +149,9 @@ class JobService:
     def submit(self, user: User, sub: Submission, idempotency_key: str | None = None) -> tuple[Job, bool]:
         """Create a job. Returns ``(job, created)``; ``created`` is False for an idempotent replay."""
         digest = request_hash(sub)
+        # teams: "as the team" acts on the team's account (its balance, plan, limits, idempotency
+        # keys); ``member`` stays the caller (their own uploads and LoRAs, their cap, submitted_by)
+        member, user = user, self.account_for(user, sub.team)
         if idempotency_key is not None:
             if not 1 <= len(idempotency_key) <= 200:
                 raise InvalidInput("Idempotency-Key must be 1–200 characters", {"field": "Idempotency-Key"})
@@ -169,16 +174,18 @@ class JobService:
                   priority=self.priority_for(user, sub), max_attempts=self.settings.max_attempts,
                   credits_reserved=price, idempotency_key=idempotency_key, request_hash=digest,
                   webhook=sub.webhook, webhook_events_filter=sub.webhook_events_filter,
-                  api_shape=sub.api_shape)
+                  api_shape=sub.api_shape, submitted_by=member.id if member is not user else None)
         if sub.cancel_after_s is not None:
             job.start_deadline_at = job.created_at + timedelta(seconds=sub.cancel_after_s)
         try:
             with self.db.session() as session:
                 if normalized.get("image"):
-                    self._check_image(session, user, spec, normalized["image"])
+                    self._check_image(session, member, spec, normalized["image"])
                 if normalized.get("loras"):
-                    self._check_loras(session, user, spec, normalized["loras"])
+                    self._check_loras(session, member, spec, normalized["loras"])
                 self.admit(session, user.id, max_active, per_minute)
+                if member is not user:  # teams: still a member (under the team's lock), within the cap
+                    teams.check_member_cap(session, user.id, member.id, price)
                 session.add(job)
                 session.flush()
                 ledger.reserve(session, user.id, job.id, price)
@@ -198,6 +205,13 @@ class JobService:
             self.metrics.job_submitted(spec.id, spec.kind, price)
         logger.info("job %s queued: user=%s model=%s credits=%d", job.id, user.id, spec.id, price)
         return job, True
+
+    def account_for(self, user: User, team: str | None) -> User:
+        """The account a submission or a listing acts on: the caller's, or a team of theirs."""
+        if team is None:
+            return user
+        with self.db.read() as session:
+            return teams.account_for(session, user, team)
 
     def admit(self, session: Session, user_id: str, max_active: int, per_minute: int | None) -> None:
         """Limits checked inside the submitting transaction, with the user row locked."""
@@ -233,17 +247,20 @@ class JobService:
         """A job by id; another user's job is 'not found' (``user=None`` is the admin view)."""
         with self.db.read() as session:
             job = session.get(Job, job_id)
-        if job is None or (user is not None and job.user_id != user.id):
-            raise NotFound(f"job {job_id} not found")
+            # teams.may_act_on: the caller's own jobs, and their teams' (other jobs are not found)
+            if job is None or (user is not None and not teams.may_act_on(session, user.id, job.user_id)):
+                raise NotFound(f"job {job_id} not found")
         return job
 
     def list(self, user: User | None, *, status: str | None = None, kind: str | None = None,
              model: str | None = None, cursor: str | None = None, limit: int = 20,
-             ascending: bool = False, exclude_kind: str | None = None) -> tuple[list[Job], str | None]:
-        """Newest first (``ascending``: oldest first); ``cursor`` continues after a page's last job."""
+             ascending: bool = False, exclude_kind: str | None = None,
+             team: str | None = None) -> tuple[list[Job], str | None]:
+        """Newest first (``ascending``: oldest first); ``cursor`` continues after a page's last job.
+        ``team``: that team's jobs instead of the caller's own (a non-member's is not found)."""
         query = select(Job)
         if user is not None:
-            query = query.where(Job.user_id == user.id)
+            query = query.where(Job.user_id == self.account_for(user, team).id)
         if status:
             statuses = [s.strip() for s in status.split(",")]
             unknown = set(statuses) - {s.value for s in JobStatus}
@@ -279,7 +296,7 @@ class JobService:
         """
         with self.db.session() as session:
             job = locked_job(session, job_id)
-            if job is None or (user is not None and job.user_id != user.id):
+            if job is None or (user is not None and not teams.may_act_on(session, user.id, job.user_id)):
                 raise NotFound(f"job {job_id} not found")
             if job.status == JobStatus.QUEUED:
                 finish_job(session, self.storage, job, JobStatus.CANCELED, None, self.metrics)
@@ -297,7 +314,7 @@ class JobService:
         """Remove a finished job's outputs from storage (the job and its ledger stay)."""
         with self.db.session() as session:
             job = session.get(Job, job_id)
-            if job is None or (user is not None and job.user_id != user.id):
+            if job is None or (user is not None and not teams.may_act_on(session, user.id, job.user_id)):
                 raise NotFound(f"job {job_id} not found")
             if job.status in (JobStatus.QUEUED, JobStatus.RUNNING):
                 raise Conflict("the job is still active: cancel it first", {"status": job.status},

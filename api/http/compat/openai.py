@@ -46,6 +46,7 @@ from api.http.deps import CurrentUser, State
 from api.http.state import AppState
 from api.services import media_convert
 from api.services.jobs import Submission, encode_cursor
+from api.services.teams import TEAM_HEADER
 from api.services.uploads import ZIP_MAGIC, PayloadTooLarge, UploadTimeout, read_form
 from api.services.waiting import is_terminal, wait_for_job
 from api.storage.local import LocalStorage
@@ -467,7 +468,8 @@ def native_job_url(request: Request, state: AppState, job_id: str) -> str:
 async def _generate(request: Request, state: AppState, user: User, spec: ModelSpec, req: ImageRequest,
                     native: dict[str, Any], idempotency_key: str | None,
                     upload: Upload | None = None, upload_created: bool = False) -> ImagesResponse:
-    job = await _submit_with_upload(state, user, Submission(spec.id, native, api_shape="openai"),
+    job = await _submit_with_upload(state, user, Submission(spec.id, native, api_shape="openai",
+                                                            team=request.headers.get(TEAM_HEADER)),  # teams
                                     idempotency_key, upload, upload_created)
     url = native_job_url(request, state, job.id)
     job_id = job.id
@@ -597,7 +599,8 @@ async def create_video(request: Request, user: CurrentUser, state: State,
             upload, created = await run_in_threadpool(_upload_one, state, user, references, "input_reference")
         del files, fields, references
     native = video_input(spec, req.prompt, seconds, req.size, upload)
-    job = await _submit_with_upload(state, user, Submission(spec.id, native, api_shape="openai"),
+    job = await _submit_with_upload(state, user, Submission(spec.id, native, api_shape="openai",
+                                                            team=request.headers.get(TEAM_HEADER)),  # teams
                                     idempotency_key, upload, created)
     return video_view(job, state.settings.output_retention_days)
 

@@ -43,6 +43,7 @@ from api.http.state import AppState
 from api.services.deadlines import is_aborted, parse_cancel_after
 from api.services.events import events_after, events_of
 from api.services.jobs import Submission
+from api.services.teams import TEAM_HEADER
 from api.services.waiting import wait_for_job
 from models.spec import ModelSpec
 
@@ -499,7 +500,8 @@ async def _create(request: Request, state: AppState, user: User, spec: ModelSpec
     webhook, events = body.webhook, body.webhook_events_filter
     if webhook is None and body.webhook_completed is not None:
         webhook, events = body.webhook_completed, ["completed"]
-    sub = Submission(spec.id, body.input, webhook, events, api_shape="replicate", cancel_after_s=cancel_s)
+    sub = Submission(spec.id, body.input, webhook, events, api_shape="replicate", cancel_after_s=cancel_s,
+                     team=request.headers.get(TEAM_HEADER))  # teams: submit as the team
     job, _created = await run_in_threadpool(state.jobs.submit, user, sub, idempotency_key)
     if wait_s:
         job = await wait_for_job(state.jobs, user, job.id, wait_s)

@@ -18,6 +18,7 @@ from api.http.state import AppState
 from api.services.events import events_after
 from api.services.jobs import Submission
 from api.services.queue import QueueEstimate
+from api.services.teams import TEAM_HEADER, one_team
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -28,9 +29,12 @@ READ_ERRORS = error_responses(401, 403, 404, 422)
 @router.post("", status_code=202, response_model=JobPublic, response_model_exclude_unset=True,
              responses=error_responses(401, 402, 403, 404, 409, 422, 429))
 def create_job(body: JobCreate, response: Response, user: CurrentUser, state: State,
-               idempotency_key: str | None = Header(default=None, alias="Idempotency-Key")) -> dict[str, Any]:
+               idempotency_key: str | None = Header(default=None, alias="Idempotency-Key"),
+               x_team: str | None = Header(default=None, alias=TEAM_HEADER, max_length=64,
+                                           description="submit as this team (like the body's team)")) -> dict[str, Any]:
     job, created = state.jobs.submit(user, Submission(body.model, body.input, body.webhook,
-                                                      body.webhook_events_filter), idempotency_key)
+                                                      body.webhook_events_filter,
+                                                      team=one_team(body.team, x_team)), idempotency_key)
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
     return state.job_view(job, state.queue.estimate(job))
@@ -42,8 +46,11 @@ def list_jobs(user: CurrentUser, state: State,
               kind: str | None = Query(default=None, pattern="^(image|video|training)$"),
               model: str | None = Query(default=None, max_length=64),
               cursor: str | None = Query(default=None, max_length=200),
-              limit: int = Query(default=20, ge=1, le=100)) -> dict[str, Any]:
-    jobs, next_cursor = state.jobs.list(user, status=status, kind=kind, model=model, cursor=cursor, limit=limit)
+              limit: int = Query(default=20, ge=1, le=100),
+              team: str | None = Query(default=None, max_length=64, description="a team's jobs instead of yours"),
+              x_team: str | None = Header(default=None, alias=TEAM_HEADER, max_length=64)) -> dict[str, Any]:
+    jobs, next_cursor = state.jobs.list(user, status=status, kind=kind, model=model, cursor=cursor, limit=limit,
+                                        team=one_team(team, x_team))
     queue = state.queue.estimates(jobs)  # one computation for the whole page
     return {"data": [state.job_view(j, queue.get(j.id)) for j in jobs], "next_cursor": next_cursor}
 
