@@ -46,6 +46,11 @@ ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/redoc"): PUBLIC,
     ("GET", "/v1/files/{key}"): SIGNED,
     ("POST", "/v1/webhooks/{provider}"): SIGNED,
+    ("POST", "/v1/webhooks/stripe"): SIGNED,
+    ("POST", "/v1/billing/checkout"): USER,
+    ("POST", "/v1/billing/portal"): USER,
+    ("GET", "/v1/billing/subscription"): USER,
+    ("GET", "/v1/billing/usage"): USER,
     ("POST", "/v1/jobs"): USER,
     ("GET", "/v1/jobs"): USER,
     ("GET", "/v1/credits"): USER,
@@ -259,6 +264,8 @@ def _body(method: str, path: str) -> dict[str, Any]:
         return {"json": {"name": "k"}}
     if path.startswith("/v1/admin/users/"):
         return {"json": {"plan": "starter"}}
+    if path == "/v1/billing/checkout":
+        return {"json": {"plan": "starter"}}
     return {"json": {}}
 
 
@@ -346,6 +353,9 @@ async def test_route_authorization(world: World) -> None:
             if path.startswith("/openai/v1/images/"):
                 # let through and submitted; with no runner the synchronous wait ends still pending
                 expect(route, "owner", r, {408}, "generation_pending")
+            elif method == "POST" and path.startswith("/v1/billing/"):
+                # let through; no Stripe key in this world (test_billing_http covers Stripe)
+                expect(route, "owner", r, {503}, "billing_not_configured")
             else:
                 expect(route, "owner", r, {200, 201, 202, 204})
         elif kind == ADMIN:
