@@ -92,6 +92,7 @@ class JwksServer:
     """``with JwksServer([key]) as idp: idp.url`` serves ``{"keys": [...]}`` at ``idp.jwks_url``."""
 
     keys: list[SigningKey] = field(default_factory=list)
+    extra_jwks: list[dict[str, Any]] = field(default_factory=list)  # served as given (odd or bad keys)
     status: int = 200
     fetches: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -103,7 +104,7 @@ class JwksServer:
                 self.fetches += 1
                 if self.status != 200:
                     return Response("down", status_code=self.status)
-                return JSONResponse({"keys": [k.jwk() for k in self.keys]})
+                return JSONResponse({"keys": [k.jwk() for k in self.keys] + self.extra_jwks})
 
         return Starlette(routes=[Route("/.well-known/jwks.json", jwks)])
 

@@ -6,6 +6,7 @@ drives the key set's TTL, so no test waits on time.
 
 from __future__ import annotations
 
+import base64
 import threading
 import time
 import uuid
@@ -273,10 +274,22 @@ def test_provider_down_without_cached_keys_is_503_and_stale_keys_serve_through_a
     assert idp.fetches == fetches
 
 
-def test_jwks_cache_skips_unusable_keys(idp: JwksServer, rsa: SigningKey) -> None:
+def test_jwks_cache_never_keeps_symmetric_or_encryption_keys(idp: JwksServer, rsa: SigningKey) -> None:
+    idp.extra_jwks = [{"kty": "oct", "kid": "shared", "k": "c2VjcmV0"},
+                      {**rsa_key().jwk(), "kid": "enc", "use": "enc"}, {"kty": "RSA"}, "junk"]
     cache = JwksCache(idp.jwks_url, ttl_s=60, refetch_s=0, timeout_s=5)
-    assert cache.get(rsa.kid) is not None and cache.get("nope") is None
-    assert cache.fetches == 2  # refetch_s=0: every unknown kid may refetch
+    assert cache.get(rsa.kid) is not None
+    assert cache.get("shared") is None and cache.get("enc") is None
+    assert cache.fetches == 3  # refetch_s=0: every unknown kid may refetch
+
+
+def test_a_symmetric_key_in_the_jwks_never_verifies_an_hs256_token(db: Database, settings: Settings,
+                                                                   idp: JwksServer) -> None:
+    secret = b"s" * 32
+    idp.extra_jwks = [{"kty": "oct", "kid": "shared", "k": base64.urlsafe_b64encode(secret).decode().rstrip("=")}]
+    svc = service(db, settings, issuers(idp))
+    forged = jwt.encode(claims_for(ISSUER, "u1", AUD), secret, algorithm="HS256", headers={"kid": "shared"})
+    assert "algorithm" in refused(svc, forged)
 
 
 # ---- who the caller is -------------------------------------------------------------------------
