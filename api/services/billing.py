@@ -209,12 +209,13 @@ def apply_plan(session: Session, settings: Settings, account: User, sub: Subscri
     """
     if sub.status == "incomplete":
         return  # not paid yet
-    ended = sub.status not in LIVE_STATUSES or sub.cancel_at_period_end
-    target = settings.default_plan if ended else sub.plan
-    if not ended and _rank(settings, sub.plan) >= _rank(settings, account.plan):
-        account.plan = sub.plan
+    live = sub.status in LIVE_STATUSES
+    if live and _rank(settings, sub.plan) >= _rank(settings, account.plan):
+        account.plan = sub.plan  # an upgrade (or the first plan) applies at once
+    target = sub.plan if live and not sub.cancel_at_period_end else settings.default_plan
+    if account.plan == target:
         sub.downgrade_at = None
-    elif account.plan != target:
+    else:
         if sub.downgrade_at is None:
             sub.downgrade_at = sub.current_period_end or now
         if now >= sub.downgrade_at:
@@ -222,8 +223,6 @@ def apply_plan(session: Session, settings: Settings, account: User, sub: Subscri
                         sub.id, sub.status)
             account.plan = target
             sub.downgrade_at = None
-    else:
-        sub.downgrade_at = None
     session.add(account)
     session.add(sub)
 
