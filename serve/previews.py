@@ -98,6 +98,8 @@ class PreviewPump:
 
         def finished(fut: Future[Any]) -> None:
             self._release(job_id)
+            if fut.cancelled():  # the replica is closing
+                return
             try:
                 image = fut.result()
             except Exception as exc:  # noqa: BLE001 - see above
