@@ -165,6 +165,36 @@ class JobList(Public):
     next_cursor: str | None = None
 
 
+class QuoteBalance(Public):
+    available: int
+    reserved: int
+    debt: int = Field(default=0, description="credits owed back; while above 0 no job can be submitted")
+
+
+class JobQuote(Public):
+    """``POST /v1/jobs/quote``: what ``POST /v1/jobs`` with the same body would reserve."""
+
+    model: str
+    kind: str
+    task: str
+    credits: int = Field(description="the price: what submitting this body reserves (and charges on success)")
+    input: dict[str, Any] = Field(description="the input as the job would store it (defaults filled in)")
+    balance: QuoteBalance = Field(description="the paying account's credits now")
+    affordable: bool = Field(description="the available balance covers the price (and nothing is owed)")
+
+
+class LoraQuote(Public):
+    """``POST /v1/loras/quote``: what ``POST /v1/loras`` with the same body would reserve."""
+
+    base_model: str
+    steps: int
+    resolution: int
+    images: int = Field(description="images the uploads hold (datasets expanded); 0 when none given yet")
+    credits: int
+    balance: QuoteBalance
+    affordable: bool
+
+
 class AdminJobPublic(JobPublic):
     user_id: str
     provider_job_id: str | None = None

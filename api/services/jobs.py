@@ -54,6 +54,31 @@ class Submission:
     team: str | None = None  # submit "as the team" (its id): charged to the team's account
 
 
+@dataclass(frozen=True)
+class Checked:
+    """A submission checked against the model and priced: what ``submit`` and ``quote`` share."""
+
+    spec: ModelSpec
+    task: str
+    input: dict[str, Any]  # normalized
+    price: int
+    max_active: int
+    per_minute: int | None
+
+
+@dataclass(frozen=True)
+class Quote:
+    """What a submission would cost, and whether the account can pay it now."""
+
+    checked: Checked
+    balance: ledger.BalanceView
+    debt: int = 0  # owed back: while above 0 the account cannot submit (account_in_debt)
+
+    @property
+    def affordable(self) -> bool:
+        return self.debt == 0 and self.balance.available >= self.checked.price
+
+
 def request_hash(sub: Submission) -> str:
     body = {"model": sub.model, "input": sub.input, "webhook": sub.webhook,
             "webhook_events_filter": sub.webhook_events_filter}
@@ -142,6 +167,41 @@ class JobService:
                 raise InvalidInput(f"LoRA {lora.id} is not trained yet (status {lora.status})",
                                    {"field": "loras", "status": lora.status})
 
+    def _check(self, account: User, sub: Submission) -> Checked:
+        """Every check made before the transaction, and the price: one method, so a quote and a
+        submission of the same body cannot disagree. ``account`` sets the plan's limits."""
+        spec = self.spec_for(sub.model)
+        max_active, per_minute, max_chars = self.settings.limits_for(account.plan)
+        task, normalized = normalize_input(spec, sub.input, max_chars)
+        check_content_policy([normalized["prompt"], normalized.get("negative_prompt") or ""],
+                             self.settings.content_policy_words)
+        self._check_webhook(sub)
+        image = normalized.get("image")
+        if isinstance(image, str) and image.startswith(("http://", "https://")):
+            # Resolved here, outside the transaction; fetched (and checked again) by the runner.
+            check_url(self.egress, image, field="input.image")
+        price = price_generation(spec, normalized, self.settings)
+        return Checked(spec, task, normalized, price, max_active, per_minute)
+
+    def _check_references(self, session: Session, member: User, checked: Checked) -> None:
+        """The input image and the LoRAs are the caller's own (inside submit's transaction)."""
+        if checked.input.get("image"):
+            self._check_image(session, member, checked.spec, checked.input["image"])
+        if checked.input.get("loras"):
+            self._check_loras(session, member, checked.spec, checked.input["loras"])
+
+    def quote(self, user: User, sub: Submission) -> Quote:
+        """What ``submit`` would reserve for ``sub``, after the same checks. Creates no job, moves
+        no credit and counts toward no limit (the active-job and per-minute limits are checked
+        at submission, against what is running then)."""
+        member, account = user, self.account_for(user, sub.team)
+        checked = self._check(account, sub)
+        with self.db.read() as session:
+            self._check_references(session, member, checked)
+            balance = ledger.get_balance(session, account.id)
+            debt = ledger.get_debt(session, account.id)
+        return Quote(checked, balance, debt)
+
     def priority_for(self, user: User, sub: Submission) -> int:
         """The plan's tier (``plan_priority``); an explicit submission priority may only raise it."""
         return max(sub.priority, self.settings.plan_priority.get(user.plan, 0))
@@ -159,17 +219,9 @@ class JobService:
                 existing = self._by_idempotency_key(session, user.id, idempotency_key)
             if existing is not None:
                 return self._replay(existing, digest), False
-        spec = self.spec_for(sub.model)
-        max_active, per_minute, max_chars = self.settings.limits_for(user.plan)
-        task, normalized = normalize_input(spec, sub.input, max_chars)
-        check_content_policy([normalized["prompt"], normalized.get("negative_prompt") or ""],
-                             self.settings.content_policy_words)
-        self._check_webhook(sub)
-        image = normalized.get("image")
-        if isinstance(image, str) and image.startswith(("http://", "https://")):
-            # Resolved here, outside the transaction; fetched (and checked again) by the runner.
-            check_url(self.egress, image, field="input.image")
-        price = price_generation(spec, normalized, self.settings)
+        checked = self._check(user, sub)
+        spec, task, normalized, price = checked.spec, checked.task, checked.input, checked.price
+        max_active, per_minute = checked.max_active, checked.per_minute
         job = Job(user_id=user.id, model=spec.id, kind=spec.kind, task=task, input=normalized,
                   priority=self.priority_for(user, sub), max_attempts=self.settings.max_attempts,
                   credits_reserved=price, idempotency_key=idempotency_key, request_hash=digest,
@@ -179,10 +231,7 @@ class JobService:
             job.start_deadline_at = job.created_at + timedelta(seconds=sub.cancel_after_s)
         try:
             with self.db.session() as session:
-                if normalized.get("image"):
-                    self._check_image(session, member, spec, normalized["image"])
-                if normalized.get("loras"):
-                    self._check_loras(session, member, spec, normalized["loras"])
+                self._check_references(session, member, checked)
                 self.admit(session, user.id, max_active, per_minute)
                 if member is not user:  # teams: still a member (under the team's lock), within the cap
                     teams.check_member_cap(session, user.id, member.id, price)

@@ -47,6 +47,23 @@ class TrainingRequest:
     seed: int | None = None
 
 
+@dataclass(frozen=True)
+class TrainingQuote:
+    """What a training request would cost, and whether the account can pay it now."""
+
+    base_model: str
+    steps: int
+    resolution: int
+    images: int
+    price: int
+    balance: ledger.BalanceView
+    debt: int = 0  # owed back: while above 0 the account cannot submit (account_in_debt)
+
+    @property
+    def affordable(self) -> bool:
+        return self.debt == 0 and self.balance.available >= self.price
+
+
 def weights_prefix(user_id: str, lora_id: str) -> str:
     return f"loras/{user_id}/{lora_id}/"
 
@@ -61,7 +78,7 @@ class LoraService:
         self.bus = bus
         self.jobs = jobs
 
-    def _validate(self, req: TrainingRequest) -> tuple[Any, int]:
+    def _validate(self, req: TrainingRequest, *, need_images: bool = True) -> tuple[Any, int]:
         spec = self.catalog.get(req.base_model)
         if spec is None or not spec.enabled:
             raise InvalidInput(f"unknown base model {req.base_model!r}", {"field": "base_model"})
@@ -78,7 +95,7 @@ class LoraService:
             raise InvalidInput(f"resolution must be one of {resolutions}", {"field": "resolution"})
         if not TRIGGER_RE.match(req.trigger_word):
             raise InvalidInput("trigger_word must be 1–32 letters, digits, _ - < >", {"field": "trigger_word"})
-        if not req.images:
+        if need_images and not req.images:
             raise InvalidInput("give at least one image (upload ids, or one ZIP dataset)", {"field": "images"},
                                code="no_images")
         return spec, resolution
@@ -91,12 +108,7 @@ class LoraService:
                     params={"steps": req.steps, "rank": req.rank, "learning_rate": req.learning_rate,
                             "resolution": resolution})
         with self.db.session() as session:
-            images = image_keys(session, user.id, req.images)
-            if not images:
-                raise InvalidInput("the uploads hold no images", {"field": "images"}, code="no_images")
-            if len(images) > self.settings.max_upload_files:
-                raise InvalidInput(f"{len(images)} images; the limit is {self.settings.max_upload_files}",
-                                   {"field": "images"}, code="too_many_files")
+            images = self._images(session, user, req.images)
             inputs = {
                 "lora_id": lora.id, "base_model": spec.id, "images": images, "trigger_word": req.trigger_word,
                 "steps": req.steps, "rank": req.rank, "alpha": req.rank, "learning_rate": req.learning_rate,
@@ -119,6 +131,29 @@ class LoraService:
         self.bus.publish(job.id, "status", {"status": job.status})
         logger.info("LoRA %s: training job %s queued (%d steps, %d credits)", lora.id, job.id, req.steps, price)
         return lora, job
+
+    def _images(self, session: Any, user: User, ids: list[str]) -> list[dict[str, Any]]:
+        """The caller's images behind the upload ids (datasets expanded), within the file limit."""
+        images = image_keys(session, user.id, ids)
+        if not images:
+            raise InvalidInput("the uploads hold no images", {"field": "images"}, code="no_images")
+        if len(images) > self.settings.max_upload_files:
+            raise InvalidInput(f"{len(images)} images; the limit is {self.settings.max_upload_files}",
+                               {"field": "images"}, code="too_many_files")
+        return images
+
+    def quote(self, user: User, req: TrainingRequest) -> TrainingQuote:
+        """What ``create`` would reserve, after the same checks; creates and moves nothing.
+
+        The images may be left out (the console prices the steps before the photos are in): then
+        only the image checks wait for the submission; given, they are checked as ``create`` does."""
+        spec, resolution = self._validate(req, need_images=False)
+        price = price_training(spec, req.steps, self.settings)
+        with self.db.read() as session:
+            images = self._images(session, user, req.images) if req.images else []
+            balance = ledger.get_balance(session, user.id)
+            debt = ledger.get_debt(session, user.id)
+        return TrainingQuote(spec.id, req.steps, resolution, len(images), price, balance, debt)
 
     def get(self, user: User, lora_id: str) -> tuple[Lora, Job | None]:
         with self.db.read() as session:

@@ -50,6 +50,10 @@ CONTENT_TYPES = {
     ".txt": "text/plain; charset=utf-8",
 }
 
+DEFAULT_ICON = (b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16">'
+                b'<rect width="16" height="16" rx="3" fill="#4f46e5"/>'
+                b'<path d="M11 5.2A3.5 3.5 0 1 0 11 10.8" stroke="#fff" stroke-width="2" fill="none"/></svg>')
+
 
 def storage_origin(storage: Storage) -> str | None:
     """The scheme://host[:port] of the URLs the storage hands out (computed offline: a local
@@ -124,12 +128,13 @@ def mount(app: FastAPI, storage: Storage, static_dir: Path = STATIC_DIR) -> None
         return response
 
     async def favicon() -> Response:
-        """Browsers ask for /favicon.ico whatever the page says; a 404 there is a console error."""
+        """Browsers ask for /favicon.ico unless the page names an icon; a 404 there is a console
+        error. ``static/favicon.ico`` when the console ships one, else a small built-in SVG."""
         path = static_dir / "favicon.ico"
         if path.is_file():
             response = Response(path.read_bytes(), media_type=CONTENT_TYPES[".ico"])
         else:
-            response = Response(status_code=204)
+            response = Response(DEFAULT_ICON, media_type=CONTENT_TYPES[".svg"])
         apply_headers(response, csp)
         return response
 

@@ -13,7 +13,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from api.core.jobs import JobStatus
 from api.http.deps import CurrentUser, State
-from api.http.schemas import JobCreate, JobList, JobPublic, QueueUpdate, error_responses
+from api.http.schemas import JobCreate, JobList, JobPublic, JobQuote, QueueUpdate, error_responses
 from api.http.state import AppState
 from api.services.events import events_after
 from api.services.jobs import Submission
@@ -38,6 +38,20 @@ def create_job(body: JobCreate, response: Response, user: CurrentUser, state: St
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
     return state.job_view(job, state.queue.estimate(job))
+
+
+@router.post("/quote", response_model=JobQuote, responses=error_responses(401, 403, 404, 422))
+def quote_job(body: JobCreate, user: CurrentUser, state: State,
+              x_team: str | None = Header(default=None, alias=TEAM_HEADER, max_length=64)) -> dict[str, Any]:
+    """Validate and price a ``POST /v1/jobs`` body without creating a job: no credit moves and no
+    limit counts it. The same checks answer the same errors."""
+    quote = state.jobs.quote(user, Submission(body.model, body.input, body.webhook, body.webhook_events_filter,
+                                              team=one_team(body.team, x_team)))
+    checked = quote.checked
+    return {"model": checked.spec.id, "kind": checked.spec.kind, "task": checked.task, "credits": checked.price,
+            "input": checked.input, "affordable": quote.affordable,
+            "balance": {"available": quote.balance.available, "reserved": quote.balance.reserved,
+                        "debt": quote.debt}}
 
 
 @router.get("", response_model=JobList, response_model_exclude_unset=True, responses=READ_ERRORS)

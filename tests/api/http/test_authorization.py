@@ -12,7 +12,7 @@ import asyncio
 import io
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -44,6 +44,8 @@ ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/docs"): PUBLIC,
     ("GET", "/docs/oauth2-redirect"): PUBLIC,
     ("GET", "/redoc"): PUBLIC,
+    ("GET", "/"): PUBLIC,  # the web console (its assets under /console/ are a static mount)
+    ("GET", "/favicon.ico"): PUBLIC,
     ("GET", "/v1/files/{key}"): SIGNED,
     ("POST", "/v1/webhooks/{provider}"): SIGNED,
     ("POST", "/v1/webhooks/stripe"): SIGNED,
@@ -52,6 +54,8 @@ ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/v1/billing/subscription"): USER,
     ("GET", "/v1/billing/usage"): USER,
     ("POST", "/v1/jobs"): USER,
+    ("POST", "/v1/jobs/quote"): USER,
+    ("POST", "/v1/loras/quote"): USER,
     ("GET", "/v1/jobs"): USER,
     ("GET", "/v1/credits"): USER,
     ("GET", "/v1/credits/transactions"): USER,
@@ -105,6 +109,23 @@ ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/replicate/v1/predictions/{prediction_id}"): OWNED,
     ("POST", "/replicate/v1/predictions/{prediction_id}/cancel"): OWNED,
     ("GET", "/replicate/v1/predictions/{prediction_id}/stream"): OWNED,
+    # teams: a team's members get through (Alice owns hers); anyone else's team id is 404
+    ("POST", "/v1/teams"): USER,
+    ("GET", "/v1/teams"): USER,
+    ("GET", "/v1/teams/{team_id}"): OWNED,
+    ("PATCH", "/v1/teams/{team_id}"): OWNED,
+    ("DELETE", "/v1/teams/{team_id}"): OWNED,
+    ("POST", "/v1/teams/{team_id}/webhooks/secret"): OWNED,
+    ("GET", "/v1/teams/{team_id}/members"): OWNED,
+    ("PATCH", "/v1/teams/{team_id}/members/{member_id}"): OWNED,
+    ("DELETE", "/v1/teams/{team_id}/members/{member_id}"): OWNED,
+    ("POST", "/v1/teams/{team_id}/invitations"): OWNED,
+    ("GET", "/v1/teams/{team_id}/invitations"): OWNED,
+    ("DELETE", "/v1/teams/{team_id}/invitations/{invitation_id}"): OWNED,
+    ("GET", "/v1/teams/{team_id}/credits"): OWNED,
+    ("GET", "/v1/teams/{team_id}/credits/transactions"): OWNED,
+    ("GET", "/v1/teams/{team_id}/usage"): OWNED,
+    ("POST", "/v1/invitations/{token}/accept"): OWNED,  # "another's": an invitation to another address
 }
 
 
@@ -157,6 +178,7 @@ class World:
     alice_done_video: str
     alice_doomed_video: str
     bob_video: str
+    teams: dict[str, str] = field(default_factory=dict)  # see _team_world
 
 
 @pytest.fixture
@@ -194,9 +216,38 @@ async def world(make_api: Any, storage: Any) -> World:
             outputs=[{"key": prefix + "0.mp4", "content_type": "video/mp4", "thumbnail_key": prefix + "0.poster.png"}]))
         s.commit()
         bob_key = s.query(ApiKey).filter(ApiKey.user_id == bob.user.id).one().id
+    teams = _team_world(h, alice, bob)
     return World(h, alice, bob, admin_user, alice_job.id, alice_done.id, alice_upload, alice_doomed, spare.id,
                  loras[0].id, loras[1].id, bob_job.id, bob_upload, bob_key, loras[2].id,
-                 alice_video.id, alice_done_video.id, alice_doomed_video.id, bob_video.id)
+                 alice_video.id, alice_done_video.id, alice_doomed_video.id, bob_video.id, teams)
+
+
+def _team_world(h: ApiHarness, alice: NewUser, bob: NewUser) -> dict[str, str]:
+    """Alice's team (members to change and to remove, an invitation to revoke), a team of hers to
+    delete, Bob's team (a member, an invitation), and invitations to Alice's and another address."""
+    teams = h.state.teams
+    carol, dave, erin = h.user(credits=0), h.user(credits=0), h.user(credits=0)
+    mine = teams.create(alice.user, "alice's").view.team.id
+    doomed = teams.create(alice.user, "doomed").view.team.id
+    theirs = teams.create(bob.user, "bob's").view.team.id
+    for team, owner, member in ((mine, alice, carol), (mine, alice, dave), (theirs, bob, erin)):
+        teams.accept(member.user, teams.invite(owner.user, team, member.user.email, "member").token)
+    return {"team": mine, "doomed_team": doomed, "bob_team": theirs, "member": dave.user.id,
+            "doomed_member": carol.user.id, "bob_member": erin.user.id,
+            "invitation": teams.invite(alice.user, mine, "pending@example.com", "member").invitation.id,
+            "bob_invitation": teams.invite(bob.user, theirs, "pending@example.com", "member").invitation.id,
+            "token": teams.invite(bob.user, theirs, alice.user.email, "member").token,
+            "bob_token": teams.invite(bob.user, theirs, "zed@example.com", "member").token}
+
+
+def _team_values(world: World, method: str, path: str, mine: bool) -> dict[str, str]:
+    t = world.teams
+    if not mine:
+        return {"team_id": t["bob_team"], "member_id": t["bob_member"], "invitation_id": t["bob_invitation"],
+                "token": t["bob_token"]}
+    return {"team_id": t["doomed_team"] if (method, path) == ("DELETE", "/v1/teams/{team_id}") else t["team"],
+            "member_id": t["doomed_member"] if method == "DELETE" else t["member"],
+            "invitation_id": t["invitation"], "token": t["token"]}
 
 
 def _url(world: World, method: str, path: str, owner: str) -> str:
@@ -229,6 +280,7 @@ def _url(world: World, method: str, path: str, owner: str) -> str:
         "model_id": "tiny-sd",
         "provider": "replicate",
         "key": "outputs/none.png",
+        **_team_values(world, method, path, mine),
     }
     for name, value in values.items():
         path = path.replace("{" + name + "}", value)
@@ -238,10 +290,16 @@ def _url(world: World, method: str, path: str, owner: str) -> str:
 def _body(method: str, path: str) -> dict[str, Any]:
     if method not in ("POST", "PATCH"):
         return {}
-    if path == "/v1/jobs":
+    if path in ("/v1/jobs", "/v1/jobs/quote"):
         return {"json": {"model": "tiny-sd", "input": {"prompt": "a cat"}}}
+    if path == "/v1/loras/quote":  # the images may wait: the price is the steps'
+        return {"json": {"name": "me", "base_model": "tiny-sd", "steps": 100}}
     if path == "/openai/v1/images/generations":
         return {"json": {"model": "tiny-sd", "prompt": "a cat"}}
+    if path == "/v1/teams":
+        return {"json": {"name": "a team"}}
+    if path.endswith("/invitations"):
+        return {"json": {"email": "someone@example.com"}}
     if path == "/openai/v1/images/edits":
         return {"data": {"model": "tiny-sd", "prompt": "a cat"}, "files": {"image": ("x.png", png(), "image/png")}}
     if path == "/openai/v1/videos":
@@ -339,6 +397,8 @@ async def test_route_authorization(world: World) -> None:
     assert get_job(h.db, world.bob_video).status == "queued"
     assert (await client.get(f"/v1/uploads/{world.bob_upload}", headers=bearer(world.bob.api_key))).status_code == 200
     assert (await client.get("/v1/credits", headers=bearer(world.bob.api_key))).status_code == 200
+    bob_team = await client.get(f"/v1/teams/{world.teams['bob_team']}/members", headers=bearer(world.bob.api_key))
+    assert {m["user_id"] for m in bob_team.json()["data"]} == {world.bob.user.id, world.teams["bob_member"]}
 
     # The owner and the admins get through (so the 401/403/404 above are about who asks).
     for method, path in sorted(app_routes(h.app)):

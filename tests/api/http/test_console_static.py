@@ -100,7 +100,8 @@ async def test_favicon_never_404s(assets: Path, storage: LocalStorage) -> None:
     console.mount(app, storage, assets)
     async with client_for(app) as client:
         r = await client.get("/favicon.ico")
-        assert r.status_code == 204 and r.content == b""
+        assert r.status_code == 200 and r.headers["content-type"] == "image/svg+xml"
+        assert r.content.startswith(b"<svg")
         (assets / "favicon.ico").write_bytes(b"\x00\x00\x01\x00")
         r = await client.get("/favicon.ico")
         assert r.status_code == 200 and r.headers["content-type"] == "image/x-icon"
