@@ -11,12 +11,13 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import jwt
 import pytest
 from pydantic import ValidationError
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from api.core.errors import CineWeaveError, Unauthorized
 from api.db.engine import Database
@@ -389,3 +390,34 @@ def test_fifty_concurrent_first_sightings_create_one_user(backend_db: Database, 
     assert count(backend_db, Identity) == 1
     assert count(backend_db, LedgerEntry, LedgerEntry.kind == "grant") == 1
     assert idp.fetches == 1  # one fetch shared by the racers
+
+
+def test_last_seen_is_written_at_most_hourly(backend_db: Database, backend_settings: Settings, idp: JwksServer,
+                                            rsa: SigningKey) -> None:
+    db = backend_db
+    svc = service(db, backend_settings, issuers(idp))
+    svc.authenticate(token(rsa, sub="seen"))
+    with db.session() as session:
+        identity = session.execute(select(Identity)).scalars().one()
+        first_seen = identity.last_seen_at
+        assert first_seen is not None
+        identity.last_seen_at = first_seen - timedelta(minutes=30)
+        session.commit()
+    svc.authenticate(token(rsa, sub="seen"))
+    with db.read() as session:
+        assert session.execute(select(Identity.last_seen_at)).scalar_one() == first_seen - timedelta(minutes=30)
+    with db.session() as session:
+        session.execute(update(Identity).values(last_seen_at=first_seen - timedelta(hours=2)))
+        session.commit()
+    svc.authenticate(token(rsa, sub="seen"))
+    with db.read() as session:
+        assert session.execute(select(Identity.last_seen_at)).scalar_one() > first_seen - timedelta(minutes=1)
+
+
+def test_issuers_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CINEWEAVE_JWT_ISSUERS", '[{"issuer": "https://a.test", "jwks_url": "https://a.test/jwks",'
+                       ' "audience": "app", "algorithms": ["ES256"],'
+                       ' "admin_claim": {"claim": "app_metadata.role", "value": "admin"}}]')
+    (issuer,) = Settings(_env_file=None).jwt_issuers
+    assert issuer.audience == ["app"] and issuer.algorithms == ["ES256"]
+    assert issuer.admin_claim == AdminClaim(claim="app_metadata.role", value="admin")
