@@ -44,6 +44,8 @@ ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/docs"): PUBLIC,
     ("GET", "/docs/oauth2-redirect"): PUBLIC,
     ("GET", "/redoc"): PUBLIC,
+    ("GET", "/"): PUBLIC,  # the web console (its assets under /console/ are a static mount)
+    ("GET", "/favicon.ico"): PUBLIC,
     ("GET", "/v1/files/{key}"): SIGNED,
     ("POST", "/v1/webhooks/{provider}"): SIGNED,
     ("POST", "/v1/webhooks/stripe"): SIGNED,
@@ -52,6 +54,8 @@ ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/v1/billing/subscription"): USER,
     ("GET", "/v1/billing/usage"): USER,
     ("POST", "/v1/jobs"): USER,
+    ("POST", "/v1/jobs/quote"): USER,
+    ("POST", "/v1/loras/quote"): USER,
     ("GET", "/v1/jobs"): USER,
     ("GET", "/v1/credits"): USER,
     ("GET", "/v1/credits/transactions"): USER,
@@ -286,8 +290,10 @@ def _url(world: World, method: str, path: str, owner: str) -> str:
 def _body(method: str, path: str) -> dict[str, Any]:
     if method not in ("POST", "PATCH"):
         return {}
-    if path == "/v1/jobs":
+    if path in ("/v1/jobs", "/v1/jobs/quote"):
         return {"json": {"model": "tiny-sd", "input": {"prompt": "a cat"}}}
+    if path == "/v1/loras/quote":  # the images may wait: the price is the steps'
+        return {"json": {"name": "me", "base_model": "tiny-sd", "steps": 100}}
     if path == "/openai/v1/images/generations":
         return {"json": {"model": "tiny-sd", "prompt": "a cat"}}
     if path == "/v1/teams":
