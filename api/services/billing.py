@@ -64,7 +64,9 @@ TEAM_BILLING_ROLES = frozenset({"owner", "admin"})
 
 
 class BillingNotConfigured(CineWeaveError):
-    code, status = "billing_not_configured", 503
+    """This deployment sells nothing through Stripe (no secret key): like a route it does not have."""
+
+    code, status = "billing_not_configured", 404
 
 
 class BillingProviderError(CineWeaveError):
@@ -163,14 +165,17 @@ def credit_lots(entries: Iterable[LedgerEntry]) -> Lots:
             held[e.job_id] = lots.take(e.amount)
         elif kind == EntryKind.REFUND and e.job_id:
             for lot_key, n in held.pop(e.job_id, []):
-                lots.lots[lot_key].remaining += n
+                lot = lots.lots[lot_key]
+                if lot.closed:
+                    # held by a job while its lot expired, then refunded: the account keeps them
+                    lot = lots.lots.setdefault(f"returned:{e.job_id}", Lot(f"returned:{e.job_id}", 0, None, seq))
+                lot.remaining += n
         elif kind == EntryKind.CAPTURE and e.job_id:
             held.pop(e.job_id, None)
         elif kind == EntryKind.EXPIRE:
             target = None
-            if key.startswith("expire:") and plan_grant_period(key):
-                account, period = key[len("expire:"):].rsplit(":", 1)
-                target = f"plan:{account}:{period}"
+            if key.startswith("expire:") and plan_grant_period("plan:" + key[len("expire:"):]):
+                target = "plan:" + key[len("expire:"):]
             lots.take(e.amount, first=target)
             if target in lots.lots:
                 lots.lots[target].closed = True

@@ -37,7 +37,7 @@ def billing(state: AppState) -> BillingService:
 
 
 @router.post("/billing/checkout", tags=["billing"], status_code=201, response_model=CheckoutPublic,
-             responses=error_responses(401, 403, 404, 409, 422, 502, 503))
+             responses=error_responses(401, 403, 404, 409, 422, 502))
 def create_checkout(body: CheckoutCreate, user: CurrentUser, state: State) -> dict[str, Any]:
     """A Stripe Checkout Session for a plan (subscription) or a credit pack (one-off payment)."""
     result = billing(state).checkout(user, plan=body.plan, pack=body.pack, team=body.team)
@@ -45,7 +45,7 @@ def create_checkout(body: CheckoutCreate, user: CurrentUser, state: State) -> di
 
 
 @router.post("/billing/portal", tags=["billing"], status_code=201, response_model=PortalPublic,
-             responses=error_responses(401, 403, 404, 502, 503))
+             responses=error_responses(401, 403, 404, 502))
 def create_portal(user: CurrentUser, state: State, body: PortalCreate | None = None) -> dict[str, Any]:
     """A Stripe Customer Portal session (change plan, cancel, payment methods, invoices)."""
     return {"url": billing(state).portal(user, team=body.team if body else None)}
@@ -64,7 +64,7 @@ def get_usage(user: CurrentUser, state: State, team: TeamQuery = None) -> dict[s
     return usage_view(billing(state).usage(user, team))
 
 
-@router.post("/webhooks/stripe", tags=["billing"], response_model=Accepted, responses=error_responses(400, 503))
+@router.post("/webhooks/stripe", tags=["billing"], response_model=Accepted, responses=error_responses(400, 404))
 async def stripe_webhook(request: Request, state: State,
                          stripe_signature: Annotated[str | None, Header()] = None) -> dict[str, Any]:
     """Stripe events, verified with the endpoint's signing secret; each applied once."""

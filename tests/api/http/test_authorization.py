@@ -415,7 +415,7 @@ async def test_route_authorization(world: World) -> None:
                 expect(route, "owner", r, {408}, "generation_pending")
             elif method == "POST" and path.startswith("/v1/billing/"):
                 # let through; no Stripe key in this world (test_billing_http covers Stripe)
-                expect(route, "owner", r, {503}, "billing_not_configured")
+                expect(route, "owner", r, {404}, "billing_not_configured")
             else:
                 expect(route, "owner", r, {200, 201, 202, 204})
         elif kind == ADMIN:

@@ -117,6 +117,16 @@ def test_spending_takes_oldest_expiring_credits_first() -> None:
     assert lots.total == 210
 
 
+def test_credits_held_while_their_lot_expired_come_back_for_good() -> None:
+    lots = credit_lots([
+        _entry(1, "grant", 80, "plan:u:2031-03"),
+        _entry(2, "reserve", 30, "reserve:j1", "j1"),
+        _entry(3, "expire", 50, "expire:u:2031-03"),
+        _entry(4, "refund", 30, "settle:j1", "j1"),
+    ])
+    assert lots.total == 30 and lots.lots["returned:j1"].expires_at is None
+
+
 def test_clawback_and_debt_payment_take_their_own_lot_first() -> None:
     lots = credit_lots([
         _entry(1, "grant", 80, "plan:u:2031-03"),
