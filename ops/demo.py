@@ -5,13 +5,21 @@ user, submits an image job, a video job and an image-to-video job chained from t
 (``job:<id>``) over HTTP, follows each over SSE, checks the files (the PNG decodes at the
 requested size; the MP4s have the requested frame count and fps), downloads them and prints
 their paths. Exits non-zero when any step fails.
+
+It ends by printing the web console's URL, the admin key and the demo user's API key. With
+``DEMO_KEEP=1`` the stack stays up (on ``CINEWEAVE_PORT``, 8000 by default, when that port is
+free) until Ctrl-C, so the console can be opened and signed in to with that key.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import secrets
+import signal
+import socket
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -53,10 +61,57 @@ def run_job(client: Client, model: str, inputs: dict[str, Any], out_dir: Path, l
     return job, path
 
 
+def keep_requested() -> bool:
+    return os.environ.get("DEMO_KEEP", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def port_for(host: str, preferred: int, keep: bool) -> int:
+    """A kept stack gets the configured port (a URL worth bookmarking) when it is free."""
+    if keep:
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, preferred))
+                return preferred
+            except OSError:
+                pass
+    return free_port(host)
+
+
+def print_console(url: str, admin_key: str, user_key: str, keep: bool) -> None:
+    # soft_wrap: a key stays on one line (to copy) however narrow the terminal
+    console.print(f"\n[bold]Web console:[/bold] {url}/", soft_wrap=True)
+    console.print(f"  sign in with the demo user's API key: [cyan]{user_key}[/cyan]", soft_wrap=True)
+    console.print(f"  or with the admin key (Admin page):   [cyan]{admin_key}[/cyan]", soft_wrap=True)
+    if not keep:
+        console.print("  (the stack stops now; run [bold]DEMO_KEEP=1 make demo[/bold] to keep it open)")
+
+
+def wait_until_stopped() -> None:
+    """Block until Ctrl-C (or SIGTERM); leaving the ``running_stack`` block then stops the stack."""
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    console.print(f"\n[bold]The stack keeps running.[/bold] Press Ctrl-C to stop it (or kill {os.getpid()}).")
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    console.print("stopping …")
+
+
+def print_passed(started: float, out_dir: Path) -> None:
+    console.print(f"\n[bold green]demo passed[/bold green] in {time.perf_counter() - started:.0f} s; outputs:")
+    for path in sorted(out_dir.iterdir()):
+        print(f"  {path}")
+
+
 def main() -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     base = get_settings()
-    settings = base.model_copy(update={"port": free_port(), "admin_key": base.admin_key or secrets.token_urlsafe(24)})
+    keep = keep_requested()
+    settings = base.model_copy(update={"port": port_for(base.host, base.port, keep),
+                                       "admin_key": base.admin_key or secrets.token_urlsafe(24)})
     out_dir = (settings.data_dir / "demo-outputs" / time.strftime("%Y%m%d-%H%M%S")).resolve()
     console.print(f"[bold]CineWeave demo[/bold] — data in {settings.data_dir.resolve()}")
     started = time.perf_counter()
@@ -68,7 +123,8 @@ def main() -> int:
             admin = httpx.post(f"{url}/v1/admin/users", headers={"Authorization": f"Bearer {settings.admin_key}"},
                                json={"email": f"demo-{uuid.uuid4().hex[:8]}@example.com", "credits": 200})
             check(admin.status_code == 201, "demo user created with 200 credits")
-            client = Client(url, admin.json()["api_key"])
+            user_key = admin.json()["api_key"]
+            client = Client(url, user_key)
 
             image_job, png = run_job(client, "tiny-sd", {"prompt": "a lighthouse at dusk", "width": 64,
                                                          "height": 96, "steps": 4, "seed": 7}, out_dir, "Image")
@@ -95,6 +151,13 @@ def main() -> int:
             credits = client._json(client.http.get("/v1/credits"))
             console.print(f"\ncredits left: {credits['balance']} (reserved {credits['reserved']})")
             client.close()
+            index = httpx.get(f"{url}/", timeout=10)
+            check(index.status_code == 200 and "text/html" in index.headers.get("content-type", ""),
+                  f"the web console answers at {url}/")
+            print_passed(started, out_dir)
+            print_console(url, settings.admin_key, user_key, keep)
+            if keep:
+                wait_until_stopped()
     except DemoFailed as exc:
         console.print(f"[red]demo failed:[/red] {exc}")
         return 1
@@ -102,9 +165,6 @@ def main() -> int:
         console.print(f"[red]demo failed:[/red] {type(exc).__name__}: {exc}")
         logging.getLogger(__name__).exception("demo failed")
         return 1
-    console.print(f"\n[bold green]demo passed[/bold green] in {time.perf_counter() - started:.0f} s; outputs:")
-    for path in sorted(out_dir.iterdir()):
-        print(f"  {path}")
     return 0
 
 
