@@ -2,7 +2,7 @@
 // step preview, cancel, then the result. Follows GET /v1/jobs/{id}/events (SSE over fetch) and
 // reads GET /v1/jobs/{id} for the full job when it ends.
 
-import { errorText, formatCredits, formatSeconds, h, jobStatusBadge, mediaFor, progressBar, replace } from "./ui.js";
+import { errorText, formatCredits, formatSeconds, h, jobStatusBadge, mediaFor, progressBar, replace, shortId } from "./ui.js";
 
 const ACTIVE = new Set(["queued", "running"]);
 
@@ -37,7 +37,7 @@ export default {
     const bar = progressBar("Job progress");
     const previewImg = h("img", { alt: "preview of the image forming", dataset: { testid: "preview" } });
     const previewCaption = h("p", { class: "muted", dataset: { testid: "preview-caption" } });
-    const preview = h("figure", { class: "preview", hidden: true }, previewImg, h("figcaption", {}, previewCaption));
+    const preview = h("figure", { class: "preview", hidden: true, dataset: { testid: "preview-figure" } }, previewImg, h("figcaption", {}, previewCaption));
     const errorBox = h("p", { class: "error", role: "alert", hidden: true, dataset: { testid: "job-error" } });
     const result = h("div", { class: "result", dataset: { testid: "job-result" } });
     const details = h("div");
@@ -46,7 +46,7 @@ export default {
       h("a", { href: `#/generate?from=${encodeURIComponent(jobId)}`, dataset: { testid: "run-again" } }, "Run again"),
       h("a", { href: "#/library" }, "Library"));
     root.append(
-      h("h1", {}, `Job ${jobId.slice(0, 8)}`),
+      h("h1", {}, `Job ${shortId(jobId)}`),
       h("div", { class: "card" },
         h("div", { class: "actions" }, badge, stage),
         bar.el, queue, preview, errorBox, actions),
@@ -77,9 +77,9 @@ export default {
     };
     const showResult = () => {
       const outputs = job.outputs.filter((o) => !o.role);
-      preview.hidden = job.status === "succeeded" && outputs.length > 0;
+      preview.hidden = previewCount === 0 || (job.status === "succeeded" && outputs.length > 0);
       replace(result, outputs.length ? h("h2", {}, "Result") : null, outputs.map((o, i) =>
-        h("figure", {}, mediaFor(o, { alt: `output ${i + 1} of job ${jobId.slice(0, 8)}` }),
+        h("figure", {}, mediaFor(o, { alt: `output ${i + 1} of job ${shortId(jobId)}` }),
           h("figcaption", { class: "muted" }, [o.content_type, o.width && `${o.width}×${o.height}`,
             o.duration_s && `${o.duration_s} s`].filter(Boolean).join(" · "),
           " ", h("a", { href: o.url, download: "" }, "Download")))));
@@ -152,8 +152,8 @@ export default {
         if (data.job) job = data.job;
         show();
         showResult();
-        if (job.status === "succeeded") ctx.toast(`Job ${jobId.slice(0, 8)} succeeded`, "success");
-        else ctx.toast(`Job ${jobId.slice(0, 8)} ${job.status}`, job.status === "failed" ? "error" : "info");
+        if (job.status === "succeeded") ctx.toast(`Job ${shortId(jobId)} succeeded`, "success");
+        else ctx.toast(`Job ${shortId(jobId)} ${job.status}`, job.status === "failed" ? "error" : "info");
         ctx.refreshCredits();
       },
       onError(e) {

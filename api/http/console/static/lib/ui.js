@@ -210,3 +210,8 @@ export function mediaFor(output, { alt = "output", poster } = {}) {
   }
   return h("img", { src: output.url, alt, dataset: { testid: "output-image" }, loading: "lazy" });
 }
+
+/** A job or upload id short enough for a caption ("job_3408ac36"). */
+export function shortId(id) {
+  return String(id || "").slice(0, 12);
+}

@@ -1,9 +1,9 @@
 // Credits: balance, reserved and plan (GET /v1/credits, /v1/plans) and the ledger's transactions
 // (GET /v1/credits/transactions, newest first, paginated by next_cursor).
 
-import { errorText, formatCredits, formatDate, h, replace } from "../lib/ui.js";
+import { errorText, formatCredits, formatDate, h, replace, shortId } from "../lib/ui.js";
 
-const PAGE_SIZE = 20;
+const PAGE_SIZE = 20; // #/credits?limit=<n> asks for another page size (1-200)
 const KIND_LABEL = {
   grant: "Grant", purchase: "Purchase", reserve: "Reserved", capture: "Charged", refund: "Refund",
   expire: "Expired", adjust: "Adjustment",
@@ -54,7 +54,8 @@ export default {
 
     let cursor = null;
     async function load() {
-      const params = new URLSearchParams({ limit: String(PAGE_SIZE) });
+      const size = Math.min(200, Math.max(1, Number(ctx.query.get("limit")) || PAGE_SIZE));
+      const params = new URLSearchParams({ limit: String(size) });
       if (cursor) params.set("cursor", cursor);
       more.disabled = true;
       try {
@@ -64,7 +65,7 @@ export default {
             h("td", {}, formatDate(t.created_at)),
             h("td", {}, KIND_LABEL[t.kind] || t.kind),
             h("td", { class: "num" }, (t.amount > 0 ? "+" : "") + t.amount),
-            h("td", {}, t.job_id ? h("a", { href: `#/job/${encodeURIComponent(t.job_id)}` }, t.job_id.slice(0, 8)) : "—"),
+            h("td", {}, t.job_id ? h("a", { href: `#/job/${encodeURIComponent(t.job_id)}` }, shortId(t.job_id)) : "—"),
             h("td", {}, t.note || ""),
             h("td", { class: "num" }, t.balance),
             h("td", { class: "num" }, t.reserved)));

@@ -4,7 +4,7 @@
 // Query (from the Library): ?model=<id>&image=job:<id> ("use as input"), ?from=<job id> ("run again").
 
 import { ApiError } from "../lib/api.js";
-import { debounce, errorText, field, formatCredits, formFromSpec, h, replace, showFieldErrors } from "../lib/ui.js";
+import { debounce, errorText, field, formatCredits, formFromSpec, h, replace, showFieldErrors, shortId } from "../lib/ui.js";
 
 function priceSummary(model) {
   const p = model.pricing || {};
@@ -172,8 +172,10 @@ export default {
         const q = await api("/v1/jobs/quote", { method: "POST", json: payload, signal: quoteController.signal });
         if (seq !== quoteSeq) return;
         clearErrors();
-        price.textContent = formatCredits(q.credits);
+        price.textContent = formatCredits(q.credits) + (q.affordable === false
+          ? ` — more than your ${formatCredits(q.balance.available)}` : "");
         price.dataset.credits = String(q.credits);
+        price.dataset.affordable = String(q.affordable !== false);
       } catch (e) {
         if (e.name === "AbortError" || seq !== quoteSeq) return;
         price.textContent = "—";
@@ -198,12 +200,12 @@ export default {
       const pick = h("select", { dataset: { testid: "image-pick" } },
         h("option", { value: "" }, "— none —"),
         earlier.map((j) => h("option", { value: `job:${j.id}`, selected: `job:${j.id}` === presetImage },
-          `${(j.input.prompt || "").slice(0, 40)} · ${j.model} · ${j.id.slice(0, 8)}`)));
+          `${(j.input.prompt || "").slice(0, 40)} · ${j.model} · ${shortId(j.id)}`)));
       const setImage = (value, url) => {
         image.value = value;
         preview.hidden = !url;
         if (url) preview.src = url;
-        status.textContent = value ? `Using ${value.startsWith("job:") ? "output of " + value.slice(4, 12) : "upload " + value}`
+        status.textContent = value ? `Using ${value.startsWith("job:") ? "output of " + shortId(value.slice(4)) : "upload " + value}`
           : (needsImage(model) ? "This model needs an input image." : "Optional.");
         quote();
       };
@@ -335,7 +337,7 @@ export default {
       submit.disabled = true;
       try {
         const job = await api("/v1/jobs", { method: "POST", json: payload });
-        ctx.toast(`Job ${job.id.slice(0, 8)} queued (${formatCredits(job.credits.reserved)} reserved)`, "success");
+        ctx.toast(`Job ${shortId(job.id)} queued (${formatCredits(job.credits.reserved)} reserved)`, "success");
         ctx.refreshCredits();
         ctx.navigate(`#/job/${job.id}`);
       } catch (e) {

@@ -3,7 +3,7 @@
 // "use as input", "run again" and delete (DELETE /v1/jobs/{id} removes the outputs; the job stays).
 
 import { jobDetails } from "../lib/live.js";
-import { errorText, field, formatDate, h, jobStatusBadge, mediaFor, replace } from "../lib/ui.js";
+import { errorText, field, formatDate, h, jobStatusBadge, mediaFor, replace, shortId } from "../lib/ui.js";
 
 const PAGE_SIZE = 12; // #/library?limit=<n> asks for another page size (1-100)
 
@@ -38,7 +38,7 @@ export default {
     function tile(job) {
       const output = job.outputs.find((o) => !o.role);
       const thumb = job.thumbnail_url || (output && output.content_type.startsWith("image/") ? output.url : null);
-      const label = `${job.kind} job ${job.id.slice(0, 8)}: ${(job.input.prompt || "").slice(0, 60)}`;
+      const label = `${job.kind} job ${shortId(job.id)}: ${(job.input.prompt || "").slice(0, 60)}`;
       const picture = thumb
         ? h("img", { src: thumb, alt: label, loading: "lazy",
           dataset: { testid: job.kind === "video" ? "poster" : "thumbnail" } })
@@ -104,7 +104,7 @@ export default {
           jobs.set(jobId, updated);
           const old = gallery.querySelector(`[data-job-id="${CSS.escape(jobId)}"]`);
           if (old) old.replaceWith(tile(updated));
-          ctx.toast(`Deleted the outputs of job ${jobId.slice(0, 8)}`, "success");
+          ctx.toast(`Deleted the outputs of job ${shortId(jobId)}`, "success");
           open(jobId);
         } catch (e) {
           ctx.toast(errorText(e), "error");
@@ -113,7 +113,7 @@ export default {
       });
       const imageOut = job.kind === "image" && job.status === "succeeded" && outputs.length > 0;
       replace(viewer,
-        h("h2", {}, `${job.kind === "video" ? "Video" : job.kind === "image" ? "Image" : "Job"} ${job.id.slice(0, 8)} `,
+        h("h2", {}, `${job.kind === "video" ? "Video" : job.kind === "image" ? "Image" : "Job"} ${shortId(job.id)} `,
           jobStatusBadge(job.status)),
         outputs.length ? outputs.map((o, i) => mediaFor(o, { alt: `output ${i + 1}: ${job.input.prompt || ""}`,
           poster: job.thumbnail_url })) : h("p", { class: "muted" }, job.error
