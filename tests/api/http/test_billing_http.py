@@ -179,3 +179,31 @@ async def test_subscription_and_usage_views(bapi: ApiHarness) -> None:
     assert {"period", "period_start", "period_end", "credits_granted", "credits_spent", "balance", "debt",
             "reserved", "next_expiry"} <= usage.keys()
     assert json.dumps(usage)  # plain JSON
+
+
+async def test_a_team_admin_buys_for_the_team(bapi: ApiHarness, fake_stripe: FakeStripe) -> None:
+    from api.db.tables import Team, TeamMember, User
+    from api.services.users import new_webhook_secret
+
+    admin, member = bapi.user(credits=0), bapi.user(credits=0)
+    team_id = "team_" + uuid.uuid4().hex[:12]
+    with bapi.db.session() as s:
+        s.add(User(id=team_id, email=f"{team_id}@teams.invalid", kind="team", webhook_secret=new_webhook_secret()))
+        s.flush()
+        s.add(Team(id=team_id, name="t", created_by=admin.user.id))
+        s.flush()
+        s.add(TeamMember(team_id=team_id, user_id=admin.user.id, role="admin"))
+        s.add(TeamMember(team_id=team_id, user_id=member.user.id, role="member"))
+        s.commit()
+    r = await bapi.client.post("/v1/billing/checkout", json={"pack": "pack_100", "team": team_id},
+                               headers=bearer(admin.api_key))
+    assert r.status_code == 201 and r.json()["account_id"] == team_id
+    [sent] = fake_stripe.calls("/v1/checkout/sessions")
+    assert sent.form["metadata[account_id]"] == team_id
+    [customer] = fake_stripe.calls("/v1/customers")
+    assert customer.form["metadata[account_id]"] == team_id and customer.form["metadata[kind]"] == "team"
+    refused = await bapi.client.post("/v1/billing/checkout", json={"pack": "pack_100", "team": team_id},
+                                     headers=bearer(member.api_key))
+    assert refused.status_code == 403
+    usage = await bapi.client.get(f"/v1/billing/usage?team={team_id}", headers=bearer(admin.api_key))
+    assert usage.status_code == 200 and usage.json()["account_id"] == team_id

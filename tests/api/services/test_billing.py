@@ -470,3 +470,35 @@ def test_team_billing_needs_an_owner_or_admin(db: Database, bset: Settings, svc:
         svc.usage(member, team)
     with pytest.raises(NotFound):
         svc.usage(stranger, team)
+
+
+# ---- the ledger's clawback and debt ----------------------------------------------------------
+
+
+def test_claw_back_is_once_per_key_and_credits_pay_debt_first(db: Database, bset: Settings) -> None:
+    uid = add_user(db, bset, credits=30).user.id
+    with db.session() as s:
+        assert ledger.claw_back(s, uid, 100, "clawback:stripe:cs_1:evt_1") == (30, 70)
+        assert ledger.claw_back(s, uid, 100, "clawback:stripe:cs_1:evt_1") == (30, 70)  # replay: same split
+        s.commit()
+    assert (balance(db, uid).available, debt(db, uid)) == (0, 70)
+    with db.session() as s:
+        ledger.credit(s, uid, 50, "stripe:cs_2", kind=ledger.EntryKind.PURCHASE)
+        ledger.credit(s, uid, 50, "stripe:cs_2", kind=ledger.EntryKind.PURCHASE)  # replay: nothing more
+        s.commit()
+    assert (balance(db, uid).available, debt(db, uid)) == (0, 20)
+    with db.session() as s:
+        ledger.credit(s, uid, 50, "stripe:cs_3", kind=ledger.EntryKind.PURCHASE)
+        s.commit()
+    assert (balance(db, uid).available, debt(db, uid)) == (30, 0)
+    rows = [(e.kind, e.amount, e.available_after) for e in ledger_rows(db, uid)]
+    assert rows[1:] == [("clawback", 30, 0), ("debt", 70, 0), ("purchase", 50, 50), ("debt_paid", 50, 0),
+                        ("purchase", 50, 50), ("debt_paid", 20, 30)]
+    with db.read() as s:
+        assert account_lots_total(s, uid) == 30
+
+
+def account_lots_total(session: Any, uid: str) -> int:
+    from api.services.billing import account_lots
+
+    return account_lots(session, uid).total
