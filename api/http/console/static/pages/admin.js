@@ -166,13 +166,14 @@ function usersSection(ctx, plans, { onChanged }) {
     const grant = h("button", { type: "button", dataset: { testid: "user-grant" },
       "aria-label": `Grant credits to ${u.email}`, onclick: () => selectForGrant(u.id) }, "Grant credits");
     return h("tr", { dataset: { testid: "user-row", userId: u.id, email: u.email } },
-      h("td", {}, h("span", { class: "user-email" }, u.email), h("div", { class: "muted user-id" }, u.id)),
-      h("td", {}, planSelect),
-      h("td", { class: "num", dataset: { testid: "user-balance" } }, formatCredits(u.credits.balance)),
-      h("td", { class: "num" }, formatCredits(u.credits.reserved)),
-      h("td", {}, [u.is_admin ? "Admin" : "User", u.disabled ? " · disabled" : ""].join("")),
-      h("td", {}, formatDate(u.created_at)),
-      h("td", {}, h("div", { class: "row-actions" }, grant, toggle)));
+      h("td", { dataset: { label: "User" } }, h("span", { class: "user-email" }, u.email),
+        h("div", { class: "muted user-id" }, u.id)),
+      h("td", { dataset: { label: "Plan" } }, planSelect),
+      h("td", { class: "num", dataset: { testid: "user-balance", label: "Balance" } }, formatCredits(u.credits.balance)),
+      h("td", { class: "num", dataset: { label: "Reserved" } }, formatCredits(u.credits.reserved)),
+      h("td", { dataset: { label: "Role" } }, [u.is_admin ? "Admin" : "User", u.disabled ? " · disabled" : ""].join("")),
+      h("td", { dataset: { label: "Created" } }, formatDate(u.created_at)),
+      h("td", { dataset: { label: "Actions" } }, h("div", { class: "row-actions" }, grant, toggle)));
   }
 
   function fillGrantUsers() {
@@ -328,8 +329,9 @@ function usersSection(ctx, plans, { onChanged }) {
   const el = h("section", { "aria-labelledby": "admin-users-h" },
     h("h2", { id: "admin-users-h" }, "Users"),
     h("div", { class: "field users-search" }, h("label", { for: "users-search" }, "Find by email"), search),
-    table("Users", [["User"], ["Plan"], ["Balance", "num"], ["Reserved", "num"], ["Role"], ["Created"], ["Actions"]],
-      [], "users-table"),
+    h("div", { class: "stack-on-phone" },
+      table("Users", [["User"], ["Plan"], ["Balance", "num"], ["Reserved", "num"], ["Role"], ["Created"], ["Actions"]],
+        [], "users-table")),
     h("div", { class: "actions" }, prev, next, status),
     h("div", { class: "admin-forms" }, grantForm, createForm), created);
   el.querySelector("table").replaceChild(tbody, el.querySelector("tbody"));
@@ -373,10 +375,12 @@ function modelsSection(ctx) {
       const list = await ctx.api("/v1/models", { signal: ctx.signal });
       models = list.data || [];
       replace(tbody, models.map((m) => h("tr", { dataset: { testid: "model-row", modelId: m.id } },
-        h("td", {}, h("code", {}, m.id), h("div", { class: "muted" }, m.name)),
-        h("td", {}, m.kind), h("td", {}, (m.tasks || []).join(", ")),
-        h("td", {}, m.remote_only ? `remote (${m.provider || "provider"})` : m.provider ? `local, overflow to ${m.provider}` : "local"),
-        h("td", { dataset: { testid: "model-available" } },
+        h("td", { dataset: { label: "Model" } }, h("code", {}, m.id), h("div", { class: "muted" }, m.name)),
+        h("td", { dataset: { label: "Kind" } }, m.kind),
+        h("td", { dataset: { label: "Tasks" } }, (m.tasks || []).join(", ")),
+        h("td", { dataset: { label: "Runs" } }, m.remote_only ? `remote (${m.provider || "provider"})`
+          : m.provider ? `local, overflow to ${m.provider}` : "local"),
+        h("td", { dataset: { testid: "model-available", label: "Availability" } },
           h("span", { class: `badge ${m.available ? "badge-succeeded" : "badge-failed"}` },
             m.available ? "Available" : "Unavailable"),
           m.available ? null : h("div", { class: "muted" }, m.unavailable_reason || "")))));
@@ -419,7 +423,9 @@ function modelsSection(ctx) {
 
   const el = h("section", { "aria-labelledby": "admin-models-h" },
     h("h2", { id: "admin-models-h" }, "Models"),
-    table("Models and their availability", [["Model"], ["Kind"], ["Tasks"], ["Runs"], ["Availability"]], [], "models-table"),
+    h("div", { class: "stack-on-phone" },
+      table("Models and their availability", [["Model"], ["Kind"], ["Tasks"], ["Runs"], ["Availability"]], [],
+        "models-table")),
     form);
   el.querySelector("table").replaceChild(tbody, el.querySelector("tbody"));
   return { el, load };
