@@ -3,6 +3,7 @@ period end, monthly grants and expiry of plan credits (fixed clocks, no sleeps).
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 import uuid
@@ -502,3 +503,31 @@ def account_lots_total(session: Any, uid: str) -> int:
     from api.services.billing import account_lots
 
     return account_lots(session, uid).total
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations(range(3))))
+def test_a_subscription_signup_ends_the_same_in_any_order(db: Database, bset: Settings, svc: BillingService,
+                                                         order: tuple[int, ...]) -> None:
+    user = add_user(db, bset, credits=0).user
+    cus = with_customer(db, user.id)
+    start = ts(2031, 3, 10)
+    now = datetime(2031, 3, 10, 0, 5, tzinfo=UTC)
+    events = [
+        event("checkout.session.completed", {"id": "cs_" + cus, "object": "checkout.session", "mode": "subscription",
+                                             "subscription": "sub_" + cus, "customer": cus, "payment_status": "paid",
+                                             "metadata": {"account_id": user.id, "plan": "starter"}}, created=start),
+        event("customer.subscription.created", sub_obj("sub_" + cus, cus, "price_starter",
+                                                       period_end=ts(2031, 4, 10)), created=start),
+        event("invoice.paid", invoice("in_" + cus, cus, "sub_" + cus, "price_starter", start,
+                                      reason="subscription_create"), created=start + 1),
+    ]
+    for i in order:
+        deliver(svc, events[i], now)
+    for payload in events:  # and every one again
+        assert deliver(svc, payload, now) == "duplicate"
+    assert plan_of(db, user.id) == "starter"
+    assert balance(db, user.id).available == 80
+    with db.read() as s:
+        sub = s.get(Subscription, "sub_" + cus)
+        assert sub is not None and (sub.status, sub.plan, sub.downgrade_at) == ("active", "starter", None)
+        assert s.execute(select(func.count()).select_from(CreditPurchase)).scalar_one() == 1
