@@ -19,6 +19,12 @@ diffusers pipeline call, and what batching buys back.
 (c) ``--mixed``: the same with sizes 64 and 96 and step counts of 1×, 1.5× and 2× ``--steps``
     interleaved; prints the batch sizes the replica ran (its ``stats()["batch_sizes"]``) and the
     throughput ratio.
+(d) **Preview cost.** The replica's own code in this process (``models.generator.Generator`` on the
+    tiny-sd checkpoint, with ``serve.previews.PreviewPump`` as the replica wires it: capture on the
+    denoising thread, render in its worker thread), the same request with and without previews
+    (the spec's ``every_k_steps``), alternating, ``--preview-repeats`` pairs. Step time = (last step's
+    end − first step's end) / (steps − 1), from the step callback; also the whole call. Ratio = median
+    with / median without. Target ≤ 1.05. ``--previews-only`` runs just (d).
 ``--profile``: instead of (a)–(c), claim → settled under pyinstrument (see :func:`profile`).
 
 Both sides use the same size, steps, guidance and thread count (the replica runs with one torch
@@ -291,6 +297,100 @@ def run(size: int, steps: int, repeats: int, concurrency: int, rounds: int, thre
     }
 
 
+def preview_cost(tiny_dir: Path, size: int, steps: int, repeats: int, threads: int) -> dict[str, Any]:
+    """(d): step time and call time of the replica's generator with and without previews (see the module doc)."""
+    import torch
+
+    from models.catalog import Catalog
+    from models.generator import Generator, limit_threads
+    from serve.previews import PreviewPump
+
+    limit_threads(threads)
+    spec = Catalog.load().get(MODEL)
+    assert spec is not None
+    request = {"prompt": "a lighthouse at dusk", "width": size, "height": size, "steps": steps,
+               "guidance": spec.defaults.guidance}
+    generator = Generator.load(spec, tiny_dir=tiny_dir)
+    pump = PreviewPump(spec, generator)
+    assert pump.enabled, f"{MODEL} has previews off (every_k_steps 0)"
+    sent: list[dict[str, Any]] = []
+    spent: dict[str, list[float]] = {"capture": [], "render": []}
+    for name in spent:  # time the two halves: capture is on the denoising thread, render beside it
+        def timed(*args: Any, _fn: Any = getattr(pump.previewer, name), _name: str = name) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return _fn(*args)
+            finally:
+                spent[_name].append(time.perf_counter() - t0)
+
+        setattr(pump.previewer, name, timed)
+
+    def one(seed: int, previews: bool) -> tuple[float, float]:
+        marks: list[float] = []
+        extra: dict[str, Any] = {}
+        if previews:
+            extra["on_latents"] = pump.callback([f"bench-{seed}"], [1], lambda _i, event: sent.append(event))
+        t0 = time.perf_counter()
+        generator.generate([{**request, "seed": seed}], lambda done, total: marks.append(time.perf_counter()),
+                           None, None, **extra)
+        call_s = time.perf_counter() - t0
+        return (marks[-1] - marks[0]) / max(1, len(marks) - 1), call_s
+
+    for seed in range(3):  # warm-up, both ways
+        one(seed, False)
+        one(seed, True)
+    sent.clear()
+    for values in spent.values():
+        values.clear()
+    sent_before = pump.sent
+    step_off: list[float] = []
+    step_on: list[float] = []
+    call_off: list[float] = []
+    call_on: list[float] = []
+    for i in range(repeats):
+        order = (False, True) if i % 2 == 0 else (True, False)  # alternate who goes first
+        for previews in order:
+            step_s, call_s = one(10_000 + i, previews)
+            (step_on if previews else step_off).append(step_s)
+            (call_on if previews else call_off).append(call_s)
+    pump.close()
+    per_run = (steps - 1) // pump.every  # previews at k, 2k, … below the last step
+    for values in spent.values():
+        if not values:
+            values.append(0.0)
+    return {
+        "every_k_steps": pump.every, "decoder": pump.previewer.decoder, "previews_per_run": per_run,
+        "previews_sent": pump.sent - sent_before, "previews_dropped": pump.dropped, "pairs": repeats,
+        "preview_bytes_median": int(statistics.median(len(e["image"]) for e in sent)) if sent else None,
+        "step_without": stats_ms(step_off), "step_with": stats_ms(step_on),
+        "step_ratio": round(statistics.median(step_on) / statistics.median(step_off), 3),
+        "step_ratio_paired": round(statistics.median(a / b for a, b in zip(step_on, step_off, strict=True)), 3),
+        "step_ratio_fastest": round(min(step_on) / min(step_off), 3),
+        "capture_ms": stats_ms(spent["capture"]), "render_ms": stats_ms(spent["render"]),
+        # the denoising thread's own share: capture time per run over the run's denoising time
+        "capture_share": round(statistics.median(spent["capture"]) * per_run
+                               / (statistics.median(step_off) * steps), 5) if spent["capture"] else None,
+        "call_without": stats_ms(call_off), "call_with": stats_ms(call_on),
+        "call_ratio": round(statistics.median(call_on) / statistics.median(call_off), 3),
+        "target_ratio_max": 1.05, "torch_threads": threads, "cuda": torch.cuda.is_available(),
+    }
+
+
+def preview_rows(out: Any, p: dict[str, Any]) -> None:
+    out.add_row(f"(d) step time, previews every {p['every_k_steps']} steps ({p['pairs']} pairs)",
+                f"{p['step_without']['median_ms']:.2f} ms (without)", f"{p['step_with']['median_ms']:.2f} ms (with)",
+                f"{p['step_ratio']:.3f}×")
+    out.add_row("    paired (median of with/without per pair), fastest runs", "", "",
+                f"{p['step_ratio_paired']:.3f}×, {p['step_ratio_fastest']:.3f}×")
+    out.add_row("    capture (denoising thread) / render (worker), median", "",
+                f"{p['capture_ms']['median_ms']:.3f} ms / {p['render_ms']['median_ms']:.2f} ms", "")
+    out.add_row("    whole pipeline call", f"{p['call_without']['median_ms']:.1f} ms",
+                f"{p['call_with']['median_ms']:.1f} ms", f"{p['call_ratio']:.3f}×")
+    out.add_row("    previews sent / dropped, median size", "",
+                f"{p['previews_sent']} / {p['previews_dropped']}, {p['preview_bytes_median']} B", "")
+    out.add_row("    target", "", f"cost ≤ 5 %: {'met' if p['step_ratio'] <= p['target_ratio_max'] else 'NOT met'}", "")
+
+
 def phase_medians(phases: list[dict[str, Any]]) -> dict[str, float]:
     """Median of each leg of (a) in ms; ``unaccounted``: POST's return to the job's claim, and
     settlement to ``completed_at`` (full path − POST − queue − run − completion lag − download)."""
@@ -464,6 +564,8 @@ def table(report: dict[str, Any]) -> Any:
                 o["job_queue_s"]["median_ms"] < g["queue_median_ms_max"]),
                (f"throughput ≥ {g['throughput_ratio_min']:.1f}×", t["ratio"] >= g["throughput_ratio_min"])]
     out.add_row("targets", "", "; ".join(f"{name}: {'met' if ok else 'NOT met'}" for name, ok in verdict), "")
+    if report.get("previews"):
+        preview_rows(out, report["previews"])
     machine = report["machine"]
     out.add_row("load average (before → after)", "", f"{machine['load_average_before']} → "
                 f"{machine['load_average_after']}", "")
@@ -484,6 +586,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--mixed", action="store_true",
                         help="also (c): sizes 64 and 96 and mixed step counts, concurrent vs sequential")
+    parser.add_argument("--preview-repeats", type=int, default=60, help="with/without pairs for (d)")
+    parser.add_argument("--previews-only", action="store_true", help="run only (d), the preview cost")
     parser.add_argument("--profile", type=Path, default=None, metavar="TXT",
                         help="instead: profile claim → settled with pyinstrument, write the report to TXT")
     args = parser.parse_args(argv)
@@ -496,9 +600,23 @@ def main(argv: list[str] | None = None) -> int:
             summary = profile(args.size, args.steps, args.repeats, args.tiny_dir, Path(tmp), args.profile)
         print(json.dumps(summary, indent=2))
         return 0
+    if args.previews_only:
+        from rich.table import Table
+
+        report = {"model": MODEL, "size": f"{args.size}x{args.size}", "inference_steps": args.steps,
+                  "previews": preview_cost(args.tiny_dir, args.size, args.steps, args.preview_repeats, args.threads),
+                  "load_average": load_average(), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        out = Table(title=f"preview cost: {MODEL} {report['size']}, {args.steps} steps")
+        for column in ("measure", "without previews", "with previews", "ratio"):
+            out.add_column(column)
+        preview_rows(out, report["previews"])
+        Console().print(out)
+        print(json.dumps(report, indent=2))
+        return 0
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         report = run(args.size, args.steps, args.repeats, args.concurrency, args.rounds, args.threads,
                      args.runner_poll_s, args.tiny_dir, Path(tmp), mixed=args.mixed)
+    report["previews"] = preview_cost(args.tiny_dir, args.size, args.steps, args.preview_repeats, args.threads)
     Console().print(table(report))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
