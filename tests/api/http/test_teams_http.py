@@ -6,6 +6,7 @@ cross-team access (404)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections import Counter
 from datetime import UTC, datetime, timedelta
@@ -19,6 +20,7 @@ from api.core import ledger
 from api.db.engine import Database
 from api.db.tables import Job, TeamInvitation
 from api.http.app import create_app
+from api.http.webhooks import verify
 from api.services.teams import TeamService
 from api.services.users import NewUser
 from api.settings import Settings
@@ -34,6 +36,7 @@ from tests.fixtures.harness import (
     ledger_rows,
     wait_for,
     wait_job,
+    wait_until,
 )
 
 PRICE = 40  # veo-3.1, 4 s at 720p
@@ -385,3 +388,32 @@ async def test_member_cap_under_concurrent_submits(backend_settings: Settings, s
     with db.read() as session:
         by = Counter(session.execute(select(Job.submitted_by).where(Job.user_id == team_id)).scalars())
     assert by == {member.user.id: 5, owner.user.id: 5}
+
+
+async def test_a_team_jobs_webhooks_are_the_teams(make_api: Any, live_server: Any) -> None:
+    """Signed with the team's secret (shown at creation, rotated by owners and admins), and they
+    say the team and the member."""
+    from tests.api.http.test_webhooks_out import LOOPBACK, Receiver
+
+    receiver = Receiver()
+    srv = live_server(receiver.app())
+    h = await make_api(**LOOPBACK)
+    owner, member = h.user(credits=0), h.user(credits=0)
+    created = (await h.client.post("/v1/teams", json={"name": "T"}, headers=bearer(owner.api_key))).json()
+    team_id, secret = created["id"], created["webhook_secret"]
+    inv = await h.client.post(f"/v1/teams/{team_id}/invitations", json={"email": member.user.email},
+                              headers=bearer(owner.api_key))
+    await h.client.post(f"/v1/invitations/{inv.json()['token']}/accept", headers=bearer(member.api_key))
+    await grant(h.client, team_id, 10)
+    job = (await h.submit(member.api_key, "tiny-sd", team=team_id, webhook=f"{srv.url}/hook")).json()
+    await wait_job(h.db, job["id"])
+    await wait_until(lambda: "succeeded" in receiver.events(), 10, what="the completed webhook")
+    await h.state.webhooks.join(10)
+    assert receiver.received
+    for headers, body, _ in receiver.received:
+        assert verify(secret, headers, body)
+        assert not verify(member.webhook_secret, headers, body)
+    final = json.loads(receiver.received[-1][1])
+    assert (final["status"], final["team"], final["submitted_by"]) == ("succeeded", team_id, member.user.id)
+    rotated = await h.client.post(f"/v1/teams/{team_id}/webhooks/secret", headers=bearer(owner.api_key))
+    assert rotated.status_code == 200 and rotated.json()["webhook_secret"] not in (secret, "")
