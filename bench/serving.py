@@ -353,7 +353,7 @@ def preview_cost(tiny_dir: Path, size: int, steps: int, repeats: int, threads: i
             step_s, call_s = one(10_000 + i, previews)
             (step_on if previews else step_off).append(step_s)
             (call_on if previews else call_off).append(call_s)
-    pump.close()
+    pump.close(wait=True)  # every preview handed over is rendered and counted
     per_run = (steps - 1) // pump.every  # previews at k, 2k, … below the last step
     for values in spent.values():
         if not values:

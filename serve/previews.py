@@ -119,5 +119,6 @@ class PreviewPump:
         with self._lock:
             self._busy.discard(job_id)
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+    def close(self, wait: bool = False) -> None:
+        """Stop the worker; ``wait``: let the renders already handed over finish first."""
+        self._pool.shutdown(wait=wait, cancel_futures=not wait)

@@ -42,3 +42,17 @@ def test_table_says_which_targets_are_met_and_shows_the_mixed_batches_and_load()
     assert "4,4,8" in met and "[0.4, 0.5, 0.6]" in met
     missed = _text(_report(1.5, 30.0, 0.8))
     assert missed.count("NOT met") == 3
+
+
+def test_preview_cost_measures_both_ways_and_the_table_shows_it(tmp_path: Any) -> None:
+    from bench.serving import preview_cost
+    from models.tiny import make_tiny
+
+    make_tiny(tmp_path, ["tiny-sd"])
+    report = preview_cost(tmp_path, 64, 4, repeats=2, threads=1)
+    assert report["pairs"] == 2 and report["every_k_steps"] == 2 and report["decoder"] == "projection"
+    assert report["step_without"]["n"] == report["step_with"]["n"] == 2
+    assert report["previews_sent"] == 2 and report["previews_per_run"] == 1  # step 2 of 4 (never the last)
+    assert report["step_ratio"] > 0 and report["capture_ms"]["n"] == 2
+    text = _text({**_report(1.05, 3.0, 1.2), "previews": report})
+    assert "(d) step time, previews every 2 steps" in text and "cost ≤ 5 %" in text
