@@ -46,11 +46,10 @@ from api.db.tables import (
     LedgerEntry,
     StripeEvent,
     Subscription,
-    Team,
-    TeamMember,
     User,
     utcnow,
 )
+from api.services import teams
 from api.services.jobs import lock_user
 from api.services.users import grant_plan_month
 from api.settings import Settings
@@ -60,7 +59,6 @@ logger = logging.getLogger(__name__)
 # Stripe subscription statuses in which the plan is paid for (or being retried)
 LIVE_STATUSES = frozenset({"active", "trialing", "past_due"})
 REFUND_EVENTS = ("charge.refunded", "charge.dispute.created")
-TEAM_BILLING_ROLES = frozenset({"owner", "admin"})
 
 
 class BillingNotConfigured(CineWeaveError):
@@ -303,22 +301,22 @@ class BillingService:
                            "packs": [p.id for p in self.settings.credit_packs]})
 
     # whose account ----------------------------------------------------------------------
-    def account_for(self, session: Session, caller: User, team: str | None = None) -> User:
-        """The account ``caller`` acts on: their own, or a team's they own or administer.
+    def account_for(self, session: Session, caller: User, team: str | None = None, *,
+                    manage: bool = False) -> User:
+        """The account ``caller`` acts on: their own, or a team's they are a member of.
 
-        Hook for teams: a team's account is its ``users`` row (id = team id); membership is read
-        from ``team_members``. Non-members get 404 (the team's existence is not revealed).
+        Buying (``manage``) for a team takes its owner or admin. Membership is the teams
+        service's rule (:func:`api.services.teams.membership`); non-members get 404.
         """
         if team is None or team == caller.id:
             return caller
-        row = session.execute(select(TeamMember.role).join(Team, Team.id == TeamMember.team_id).where(
-            TeamMember.team_id == team, TeamMember.user_id == caller.id, TeamMember.removed_at.is_(None),
-            Team.deleted_at.is_(None))).first()
-        account = session.get(User, team)
-        if row is None or account is None:
-            raise NotFound(f"team {team} not found")
-        if row[0] not in TEAM_BILLING_ROLES:
-            raise Forbidden("only a team's owners and admins manage its billing")
+        member = teams.membership(session, caller.id, team)
+        account = session.get(User, team) if member is not None else None
+        if member is None or account is None or account.kind != "team":
+            raise NotFound(f"team {team} not found", {"team": team})
+        if manage and member.role not in teams.MANAGERS:
+            raise Forbidden("only a team's owners and admins manage its billing",
+                            {"role": member.role, "required": sorted(teams.MANAGERS)})
         return account
 
     def _customer(self, account: User) -> str:
@@ -353,7 +351,7 @@ class BillingService:
             raise InvalidInput("give exactly one of plan or pack", {"field": "plan"})
         self._require_configured()
         with self.db.read() as session:
-            account = self.account_for(session, caller, team)
+            account = self.account_for(session, caller, team, manage=True)
             live = session.execute(select(Subscription.id).where(
                 Subscription.account_id == account.id, Subscription.status.in_(LIVE_STATUSES))).first()
         metadata = {"account_id": account.id}
@@ -388,7 +386,7 @@ class BillingService:
 
     def portal(self, caller: User, team: str | None = None) -> str:
         with self.db.read() as session:
-            account = self.account_for(session, caller, team)
+            account = self.account_for(session, caller, team, manage=True)
         self._require_configured()
         customer = self._customer(account)
         try:

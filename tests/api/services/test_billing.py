@@ -452,10 +452,11 @@ def test_usage_shows_this_period_and_next_expiry(db: Database, bset: Settings, s
     assert usage["next_expiry"]["at"] == plan_grant_expiry(now.strftime("%Y-%m"))
 
 
-def test_team_billing_needs_an_owner_or_admin(db: Database, bset: Settings, svc: BillingService) -> None:
+def test_team_billing_needs_an_owner_or_admin(db: Database, bset: Settings) -> None:
     from api.core.errors import Forbidden
     from api.db.tables import Team, TeamMember
 
+    svc = BillingService(db, bset.model_copy(update={"stripe_secret_key": "sk_test_unused"}))
     owner = add_user(db, bset, credits=0).user
     member = add_user(db, bset, credits=0).user
     stranger = add_user(db, bset, credits=0).user
@@ -467,10 +468,13 @@ def test_team_billing_needs_an_owner_or_admin(db: Database, bset: Settings, svc:
         s.add(TeamMember(team_id=team, user_id=member.id, role="member"))
         s.commit()
     assert svc.usage(owner, team)["account_id"] == team
+    assert svc.usage(member, team)["account_id"] == team  # members see it
     with pytest.raises(Forbidden):
-        svc.usage(member, team)
-    with pytest.raises(NotFound):
-        svc.usage(stranger, team)
+        svc.checkout(member, pack=PACK.id, team=team)  # only owners and admins buy
+    for call in (lambda: svc.usage(stranger, team), lambda: svc.subscription(stranger, team),
+                 lambda: svc.checkout(stranger, pack=PACK.id, team=team)):
+        with pytest.raises(NotFound):
+            call()
 
 
 # ---- the ledger's clawback and debt ----------------------------------------------------------
