@@ -238,3 +238,30 @@ def test_preview_crosses_to_another_api_process_over_notify(settings: Settings, 
     assert previews and live[-1]["event"] == "completed"
     for event in previews:
         check_preview(event)
+
+
+async def test_runner_hands_every_preview_to_the_bus_and_stores_none(make_api: Any, storage: LocalStorage) -> None:
+    """The shared fake executor's previews (``preview_every``) go to the bus, one per preview, never to
+    the event table; the job settles as usual."""
+    from tests.fixtures.fake_executor import FakeExecutor
+    from tests.fixtures.harness import wait_job
+
+    api = await make_api(FakeExecutor(storage=storage, steps=3, preview_every=1))
+    published: list[tuple[str, dict[str, Any]]] = []
+    real = api.state.bus.publish_preview
+
+    def spy(job_id: str, data: dict[str, Any]) -> None:
+        published.append((job_id, data))
+        real(job_id, data)
+
+    api.state.bus.publish_preview = spy  # type: ignore[method-assign]
+    user = api.user(credits=10)
+    answer = await api.submit(user.api_key, input={"prompt": "a cat", "steps": 3})
+    assert answer.status_code == 202, answer.text
+    job = await wait_job(api.db, answer.json()["id"])
+    assert job.status == "succeeded"
+    assert [(j, d["step"], d["total"]) for j, d in published] == [(job.id, 1, 3), (job.id, 2, 3)]
+    assert all(d["image"].startswith("data:image/jpeg;base64,") for _, d in published)
+    with api.db.read() as session:
+        stored = list(session.execute(select(JobEvent.type).where(JobEvent.job_id == job.id)).scalars())
+    assert "preview" not in stored and "completed" in stored
