@@ -5,6 +5,7 @@ a video made from that image, played; an over-limit input shown as a readable er
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -148,3 +149,57 @@ def test_an_over_limit_input_shows_a_readable_error_next_to_its_field(page: Any,
     expect(page.get_by_test_id("price")).to_have_text(re.compile(r"^\d+ credits?"), timeout=30_000)
     # Chromium logs the 422 answers as failed loads; nothing else may go wrong
     page.errors.assert_none(allow=(ROLE_PROBE, "422"))
+
+
+def test_an_uploaded_image_is_the_input_of_an_image_to_image_job(page: Any, console_stack: ConsoleStack,
+                                                                 tmp_path: Path) -> None:
+    from PIL import Image
+    from playwright.sync_api import expect
+
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(photo)
+    user = console_stack.user(credits=100)
+    sign_in(page, user.api_key)
+    expect(page.get_by_test_id("submit")).to_be_visible(timeout=30_000)
+    page.get_by_test_id("model-select").select_option("tiny-sd")
+    page.get_by_label("Prompt", exact=True).fill("a red square, repainted")
+    page.get_by_label("Upload an image").set_input_files(str(photo))
+    expect(page.get_by_test_id("image-status")).to_contain_text("Using upload", timeout=30_000)
+    expect(page.get_by_test_id("image-preview")).to_be_visible()
+    expect(page.get_by_test_id("price")).to_have_text(re.compile(r"^\d+ credits?"), timeout=30_000)
+    page.get_by_test_id("submit").click()
+    job_id = job_id_of(page)
+    expect(page.get_by_test_id("job-status")).to_contain_text("Succeeded", timeout=RUN_TIMEOUT_MS)
+    job = console_stack.api.job(user.api_key, job_id)
+    with console_stack.api.http(user.api_key) as client:
+        uploads = client.get("/v1/uploads").json()["data"]
+    assert job["task"] == "i2i"
+    assert [u["id"] for u in uploads] == [job["input"]["image"]]
+    page.errors.assert_none(allow=(ROLE_PROBE,))
+
+
+def test_a_queued_job_shows_its_place_in_the_queue(page: Any, console_stack: ConsoleStack) -> None:
+    """The live view shows GET /v1/jobs/{id}'s queue fields and the stream's ``queue`` events. A
+    queued job cannot be held in place on the embedded stack (the runner claims at once), so the
+    browser is given a queued job's answers by request interception."""
+    from playwright.sync_api import expect
+
+    user = console_stack.user(credits=100)
+    done = console_stack.api.run(user.api_key, "tiny-sd", {"prompt": "a lighthouse"})
+    queued = {**done, "status": "queued", "stage": None, "progress": 0.0, "outputs": [], "thumbnail_url": None,
+              "queue_position": 2, "eta_s": 12.0}
+    answers = [queued, {**queued, "queue_position": 0, "eta_s": 3.0}]  # then it moved up the queue
+    events = 'event: queue\ndata: {"queue_position": 0, "eta_s": 3.0}\n\n'
+    page.route(f"**/v1/jobs/{done['id']}", lambda route: route.fulfill(json=answers.pop(0) if len(answers) > 1
+                                                                       else answers[0]))
+    page.route(f"**/v1/jobs/{done['id']}/events",
+               lambda route: route.fulfill(body=events, headers={"content-type": "text/event-stream"}))
+    sign_in(page, user.api_key)
+    expect(page.get_by_test_id("submit")).to_be_visible(timeout=30_000)
+    page.goto(f"/#/job/{done['id']}")
+    position = page.get_by_test_id("queue-position")
+    # first the job's answer (3rd in line), then the stream's update (next in line)
+    expect(position).to_have_text("Position in queue: 1 · about 3 s to go", timeout=30_000)
+    expect(page.get_by_test_id("job-status")).to_contain_text("Queued")
+    expect(page.get_by_test_id("cancel")).to_be_visible()
+    screenshot(page, "job-queued")

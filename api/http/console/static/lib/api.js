@@ -161,8 +161,11 @@ export function streamEvents(jobId, handlers = {}, { maxRetries = 5 } = {}) {
     while (!closed && !done && failures <= maxRetries) {
       try {
         await once();
-        failures = 0;
-        if (!done && !closed) failures += 1; // the server ended the stream early: reconnect
+        if (done || closed) break;
+        // the server ended the stream before the job did (its time cap, a restart): reconnect,
+        // at once the first time, then backing off while it keeps ending early
+        failures += 1;
+        if (failures > 1) await new Promise((resolve) => setTimeout(resolve, Math.min(8000, 250 * 2 ** failures)));
       } catch (e) {
         if (closed || (e && e.name === "AbortError")) break;
         if (e instanceof ApiError && e.status >= 400 && e.status < 500) {
