@@ -105,7 +105,8 @@ function loraCard(initial, ctx, { onDelete }) {
   const error = h("p", { class: "error", role: "alert", hidden: true, dataset: { testid: "lora-error" } });
   const credits = h("p", { class: "muted lora-credits", dataset: { testid: "lora-credits" } });
   const generate = h("button", { type: "button", class: "primary", hidden: true, dataset: { testid: "lora-generate" },
-    onclick: () => ctx.navigate(`#/generate?lora=${encodeURIComponent(lora.id)}`) }, "Generate with it");
+    onclick: () => ctx.navigate(`#/generate?${new URLSearchParams({ model: lora.base_model, lora: lora.id })}`) },
+  "Generate with it");
   let confirming = false;
   const del = h("button", { type: "button", class: "danger", dataset: { testid: "lora-delete" } }, "Delete");
   const keep = h("button", { type: "button", hidden: true, dataset: { testid: "lora-delete-keep" } }, "Keep it");
@@ -325,8 +326,12 @@ function trainingForm(models, ctx, { onCreated }) {
     dataset: { testid: "input-trigger_word" } }),
   { name: "trigger_word", hint: "Put it in a prompt to call up your subject: “a photo of TOK”. "
     + "Letters, digits, _ - < > (up to 32)." });
+  // available models first; one that is not deployed here is listed but cannot be picked
+  const ordered = [...models.filter((m) => m.available !== false), ...models.filter((m) => m.available === false)];
   const base = field("Base model", h("select", { name: "base_model", dataset: { testid: "input-base_model" } },
-    models.map((m) => h("option", { value: m.id }, `${m.name} (${m.id})`))), { name: "base_model" });
+    ordered.map((m) => h("option", { value: m.id, disabled: m.available === false },
+      `${m.name} (${m.id})${m.available === false ? ` — unavailable: ${m.unavailable_reason || "not deployed"}` : ""}`))),
+  { name: "base_model" });
   const steps = field("Steps", h("input", { type: "number", name: "steps", required: true, step: 1,
     inputmode: "numeric", dataset: { testid: "input-steps" } }), { name: "steps", hint: " " });
   const stepsHint = steps.el.querySelector(".field-hint");
@@ -418,7 +423,7 @@ function trainingForm(models, ctx, { onCreated }) {
     h("p", {}, "Price: ", price), priceNote,
     formError,
     h("div", { class: "actions" }, submit, busy));
-  base.el.hidden = models.length < 2;
+  base.el.hidden = ordered.length < 2;
 
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
@@ -460,6 +465,7 @@ function trainingForm(models, ctx, { onCreated }) {
       name.input.value = "";
       if (ctx.refreshCredits) ctx.refreshCredits();
       onCreated(created);
+      quote(); // the balance beside the price moved
     } catch (err) {
       if (err instanceof ApiError && !showFieldErrors(err, fields)) {
         const target = ["too_many_files", "invalid_upload", "payload_too_large", "no_images",
@@ -569,7 +575,7 @@ export default {
       h("p", { class: "muted" }, "A LoRA teaches a model your subject from a few photos. Train it once, then use it "
         + "in any generation on its base model."));
     let form = null;
-    if (trainable.length) {
+    if (trainable.some((m) => m.available !== false)) {
       form = trainingForm(trainable, ctx, {
         onCreated: (created) => {
           const { job, ...lora } = created;
@@ -580,7 +586,7 @@ export default {
       root.append(form.el);
     } else {
       root.append(h("p", { class: "card", dataset: { testid: "lora-no-trainable" } },
-        "No model on this server can be trained."));
+        "No model on this server can be trained right now."));
     }
     root.append(h("h2", {}, "Your LoRAs"), empty, listEl);
     for (const lora of list.data || []) add(lora);
