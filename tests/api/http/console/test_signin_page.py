@@ -108,3 +108,19 @@ def test_phone_width_layout(make_page: Callable[..., Any], console_stack: Consol
     expect(page.get_by_test_id("submit")).to_be_visible(timeout=30_000)
     screenshot(page, "generate-phone")
     page.errors.assert_none(allow=(ROLE_PROBE,))
+
+
+def test_the_dark_theme_follows_the_system(make_page: Callable[..., Any], console_stack: ConsoleStack) -> None:
+    from playwright.sync_api import expect
+
+    def background(color_scheme: str) -> tuple[int, ...]:
+        page = make_page(color_scheme=color_scheme)
+        page.goto("/")
+        expect(page.get_by_test_id("api-key")).to_be_visible(timeout=30_000)
+        rgb = page.evaluate("getComputedStyle(document.body).backgroundColor")
+        if color_scheme == "dark":
+            screenshot(page, "signin-dark")
+        return tuple(int(x) for x in rgb[rgb.index("(") + 1:rgb.index(")")].split(",")[:3])
+
+    assert sum(background("light")) > 600
+    assert sum(background("dark")) < 150

@@ -1,7 +1,7 @@
 // Credits: balance, reserved and plan (GET /v1/credits, /v1/plans) and the ledger's transactions
 // (GET /v1/credits/transactions, newest first, paginated by next_cursor).
 
-import { errorText, formatCredits, formatDate, h, replace, shortId } from "../lib/ui.js";
+import { errorText, formatCredits, formatDate, h, shortId } from "../lib/ui.js";
 
 const PAGE_SIZE = 20; // #/credits?limit=<n> asks for another page size (1-200)
 const KIND_LABEL = {
@@ -25,7 +25,7 @@ export default {
       api("/v1/credits", { signal }),
       api("/v1/plans", { signal }).catch(() => ({ data: [] })),
     ]);
-    ctx.whoami.credits = credits;
+    ctx.refreshCredits(); // the header's balance too
     const plan = plans.data.find((p) => p.id === credits.plan);
     root.append(h("div", { class: "stats" },
       stat("Available", formatCredits(credits.balance), "balance"),
@@ -81,7 +81,6 @@ export default {
     }
     more.addEventListener("click", load);
     await load();
-    replace(document.querySelector("[data-testid=header-balance]") || h("span"), formatCredits(credits.balance));
     return null;
   },
 };

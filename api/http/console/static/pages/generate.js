@@ -296,8 +296,11 @@ export default {
         h("span", { class: "tag", dataset: { testid: "model-price" } }, priceSummary(model)),
         model.description ? h("span", {}, model.description) : null);
       spec = formFromSpec(fieldSpecs(model));
-      // keep what the user typed where the new model has the same field; a "run again" fills all
-      const carry = source && source.model === model.id ? source.input : previous;
+      // a "run again" fills every field; switching models keeps the prompts and the seed (sizes
+      // and steps start from the new model's defaults, which fit its limits)
+      const keep = ["prompt", "negative_prompt", "seed"];
+      const carry = source && source.model === model.id ? source.input
+        : previous && Object.fromEntries(keep.filter((k) => k in previous).map((k) => [k, previous[k]]));
       if (carry) {
         for (const [name, f] of Object.entries(spec.fields)) {
           if (carry[name] !== undefined && carry[name] !== null && name !== "num_outputs") f.input.value = carry[name];
