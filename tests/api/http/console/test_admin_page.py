@@ -9,13 +9,14 @@ bad swap source is answered with a readable error. Screenshots at desktop and ph
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import httpx
 import pytest
 
 from tests.fixtures.browser import ConsoleStack, screenshot
-from tests.fixtures.harness import ADMIN_KEY, bearer
+from tests.fixtures.harness import ADMIN_KEY, add_user, bearer
 
 pytestmark = [pytest.mark.ray, pytest.mark.browser]
 
@@ -152,3 +153,15 @@ def test_a_user_does_not_see_admin(page: Any, console_stack: ConsoleStack) -> No
     expect(page.get_by_test_id("page-admin")).to_have_count(0)
     assert admin_calls == []
     page.errors.assert_none(allow=(USER_PROBE,))
+
+
+def test_an_admin_user_sees_both_sides(page: Any, console_stack: ConsoleStack) -> None:
+    admin = add_user(console_stack.api.db, console_stack.api.settings, credits=3, admin=True,
+                     email=f"ops-{uuid.uuid4().hex[:10]}@example.com")
+    sign_in(page, admin.api_key)
+    expect(page.get_by_test_id("role")).to_have_text("Admin")
+    expect(page.get_by_test_id("nav-loras")).to_be_visible()  # a user's pages too
+    page.get_by_test_id("nav-admin").click()
+    expect(page.get_by_test_id("page-admin")).to_contain_text("Signed in as an admin user.")
+    expect(page.get_by_test_id("stat-users")).to_be_visible()
+    page.errors.assert_none()
