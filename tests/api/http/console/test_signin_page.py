@@ -104,6 +104,11 @@ def test_phone_width_layout(make_page: Callable[..., Any], console_stack: Consol
     page.keyboard.press("Tab")
     page.keyboard.press("Enter")
     expect(page.get_by_test_id("page-library")).to_be_visible(timeout=30_000)
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375
+    page.get_by_test_id("nav-credits").click()
+    expect(page.get_by_test_id("balance")).to_be_visible(timeout=30_000)
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375  # the table scrolls in its box
+    screenshot(page, "credits-phone")
     page.get_by_test_id("nav-generate").click()
     expect(page.get_by_test_id("submit")).to_be_visible(timeout=30_000)
     screenshot(page, "generate-phone")
