@@ -9,6 +9,7 @@ bad swap source is answered with a readable error. Screenshots at desktop and ph
 
 from __future__ import annotations
 
+import re
 import uuid
 from typing import Any
 
@@ -127,9 +128,9 @@ def test_admin_grants_credits_and_manages_users(page: Any, console_stack: Consol
     page.errors.assert_none(allow=(ADMIN_PROBE, "status of 422 (Unprocessable"))
 
 
-def test_admin_page_at_phone_width(make_page: Any, console_stack: ConsoleStack) -> None:
+def test_admin_page_at_phone_width_in_the_dark(make_page: Any, console_stack: ConsoleStack) -> None:
     console_stack.user(credits=5)
-    page = make_page(viewport={"width": 375, "height": 800})
+    page = make_page(viewport={"width": 375, "height": 800}, color_scheme="dark")
     sign_in(page, ADMIN_KEY)
     expect(page.get_by_test_id("page-admin")).to_be_visible()
     expect(page.get_by_test_id("user-row").first).to_be_visible()
@@ -137,6 +138,10 @@ def test_admin_page_at_phone_width(make_page: Any, console_stack: ConsoleStack) 
     # wide tables scroll inside their own box; the page itself does not scroll sideways
     width = page.evaluate("document.documentElement.scrollWidth")
     assert width <= 375, f"the page is {width} px wide at a 375 px viewport"
+    # the system's dark theme: the shell's variables, which the page's own CSS uses too
+    background = page.evaluate("getComputedStyle(document.querySelector('.stat')).backgroundColor")
+    red, green, blue = (int(v) for v in re.findall(r"\d+", background)[:3])
+    assert red + green + blue < 3 * 80, f"a stat card is {background} in the dark theme"
     screenshot(page, "admin-mobile")
     page.errors.assert_none(allow=(ADMIN_PROBE,))
 
