@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from api.db.tables import Job
 from tests.fixtures.browser import ConsoleStack, screenshot
 from tests.fixtures.harness import ADMIN_KEY, add_user, bearer
 
@@ -50,6 +51,10 @@ def user_row(page: Any, user_id: str) -> Any:
 def test_admin_grants_credits_and_manages_users(page: Any, console_stack: ConsoleStack) -> None:
     customer = console_stack.user(credits=40)
     other = console_stack.user(credits=0)
+    with console_stack.api.db.session() as session:  # a failed job for the failure reasons (never run)
+        session.add(Job(user_id=customer.user.id, model="tiny-sd", kind="image", task="t2i", status="failed",
+                        error_code="console_test_failure"))
+        session.commit()
     sign_in(page, ADMIN_KEY)
     expect(page.get_by_test_id("page-admin")).to_be_visible()  # the admin key's home
     expect(page.get_by_test_id("role")).to_have_text("Admin key")
@@ -61,7 +66,8 @@ def test_admin_grants_credits_and_manages_users(page: Any, console_stack: Consol
     expect(page.get_by_test_id("stat-success-rate")).to_contain_text(
         "—" if rate is None else f"{rate * 100:.1f} %")
     expect(page.get_by_test_id("stat-overflow")).to_contain_text(str(stats["overflow"]["jobs"]))
-    expect(page.get_by_test_id("failures-table").or_(page.get_by_test_id("failures-none"))).to_be_visible()
+    expect(page.get_by_test_id("failures-table").locator("tr", has_text="console_test_failure")).to_contain_text("tiny-sd")
+    assert stats["outcomes"]["by_status"]["failed"] >= 1
 
     # models with availability, as /v1/models says
     models = api_get(console_stack, ADMIN_KEY, "/v1/models").json()["data"]
