@@ -42,6 +42,7 @@ from starlette.background import BackgroundTask
 from api.core.errors import CineWeaveError, InvalidInput, NotFound
 from api.core.jobs import JobStatus
 from api.db.tables import Job, Upload, User
+from api.http.bodies import read_capped
 from api.http.deps import CurrentUser, State
 from api.http.state import AppState
 from api.services import media_convert
@@ -367,15 +368,6 @@ def upload_slot(request: Request, state: AppState) -> contextlib.AbstractContext
     return state.uploads.admit() if is_multipart(request) else contextlib.nullcontext()
 
 
-async def _capped_body(request: Request, cap: int) -> bytes:
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > cap:
-            raise PayloadTooLarge(f"the request body is more than {cap} bytes", {"max_bytes": cap})
-    return bytes(body)
-
-
 async def read_body(request: Request, state: AppState) -> tuple[dict[str, Any], Files]:
     """A JSON object or a multipart form: its fields, and its files by field name (``image[]``
     counts as ``image``). The multipart body streams through the upload service's parser, so its
@@ -390,7 +382,7 @@ async def read_body(request: Request, state: AppState) -> tuple[dict[str, Any], 
                                   {"max_bytes": JSON_BODY_BYTES})
         try:
             async with asyncio.timeout(s.upload_read_timeout_s):
-                raw = await _capped_body(request, JSON_BODY_BYTES)
+                raw = await read_capped(request, JSON_BODY_BYTES)
         except TimeoutError:
             raise UploadTimeout(f"the body did not arrive within {s.upload_read_timeout_s:g} s",
                                 {"timeout_s": s.upload_read_timeout_s}) from None

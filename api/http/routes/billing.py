@@ -18,6 +18,7 @@ from api.http.billing_schemas import (
     subscription_view,
     usage_view,
 )
+from api.http.bodies import WEBHOOK_BODY_BYTES, read_capped
 from api.http.deps import CurrentUser, State
 from api.http.schemas import Accepted, error_responses
 from api.http.state import AppState
@@ -64,10 +65,10 @@ def get_usage(user: CurrentUser, state: State, team: TeamQuery = None) -> dict[s
     return usage_view(billing(state).usage(user, team))
 
 
-@router.post("/webhooks/stripe", tags=["billing"], response_model=Accepted, responses=error_responses(400, 404))
+@router.post("/webhooks/stripe", tags=["billing"], response_model=Accepted, responses=error_responses(400, 404, 413))
 async def stripe_webhook(request: Request, state: State,
                          stripe_signature: Annotated[str | None, Header()] = None) -> dict[str, Any]:
     """Stripe events, verified with the endpoint's signing secret; each applied once."""
-    payload = await request.body()
+    payload = await read_capped(request, WEBHOOK_BODY_BYTES)
     await run_in_threadpool(billing(state).handle_webhook, payload, stripe_signature)
     return {"ok": True}

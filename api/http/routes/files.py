@@ -9,6 +9,7 @@ from fastapi.responses import FileResponse
 
 from api.core.errors import NotFound, Unauthorized
 from api.core.executor import ProviderWebhookReceiver
+from api.http.bodies import WEBHOOK_BODY_BYTES, read_capped
 from api.http.deps import State
 from api.http.schemas import Accepted, error_responses
 from api.storage.local import LocalStorage
@@ -39,13 +40,13 @@ def get_file(key: str, state: State, expires: int = Query(..., ge=0, le=2**40),
 
 
 @router.post("/v1/webhooks/{provider}", tags=["providers"], response_model=Accepted,
-             responses=error_responses(401, 404))
+             responses=error_responses(401, 404, 413))
 async def provider_webhook(provider: str, request: Request, state: State) -> dict[str, Any]:
     """Callbacks from an overflow provider (Replicate). Signature and timestamp are verified."""
     receiver = state.executor
     if provider not in ("replicate",) or not isinstance(receiver, ProviderWebhookReceiver):
         raise NotFound(f"no webhook endpoint for {provider}")
-    body = await request.body()
+    body = await read_capped(request, WEBHOOK_BODY_BYTES)
     accepted = await receiver.handle_webhook(provider, dict(request.headers), body)
     if not accepted:
         raise Unauthorized("webhook signature or timestamp is invalid", code="invalid_signature")

@@ -207,3 +207,18 @@ async def test_a_team_admin_buys_for_the_team(bapi: ApiHarness, fake_stripe: Fak
     assert refused.status_code == 403
     usage = await bapi.client.get(f"/v1/billing/usage?team={team_id}", headers=bearer(admin.api_key))
     assert usage.status_code == 200 and usage.json()["account_id"] == team_id
+
+
+async def test_an_oversized_webhook_body_is_refused_unread(bapi: ApiHarness) -> None:
+    """A signed-looking body past the cap is 413 before any parsing: nothing is applied or stored."""
+    from api.http.bodies import WEBHOOK_BODY_BYTES
+
+    user = bapi.user(credits=0)
+    obj = pack_completed(user.user.id)
+    obj["metadata"]["padding"] = "x" * (WEBHOOK_BODY_BYTES + 1)
+    payload = event("checkout.session.completed", obj)
+    r = await post_event(bapi, "", {}, payload=payload)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+    assert balance(bapi.db, user.user.id).available == 0 and ledger_rows(bapi.db, user.user.id) == []
+    replicate = await bapi.client.post("/v1/webhooks/replicate", content=b"{" + b" " * WEBHOOK_BODY_BYTES + b"}")
+    assert replicate.status_code in (404, 413)  # 404 when this stack has no provider receiver
