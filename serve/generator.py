@@ -78,7 +78,7 @@ from serve.errors import classify
 from serve.lora_cache import LoraFileCache
 from serve.messages import RESULT_NAME, ReplicaRequest, ResultRecord
 from serve.previews import PreviewPump
-from serve.testhooks import StepHooks
+from serve.testhooks import Hold, StepHooks
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class _Run:
     canceled: bool = False
     finished_at: float | None = None
     attempts: list[int] = field(default_factory=list)
-    hold: tuple[str, int] | None = None
+    hold: Hold | None = None
     bucket: tuple[Any, ...] = ()
     """Its batching key (see the module doc): runs batch together only within one bucket."""
     bucket_label: str = ""
@@ -692,8 +692,8 @@ class GeneratorServer:
             loop.call_soon_threadsafe(progress.put_nowait, (done, total))
             if self.hooks is not None:
                 for run in batch:
-                    if run.hold is not None and run.hold[1] == done:
-                        self.hooks.hold(run.job_id, run.hold[0], done, lambda r=run: r.canceled)
+                    if run.hold is not None and done in run.hold.steps:
+                        self.hooks.hold(run.job_id, run.hold.token, done, lambda r=run: r.canceled)
 
         on_latents = self.previews.callback(
             [run.job_id for run in batch], counts,

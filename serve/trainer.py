@@ -211,14 +211,14 @@ class TrainerServer:
             self.last_run = {**self.last_run, "step": step}
 
         hold = self.hooks.hold_for(str(data.get("trigger_word") or "")) if self.hooks is not None else None
+        hold_steps = list(hold.steps) if hold is not None else []
 
         def on_checkpoint(path: Path, step: int) -> None:
-            nonlocal hold
             key = self._store_checkpoint(path, step, prefix)
             emit(CheckpointEvent(key, step))
-            if hold is not None and self.hooks is not None and step >= hold[1]:  # tests only
-                self.hooks.hold(str(request["job_id"]), hold[0], step, cancelled)
-                hold = None
+            if hold is not None and self.hooks is not None and hold_steps and step >= hold_steps[0]:  # tests only
+                self.hooks.hold(str(request["job_id"]), hold.token, step, cancelled)
+                hold_steps[:] = [s for s in hold_steps if s > step]
 
         trainer = LoraTrainer(loaded, config, pipeline_kwargs=spec.pipeline_kwargs)
         result = trainer.train(images, work / "run", on_step=on_step, should_cancel=cancelled,

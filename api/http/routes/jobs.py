@@ -137,6 +137,11 @@ async def _stream(state: AppState, request: Request, job_id: str, after: int) ->
                 after = event.id
                 data = dict(event.data)
                 if event.type == "completed":
+                    # a preview still pending goes first: after the terminal event the stream ends
+                    preview = state.bus.preview(job_id, preview_after)
+                    if preview is not None:
+                        preview_after = preview[0]
+                        yield {"event": "preview", "data": json.dumps(preview[1])}
                     job = await run_in_threadpool(state.jobs.get, None, job_id)
                     data["job"] = state.job_view(job)
                 yield {"id": str(event.id), "event": event.type, "data": json.dumps(data)}

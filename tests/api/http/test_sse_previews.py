@@ -265,3 +265,51 @@ async def test_runner_hands_every_preview_to_the_bus_and_stores_none(make_api: A
     with api.db.read() as session:
         stored = list(session.execute(select(JobEvent.type).where(JobEvent.job_id == job.id)).scalars())
     assert "preview" not in stored and "completed" in stored
+
+
+async def test_stream_sends_a_pending_preview_before_the_completed_event(make_api: Any) -> None:
+    """A preview published in the same wake-up as the job's end (the preview, then the completed
+    event stored by another process) still reaches the stream, ahead of ``completed``, which ends it.
+    The stream is driven directly; its request stub says when the stream is about to wait."""
+    from api.http.routes.jobs import _stream
+    from api.services.events import record_event
+
+    api = await make_api(run_runner=False)  # nothing runs the job: the test stores its events
+    user = api.user(credits=10)
+    answer = await api.submit(user.api_key, input={"prompt": "a cat", "steps": 4})
+    assert answer.status_code == 202, answer.text
+    job_id = answer.json()["id"]
+    waiting = asyncio.Event()
+
+    class Request:
+        async def is_disconnected(self) -> bool:
+            waiting.set()  # the stream's next step is the wait for a wake-up
+            return False
+
+    stream = _stream(api.state, Request(), job_id, 0)  # type: ignore[arg-type]
+    seen: list[str] = []
+    for _ in range(20):  # the stored events so far, until the stream waits
+        step = asyncio.ensure_future(stream.__anext__())
+        waiter = asyncio.ensure_future(waiting.wait())
+        await asyncio.wait({step, waiter}, timeout=STREAM_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
+        if step.done():
+            waiter.cancel()
+            seen.append(step.result()["event"])
+            continue
+        assert waiting.is_set(), "the stream neither sent an event nor waited"
+        break
+    else:
+        raise AssertionError(f"the stream never waited: {seen}")
+    assert "completed" not in seen
+    # the last preview and the job's end land together, before the stream reads again
+    api.state.bus.publish_preview(job_id, {"step": 4, "total": 4, "image": "data:image/jpeg;base64,AA=="})
+    with api.db.session() as session:
+        record_event(session, job_id, "completed", {"status": "succeeded"})
+        session.commit()
+    first = await asyncio.wait_for(step, STREAM_TIMEOUT_S)
+    rest = [first["event"]]
+    async for event in stream:  # ends at completed (bounded: it returns right after)
+        rest.append(event["event"])
+        assert len(rest) < 10, rest
+    assert rest == ["preview", "completed"], rest
+    await stream.aclose()

@@ -55,8 +55,9 @@ def test_generate_an_image_with_previews_then_a_video_from_it(page: Any, console
     assert (width.get_attribute("min"), width.get_attribute("max"), width.get_attribute("step")) == ("32", "256", "8")
     assert page.get_by_label("Steps").get_attribute("max") == "50"
 
-    # held after step 2 of 16 (the harness's hook): the stream is live before the first preview
-    token = ray_api.hold(step=2)
+    # held after step 2 of 16, then after step 5 (the harness's hook): the stream is live before the
+    # first preview (every 2 steps), and the step-4 preview is sent while the job is held at 5
+    token = ray_api.hold(steps=(2, 5))
     page.get_by_label("Prompt", exact=True).fill(f"a lighthouse at dusk {token}")
     page.get_by_label("Steps").fill("16")
     price = page.get_by_test_id("price")
@@ -67,17 +68,21 @@ def test_generate_an_image_with_previews_then_a_video_from_it(page: Any, console
     page.get_by_test_id("submit").click()
 
     job_id = job_id_of(page)
-    ray_api.wait_held(job_id)
+    assert ray_api.wait_held(job_id, step=2) == 2
     expect(page.get_by_test_id("progress-text")).to_have_text("2/16", timeout=30_000)  # from the SSE stream
     held_at = progress_value(page)
     assert 0 < held_at < 100
     expect(page.get_by_test_id("job-status")).to_contain_text("Running")
     screenshot(page, "job-live")
     ray_api.release(job_id)
-    # at least one preview arrived (the figure counts them; it gives way to the result at the end)
+    # held again at 5: the previews of steps 2 and 4 were rendered before it, so at least one is on
+    # the page while the job cannot finish (the figure counts them; it gives way to the result at the end)
+    assert ray_api.wait_held(job_id, step=5) == 5
     expect(page.get_by_test_id("preview-figure")).to_have_attribute("data-count", re.compile(r"^[1-9]"),
                                                                      timeout=60_000)
     assert (page.get_by_test_id("preview").get_attribute("src") or "").startswith("data:image/jpeg;base64,")
+    expect(page.get_by_test_id("job-status")).to_contain_text("Running")
+    ray_api.release(job_id)
     expect(page.get_by_test_id("job-status")).to_contain_text("Succeeded", timeout=RUN_TIMEOUT_MS)
     assert progress_value(page) == 100
     image = page.get_by_test_id("job-result").get_by_test_id("output-image")
