@@ -67,6 +67,7 @@ from api.core.executor import ExecutionRequest, Executor
 from api.core.jobs import JobStatus
 from api.db.engine import Database, DatabaseBusy
 from api.db.tables import Job, User, utcnow
+from api.runner.preview_notify import PreviewThrottle
 from api.services.events import EventBus, record_event
 from api.services.notify import MAX_PAYLOAD_BYTES, Notifier, call_on_loop
 from api.services.settlement import (
@@ -175,9 +176,8 @@ class Runner:
         # nothing new was queued since the queue was last seen empty (a freed slot needs no query)
         self._queued_seen = 0
         self._queued_claimed = -1
-        # job id -> the newest preview waiting for the NOTIFY in flight (None: nothing waits)
-        self._preview_outbox: dict[str, dict[str, Any] | None] = {}
-        self._preview_sends: set[asyncio.Task[None]] = set()
+        # cross-process previews (PostgreSQL NOTIFY): paced per job, bounded in concurrency
+        self.preview_throttle = PreviewThrottle(self._send_preview)
 
     # threads -----------------------------------------------------------------------------
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
@@ -659,6 +659,8 @@ class Runner:
         for event, type_, data in settled.recorded:
             self._after_record(job_id, event, type_, data)
         terminal = settled.status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
+        if terminal:
+            self.preview_throttle.forget(job_id)  # a preview still waiting is of a finished job
         try:
             self.bus.publish(job_id, "completed" if terminal else "status", {"status": settled.status})
         except Exception:  # noqa: BLE001 - listeners also poll; the settlement is committed
@@ -670,9 +672,10 @@ class Runner:
         """Hand a step preview to SSE subscribers, never blocking the job.
 
         In this process through the bus. On PostgreSQL also to the other API processes, as a NOTIFY
-        (kind ``events``, type ``preview``) when it fits the payload limit: one in flight per job,
-        and only the newest waiting one is sent after it (the others are dropped). A preview too
-        big for a notification reaches only this process's streams.
+        (kind ``events``, type ``preview``) when it fits the payload limit, paced by
+        :class:`~api.runner.preview_notify.PreviewThrottle` (at most one per job per 250 ms, the
+        newest wins, a few at once). A preview too big for a notification reaches only this
+        process's streams.
         """
         data = {"step": event.step, "total": event.total, "image": event.image,
                 "width": event.width, "height": event.height}
@@ -681,29 +684,19 @@ class Runner:
         if notifier is None or not notifier.postgres or not _fits_notify(notice):
             self.bus.publish_preview(job_id, data)
             return
-        if job_id in self._preview_outbox:  # a NOTIFY of this job is in flight: keep only the newest
-            self._preview_outbox[job_id] = notice
-            return
-        self._preview_outbox[job_id] = None
-        task = asyncio.get_running_loop().create_task(self._send_previews(notifier, job_id, notice))
-        self._preview_sends.add(task)
-        task.add_done_callback(self._preview_sends.discard)
+        self.preview_throttle.offer(job_id, notice)
 
-    async def _send_previews(self, notifier: Notifier, job_id: str, notice: dict[str, Any]) -> None:
-        """Send ``notice`` (its own process hears it after the commit, the others through the
-        server), then the newest one that came meanwhile, until none waits."""
-        next_notice: dict[str, Any] | None = notice
+    async def _send_preview(self, job_id: str, notice: dict[str, Any]) -> None:
+        """One preview NOTIFY (its own process hears it after the commit, the others through the
+        server), off the event loop; on failure at least this process's streams get it."""
+        notifier = self.notifier
         try:
-            while next_notice is not None:
-                try:
-                    await asyncio.to_thread(notifier.publish, "events", next_notice)
-                except Exception as exc:  # noqa: BLE001 - at least this process's streams get it
-                    logger.debug("preview NOTIFY of job %s failed: %s", job_id, exc)
-                    self.bus.publish_preview(job_id, next_notice["preview"])
-                next_notice = self._preview_outbox.get(job_id)
-                self._preview_outbox[job_id] = None
-        finally:
-            self._preview_outbox.pop(job_id, None)
+            if notifier is None:
+                raise RuntimeError("no notifier")
+            await asyncio.to_thread(notifier.publish, "events", notice)
+        except Exception as exc:  # noqa: BLE001 - at least this process's streams get it
+            logger.debug("preview NOTIFY of job %s failed: %s", job_id, exc)
+            self.bus.publish_preview(job_id, notice["preview"])
 
     def _after_record(self, job_id: str, event: ExecutorEvent, type_: str, data: dict[str, Any]) -> None:
         """Side effects of a committed record: never retried with the write, never failing the job."""
