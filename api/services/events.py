@@ -9,8 +9,9 @@ change, its webhook and its announcement commit together or not at all.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
@@ -150,6 +151,11 @@ def events_of(session: Session, job_ids: list[str], types: tuple[str, ...],
 
 PREVIEWS_KEPT = 1024
 """Jobs whose newest step preview the bus holds (one each; a job's goes when it completes)."""
+COMPLETED_KEPT = 1024
+"""Recently completed jobs the bus remembers, so a late preview of one (in flight from another
+process when the job ended) is not held again."""
+MAX_PREVIEW_BYTES = 64 * 1024
+"""The largest preview the bus holds (its JSON): a step preview is a small JPEG of a few KB."""
 
 
 class EventBus:
@@ -157,7 +163,9 @@ class EventBus:
 
     Step previews (:meth:`publish_preview`) are live only: the bus keeps the newest one per job
     (each with a sequence number) and wakes the job's streams; they are never stored, never given
-    to listeners (so never to webhooks), and a stream sends only those newer than its start.
+    to listeners (so never to webhooks), and a stream sends only those newer than its start. A
+    job's pending preview goes when the bus hears it completed (here or from another process), and
+    later previews of it are ignored.
     """
 
     def __init__(self) -> None:
@@ -166,6 +174,7 @@ class EventBus:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._previews: dict[str, tuple[int, dict[str, Any]]] = {}
         self._preview_seq = 0
+        self._completed: OrderedDict[str, None] = OrderedDict()  # recent ids, oldest first
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """The loop listeners live on; ``publish`` from a worker thread is handed to it."""
@@ -188,7 +197,7 @@ class EventBus:
 
     def _publish_now(self, job_id: str, type_: str, data: dict[str, Any]) -> None:
         if type_ == "completed":
-            self._previews.pop(job_id, None)
+            self._completed_now(job_id)
         for waiter in list(self._waiters.get(job_id, ())):
             waiter.set()
         for listener in self._listeners:
@@ -213,24 +222,40 @@ class EventBus:
         if message.get("type") == "preview" and isinstance(job_id, str) and isinstance(preview, dict):
             self._preview_now(job_id, preview)
             return
+        if message.get("type") == "completed" and isinstance(job_id, str):
+            self._completed_now(job_id)
         self.wake(job_id if isinstance(job_id, str) else None)
 
     # step previews (live only, see the class doc) ------------------------------------------------
-    def publish_preview(self, job_id: str, data: dict[str, Any]) -> None:
+    def publish_preview(self, job_id: str, data: dict[str, Any]) -> bool:
         """Hold ``data`` as the job's newest preview (replacing an unsent one) and wake its streams;
-        from any thread."""
+        from any thread. False (nothing held) for a preview over :data:`MAX_PREVIEW_BYTES`."""
+        size = len(json.dumps(data, separators=(",", ":")))
+        if size > MAX_PREVIEW_BYTES:
+            logger.warning("preview of job %s dropped: %d bytes (at most %d)", job_id, size, MAX_PREVIEW_BYTES)
+            return False
         if self._loop is None:
             self._preview_now(job_id, data)
         else:
             call_on_loop(self._loop, self._preview_now, job_id, data)
+        return True
 
     def _preview_now(self, job_id: str, data: dict[str, Any]) -> None:
+        if job_id in self._completed:  # late (in flight when the job ended): nobody needs it
+            return
         self._preview_seq += 1
         self._previews.pop(job_id, None)
         self._previews[job_id] = (self._preview_seq, data)
         while len(self._previews) > PREVIEWS_KEPT:
             del self._previews[next(iter(self._previews))]
         self.wake(job_id)
+
+    def _completed_now(self, job_id: str) -> None:
+        self._previews.pop(job_id, None)
+        self._completed.pop(job_id, None)
+        self._completed[job_id] = None
+        while len(self._completed) > COMPLETED_KEPT:
+            self._completed.popitem(last=False)
 
     def preview_seq(self) -> int:
         """The sequence number of the newest preview so far (a stream sends only later ones)."""

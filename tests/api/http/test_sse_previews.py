@@ -268,11 +268,11 @@ async def test_runner_hands_every_preview_to_the_bus_and_stores_none(make_api: A
 
 
 async def test_stream_sends_a_pending_preview_before_the_completed_event(make_api: Any) -> None:
-    """A preview published in the same wake-up as the job's end (the preview, then the completed
-    event stored by another process) still reaches the stream, ahead of ``completed``, which ends it.
-    The stream is driven directly; its request stub says when the stream is about to wait."""
+    """A preview pending when the stream reads the job's ``completed`` event from the table (stored
+    by another process whose announcement this bus has not heard yet: heard, it drops the preview)
+    still reaches the stream, ahead of ``completed``, which ends it. The stream is driven directly;
+    its request stub says when the stream is about to wait."""
     from api.http.routes.jobs import _stream
-    from api.services.events import record_event
 
     api = await make_api(run_runner=False)  # nothing runs the job: the test stores its events
     user = api.user(credits=10)
@@ -304,7 +304,7 @@ async def test_stream_sends_a_pending_preview_before_the_completed_event(make_ap
     # the last preview and the job's end land together, before the stream reads again
     api.state.bus.publish_preview(job_id, {"step": 4, "total": 4, "image": "data:image/jpeg;base64,AA=="})
     with api.db.session() as session:
-        record_event(session, job_id, "completed", {"status": "succeeded"})
+        session.add(JobEvent(job_id=job_id, type="completed", data={"status": "succeeded"}))
         session.commit()
     first = await asyncio.wait_for(step, STREAM_TIMEOUT_S)
     rest = [first["event"]]
@@ -313,3 +313,54 @@ async def test_stream_sends_a_pending_preview_before_the_completed_event(make_ap
         assert len(rest) < 10, rest
     assert rest == ["preview", "completed"], rest
     await stream.aclose()
+
+
+def test_bus_drops_a_preview_when_another_process_says_the_job_completed() -> None:
+    bus = EventBus()
+    bus.publish_preview("job_a", {"step": 2})
+    bus.publish_preview("job_b", {"step": 2})
+    # the completed event's notification, as record_event announces it (from any process)
+    bus.on_notification({"k": "events", "job": "job_a", "type": "completed"})
+    assert bus.preview("job_a", 0) is None
+    assert bus.preview("job_b", 0) is not None  # another job's stays
+    bus.on_notification({"k": "events", "job": "job_b", "type": "progress"})
+    assert bus.preview("job_b", 0) is not None  # only the end drops it
+
+
+def test_bus_ignores_previews_of_a_job_whose_end_it_saw() -> None:
+    bus = EventBus()
+    bus.on_notification({"k": "events", "job": "job_a", "type": "completed"})
+    # a preview NOTIFY in flight when the job ended, and a local one
+    bus.on_notification({"k": "events", "job": "job_a", "type": "preview", "preview": {"step": 4}})
+    bus.publish_preview("job_a", {"step": 4})
+    assert bus.preview("job_a", 0) is None
+    bus.publish("job_c", "completed", {"status": "succeeded"})  # this process's end counts too
+    bus.publish_preview("job_c", {"step": 4})
+    assert bus.preview("job_c", 0) is None
+    bus.publish_preview("job_b", {"step": 4})  # a live job's preview is held as before
+    assert bus.preview("job_b", 0) is not None
+
+
+def test_bus_remembers_a_bounded_number_of_ended_jobs() -> None:
+    from api.services.events import COMPLETED_KEPT
+
+    bus = EventBus()
+    for index in range(COMPLETED_KEPT + 10):
+        bus.on_notification({"k": "events", "job": f"job_{index}", "type": "completed"})
+    assert len(bus._completed) == COMPLETED_KEPT
+    bus.publish_preview("job_0", {"step": 1})  # forgotten (oldest): a preview is held again
+    assert bus.preview("job_0", 0) is not None
+    bus.publish_preview(f"job_{COMPLETED_KEPT + 9}", {"step": 1})  # the newest are remembered
+    assert bus.preview(f"job_{COMPLETED_KEPT + 9}", 0) is None
+
+
+def test_bus_rejects_a_preview_over_64_kb() -> None:
+    from api.services.events import MAX_PREVIEW_BYTES
+
+    bus = EventBus()
+    big = {"step": 2, "image": "data:image/jpeg;base64," + "A" * MAX_PREVIEW_BYTES}
+    assert bus.publish_preview("job_a", big) is False
+    assert bus.preview("job_a", 0) is None
+    small = {"step": 2, "image": "data:image/jpeg;base64," + "A" * 4000}
+    assert bus.publish_preview("job_a", small) is True
+    assert bus.preview("job_a", 0) is not None
