@@ -4,7 +4,11 @@ Rules, enforced by the database and not only by this code:
 - the balance never goes below zero (CHECK constraints; reservation is a conditional UPDATE);
 - every operation has an idempotency key (UNIQUE): doing it twice changes nothing the second time;
 - a job has at most one reserve, one capture and one refund (UNIQUE (job_id, kind)), and never
-  both a capture and a refund (they share the key ``settle:{job}``).
+  both a capture and a refund (they share the key ``settle:{job}``);
+- debt (``Balance.debt``: a refunded or disputed payment whose credits were already spent or held)
+  is paid from whatever becomes available: each credit and each job refund pays
+  ``min(debt, available)`` as a DEBT_PAID entry in the same transaction (:func:`pay_debt`), so an
+  account in debt has nothing available.
 
 Each operation runs inside a SAVEPOINT, so a lost race (a concurrent duplicate) rolls back only
 itself and the caller's transaction goes on.
@@ -137,12 +141,28 @@ def credit(session: Session, user_id: str, amount: int, key: str, *, kind: Entry
         return found
     entry = _apply(session, user_id, kind, amount, key, job_id=None, note=note,
                    d_available=amount, d_reserved=0)
-    owed = min(get_debt(session, user_id), amount, get_balance(session, user_id).available)
-    if owed > 0:
-        _apply(session, user_id, EntryKind.DEBT_PAID, owed, f"{key}:debt", job_id=None,
-               note=f"debt paid from {kind.value} {key}", d_available=-owed, d_reserved=0,
-               guard_available=owed, d_debt=-owed, guard_debt=owed)
+    pay_debt(session, user_id, f"{key}:debt", note=f"debt paid from {kind.value} {key}")
     return entry
+
+
+def pay_debt(session: Session, user_id: str, key: str, note: str = "") -> LedgerEntry | None:
+    """Pay the account's debt from everything available now: ``min(debt, available)`` as one
+    DEBT_PAID entry, once per key; None when there is nothing to pay (no debt or nothing available).
+
+    Called after each movement that adds available credits (a credit, a job's refund), in the
+    same transaction: that movement's UPDATE holds the balance row (PostgreSQL row lock, SQLite
+    write lock), so the amounts read here cannot change before the payment's guarded UPDATE.
+    Paying from all that is available (not only the new credits) keeps ``debt > 0`` meaning
+    "nothing is available": credits that came back from a refunded job pay the debt too.
+    """
+    found = _existing(session, key)
+    if found is not None:
+        return found
+    owed = min(get_debt(session, user_id), get_balance(session, user_id).available)
+    if owed <= 0:
+        return None
+    return _apply(session, user_id, EntryKind.DEBT_PAID, owed, key, job_id=None, note=note,
+                  d_available=-owed, d_reserved=0, guard_available=owed, d_debt=-owed, guard_debt=owed)
 
 
 def claw_back(session: Session, user_id: str, amount: int, key: str, note: str = "") -> tuple[int, int]:
@@ -216,6 +236,9 @@ def _settle(session: Session, job_id: str, kind: EntryKind) -> LedgerEntry:
     if entry.kind != kind.value:
         # A concurrent transaction settled the job the other way first (its entry won the key).
         raise LedgerError(f"job {job_id} was already settled by {entry.kind}", {"settled": entry.kind})
+    if back:
+        # credits that come back pay the account's debt first, like new credits do
+        pay_debt(session, held.user_id, f"settle:{job_id}:debt", note=f"debt paid from the refund of job {job_id}")
     return entry
 
 
