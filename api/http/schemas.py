@@ -181,6 +181,8 @@ class JobQuote(Public):
     input: dict[str, Any] = Field(description="the input as the job would store it (defaults filled in)")
     balance: QuoteBalance = Field(description="the paying account's credits now")
     affordable: bool = Field(description="the available balance covers the price (and nothing is owed)")
+    reason: str | None = Field(default=None, description="why it is not affordable, as the submission's error "
+                               "code: insufficient_credits, account_in_debt or member_cap_exceeded; null when it is")
 
 
 class LoraQuote(Public):

@@ -21,7 +21,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from api.core import ledger
-from api.core.errors import AccountInDebt, Conflict, IdempotencyConflict, InvalidInput, NotFound
+from api.core.errors import (
+    AccountInDebt,
+    Conflict,
+    IdempotencyConflict,
+    InsufficientCredits,
+    InvalidInput,
+    NotFound,
+)
 from api.core.jobs import ACTIVE, JobStatus
 from api.core.limits import check_active_jobs, check_content_policy, check_rate
 from api.core.pricing import price_generation
@@ -73,10 +80,20 @@ class Quote:
     checked: Checked
     balance: ledger.BalanceView
     debt: int = 0  # owed back: while above 0 the account cannot submit (account_in_debt)
+    refused: str | None = None  # the code of a spending check that submit would fail (member_cap_exceeded)
+
+    @property
+    def reason(self) -> str | None:
+        """Why ``submit`` would refuse to pay for it (its error code, checked in submit's order), or None."""
+        if self.debt > 0:
+            return "account_in_debt"
+        if self.refused is not None:
+            return self.refused
+        return "insufficient_credits" if self.balance.available < self.checked.price else None
 
     @property
     def affordable(self) -> bool:
-        return self.debt == 0 and self.balance.available >= self.checked.price
+        return self.reason is None
 
 
 def request_hash(sub: Submission) -> str:
@@ -193,14 +210,22 @@ class JobService:
     def quote(self, user: User, sub: Submission) -> Quote:
         """What ``submit`` would reserve for ``sub``, after the same checks. Creates no job, moves
         no credit and counts toward no limit (the active-job and per-minute limits are checked
-        at submission, against what is running then)."""
+        at submission, against what is running then). What the account cannot pay (too few
+        credits, a debt, a team member's monthly cap) is ``affordable`` false with its reason
+        code, not an error: the quote is still the price."""
         member, account = user, self.account_for(user, sub.team)
         checked = self._check(account, sub)
+        refused = None
         with self.db.read() as session:
             self._check_references(session, member, checked)
             balance = ledger.get_balance(session, account.id)
             debt = ledger.get_debt(session, account.id)
-        return Quote(checked, balance, debt)
+            if member is not account:  # teams: the member's cap, as submit checks it
+                try:
+                    teams.check_member_cap(session, account.id, member.id, checked.price)
+                except InsufficientCredits as exc:
+                    refused = exc.code
+        return Quote(checked, balance, debt, refused)
 
     def priority_for(self, user: User, sub: Submission) -> int:
         """The plan's tier (``plan_priority``); an explicit submission priority may only raise it."""

@@ -49,7 +49,7 @@ def quote_job(body: JobCreate, user: CurrentUser, state: State,
                                               team=one_team(body.team, x_team)))
     checked = quote.checked
     return {"model": checked.spec.id, "kind": checked.spec.kind, "task": checked.task, "credits": checked.price,
-            "input": checked.input, "affordable": quote.affordable,
+            "input": checked.input, "affordable": quote.affordable, "reason": quote.reason,
             "balance": {"available": quote.balance.available, "reserved": quote.balance.reserved,
                         "debt": quote.debt}}
 

@@ -14,7 +14,7 @@ from api.db.tables import Lora
 from tests.api.http.test_bad_input import JSON_CASES
 from tests.fixtures.harness import ADMIN_KEY, ApiHarness, balance, bearer, job_count, ledger_rows
 
-QUOTE_FIELDS = {"model", "kind", "task", "credits", "input", "balance", "affordable"}
+QUOTE_FIELDS = {"model", "kind", "task", "credits", "input", "balance", "affordable", "reason"}
 # bodies a quote and a submission must price alike (images, video by frames, remote video by duration)
 PRICED: list[tuple[str, dict[str, Any]]] = [
     ("image defaults", {"model": "tiny-sd", "input": {"prompt": "a cat"}}),
@@ -50,6 +50,7 @@ async def test_quote_prices_as_the_job_it_would_create(h: ApiHarness, case: str,
     answer = q.json()
     assert set(answer) == QUOTE_FIELDS
     assert answer["balance"] == {"available": 1000, "reserved": 0, "debt": 0} and answer["affordable"] is True
+    assert answer["reason"] is None
     assert job_count(h.db, user.user.id) == 0
     seeded = {**body, "input": {**body["input"], "seed": answer["input"]["seed"]}}  # a seed is drawn when absent
     r = await h.client.post("/v1/jobs", json=seeded, headers=bearer(user.api_key))
@@ -84,6 +85,7 @@ async def test_more_than_the_balance_is_a_price_not_an_error(h: ApiHarness) -> N
     q = await quote(h, user.api_key, body)
     assert q.status_code == 200
     assert q.json()["credits"] == 120 and q.json()["affordable"] is False
+    assert q.json()["reason"] == "insufficient_credits"
     assert q.json()["balance"] == {"available": 100, "reserved": 0, "debt": 0}
     r = await h.client.post("/v1/jobs", json=body, headers=bearer(user.api_key))
     assert r.status_code == 402 and r.json()["error"]["code"] == "insufficient_credits"
@@ -97,6 +99,7 @@ async def test_an_account_in_debt_cannot_afford_anything(h: ApiHarness) -> None:
     body = {"model": "tiny-sd", "input": {"prompt": "a cat"}}
     q = await quote(h, user.api_key, body)
     assert q.status_code == 200 and q.json()["affordable"] is False
+    assert q.json()["reason"] == "account_in_debt"
     assert q.json()["balance"] == {"available": 0, "reserved": 0, "debt": 5}
     r = await h.client.post("/v1/jobs", json=body, headers=bearer(user.api_key))
     assert r.status_code == 402 and r.json()["error"]["code"] == "account_in_debt"
@@ -232,3 +235,32 @@ async def test_lora_quote_moves_nothing(h: ApiHarness) -> None:
     assert job_count(h.db, user.user.id) == 0 and balance(h.db, user.user.id) == ledger.BalanceView(10, 0)
     with h.db.read() as s:
         assert s.query(Lora).filter(Lora.user_id == user.user.id).count() == 0
+
+
+async def test_a_team_members_cap_makes_the_quote_unaffordable_as_submit_refuses(h: ApiHarness) -> None:
+    """A member over their monthly cap on a team: the submission is 402 member_cap_exceeded, so
+    the quote (as it treats too few credits or a debt: a price, not an error) says not affordable,
+    with that code, though the team's balance covers it."""
+    from tests.api.http.test_teams_http import PRICE, VIDEO, grant, make_team
+
+    owner, member = h.user(credits=0), h.user(credits=0)
+    team_id = await make_team(h.client, owner, member)
+    await grant(h.client, team_id, 10 * PRICE)
+    capped = await h.client.patch(f"/v1/teams/{team_id}/members/{member.user.id}", json={"monthly_cap": PRICE},
+                                  headers=bearer(owner.api_key))
+    assert capped.status_code == 200, capped.text
+    body = {**VIDEO, "team": team_id}
+    first = await quote(h, member.api_key, body)
+    assert first.status_code == 200, first.text
+    assert (first.json()["credits"], first.json()["affordable"], first.json()["reason"]) == (PRICE, True, None)
+    assert (await h.client.post("/v1/jobs", json=body, headers=bearer(member.api_key))).status_code == 202
+    # the cap is spent: the next one is refused, and the quote says so (the team could pay it)
+    q = await quote(h, member.api_key, body)
+    assert q.status_code == 200, q.text
+    assert (q.json()["affordable"], q.json()["reason"]) == (False, "member_cap_exceeded")
+    assert q.json()["balance"]["available"] == 9 * PRICE
+    r = await h.client.post("/v1/jobs", json=body, headers=bearer(member.api_key))
+    assert (r.status_code, r.json()["error"]["code"]) == (402, "member_cap_exceeded")
+    # the owner has no cap: the same body is affordable for them
+    mine = await quote(h, owner.api_key, body)
+    assert (mine.json()["affordable"], mine.json()["reason"]) == (True, None)
