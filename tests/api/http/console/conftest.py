@@ -11,7 +11,8 @@ Fixtures:
   ``page``: one such page per test; ``console_errors``: that page's collector.
 
 Every test in this directory is marked ``ray`` and ``browser`` here; run them under
-``flock /tmp/cw-ray.lock``. A failing test leaves ``var/screenshots/FAILED-<test>.png``.
+``flock /tmp/cw-ray.lock``. A failing test leaves ``var/screenshots/FAILED-<test>.png`` (those of
+earlier runs are deleted when the session's browser starts).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from tests.fixtures.browser import (
     PageErrors,
     browser_required,
     chromium_path,
+    clear_failed_screenshots,
     missing_browser,
     screenshot,
 )
@@ -63,7 +65,10 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.write_line(f"browser tests skipped: {reason}", yellow=True)
 
 
-@pytest.fixture(scope="session")
+# Package scope, not session: Playwright's sync API keeps an asyncio loop running on the main thread
+# while it is started, which breaks every later test that runs a loop (pytest-asyncio, Ray's sync
+# handles). It stops after this folder's last test.
+@pytest.fixture(scope="package")
 def browser() -> Iterator[Any]:
     reason = missing_browser()
     if reason is not None:
@@ -72,6 +77,7 @@ def browser() -> Iterator[Any]:
                         pytrace=False)
         _skip_reasons.append(reason)
         pytest.skip(f"browser tests: {reason}")
+    clear_failed_screenshots()  # once a session: the FAILED-*.png left are this run's
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
@@ -89,7 +95,7 @@ def browser() -> Iterator[Any]:
             launched.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def console_stack(browser: Any, ray_api: RayApi) -> ConsoleStack:
     """Asks for ``browser`` first, so a machine without one skips before Ray starts."""
     from serve.executor import TRAINER_KEY
