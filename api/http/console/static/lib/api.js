@@ -108,15 +108,18 @@ function parseBlock(block) {
  * cannot send an Authorization header. `handlers` maps event names (status, start, progress,
  * preview, output, queue, completed, ...) to functions of (data, id); `onError(err)` and
  * `onEnd()` are optional. The stream reconnects with Last-Event-ID (at most `maxRetries` times in a
- * row) until a `completed` event. Answers close().
+ * row without an event: an attempt that delivered any resets the count) until a `completed`
+ * event. Answers close().
  */
 export function streamEvents(jobId, handlers = {}, { maxRetries = 5 } = {}) {
   const controller = new AbortController();
   let lastId = null;
   let closed = false;
   let done = false;
+  let dispatched = 0; // events handed to the handlers so far (a stream that delivered any was healthy)
 
   const dispatch = (msg) => {
+    dispatched += 1;
     if (msg.id) lastId = msg.id;
     const handler = handlers[msg.event];
     if (handler) {
@@ -159,11 +162,17 @@ export function streamEvents(jobId, handlers = {}, { maxRetries = 5 } = {}) {
   (async () => {
     let failures = 0;
     while (!closed && !done && failures <= maxRetries) {
+      const before = dispatched;
+      // an attempt that delivered events was a working stream: what ends it starts a new count
+      const delivered = () => {
+        if (dispatched > before) failures = 0;
+      };
       try {
         await once();
         if (done || closed) break;
         // the server ended the stream before the job did (its time cap, a restart): reconnect,
         // at once the first time, then backing off while it keeps ending early
+        delivered();
         failures += 1;
         if (failures > 1) await new Promise((resolve) => setTimeout(resolve, Math.min(8000, 250 * 2 ** failures)));
       } catch (e) {
@@ -172,6 +181,7 @@ export function streamEvents(jobId, handlers = {}, { maxRetries = 5 } = {}) {
           if (handlers.onError) handlers.onError(e);
           return;
         }
+        delivered();
         failures += 1;
         if (failures > maxRetries) {
           if (handlers.onError) handlers.onError(e);
