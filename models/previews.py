@@ -8,8 +8,10 @@ tiny autoencoder of the TAESD family (``diffusers.AutoencoderTiny``) when the sp
 is on disk; without it, a log line and the projection.
 
 Two halves, so the denoising thread does almost nothing: :meth:`Previewer.capture` (on that thread)
-takes one entry's latent slice and copies it to the CPU (a few kilobytes: ``C × h × w``);
-:meth:`Previewer.render` (in a worker thread) projects, resizes and encodes it.
+takes one entry's latent slice and copies it to the CPU (``C × h × w`` fp32: a few KB for the tiny
+models, ~256 KB for SDXL at 1024², ~1 MB for FLUX; on CUDA a non-blocking copy into pinned memory
+that the worker waits for, see :func:`to_host`); :meth:`Previewer.render` (in a worker thread)
+projects, resizes and encodes it.
 
 The projection factors are the published per-latent-space constants (SD 1.x/2.x, SDXL, FLUX.1,
 Wan 2.1; the values ComfyUI's ``latent_formats.py`` ships). A latent space this module has no
@@ -159,11 +161,14 @@ class PreviewImage:
 @dataclass(frozen=True)
 class Captured:
     """One entry's latents taken on the denoising thread: ``(C, h, w)``, on the CPU for the
-    projection, still on the device (a copy) for TAESD; and the size the preview is shown at."""
+    projection, still on the device (a copy) for TAESD; and the size the preview is shown at.
+    ``ready``: what the worker waits on before reading ``latent`` (a CUDA event after the
+    asynchronous copy), or None when it is already there."""
 
     latent: Any
     width: int
     height: int
+    ready: Any = None
 
 
 class Previewer:
@@ -209,10 +214,14 @@ class Previewer:
         with torch.no_grad():
             entry = self.spatial(latents, call)[index]
             entry = entry.detach()
-            entry = entry.clone() if self.taesd is not None else entry.to("cpu", torch.float32, copy=True)
+            ready = None
+            if self.taesd is not None:
+                entry = entry.clone()
+            else:
+                entry, ready = to_host(entry)
         width = int(call.get("width") or entry.shape[-1] * 8)
         height = int(call.get("height") or entry.shape[-2] * 8)
-        return Captured(entry, width, height)
+        return Captured(entry, width, height, ready)
 
     def spatial(self, latents: torch.Tensor, call: dict[str, Any]) -> torch.Tensor:
         """The step's latents as ``(B, C, h, w)``: packed token sequences unpacked (FLUX, LTX), the
@@ -241,11 +250,30 @@ class Previewer:
     def render(self, captured: Captured) -> PreviewImage:
         """Project (or TAESD-decode), resize and encode one captured entry."""
         size = preview_size(captured.width, captured.height, self.max_side)
+        if captured.ready is not None:
+            captured.ready.synchronize()  # the asynchronous copy to the host has landed
         if self.taesd is not None:
             rgb = taesd_decode(self.taesd, captured.latent)
         else:
             rgb = project(np.asarray(captured.latent.numpy()), self.projection(int(captured.latent.shape[0])))
         return PreviewImage(encode_data_url(rgb, size), size[0], size[1])
+
+
+def to_host(entry: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """A float32 CPU copy of ``entry`` and what to wait on before reading it (None: ready now).
+
+    On CUDA the denoising thread only queues the work: a non-blocking copy into pinned host memory
+    and a CUDA event recorded after it on the current stream (so it follows the step that wrote
+    the latents; the worker synchronizes on the event). Elsewhere a plain copy (CPU: no transfer)."""
+    import torch
+
+    if entry.device.type != "cuda":
+        return entry.to("cpu", torch.float32, copy=True), None
+    host = torch.empty(tuple(entry.shape), dtype=torch.float32, pin_memory=True)
+    host.copy_(entry.to(torch.float32), non_blocking=True)  # fp16/bf16 widened on the device first
+    ready = torch.cuda.Event()
+    ready.record(torch.cuda.current_stream(entry.device))
+    return host, ready
 
 
 def load_taesd(source: str | None, device: str = "cpu", dtype: Any = None) -> Any:

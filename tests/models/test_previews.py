@@ -18,6 +18,7 @@ from models.catalog import Catalog
 from models.generator import Generator
 from models.previews import (
     LATENT_RGB,
+    Captured,
     Previewer,
     encode_data_url,
     fallback_projection,
@@ -25,6 +26,7 @@ from models.previews import (
     preview_size,
     project,
     projection_for,
+    to_host,
 )
 from models.spec import ModelSpec
 from tests.models.helpers import make_spec, tiny_spec
@@ -153,6 +155,49 @@ def test_capture_takes_the_middle_frame_of_a_video() -> None:
     captured = previewer.capture(latents, 1, {"width": 48, "height": 32, "num_frames": 17})
     assert tuple(captured.latent.shape) == (16, 4, 6) and bool((captured.latent == 1).all())
     assert (captured.width, captured.height) == (48, 32)
+
+
+def test_capture_on_the_cpu_is_a_plain_copy_ready_at_once() -> None:
+    previewer = Previewer("stable_diffusion", pipeline_class="StableDiffusionPipeline")
+    latents = torch.ones(1, 4, 4, 4, dtype=torch.float16)
+    captured = previewer.capture(latents, 0, {"width": 32, "height": 32})
+    assert captured.ready is None and captured.latent.dtype == torch.float32
+    latents.zero_()  # the pipeline goes on with its tensor: the capture is a copy
+    assert bool((captured.latent == 1).all())
+    host, ready = to_host(torch.ones(4, 2, 2))
+    assert ready is None and host.device.type == "cpu"
+
+
+def test_render_waits_for_the_capture_to_be_ready_before_reading() -> None:
+    """A capture still in flight (on CUDA: the event after the non-blocking copy) is waited for in
+    the worker, before the latents are read; here a stand-in event fills them when waited on."""
+    previewer = Previewer("stable_diffusion", pipeline_class="StableDiffusionPipeline")
+    latent = torch.full((4, 4, 4), float("nan"))  # unreadable until the copy "lands"
+    waited: list[bool] = []
+
+    class Landing:
+        def synchronize(self) -> None:
+            latent.fill_(0.5)
+            waited.append(True)
+
+    image = previewer.render(Captured(latent, 32, 32, Landing()))
+    assert waited == [True]
+    assert image.data_url.startswith("data:image/jpeg;base64,") and (image.width, image.height) == (32, 32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_capture_on_cuda_copies_asynchronously_into_pinned_memory() -> None:
+    previewer = Previewer("stable_diffusion", pipeline_class="StableDiffusionXLPipeline")
+    latents = torch.randn(2, 4, 128, 128, device="cuda", dtype=torch.float16)  # SDXL 1024² latents
+    expected = latents[1].float().cpu()
+    captured = previewer.capture(latents, 1, {"width": 1024, "height": 1024})
+    assert isinstance(captured.ready, torch.cuda.Event)
+    assert captured.latent.device.type == "cpu" and captured.latent.is_pinned()
+    assert captured.latent.dtype == torch.float32 and tuple(captured.latent.shape) == (4, 128, 128)
+    image = previewer.render(captured)  # synchronizes on the event first
+    assert captured.ready.query()
+    assert torch.equal(captured.latent, expected)
+    assert (image.width, image.height) == (128, 128)
 
 
 def _tiny_taesd(path: Path) -> Path:
