@@ -31,14 +31,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 import stripe
-from sqlalchemy import func, or_, select
+from sqlalchemy import func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from api.core import ledger
 from api.core.errors import CineWeaveError, Conflict, Forbidden, InvalidInput, NotFound
 from api.core.ledger import EntryKind
-from api.db.engine import Database
+from api.db.engine import Database, is_postgres
 from api.db.tables import (
     Balance,
     BillingCustomer,
@@ -58,7 +58,16 @@ logger = logging.getLogger(__name__)
 
 # Stripe subscription statuses in which the plan is paid for (or being retried)
 LIVE_STATUSES = frozenset({"active", "trialing", "past_due"})
+# not paid: never give the plan; a subscription that gave it and falls into one of these takes it
+# back at once (no grace until the period's end)
+UNPAID_STATUSES = frozenset({"incomplete", "incomplete_expired", "unpaid", "paused"})
+# two subscription events with the same ``created`` second: the later state of the lifecycle wins
+STATUS_ORDER = {"incomplete": 0, "trialing": 1, "active": 2, "past_due": 3, "unpaid": 4, "paused": 4,
+                "incomplete_expired": 5, "canceled": 6}
 REFUND_EVENTS = ("charge.refunded", "charge.dispute.created")
+# pg_advisory_xact_lock(PAYMENT_LOCK_SPACE, hashtext(ref)): one payment's purchase and refunds
+# (the two-key space does not overlap the one-key space the migration lock uses)
+PAYMENT_LOCK_SPACE = 1_400_014
 
 
 class BillingNotConfigured(CineWeaveError):
@@ -112,6 +121,12 @@ def expire_key(account_id: str, period: str) -> str:
     return f"expire:{account_id}:{period}"
 
 
+def grant_expires(period: str, expire_from: str | None) -> bool:
+    """Whether plan credits of ``period`` expire: those of ``expire_from`` (``Settings.credit_expiry_from``)
+    and later. Grants of earlier periods were made before credits expired and keep never expiring."""
+    return expire_from is None or period >= expire_from
+
+
 @dataclass
 class Lot:
     key: str
@@ -133,7 +148,7 @@ class Lots:
     def take(self, amount: int, first: str | None = None) -> list[tuple[str, int]]:
         taken: list[tuple[str, int]] = []
         order = self.spend_order()
-        if first is not None and first in self.lots:
+        if first is not None and first in self.lots and not self.lots[first].closed:
             order = [self.lots[first]] + [lot for lot in order if lot.key != first]
         for lot in order:
             if amount <= 0:
@@ -150,15 +165,18 @@ class Lots:
         return sum(lot.remaining for lot in self.lots.values() if not lot.closed)
 
 
-def credit_lots(entries: Iterable[LedgerEntry]) -> Lots:
-    """Replay an account's ledger (in id order) into lots, spending oldest-expiring first."""
+def credit_lots(entries: Iterable[LedgerEntry], expire_from: str | None = None) -> Lots:
+    """Replay an account's ledger (in id order) into lots, spending oldest-expiring first.
+
+    Plan grants of periods before ``expire_from`` never expire (see :func:`grant_expires`)."""
     lots = Lots()
     held: dict[str, list[tuple[str, int]]] = {}
     for e in entries:
         kind, key, seq = e.kind, e.idempotency_key, e.id or 0
         if kind in ledger.CREDIT_KINDS:
             period = plan_grant_period(key) if kind == EntryKind.GRANT else None
-            lots.lots[key] = Lot(key, e.amount, plan_grant_expiry(period) if period else None, seq)
+            expires = plan_grant_expiry(period) if period and grant_expires(period, expire_from) else None
+            lots.lots[key] = Lot(key, e.amount, expires, seq)
         elif kind == EntryKind.RESERVE and e.job_id:
             held[e.job_id] = lots.take(e.amount)
         elif kind == EntryKind.REFUND and e.job_id:
@@ -186,10 +204,10 @@ def credit_lots(entries: Iterable[LedgerEntry]) -> Lots:
     return lots
 
 
-def account_lots(session: Session, account_id: str) -> Lots:
+def account_lots(session: Session, account_id: str, expire_from: str | None = None) -> Lots:
     rows = session.execute(select(LedgerEntry).where(LedgerEntry.user_id == account_id)
                            .order_by(LedgerEntry.id)).scalars()
-    return credit_lots(rows)
+    return credit_lots(rows, expire_from)
 
 
 # ---- plans ---------------------------------------------------------------------------------
@@ -203,31 +221,55 @@ def _rank(settings: Settings, plan_id: str) -> tuple[int, float]:
     return (plan.monthly_credits, plan.price_usd)
 
 
-def apply_plan(session: Session, settings: Settings, account: User, sub: Subscription, now: datetime) -> None:
-    """Make ``account.plan`` follow its subscription.
+def apply_plan(session: Session, settings: Settings, account: User, now: datetime) -> None:
+    """Make ``account.plan`` follow the account's subscriptions (the caller holds the account's lock).
 
-    An upgrade applies at once. A downgrade, a cancellation at period end or a canceled
-    subscription keep the paid plan until the period's end (``downgrade_at``), then the
-    subscription's plan (downgrade) or the default plan (ended).
+    The best live subscription governs (highest plan, then the newest); with none live, the one
+    whose paid period is ending (``downgrade_at``) does; with neither, the plan is left alone (an
+    admin's, or the default). An upgrade applies at once. A downgrade, a cancellation at period
+    end or a canceled subscription keep the paid plan until ``downgrade_at`` (the period's end;
+    "now" for a subscription that fell unpaid), then the governing subscription's plan (downgrade)
+    or the default plan (ended). A pending downgrade of any other subscription is stale and
+    cleared: its earliest time carries over to a downgrade of the governing one, which is what
+    the paid plan was paid until.
     """
-    if sub.status == "incomplete":
-        return  # not paid yet
-    live = sub.status in LIVE_STATUSES
-    if live and _rank(settings, sub.plan) >= _rank(settings, account.plan):
-        account.plan = sub.plan  # an upgrade (or the first plan) applies at once
-    target = sub.plan if live and not sub.cancel_at_period_end else settings.default_plan
-    if account.plan == target:
-        sub.downgrade_at = None
+    session.flush()
+    subs = list(session.execute(select(Subscription).where(Subscription.account_id == account.id)
+                                .order_by(Subscription.id).execution_options(populate_existing=True)).scalars())
+    live = [s for s in subs if s.status in LIVE_STATUSES]
+    ending = [s for s in subs if s.downgrade_at is not None]
+    if live:
+        gov = max(live, key=lambda s: (_rank(settings, s.plan), s.event_created, s.id))
+    elif ending:
+        gov = min(ending, key=lambda s: (s.downgrade_at, s.id))
     else:
-        if sub.downgrade_at is None:
-            sub.downgrade_at = sub.current_period_end or now
-        if now >= sub.downgrade_at:
+        return
+    pending = [s.downgrade_at for s in ending if s is not gov and s.downgrade_at is not None]
+    for other in subs:
+        if other is not gov and other.downgrade_at is not None:
+            other.downgrade_at = None
+            session.add(other)
+    is_live = gov.status in LIVE_STATUSES
+    if is_live and _rank(settings, gov.plan) >= _rank(settings, account.plan):
+        account.plan = gov.plan  # an upgrade (or the first plan) applies at once
+    target = gov.plan if is_live and not gov.cancel_at_period_end else settings.default_plan
+    if account.plan == target:
+        gov.downgrade_at = None
+    else:
+        if gov.downgrade_at is None:
+            gov.downgrade_at = min(pending) if pending else (gov.current_period_end or now)
+        if now >= gov.downgrade_at:
             logger.info("account %s: plan %s -> %s (subscription %s %s)", account.id, account.plan, target,
-                        sub.id, sub.status)
+                        gov.id, gov.status)
             account.plan = target
-            sub.downgrade_at = None
+            gov.downgrade_at = None
     session.add(account)
-    session.add(sub)
+    session.add(gov)
+
+
+def _status_key(created: int, status: str) -> tuple[int, int]:
+    """The order of subscription states: the event's ``created``, then the lifecycle."""
+    return (created, STATUS_ORDER.get(status, 2))
 
 
 def stripe_managed_accounts() -> Any:
@@ -416,7 +458,7 @@ class BillingService:
                                                LedgerEntry.created_at >= start, LedgerEntry.created_at < end)
                                         .group_by(LedgerEntry.kind)).all())
             bal = session.get(Balance, account.id)
-            lots = account_lots(session, account.id)
+            lots = account_lots(session, account.id, self.settings.credit_expiry_from)
         expiring = [lot for lot in lots.spend_order() if lot.expires_at is not None and lot.remaining > 0]
         nxt = expiring[0] if expiring else None
         return {"account_id": account.id, "plan": account.plan, "period": period,
@@ -497,28 +539,68 @@ class BillingService:
                 return session.get(User, row[0])
         return None
 
+    def _locked(self, session: Session, account: User) -> User:
+        """Lock the account (its balance row, as jobs do) and read it again: a row read before the
+        lock may be stale on PostgreSQL."""
+        lock_user(session, account.id)
+        return session.get(User, account.id, populate_existing=True) or account
+
+    @staticmethod
+    def _lock_payment(session: Session, *refs: Any) -> None:
+        """Serialize one payment's purchase and its refunds and disputes, so each sees the other's rows.
+
+        PostgreSQL: a transaction-scoped advisory lock per payment reference (payment intent or
+        charge id; sorted, so two lockers never deadlock), always taken before the account's lock.
+        SQLite runs one writing transaction at a time already.
+        """
+        if not is_postgres(session.get_bind()):
+            return
+        for ref in sorted({str(r) for r in refs if r}):
+            session.execute(text("SELECT pg_advisory_xact_lock(:space, hashtext(:ref))"),
+                            {"space": PAYMENT_LOCK_SPACE, "ref": ref})
+
+    @staticmethod
+    def _mark_paid(sub: Subscription, created: int, period_end: datetime | None = None) -> bool:
+        """A paid first (or retried) payment makes an incomplete, past-due or unpaid subscription
+        active, unless a newer subscription event was applied. Returns whether it changed."""
+        if sub.status not in ("incomplete", "past_due", "unpaid") or created < sub.event_created:
+            return False
+        sub.status = "active"
+        sub.event_created = created
+        if sub.current_period_end is None and period_end is not None:
+            sub.current_period_end = period_end
+        return True
+
     def _on_checkout(self, session: Session, event: StripeEvent, obj: dict[str, Any], now: datetime) -> str:
         account = self._account(session, obj)
         if account is None:
             return "ignored: unknown account"
-        lock_user(session, account.id)
+        self._lock_payment(session, obj.get("payment_intent"))
+        account = self._locked(session, account)
+        paid = obj.get("payment_status") in ("paid", "no_payment_required")
         if obj.get("mode") == "subscription":
             sub_id = obj.get("subscription")
             if not sub_id:
                 return "ignored: no subscription"
-            sub = session.get(Subscription, str(sub_id))
+            sub = session.get(Subscription, str(sub_id), populate_existing=True)
             if sub is None:
                 plan = _get(obj, "metadata", "plan")
                 if plan not in self.settings.stripe_plan_prices:
                     return f"ignored: unknown plan {plan!r}"
-                sub = Subscription(id=str(sub_id), account_id=account.id, plan=str(plan), status="active",
-                                   stripe_price_id=self.settings.stripe_plan_prices[str(plan)], event_created=0)
+                # not paid yet (a delayed payment method): incomplete, no plan until it is
+                sub = Subscription(id=str(sub_id), account_id=account.id, plan=str(plan),
+                                   status="active" if paid else "incomplete",
+                                   stripe_price_id=self.settings.stripe_plan_prices[str(plan)],
+                                   event_created=event.created)
                 session.add(sub)
-                session.flush()
-                apply_plan(session, self.settings, account, sub, now)
-                return f"linked subscription {sub_id} ({plan})"
+                apply_plan(session, self.settings, account, now)
+                return f"linked subscription {sub_id} ({plan})" + ("" if paid else ": incomplete, not paid yet")
+            if paid and self._mark_paid(sub, event.created):
+                session.add(sub)
+                apply_plan(session, self.settings, account, now)
+                return f"subscription {sub_id} paid: active; account plan {account.plan}"
             return f"subscription {sub_id} already known"
-        if obj.get("payment_status") not in ("paid", "no_payment_required"):
+        if not paid:
             return "pending: payment not settled yet"
         pack_id = _get(obj, "metadata", "pack")
         try:
@@ -532,7 +614,9 @@ class BillingService:
 
     def _purchase(self, session: Session, account: User, source: str, object_id: str, key: str, credits: int,
                   payment_intent: str | None, charge: str | None, amount_cents: int, note: str) -> str:
-        """Credits for a payment, once per Stripe object; then any refund that came first."""
+        """Credits for a payment, once per Stripe object; then any refund that came first.
+
+        The caller holds the payment's lock (:meth:`_lock_payment`), then the account's."""
         if session.execute(select(CreditPurchase.id).where(CreditPurchase.stripe_object_id == object_id)).first():
             return f"{object_id} already credited"
         purchase = CreditPurchase(account_id=account.id, source=source, stripe_object_id=object_id,
@@ -558,7 +642,9 @@ class BillingService:
                                 ("subscription_details", "metadata"))
         if account is None:
             return "ignored: unknown account"
-        lock_user(session, account.id)
+        payment_intent = obj.get("payment_intent") or _get(obj, "payments", "data", 0, "payment", "payment_intent")
+        self._lock_payment(session, payment_intent, obj.get("charge"))
+        account = self._locked(session, account)
         reason = obj.get("billing_reason")
         if reason not in ("subscription_create", "subscription_cycle"):
             return f"no grant: billing_reason {reason}"
@@ -571,18 +657,18 @@ class BillingService:
         period = period_of(start)
         sub_id = obj.get("subscription") or _get(obj, "parent", "subscription_details", "subscription")
         if sub_id:
-            sub = session.get(Subscription, str(sub_id))
+            period_end = _ts(_get(line, "period", "end"))
+            sub = session.get(Subscription, str(sub_id), populate_existing=True)
             if sub is None:
                 sub = Subscription(id=str(sub_id), account_id=account.id, plan=plan, status="active",
-                                   stripe_price_id=price, event_created=0,
-                                   current_period_end=_ts(_get(line, "period", "end")))
-                session.add(sub)
-                session.flush()
-            apply_plan(session, self.settings, account, sub, now)
+                                   stripe_price_id=price, event_created=event.created, current_period_end=period_end)
+            else:
+                self._mark_paid(sub, event.created, period_end)  # paid: no longer incomplete
+            session.add(sub)
+            apply_plan(session, self.settings, account, now)
         granted = grant_plan_month(session, self.settings, account, period, plan_id=plan)
         if not granted:
             return f"no grant: {period} already granted"
-        payment_intent = obj.get("payment_intent") or _get(obj, "payments", "data", 0, "payment", "payment_intent")
         result = self._purchase(session, account, "invoice", str(obj["id"]), f"plan:{account.id}:{period}",
                                 granted, payment_intent, obj.get("charge"), int(obj.get("amount_paid") or 0),
                                 f"{plan} {period}")
@@ -592,60 +678,85 @@ class BillingService:
         account = self._account(session, obj)
         if account is None:
             return "ignored: unknown account"
-        lock_user(session, account.id)
-        sub = session.get(Subscription, str(obj["id"]))
-        if sub is not None and sub.event_created > event.created:
+        account = self._locked(session, account)
+        sub = session.get(Subscription, str(obj["id"]), populate_existing=True)
+        status = "canceled" if event.type == "customer.subscription.deleted" else str(obj.get("status"))
+        # older than what was applied; the same second: the later state of the lifecycle wins
+        if sub is not None and _status_key(event.created, status) < _status_key(sub.event_created, sub.status):
             return "stale: a newer event was applied"
         item = _get(obj, "items", "data", 0) or {}
         price = _get(item, "price", "id") or _get(obj, "plan", "id")
         plan = self.plan_for_price(price) or (sub.plan if sub else _get(obj, "metadata", "plan"))
         if plan is None:
             return f"ignored: price {price!r} is not a configured plan"
+        before = sub.status if sub is not None else None
         if sub is None:
-            sub = Subscription(id=str(obj["id"]), account_id=account.id, plan=str(plan), status="incomplete")
+            sub = Subscription(id=str(obj["id"]), account_id=account.id, plan=str(plan), status=status)
         sub.plan = str(plan)
         sub.stripe_price_id = price
-        sub.status = "canceled" if event.type == "customer.subscription.deleted" else str(obj.get("status"))
+        sub.status = status
         sub.current_period_end = _ts(obj.get("current_period_end") or item.get("current_period_end"))
         sub.cancel_at_period_end = bool(obj.get("cancel_at_period_end"))
         sub.event_created = event.created
         sub.updated_at = now
+        if before in LIVE_STATUSES and status not in LIVE_STATUSES:
+            # it gave the plan: fallen unpaid, that ends now; ended, at the paid period's end
+            if status in UNPAID_STATUSES:
+                sub.downgrade_at = now
+            elif sub.downgrade_at is None:
+                sub.downgrade_at = sub.current_period_end or now
         session.add(sub)
-        session.flush()
-        apply_plan(session, self.settings, account, sub, now)
+        apply_plan(session, self.settings, account, now)
         return f"subscription {sub.id}: {sub.status} {sub.plan}; account plan {account.plan}"
 
     def _on_refund(self, session: Session, event: StripeEvent, obj: dict[str, Any], now: datetime) -> str:
         refs = [r for r in (event.ref, event.data.get("charge")) if r]
-        purchase = session.execute(select(CreditPurchase).where(or_(
-            CreditPurchase.payment_intent.in_(refs), CreditPurchase.charge_id.in_(refs)))).scalars().first()
-        if purchase is None:
+        self._lock_payment(session, *refs)
+        found = session.execute(select(CreditPurchase.id, CreditPurchase.account_id).where(or_(
+            CreditPurchase.payment_intent.in_(refs), CreditPurchase.charge_id.in_(refs)))
+            .order_by(CreditPurchase.id)).first()
+        if found is None:
             return "pending: no purchase for this payment yet"
-        lock_user(session, purchase.account_id)
+        lock_user(session, found.account_id)
+        # read again under the locks: a concurrent refund of the same payment may have just committed
+        purchase = session.execute(select(CreditPurchase).where(CreditPurchase.id == found.id).with_for_update()
+                                   .execution_options(populate_existing=True)).scalars().one()
         return self._claw(session, purchase, event)
 
     def _claw(self, session: Session, purchase: CreditPurchase, event: StripeEvent) -> str:
-        """Take back the refunded share of a purchase (a dispute: all of it), once per event."""
+        """Take back the refunded share of a purchase (a dispute: all of it), once per event.
+
+        Plan credits that already expired are gone: they lower what is taken back."""
         if event.type == "charge.dispute.created":
             target = purchase.credits
         else:
             amount = int(event.data.get("amount") or 0)
             refunded = int(event.data.get("amount_refunded") or 0)
             target = purchase.credits if amount <= 0 or refunded >= amount else purchase.credits * refunded // amount
+        period = plan_grant_period(purchase.ledger_key) if purchase.source == "invoice" else None
+        if period is not None:
+            expired = session.execute(select(LedgerEntry.amount).where(
+                LedgerEntry.idempotency_key == expire_key(purchase.account_id, period))).scalar()
+            target = max(0, target - int(expired or 0))
         claw = target - purchase.clawed_back
         if claw <= 0:
             return "nothing more to claw back"
         taken, debt = ledger.claw_back(session, purchase.account_id, claw,
                                        f"clawback:{purchase.ledger_key}:{event.id}",
                                        note=f"{event.type} {purchase.stripe_object_id}")
-        purchase.clawed_back += claw
-        session.add(purchase)
+        session.execute(update(CreditPurchase).where(CreditPurchase.id == purchase.id)
+                        .values(clawed_back=CreditPurchase.clawed_back + claw)
+                        .execution_options(synchronize_session=False))
+        session.refresh(purchase, ["clawed_back"])
         return f"clawed back {taken}, debt {debt}"
 
     # scheduled ---------------------------------------------------------------------------
     def expire_credits(self, now: datetime | None = None) -> tuple[int, int]:
-        """Expire what is left of each plan grant past its expiry; returns (grants, credits)."""
+        """Expire what is left of each plan grant past its expiry; returns (grants, credits).
+
+        Grants of periods before ``Settings.credit_expiry_from`` never expire."""
         now = now or utcnow()
+        expire_from = self.settings.credit_expiry_from
         with self.db.read() as session:
             keys = session.execute(select(LedgerEntry.user_id, LedgerEntry.idempotency_key).where(
                 LedgerEntry.kind == EntryKind.GRANT.value, LedgerEntry.idempotency_key.like("plan:%"))).all()
@@ -655,13 +766,14 @@ class BillingService:
         due: list[tuple[str, str]] = []
         for account_id, key in keys:
             period = plan_grant_period(key)
-            if period and plan_grant_expiry(period) <= now and expire_key(account_id, period) not in done:
+            if (period and grant_expires(period, expire_from) and plan_grant_expiry(period) <= now
+                    and expire_key(account_id, period) not in done):
                 due.append((account_id, period))
         grants = credits = 0
         for account_id, period in sorted(due, key=lambda d: d[1]):
             with self.db.session() as session:
                 lock_user(session, account_id)
-                lot = account_lots(session, account_id).lots.get(f"plan:{account_id}:{period}")
+                lot = account_lots(session, account_id, expire_from).lots.get(f"plan:{account_id}:{period}")
                 left = lot.remaining if lot is not None and not lot.closed else 0
                 entry = ledger.expire(session, account_id, left, expire_key(account_id, period),
                                       note=f"plan credits of {period} expired")
@@ -674,17 +786,18 @@ class BillingService:
         """Accounts whose paid period ended: the subscription's plan (or the default plan) now."""
         now = now or utcnow()
         with self.db.read() as session:
-            ids = session.execute(select(Subscription.id).where(Subscription.downgrade_at <= now)).scalars().all()
+            account_ids = session.execute(select(Subscription.account_id).where(Subscription.downgrade_at <= now)
+                                          .distinct()).scalars().all()
         changed = 0
-        for sub_id in ids:
+        for account_id in account_ids:
             with self.db.session() as session:
-                sub = session.get(Subscription, sub_id)
-                account = session.get(User, sub.account_id) if sub else None
-                if sub is None or account is None:
+                lock_user(session, account_id)
+                # the account and its subscriptions are read after the lock (apply_plan reads them again)
+                account = session.get(User, account_id, populate_existing=True)
+                if account is None:
                     continue
-                lock_user(session, account.id)
                 before = account.plan
-                apply_plan(session, self.settings, account, sub, now)
+                apply_plan(session, self.settings, account, now)
                 session.commit()
                 changed += before != account.plan
         return changed

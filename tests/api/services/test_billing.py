@@ -24,7 +24,7 @@ from api.services.users import get_user, new_webhook_secret
 from api.settings import CreditPack, Settings
 from api.storage.local import LocalStorage
 from tests.fakes.stripe_server import WEBHOOK_SECRET, event, sign
-from tests.fixtures.harness import add_user, balance, ledger_rows
+from tests.fixtures.harness import add_user, balance, ledger_rows, wait_for
 
 PRICES = {"starter": "price_starter", "creator": "price_creator", "studio": "price_studio"}
 PACK = CreditPack(id="pack_100", credits=100, stripe_price_id="price_pack_100")
@@ -535,3 +535,113 @@ def test_a_subscription_signup_ends_the_same_in_any_order(db: Database, bset: Se
         sub = s.get(Subscription, "sub_" + cus)
         assert sub is not None and (sub.status, sub.plan, sub.downgrade_at) == ("active", "starter", None)
         assert s.execute(select(func.count()).select_from(CreditPurchase)).scalar_one() == 1
+
+
+# ---- concurrency: refunds of one payment, and a refund racing its purchase -----------------
+
+
+def _run_concurrently(*calls: Any) -> list[Any]:
+    """Run ``calls`` in threads released together; returns their results (raises the first error)."""
+    results: list[Any] = [None] * len(calls)
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(calls))
+
+    def run(i: int, call: Any) -> None:
+        try:
+            start.wait(10)
+            results[i] = call()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i, c)) for i, c in enumerate(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    assert not any(t.is_alive() for t in threads)
+    return results
+
+
+def _pg_waiting(db: Database) -> int:
+    """Backends of this database waiting on a lock (PostgreSQL)."""
+    with db.engine.connect() as conn:
+        return int(conn.exec_driver_sql(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock'").scalar_one())
+
+
+def _purchase_of(db: Database, session_id: str) -> CreditPurchase:
+    with db.read() as s:
+        row = s.execute(select(CreditPurchase).where(CreditPurchase.stripe_object_id == session_id)).scalars().one()
+    return row
+
+
+def test_concurrent_refunds_of_one_payment_take_back_at_most_the_purchase(
+        backend_db: Database, backend_settings: Settings) -> None:
+    """Two refund events of one charge (50 %, then cumulative 100 %) at once take back 100, not 150.
+
+    On PostgreSQL the account's balance row is held locked until both deliveries wait on a lock,
+    so both are in flight together whatever the scheduling."""
+    from api.db.engine import is_postgres
+    from api.db.tables import Balance
+
+    bset = billing_settings(backend_settings)
+    svc = BillingService(backend_db, bset)
+    user = add_user(backend_db, bset, credits=0).user
+    session = pack_session(user.id)
+    deliver(svc, event("checkout.session.completed", session))
+    ch = charge(session["payment_intent"], refunded=500)
+    half = event("charge.refunded", ch, created=100)
+    full = event("charge.refunded", {**ch, "amount_refunded": 1000}, created=200)
+    calls = [lambda: deliver(svc, half), lambda: deliver(svc, full)]
+    if is_postgres(backend_db.engine):
+        with backend_db.session() as holder:
+            holder.execute(select(Balance.user_id).where(Balance.user_id == user.id).with_for_update())
+            threads = [threading.Thread(target=c) for c in calls]
+            for t in threads:
+                t.start()
+            wait_for(lambda: _pg_waiting(backend_db) >= 2, "both refunds to wait on a lock", timeout_s=20)
+            holder.commit()
+            for t in threads:
+                t.join(30)
+            assert not any(t.is_alive() for t in threads)
+    else:
+        _run_concurrently(*calls)
+    assert (balance(backend_db, user.id).available, debt(backend_db, user.id)) == (0, 0)
+    assert _purchase_of(backend_db, session["id"]).clawed_back == 100
+    taken = [e.amount for e in ledger_rows(backend_db, user.id) if e.kind in ("clawback", "debt")]
+    assert sum(taken) == 100, taken
+
+
+def test_a_refund_racing_its_purchase_is_applied(backend_db: Database, backend_settings: Settings) -> None:
+    """A pack's checkout and its refund delivered at the same moment: the refund is never lost.
+
+    On PostgreSQL each delivery, once it has looked for the other's row (the purchase for its
+    refunds, the refund for its purchase) and before it commits, waits until the other has looked
+    too or waits on a lock: without serialization per payment both look before either commits."""
+    from api.db.engine import is_postgres
+
+    bset = billing_settings(backend_settings)
+    svc = BillingService(backend_db, bset)
+    user = add_user(backend_db, bset, credits=0).user
+    session = pack_session(user.id)
+    paid = event("checkout.session.completed", session, created=100)
+    refund = event("charge.refunded", charge(session["payment_intent"]), created=200)
+    if is_postgres(backend_db.engine):
+        looked = {"purchase": threading.Event(), "refund": threading.Event()}
+
+        def after(name: str, other: str, call: Any) -> Any:
+            def wrapped(*args: Any) -> Any:
+                result = call(*args)
+                looked[name].set()
+                wait_for(lambda: looked[other].is_set() or _pg_waiting(backend_db) >= 1,
+                         f"the {other} to look or to wait on a lock", timeout_s=20)
+                return result
+            return wrapped
+
+        svc._purchase = after("purchase", "refund", svc._purchase)  # type: ignore[method-assign]
+        svc._on_refund = after("refund", "purchase", svc._on_refund)  # type: ignore[method-assign]
+    _run_concurrently(lambda: deliver(svc, paid), lambda: deliver(svc, refund))
+    assert _purchase_of(backend_db, session["id"]).clawed_back == 100
+    assert (balance(backend_db, user.id).available, debt(backend_db, user.id)) == (0, 0)
