@@ -230,6 +230,9 @@ class Settings(BaseSettings):
     stripe_portal_return_url: str = "http://127.0.0.1:8000/billing"
     stripe_plan_prices: dict[str, str] = Field(default_factory=dict)
     credit_packs: list[CreditPack] = Field(default_factory=list)
+    # plan credits of this period (YYYY-MM) and later expire (one month of rollover); earlier plan
+    # grants were made before expiry existed and never expire (set it to the month you upgrade in)
+    credit_expiry_from: str = Field(default="2026-12", pattern=r"^\d{4}-(0[1-9]|1[0-2])$")
 
     # end users signed in by the app's identity provider (JSON list of JwtIssuer; README "Signing in
     # end users (JWT)"); clock leeway for exp/nbf; how long a JWKS is kept; an unknown kid refetches
