@@ -25,6 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from api.core.errors import InsufficientCredits, InvalidInput, LedgerError
+from api.db.engine import is_postgres
 from api.db.tables import Balance, LedgerEntry, utcnow
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,15 @@ def ensure_balance(session: Session, user_id: str) -> None:
     if session.get(Balance, user_id) is None:
         session.add(Balance(user_id=user_id))
         session.flush()
+
+
+def lock_balance(session: Session, user_id: str) -> None:
+    """Lock the account's balance row until the transaction ends (PostgreSQL ``FOR UPDATE``;
+    SQLite holds its one write lock already). Submissions take it first, so anything that must
+    not interleave with an account's submissions (a team's deletion) takes it too."""
+    if is_postgres(session.get_bind()):
+        ensure_balance(session, user_id)
+        session.execute(select(Balance.user_id).where(Balance.user_id == user_id).with_for_update())
 
 
 def get_balance(session: Session, user_id: str) -> BalanceView:

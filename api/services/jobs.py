@@ -33,8 +33,8 @@ from api.core.jobs import ACTIVE, JobStatus
 from api.core.limits import check_active_jobs, check_content_policy, check_rate
 from api.core.pricing import price_generation
 from api.core.requests import normalize_input
-from api.db.engine import Database, is_postgres
-from api.db.tables import Balance, Job, Lora, Upload, User, utcnow
+from api.db.engine import Database
+from api.db.tables import Job, Lora, Upload, User, utcnow
 from api.services import teams
 from api.services.egress import EgressPolicy, check_url
 from api.services.events import EventBus, record_event
@@ -115,9 +115,7 @@ def lock_user(session: Session, user_id: str) -> None:
     The lock is taken on the balance row, which every credit movement locks first too, so a
     submission and a settlement of the same user's jobs always lock in the same order.
     """
-    if is_postgres(session.get_bind()):
-        ledger.ensure_balance(session, user_id)
-        session.execute(select(Balance.user_id).where(Balance.user_id == user_id).with_for_update())
+    ledger.lock_balance(session, user_id)
 
 
 class JobService:
@@ -390,6 +388,8 @@ class JobService:
             job = session.get(Job, job_id)
             if job is None or (user is not None and not teams.may_act_on(session, user.id, job.user_id)):
                 raise NotFound(f"job {job_id} not found")
+            if user is not None:  # a team job's: its submitter and the team's owners and admins
+                teams.check_may_delete_outputs(session, user.id, job)
             if job.status in (JobStatus.QUEUED, JobStatus.RUNNING):
                 raise Conflict("the job is still active: cancel it first", {"status": job.status},
                                code="job_active")

@@ -11,6 +11,8 @@ The rules, all here:
 - Anyone who is not an active member (never was, removed, or the team was deleted) gets
   ``not_found`` for every team resource, exactly as for an id that names nothing.
 - Every member reads everything about the team (members, invitations, credits, ledger, usage).
+  Deleting a team job's outputs is for the member who submitted it and the team's owners and
+  admins (:func:`check_may_delete_outputs`).
   Owners and admins change it (name, members' roles and monthly caps, invitations, removals, the
   webhook secret). Only owners delete the team, make someone an owner or touch an owner; a team
   always keeps at least one owner (the last one can neither leave nor be demoted).
@@ -150,6 +152,19 @@ def may_act_on(session: Session, user_id: str, account_id: str) -> bool:
     """Which accounts a user acts on (submits as, reads and cancels the jobs of): their own, and
     each live team they are an active member of. The one place this rule lives."""
     return account_id == user_id or membership(session, user_id, account_id) is not None
+
+
+def check_may_delete_outputs(session: Session, user_id: str, job: Job) -> None:
+    """Deleting a job's outputs destroys another member's work, so on a team it is narrower than
+    :func:`may_act_on`: the member who submitted the job and the team's owners and admins.
+    Another member (who sees the job) is ``forbidden``; call after :func:`may_act_on` held."""
+    if job.user_id == user_id or job.submitted_by == user_id:
+        return
+    member = membership(session, user_id, job.user_id)
+    if member is None or member.role not in MANAGERS:
+        raise Forbidden("only the member who submitted a team job and the team's owners and admins "
+                        "may delete its outputs", {"role": member.role if member else None,
+                                                   "required": sorted(MANAGERS)})
 
 
 def account_for(session: Session, user: User, team_id: str | None) -> User:
@@ -305,6 +320,9 @@ class TeamService:
             team, account, member = self._member(session, user, team_id, lock=True)
             if member.role != Role.OWNER:
                 raise Forbidden("only the team's owners may delete it", {"role": member.role})
+            # the balance row lock every submission takes first (JobService.admit): a submission
+            # either committed its job before this count, or waits and then finds the team deleted
+            ledger.lock_balance(session, team_id)
             active = session.execute(select(func.count()).select_from(Job).where(
                 Job.user_id == team_id, Job.status.in_([s.value for s in ACTIVE]))).scalar_one()
             if active:

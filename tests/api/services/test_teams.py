@@ -16,7 +16,7 @@ from sqlalchemy import select, update
 from api.core import ledger
 from api.core.errors import CineWeaveError, Conflict, Forbidden, InsufficientCredits, InvalidInput, NotFound
 from api.core.jobs import JobStatus
-from api.db.engine import Database
+from api.db.engine import Database, is_postgres
 from api.db.tables import Balance, Job, Team, TeamInvitation, TeamMember, User
 from api.services import teams
 from api.services.jobs import JobService, Submission
@@ -24,7 +24,7 @@ from api.services.settlement import finish_job
 from api.services.teams import TeamService
 from api.services.users import NewUser
 from api.settings import Settings
-from tests.fixtures.harness import add_user, balance, get_job, ledger_rows
+from tests.fixtures.harness import add_user, balance, get_job, ledger_rows, wait_for
 
 PRICE = 40  # veo-3.1, 4 s at 720p
 
@@ -203,6 +203,91 @@ def test_delete_team(svc: TeamService, jobs_on: Callable[..., JobService], db: D
     assert svc.list_for(owner.user) == []
 
 
+def _pg_lock_waiters(db: Database) -> int:
+    """Backends of this database waiting on a lock (PostgreSQL)."""
+    with db.engine.connect() as conn:
+        return int(conn.exec_driver_sql(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock'").scalar_one())
+
+
+def test_deleting_a_team_waits_for_a_submission_in_flight(
+        svc: TeamService, jobs_on: Callable[..., JobService], db: Database, person: Callable[..., NewUser],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A submission holds the team's balance row from its limits check to its commit; deletion
+    takes that lock before counting active jobs, so it sees the job and refuses (PostgreSQL: on
+    SQLite one writer at a time already serializes the two)."""
+    if not is_postgres(db.engine):
+        pytest.skip("the race needs concurrent writers (PostgreSQL)")
+    owner, member = person(), person()
+    team_id = svc.create(owner.user, "T").view.team.id
+    join(svc, owner, team_id, member)
+    fund(db, team_id, PRICE)
+    jobs = jobs_on()
+    reserving, go = threading.Event(), threading.Event()
+    real_reserve = ledger.reserve
+
+    def paused_reserve(session: Any, user_id: str, job_id: str, amount: int) -> ledger.LedgerEntry:
+        reserving.set()  # the balance row is locked and the job inserted, not committed yet
+        assert go.wait(30), "the test never let the submission go on"
+        return real_reserve(session, user_id, job_id, amount)
+
+    monkeypatch.setattr(ledger, "reserve", paused_reserve)
+    outcomes: dict[str, Any] = {}
+
+    def run(name: str, fn: Callable[[], Any]) -> threading.Thread:
+        def body() -> None:
+            try:
+                outcomes[name] = fn()
+            except Exception as exc:  # noqa: BLE001 - the outcome is what the test checks
+                outcomes[name] = exc
+        thread = threading.Thread(target=body)
+        thread.start()
+        return thread
+
+    submitting = run("submit", lambda: jobs.submit(member.user, video(team_id))[0])
+    assert reserving.wait(30), "the submission did not reach its reservation"
+    deleting = run("delete", lambda: svc.delete(owner.user, team_id))
+    # the deletion either waits on the submission's lock (fixed) or is already done (the race)
+    wait_for(lambda: not deleting.is_alive() or _pg_lock_waiters(db) >= 1, "the deletion to block or finish")
+    go.set()
+    for thread in (submitting, deleting):
+        thread.join(60)
+        assert not thread.is_alive()
+    job = outcomes["submit"]
+    assert isinstance(job, Job), job
+    refused = outcomes["delete"]
+    assert isinstance(refused, Conflict) and refused.code == "team_has_active_jobs", refused
+    with db.read() as s:
+        assert s.get(Team, team_id).deleted_at is None  # type: ignore[union-attr]
+    assert get_job(db, job.id).status == "queued"
+
+
+def test_a_submission_after_the_deletion_took_the_lock_is_not_found(
+        svc: TeamService, jobs_on: Callable[..., JobService], db: Database, person: Callable[..., NewUser],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The other order: the deletion counts under the balance lock and commits; a submission that
+    passed its first membership look before that reads it again under the lock and is refused."""
+    owner, member = person(), person()
+    team_id = svc.create(owner.user, "T").view.team.id
+    join(svc, owner, team_id, member)
+    fund(db, team_id, PRICE)
+    jobs = jobs_on()
+    looked = jobs.account_for
+
+    def look_then_delete(user: User, team: str | None) -> User:
+        account = looked(user, team)
+        svc.delete(owner.user, team_id)
+        return account
+
+    monkeypatch.setattr(jobs, "account_for", look_then_delete)
+    with pytest.raises(NotFound):
+        jobs.submit(member.user, video(team_id))
+    assert balance(db, team_id) == ledger.BalanceView(PRICE, 0)
+    with db.read() as s:
+        assert s.execute(select(Job).where(Job.user_id == team_id)).first() is None
+
+
 # invitations -------------------------------------------------------------------------------
 def test_invitations(svc: TeamService, db: Database, person: Callable[..., NewUser]) -> None:
     owner = person()
@@ -320,6 +405,40 @@ def test_a_member_submits_as_the_team(svc: TeamService, jobs_on: Callable[..., J
     with pytest.raises(InsufficientCredits) as short:
         jobs.submit(member.user, video(team_id))
     assert code_of(short) == "insufficient_credits"  # type: ignore[arg-type]
+
+
+def test_deleting_a_team_jobs_outputs_is_for_its_submitter_and_the_managers(
+        svc: TeamService, jobs_on: Callable[..., JobService], db: Database, person: Callable[..., NewUser]) -> None:
+    owner, admin, submitter, member, outsider = (person() for _ in range(5))
+    team_id = svc.create(owner.user, "T").view.team.id
+    join(svc, owner, team_id, admin, "admin")
+    join(svc, owner, team_id, submitter)
+    join(svc, owner, team_id, member)
+    fund(db, team_id, 10 * PRICE)
+    jobs = jobs_on()
+
+    def finished(by: NewUser) -> Job:
+        job, _ = jobs.submit(by.user, video(team_id))
+        return jobs.cancel(by.user, job.id)
+
+    theirs, for_admin, for_owner, own = finished(submitter), finished(submitter), finished(submitter), finished(member)
+    # another plain member sees the job but may not delete its outputs; an outsider does not see it
+    assert jobs.get(member.user, theirs.id).id == theirs.id
+    with pytest.raises(Forbidden) as refused:
+        jobs.delete_outputs(member.user, theirs.id)
+    assert (refused.value.status, code_of(refused)) == (403, "forbidden")  # type: ignore[arg-type]
+    with pytest.raises(NotFound):
+        jobs.delete_outputs(outsider.user, theirs.id)
+    assert get_job(db, theirs.id).outputs_deleted_at is None
+    # the submitter, the team's admins and owners may; a member deletes their own team job's
+    assert jobs.delete_outputs(submitter.user, theirs.id).outputs_deleted_at is not None
+    assert jobs.delete_outputs(admin.user, for_admin.id).outputs_deleted_at is not None
+    assert jobs.delete_outputs(owner.user, for_owner.id).outputs_deleted_at is not None
+    assert jobs.delete_outputs(member.user, own.id).outputs_deleted_at is not None
+    # demoted to member, the admin may no longer delete others' job outputs
+    svc.update_member(owner.user, team_id, admin.user.id, role="member", set_role=True)
+    with pytest.raises(Forbidden):
+        jobs.delete_outputs(admin.user, for_owner.id)
 
 
 def test_the_teams_plan_and_limits_apply(svc: TeamService, jobs_on: Callable[..., JobService], db: Database,
