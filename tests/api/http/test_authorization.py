@@ -474,3 +474,39 @@ async def test_wrong_scheme_is_401(world: World) -> None:
     for header in (f"Basic {world.alice.api_key}", world.alice.api_key, "Bearer"):
         r = await world.h.client.get("/v1/credits", headers={"Authorization": header})
         assert r.status_code == 401, header
+
+
+async def test_team_job_outputs_are_deleted_by_their_submitter_and_the_teams_managers(world: World) -> None:
+    """Every member sees a team job; deleting its outputs (native and OpenAI shapes) is for the
+    member who submitted it and the team's owners and admins: another member is 403, a non-member 404."""
+    client, h, team = world.h.client, world.h, world.teams["team"]
+    submitter, member, admin = h.user(credits=0), h.user(credits=0), h.user(credits=0)
+    for who, role in ((submitter, "member"), (member, "member"), (admin, "admin")):
+        h.state.teams.accept(who.user, h.state.teams.invite(world.alice.user, team, who.user.email, role).token)
+    funded = await client.post(f"/v1/admin/users/{team}/credits", json={"amount": 1000}, headers=bearer(ADMIN_KEY))
+    assert funded.status_code == 201, funded.text
+
+    def finished(model: str) -> str:
+        job, _ = h.state.jobs.submit(submitter.user, Submission(model, {"prompt": "a"}, team=team))
+        return h.state.jobs.cancel(submitter.user, job.id).id
+
+    image, video, for_admin, for_owner = (finished(m) for m in ("tiny-sd", "tiny-wan", "tiny-sd", "tiny-sd"))
+    problems: list[str] = []
+    cases = [  # (caller, method, url, status, code)
+        (member, f"/v1/jobs/{image}", 403, "forbidden"),
+        (member, f"/openai/v1/videos/{video}", 403, "forbidden"),
+        (world.bob, f"/v1/jobs/{image}", 404, "not_found"),
+        (world.bob, f"/openai/v1/videos/{video}", 404, "not_found"),
+        (submitter, f"/v1/jobs/{image}", 200, None),
+        (submitter, f"/openai/v1/videos/{video}", 200, None),
+        (admin, f"/v1/jobs/{for_admin}", 200, None),
+        (world.alice, f"/v1/jobs/{for_owner}", 200, None),
+    ]
+    for caller, url, status, code in cases:
+        if status != 200:  # a refused call changes nothing
+            assert get_job(h.db, url.rsplit("/", 1)[1]).outputs_deleted_at is None
+        r = await client.delete(url, headers=bearer(caller.api_key))
+        if r.status_code != status or (code is not None and _error_code(url, r) != code):
+            problems.append(f"DELETE {url} by {caller.user.email}: {r.status_code} {r.text[:160]}")
+    assert (await client.get(f"/v1/jobs/{image}", headers=bearer(member.api_key))).status_code == 200
+    assert not problems, "\n".join(problems)
