@@ -645,3 +645,184 @@ def test_a_refund_racing_its_purchase_is_applied(backend_db: Database, backend_s
     _run_concurrently(lambda: deliver(svc, paid), lambda: deliver(svc, refund))
     assert _purchase_of(backend_db, session["id"]).clawed_back == 100
     assert (balance(backend_db, user.id).available, debt(backend_db, user.id)) == (0, 0)
+
+
+# ---- the plan follows the account's subscriptions ------------------------------------------
+
+
+def sub_row(db: Database, sub_id: str) -> Subscription:
+    with db.read() as s:
+        sub = s.get(Subscription, sub_id)
+    assert sub is not None, sub_id
+    return sub
+
+
+def test_an_old_canceled_subscription_does_not_downgrade_a_newer_live_one(
+        db: Database, bset: Settings, svc: BillingService) -> None:
+    user = add_user(db, bset, credits=0).user
+    cus = with_customer(db, user.id)
+    deliver(svc, event("customer.subscription.updated", sub_obj("sub_old", cus, "price_starter",
+                                                                period_end=ts(2031, 4, 15)), created=100),
+            datetime(2031, 3, 1, tzinfo=UTC))
+    deliver(svc, event("customer.subscription.deleted", sub_obj("sub_old", cus, "price_starter", status="canceled",
+                                                                period_end=ts(2031, 4, 15)), created=200),
+            datetime(2031, 3, 10, tzinfo=UTC))
+    assert plan_of(db, user.id) == "starter" and sub_row(db, "sub_old").downgrade_at is not None
+    deliver(svc, event("customer.subscription.created", sub_obj("sub_new", cus, "price_creator",
+                                                                period_end=ts(2031, 4, 12)), created=300),
+            datetime(2031, 3, 12, tzinfo=UTC))
+    assert plan_of(db, user.id) == "creator"
+    assert sub_row(db, "sub_old").downgrade_at is None  # stale: a live subscription governs
+    assert svc.apply_downgrades(datetime(2031, 4, 16, tzinfo=UTC)) == 0
+    assert plan_of(db, user.id) == "creator"
+
+
+def test_a_newer_cheaper_subscription_applies_when_the_old_paid_period_ends(
+        db: Database, bset: Settings, svc: BillingService) -> None:
+    user = add_user(db, bset, credits=0).user
+    cus = with_customer(db, user.id)
+    mid = datetime(2031, 3, 10, tzinfo=UTC)
+    deliver(svc, event("customer.subscription.updated", sub_obj("sub_a", cus, "price_studio",
+                                                                period_end=ts(2031, 4, 15)), created=100), mid)
+    deliver(svc, event("customer.subscription.deleted", sub_obj("sub_a", cus, "price_studio", status="canceled",
+                                                                period_end=ts(2031, 4, 15)), created=200), mid)
+    deliver(svc, event("customer.subscription.created", sub_obj("sub_b", cus, "price_starter",
+                                                                period_end=ts(2031, 4, 20)), created=300), mid)
+    assert plan_of(db, user.id) == "studio"  # paid until April 15
+    assert svc.apply_downgrades(datetime(2031, 4, 14, tzinfo=UTC)) == 0
+    assert svc.apply_downgrades(datetime(2031, 4, 15, tzinfo=UTC)) == 1
+    assert plan_of(db, user.id) == "starter"  # the live subscription's plan, not the default
+    assert (sub_row(db, "sub_a").downgrade_at, sub_row(db, "sub_b").downgrade_at) == (None, None)
+
+
+def subscription_checkout(user_id: str, cus: str, sub_id: str, payment_status: str) -> dict[str, Any]:
+    return {"id": "cs_" + sub_id, "object": "checkout.session", "mode": "subscription", "subscription": sub_id,
+            "customer": cus, "payment_status": payment_status,
+            "metadata": {"account_id": user_id, "plan": "starter"}}
+
+
+def test_an_unpaid_checkout_gives_no_plan_and_no_scheduled_grant(
+        db: Database, bset: Settings, svc: BillingService, storage: LocalStorage) -> None:
+    user = add_user(db, bset, credits=0).user
+    cus = with_customer(db, user.id)
+    now = datetime(2031, 3, 10, tzinfo=UTC)
+    result = deliver(svc, event("checkout.session.completed", subscription_checkout(user.id, cus, "sub_u", "unpaid"),
+                                created=ts(2031, 3, 10)), now)
+    assert result == "linked subscription sub_u (starter): incomplete, not paid yet"
+    deliver(svc, event("customer.subscription.created", sub_obj("sub_u", cus, "price_starter", status="incomplete",
+                                                                period_end=ts(2031, 4, 10)),
+                       created=ts(2031, 3, 10, 0, 0, 1)), now)
+    assert plan_of(db, user.id) == "free" and sub_row(db, "sub_u").status == "incomplete"
+    report = Maintenance(db, bset, storage).run_once("2031-03", now=now)
+    assert (report.plan_grants, balance(db, user.id).available, plan_of(db, user.id)) == (0, 0, "free")
+    # the payment settles: the first invoice is paid
+    paid = invoice("in_u", cus, "sub_u", "price_starter", ts(2031, 3, 10), reason="subscription_create")
+    assert deliver(svc, event("invoice.paid", paid, created=ts(2031, 3, 11)), now).startswith("granted 80")
+    assert (plan_of(db, user.id), sub_row(db, "sub_u").status, balance(db, user.id).available) == (
+        "starter", "active", 80)
+
+
+@pytest.mark.parametrize("status", ["unpaid", "incomplete_expired", "paused"])
+def test_falling_unpaid_takes_the_plan_back_at_once(db: Database, bset: Settings, svc: BillingService,
+                                                    status: str) -> None:
+    user = add_user(db, bset, credits=0).user
+    cus = with_customer(db, user.id)
+    deliver(svc, event("customer.subscription.updated", sub_obj("sub_p", cus, "price_creator",
+                                                                period_end=ts(2031, 4, 15)), created=100),
+            datetime(2031, 3, 15, tzinfo=UTC))
+    assert plan_of(db, user.id) == "creator"
+    deliver(svc, event("customer.subscription.updated", sub_obj("sub_p", cus, "price_creator", status=status,
+                                                                period_end=ts(2031, 4, 15)), created=200),
+            datetime(2031, 3, 20, tzinfo=UTC))
+    assert plan_of(db, user.id) == "free"  # no grace until April 15
+    assert sub_row(db, "sub_p").downgrade_at is None
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations(range(3))))
+def test_events_of_the_same_second_end_active_in_any_order(db: Database, bset: Settings, svc: BillingService,
+                                                          order: tuple[int, ...]) -> None:
+    """Stripe sends subscription.created (incomplete), subscription.updated (active) and the first
+    invoice.paid within one second: the incomplete state never wins."""
+    user = add_user(db, bset, credits=0).user
+    cus = with_customer(db, user.id)
+    t = ts(2031, 3, 10)
+    now = datetime(2031, 3, 10, 0, 1, tzinfo=UTC)
+    events = [
+        event("customer.subscription.created", sub_obj("sub_s", cus, "price_starter", status="incomplete",
+                                                       period_end=ts(2031, 4, 10)), created=t),
+        event("customer.subscription.updated", sub_obj("sub_s", cus, "price_starter", period_end=ts(2031, 4, 10)),
+              created=t),
+        event("invoice.paid", invoice("in_s", cus, "sub_s", "price_starter", t, reason="subscription_create"),
+              created=t),
+    ]
+    for i in order:
+        deliver(svc, events[i], now)
+    sub = sub_row(db, "sub_s")
+    assert (sub.status, sub.plan, sub.downgrade_at) == ("active", "starter", None)
+    assert (plan_of(db, user.id), balance(db, user.id).available) == ("starter", 80)
+
+
+@pytest.mark.parametrize("canceled_first", [False, True])
+def test_canceled_beats_active_in_the_same_second(db: Database, bset: Settings, svc: BillingService,
+                                                  canceled_first: bool) -> None:
+    user = add_user(db, bset, credits=0).user
+    cus = with_customer(db, user.id)
+    end = ts(2031, 4, 10)
+    active = event("customer.subscription.updated", sub_obj("sub_c", cus, "price_starter", period_end=end),
+                   created=500)
+    canceled = event("customer.subscription.deleted", sub_obj("sub_c", cus, "price_starter", status="canceled",
+                                                              period_end=end), created=500)
+    for payload in ([canceled, active] if canceled_first else [active, canceled]):
+        deliver(svc, payload, datetime(2031, 3, 20, tzinfo=UTC))
+    assert sub_row(db, "sub_c").status == "canceled"
+    assert svc.apply_downgrades(datetime(2031, 4, 10, tzinfo=UTC)) == (0 if canceled_first else 1)
+    assert plan_of(db, user.id) == "free"
+
+
+# ---- refunds of expired plan credits, and the expiry cutover ---------------------------------
+
+
+def test_refunding_an_invoice_after_its_credits_expired_takes_only_what_was_left(
+        db: Database, bset: Settings, svc: BillingService, storage: LocalStorage) -> None:
+    user = add_user(db, bset, credits=0).user
+    cus = with_customer(db, user.id)
+    inv = invoice("in_e", cus, "sub_e", "price_starter", ts(2031, 3, 5), reason="subscription_create", pi="pi_inv_e")
+    deliver(svc, event("invoice.paid", inv), datetime(2031, 3, 5, tzinfo=UTC))
+    spend(db, user.id, 30)
+    with db.session() as s:  # a pack, which never expires
+        ledger.credit(s, user.id, 100, "stripe:cs_e", kind=ledger.EntryKind.PURCHASE)
+        s.commit()
+    assert svc.expire_credits(datetime(2031, 5, 1, tzinfo=UTC)) == (1, 50)  # March's 80 less 30 spent
+    assert balance(db, user.id).available == 100
+    # the invoice refunded in full: of its 80 credits, 50 already expired, 30 were spent
+    assert deliver(svc, event("charge.refunded", charge("pi_inv_e"))) == "clawed back 30, debt 0"
+    assert (balance(db, user.id).available, debt(db, user.id)) == (70, 0)
+
+
+def test_plan_credits_granted_before_the_cutover_never_expire(
+        db: Database, bset: Settings, storage: LocalStorage, svc: BillingService) -> None:
+    later = bset.model_copy(update={"credit_expiry_from": "2031-04"})
+    person = add_user(db, later, credits=0, plan="starter").user
+    maintenance = Maintenance(db, later, storage)
+    maintenance.run_once("2031-03", now=datetime(2031, 3, 1, tzinfo=UTC))   # before the cutover
+    maintenance.run_once("2031-04", now=datetime(2031, 4, 1, tzinfo=UTC))
+    usage = BillingService(db, later).usage(person, now=datetime(2031, 4, 2, tzinfo=UTC))
+    assert usage["next_expiry"] == {"at": datetime(2031, 6, 1, tzinfo=UTC), "credits": 80}  # April's only
+    report = maintenance.run_once("2031-05", now=datetime(2031, 5, 1, tzinfo=UTC))
+    assert (report.grants_expired, report.credits_expired) == (0, 0)
+    assert balance(db, person.id).available == 3 * 80
+    report = maintenance.run_once("2031-06", now=datetime(2031, 6, 1, tzinfo=UTC))
+    assert (report.grants_expired, report.credits_expired) == (1, 80)  # April's (spent after March's: none)
+
+
+def test_by_default_grants_before_december_2026_never_expire(db: Database, bset: Settings,
+                                                             storage: LocalStorage) -> None:
+    assert Settings().credit_expiry_from == "2026-12"
+    person = add_user(db, bset, credits=0, plan="starter").user
+    maintenance = Maintenance(db, bset, storage)
+    maintenance.run_once("2026-11", now=datetime(2026, 11, 1, tzinfo=UTC))
+    maintenance.run_once("2026-12", now=datetime(2026, 12, 1, tzinfo=UTC))
+    assert maintenance.run_once("2027-01", now=datetime(2027, 1, 1, tzinfo=UTC)).credits_expired == 0
+    assert maintenance.run_once("2027-02", now=datetime(2027, 2, 1, tzinfo=UTC)).credits_expired == 80
+    assert [e.idempotency_key for e in ledger_rows(db, person.id) if e.kind == "expire"] == [
+        f"expire:{person.id}:2026-12"]
