@@ -7,8 +7,13 @@ A person acts on their own account; on a team's account when they are its owner 
 Events. Every Stripe event is applied at most once: its id is inserted into ``stripe_events`` in
 the same transaction as its effects (a concurrent duplicate waits on the primary key and then
 changes nothing). Events may come in any order: a subscription event older than the one applied
-(``Subscription.event_created``) changes nothing; a refund or dispute that comes before its
-purchase is kept (``StripeEvent.ref``) and applied when the purchase is.
+(``Subscription.event_created``; within the same second, an earlier state of the lifecycle, see
+``STATUS_ORDER``) changes nothing; a refund or dispute that comes before its purchase is kept
+(``StripeEvent.ref``) and applied when the purchase is. One payment's purchase and refunds are
+serialized (:meth:`BillingService._lock_payment`), so neither misses the other.
+
+Plans. The account's plan follows its subscriptions (:func:`apply_plan`): the best live one, an
+upgrade at once, a downgrade or an end at the paid period's end; one that is not paid gives none.
 
 Credits (the rollover rule; README "Billing with Stripe"):
 - a plan's monthly credits for period ``YYYY-MM`` (ledger key ``plan:{account}:{period}``, granted
