@@ -222,3 +222,23 @@ async def test_an_oversized_webhook_body_is_refused_unread(bapi: ApiHarness) -> 
     assert balance(bapi.db, user.user.id).available == 0 and ledger_rows(bapi.db, user.user.id) == []
     replicate = await bapi.client.post("/v1/webhooks/replicate", content=b"{" + b" " * WEBHOOK_BODY_BYTES + b"}")
     assert replicate.status_code in (404, 413)  # 404 when this stack has no provider receiver
+
+
+async def test_a_plan_checkout_paid_later_gives_the_plan_only_when_paid(bapi: ApiHarness) -> None:
+    """A delayed payment method: the Checkout completes unpaid (no plan, the subscription is
+    incomplete), then ``checkout.session.async_payment_succeeded`` makes it active."""
+    user = bapi.user(credits=0)
+    with bapi.db.session() as s:
+        s.add(BillingCustomer(account_id=user.user.id, stripe_customer_id="cus_async"))
+        s.commit()
+    obj = {"id": "cs_async", "object": "checkout.session", "mode": "subscription", "subscription": "sub_async",
+           "customer": "cus_async", "payment_status": "unpaid",
+           "metadata": {"account_id": user.user.id, "plan": "creator"}}
+    assert (await post_event(bapi, "checkout.session.completed", obj)).status_code == 200
+    got = (await bapi.client.get("/v1/billing/subscription", headers=bearer(user.api_key))).json()
+    assert (got["plan"], got["subscription"]["status"]) == ("free", "incomplete")
+    later = event("checkout.session.async_payment_succeeded", {**obj, "payment_status": "paid"},
+                  created=int(time.time()) + 1)
+    assert (await post_event(bapi, "", {}, payload=later)).status_code == 200
+    got = (await bapi.client.get("/v1/billing/subscription", headers=bearer(user.api_key))).json()
+    assert (got["plan"], got["subscription"]["status"]) == ("creator", "active")
