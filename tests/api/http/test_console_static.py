@@ -171,3 +171,13 @@ def test_the_wheel_ships_the_console(tmp_path: Path) -> None:
     expected = {"api/http/console/" + str(p.relative_to(console.STATIC_DIR.parent)) for p in static_files()}
     assert "api/http/console/static/index.html" in expected
     assert expected <= names, sorted(expected - names)
+
+
+def test_every_page_stylesheet_loads_with_the_shell() -> None:
+    """A page's sheet linked only when its module runs is applied after the page is laid out (a
+    wide table, a light card in the dark theme): index.html links every one up front."""
+    index = (console.STATIC_DIR / "index.html").read_text()
+    sheets = sorted(p.relative_to(console.STATIC_DIR).as_posix() for p in console.STATIC_DIR.rglob("*.css"))
+    assert sheets, "the console ships stylesheets"
+    for sheet in sheets:
+        assert f'href="/console/{sheet}"' in index, f"{sheet} is not linked from index.html"
