@@ -109,7 +109,8 @@ def test_up_stopped_mid_generation_keeps_the_work_for_the_next_up(tmp_path: Path
         assert (prefix / "result.json").exists() and (prefix / "0.png").exists(), tail(log)
 
         held.unlink()
-        (hooks / f"{job_id}.release").unlink()  # a second run of the pipeline would now be held
+        # the hook consumed the release when it let the job go: a second run of the pipeline would be held
+        assert not (hooks / f"{job_id}.release").exists()
         second, log = start_up(tmp_path, env, port, "up-2")
         procs.append(second)
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=bearer(user.api_key), timeout=30) as client:
