@@ -598,14 +598,15 @@ async def create_video(request: Request, user: CurrentUser, state: State,
 
 
 @router.get("/videos", response_model=VideoList)
-def list_videos(user: CurrentUser, state: State,
+def list_videos(request: Request, user: CurrentUser, state: State,
                 after: str | None = Query(default=None, max_length=64),
                 limit: int = Query(default=20, ge=1, le=100),
                 order: Literal["asc", "desc"] = Query(default="desc")) -> VideoList:
     """The caller's videos, newest first (``order=asc``: oldest first), after the video ``after``."""
     cursor = encode_cursor(_video_job(state, user, after)) if after else None
     jobs, next_cursor = state.jobs.list(user, kind="video", cursor=cursor, limit=limit,
-                                        ascending=order == "asc")
+                                        ascending=order == "asc",
+                                        team=request.headers.get(TEAM_HEADER))  # a team's, with the header
     days = state.settings.output_retention_days
     data = [video_view(j, days) for j in jobs]
     return VideoList(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None,

@@ -555,7 +555,8 @@ def list_predictions(request: Request, user: CurrentUser, state: State,
     if cursor is not None:
         native, stack, limit = _decode_page(cursor)
     # LoRA trainings are Replicate trainings, not predictions
-    jobs, next_native = state.jobs.list(user, cursor=native, limit=limit, exclude_kind="training")
+    jobs, next_native = state.jobs.list(user, cursor=native, limit=limit, exclude_kind="training",
+                                        team=request.headers.get(TEAM_HEADER))  # a team's, with the header
     base, views = _base(request), Views(state)
     logs = views.logs_of([j.id for j in jobs])
     here = f"{base}/v1/predictions?cursor="

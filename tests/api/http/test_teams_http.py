@@ -146,6 +146,14 @@ async def test_a_team_over_http(idle: ApiHarness) -> None:
     assert canceled.status_code == 200 and canceled.json()["status"] == "canceled"
     rep = await client.get(f"/replicate/v1/predictions/{pred.json()['id']}", headers=bearer(alice.api_key))
     assert rep.status_code == 200
+    # the compat list routes list the team's jobs with the header, the caller's own without it
+    team_headers = {**bearer(alice.api_key), TEAM: team_id}
+    preds = await client.get("/replicate/v1/predictions", headers=team_headers)
+    assert preds.status_code == 200 and {p["id"] for p in preds.json()["results"]} == team_jobs
+    videos = await client.get("/openai/v1/videos", headers=team_headers)
+    assert videos.status_code == 200 and {v["id"] for v in videos.json()["data"]} == team_jobs
+    assert (await client.get("/replicate/v1/predictions", headers=bearer(alice.api_key))).json()["results"] == []
+    assert (await client.get("/openai/v1/videos", headers=bearer(alice.api_key))).json()["data"] == []
 
     # usage per member and the team's ledger
     usage = (await client.get(f"/v1/teams/{team_id}/usage", headers=bearer(bob.api_key))).json()
