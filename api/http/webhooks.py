@@ -43,7 +43,7 @@ from api.db.tables import Job, User, WebhookDelivery, utcnow
 from api.metrics import Metrics
 from api.services import egress
 from api.services.events import job_from_snapshot
-from api.services.notify import Notifier
+from api.services.notify import Notifier, wait_event
 from api.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -187,8 +187,7 @@ class WebhookDeliverer:
                 wait_s = await asyncio.to_thread(self._next_due_in, self.settings.webhook_poll_s)
             except Exception:  # noqa: BLE001 - fall back to the slow poll
                 wait_s = self.settings.webhook_poll_s
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=wait_s)
+            await wait_event(self._wake, wait_s)
 
     # one round ------------------------------------------------------------------------------
     async def run_once(self, limit: int | None = None) -> int:

@@ -69,7 +69,7 @@ from api.db.engine import Database, DatabaseBusy
 from api.db.tables import Job, User, utcnow
 from api.runner.preview_notify import PreviewThrottle
 from api.services.events import EventBus, record_event
-from api.services.notify import MAX_PAYLOAD_BYTES, Notifier, call_on_loop
+from api.services.notify import MAX_PAYLOAD_BYTES, Notifier, call_on_loop, wait_event
 from api.services.settlement import (
     announce,
     finish_job,
@@ -387,8 +387,7 @@ class Runner:
             if self._stopping.is_set():
                 break
             wait = self._wait_s(time.monotonic() - (last_sweep or started_at))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=wait)
+            await wait_event(self._wake, wait)
 
     async def tick(self, *, sweep: bool = True) -> int:
         """Claim and start jobs into free slots (first, with ``sweep``, reclaim expired leases and

@@ -31,6 +31,7 @@ from api.db.engine import Database
 from api.db.tables import Job, utcnow
 from api.services.events import EventBus
 from api.services.jobs import JobService
+from api.services.notify import wait_event
 from api.services.settlement import finish_job, locked_job
 from api.settings import Settings
 from api.storage.base import Storage
@@ -117,8 +118,7 @@ class DeadlineWatcher:
             except Exception:  # noqa: BLE001 - the database may be briefly away; try again later
                 logger.exception("deadline watcher: a round failed")
             self.rounds += 1
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=wait_s)
+            await wait_event(self._wake, wait_s)
 
     # one round ------------------------------------------------------------------------------
     def next_deadline(self) -> datetime | None:

@@ -5,12 +5,12 @@ only a safety net, so a job that ends is answered at once."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from api.core.jobs import TERMINAL
 from api.db.tables import Job, User
 from api.services.jobs import JobService
+from api.services.notify import wait_event
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,6 @@ async def wait_for_job(jobs: JobService, user: User | None, job_id: str, timeout
             remaining = deadline - loop.time()
             if is_terminal(job) or remaining <= 0:
                 return job
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(waiter.wait(), timeout=min(poll_s, remaining))
+            await wait_event(waiter, min(poll_s, remaining))
         finally:
             jobs.bus.release(job_id, waiter)

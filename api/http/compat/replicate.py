@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import hashlib
 import json
 from collections.abc import AsyncIterator, Callable
@@ -43,6 +42,7 @@ from api.http.state import AppState
 from api.services.deadlines import is_aborted, parse_cancel_after
 from api.services.events import events_after, events_of
 from api.services.jobs import Submission
+from api.services.notify import wait_event
 from api.services.teams import TEAM_HEADER
 from api.services.waiting import wait_for_job
 from models.spec import ModelSpec
@@ -617,7 +617,6 @@ async def _stream(state: AppState, request: Request, job_id: str) -> AsyncIterat
                     return
             if await request.is_disconnected():
                 return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(waiter.wait(), timeout=state.settings.sse_poll_s)
+            await wait_event(waiter, state.settings.sse_poll_s)
         finally:
             state.bus.release(job_id, waiter)

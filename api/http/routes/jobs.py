@@ -17,6 +17,7 @@ from api.http.schemas import JobCreate, JobList, JobPublic, JobQuote, QueueUpdat
 from api.http.state import AppState
 from api.services.events import events_after
 from api.services.jobs import Submission
+from api.services.notify import wait_event
 from api.services.queue import QueueEstimate
 from api.services.teams import TEAM_HEADER, one_team
 
@@ -162,11 +163,7 @@ async def _stream(state: AppState, request: Request, job_id: str, after: int) ->
                     yield {"event": "queue", "data": update.model_dump_json()}
             if await request.is_disconnected():
                 return
-            quiet = False
-            try:
-                # woken by this process's bus or by another process's NOTIFY; the poll is a safety net
-                await asyncio.wait_for(waiter.wait(), timeout=state.settings.sse_poll_s)
-            except TimeoutError:
-                quiet = True
+            # woken by this process's bus or by another process's NOTIFY; the poll is a safety net
+            quiet = not await wait_event(waiter, state.settings.sse_poll_s)
         finally:
             state.bus.release(job_id, waiter)

@@ -164,3 +164,24 @@ async def test_the_watcher_is_woken_by_another_process_queuing_a_job(
                          what="the watcher to abort the job")
     finally:
         await watcher.stop()
+
+
+async def test_stop_ends_the_watcher_even_when_woken_as_it_is_canceled(
+        db: Database, settings: Settings, storage: LocalStorage, jobs: JobService) -> None:
+    """Shutdown: a job change wakes the watcher in the same step as stop() cancels it (the runner
+    hands its jobs back just before); the cancel must not be lost, or the API's shutdown hangs."""
+    bus = EventBus()
+    bus.bind(asyncio.get_running_loop())
+    watcher = _watcher(db, settings.model_copy(update={"deadline_poll_s": 3600.0}), storage, bus, jobs)
+    watcher.start()
+    await wait_until(lambda: watcher.rounds >= 1, timeout_s=10, what="the watcher's first round")
+    for _ in range(3):
+        await asyncio.sleep(0)  # it now sleeps on its wake event
+    task = watcher._task
+    assert task is not None
+    watcher.wake()
+    stopping = asyncio.create_task(watcher.stop())
+    done, _ = await asyncio.wait([stopping], timeout=10)  # not wait_for: it would cancel stop() itself
+    if not done:
+        task.cancel()
+    assert done == {stopping} and task.done(), "the watcher's loop lost the cancel and runs on"
