@@ -5,22 +5,14 @@ naming the step held at. The holds run on a thread here; every wait is bounded."
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from serve.testhooks import Hold, StepHooks, parse_steps
+from tests.fixtures.harness import wait_for
 
 WAIT_S = 30.0
-
-
-def wait_for(check: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 @pytest.mark.parametrize(("text", "steps"), [("2", (2,)), ("2 5", (2, 5)), ("5,2", (2, 5)),
@@ -55,11 +47,11 @@ def test_each_hold_waits_for_its_own_release(tmp_path: Path) -> None:
     thread.start()
     held = tmp_path / "job_1.held"
     release = tmp_path / "job_1.release"
-    wait_for(lambda: held.exists() and held.read_text() == "2", "the hold at 2")
+    wait_for(lambda: held.exists() and held.read_text() == "2", "the hold at 2", WAIT_S)
     assert passed == []
     release.write_text("")
     # the release was consumed when the hold at 2 returned: the hold at 5 blocks until a new one
-    wait_for(lambda: held.read_text() == "5", "the hold at 5")
+    wait_for(lambda: held.read_text() == "5", "the hold at 5", WAIT_S)
     assert passed == [2]
     assert not release.exists()
     release.write_text("")

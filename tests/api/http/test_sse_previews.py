@@ -68,12 +68,9 @@ class PreviewingExecutor:
         self.runs.append(request.job_id)
         yield StageEvent("generating")
         yield ProgressEvent(1, 4)
-        deadline = time.monotonic() + STREAM_TIMEOUT_S
-        while not self.go.is_set():
-            if time.monotonic() > deadline:
-                yield ErrorEvent("test_timeout", "the stream never connected")
-                return
-            await asyncio.sleep(0.01)
+        if not await asyncio.to_thread(self.go.wait, STREAM_TIMEOUT_S):  # set by the test, bounded
+            yield ErrorEvent("test_timeout", "the stream never connected")
+            return
         for index in range(self.previews):
             step = 2 + index
             yield PreviewEvent(step=step, total=4, image=preview_url(40 * step), width=64, height=64)

@@ -313,13 +313,17 @@ async def _burst(url: str, calls: list[tuple[str, dict[str, Any]]]) -> list[http
     limits = httpx.Limits(max_connections=len(calls), max_keepalive_connections=len(calls))
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
         start = asyncio.Event()
+        ready = 0
 
         async def one(key: str, body: dict[str, Any]) -> httpx.Response:
+            nonlocal ready
+            ready += 1
             await start.wait()
             return await client.post("/v1/jobs", json=body, headers=bearer(key))
 
         tasks = [asyncio.create_task(one(k, b)) for k, b in calls]
-        await asyncio.sleep(0.05)
+        while ready < len(tasks):  # every task is waiting on start (one loop pass each; no clock)
+            await asyncio.sleep(0)
         start.set()
         return await asyncio.wait_for(asyncio.gather(*tasks), timeout=150)
 
