@@ -1,5 +1,9 @@
 """The job state machine: ``queued → running → succeeded | failed | canceled``.
 
+``waiting`` comes before ``queued`` for a pipeline's step whose inputs are other steps' outputs
+(no runner claims it; the pipeline releases it to ``queued`` when they succeed) and for the
+pipeline's own row until its first step starts. Both may be canceled or failed while waiting.
+
 A retry sends a running job back to ``queued``; the attempt is counted when it is claimed again
 (``attempts`` is the number of runs started). A queued job can be canceled,
 or failed by maintenance (its model was removed); anything else raises :class:`InvalidTransition`.
@@ -13,6 +17,7 @@ from api.core.errors import InvalidTransition
 
 
 class JobStatus(StrEnum):
+    WAITING = "waiting"
     QUEUED = "queued"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
@@ -21,9 +26,10 @@ class JobStatus(StrEnum):
 
 
 TERMINAL: frozenset[JobStatus] = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED})
-ACTIVE: frozenset[JobStatus] = frozenset({JobStatus.QUEUED, JobStatus.RUNNING})
+ACTIVE: frozenset[JobStatus] = frozenset({JobStatus.WAITING, JobStatus.QUEUED, JobStatus.RUNNING})
 
 _ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.WAITING: frozenset({JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.CANCELED, JobStatus.FAILED}),
     JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELED, JobStatus.FAILED}),
     JobStatus.RUNNING: frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED,
                                   JobStatus.QUEUED}),

@@ -140,6 +140,13 @@ class Job(SQLModel, table=True):
     start_deadline_at: datetime | None = None
     # the member who submitted a job "as the team" (user_id is then the team's account); else None
     submitted_by: str | None = Field(default=None, index=True)
+    # pipelines: a step job names its pipeline (the parent job, kind "pipeline"), its step name and
+    # its position in the submitted order; None on every other job
+    parent_id: str | None = Field(default=None, index=True)
+    step_name: str | None = None
+    step_index: int | None = None
+    # the project a job (or a pipeline) was filed under; None: none
+    project_id: str | None = Field(default=None, index=True)
 
 
 class JobEvent(SQLModel, table=True):
@@ -364,3 +371,42 @@ class StripeEvent(SQLModel, table=True):
     # before its purchase is applied when the purchase is
     ref: str | None = Field(default=None, index=True)
     data: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
+# ---- pipelines: presets and projects ------------------------------------------------------------
+
+
+class Preset(SQLModel, table=True):
+    """One version of a named pipeline preset. A PATCH adds a version; the newest enabled one is used.
+
+    ``definition`` holds the parameters a client may set and the step templates they fill
+    (see :mod:`api.services.presets`)."""
+
+    __tablename__ = "presets"
+    __table_args__ = (UniqueConstraint("name", "version", name="uq_preset_name_version"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(index=True)
+    version: int = 1
+    title: str = ""
+    description: str = ""
+    definition: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    enabled: bool = True
+    created_by: str | None = None  # the admin's user id; None: shipped with CineWeave (seeded)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Project(SQLModel, table=True):
+    """A folder of work: jobs and pipelines may name one; listings filter by it."""
+
+    __tablename__ = "projects"
+
+    id: str = Field(default_factory=lambda: new_id("prj"), primary_key=True)
+    # the account it belongs to (a person, or a team's account)
+    account_id: str = Field(foreign_key="users.id", index=True)
+    name: str
+    description: str = ""
+    created_by: str | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+    deleted_at: datetime | None = None

@@ -22,6 +22,8 @@ class JobCreate(BaseModel):
     webhook_events_filter: list[str] | None = None
     # teams: submit as this team (or header X-CineWeave-Team): charged to the team's credits
     team: str | None = Field(default=None, min_length=1, max_length=64)
+    # file the job under a project of the account (GET /v1/jobs?project= lists them)
+    project: str | None = Field(default=None, min_length=1, max_length=64)
 
 
 class CreditGrant(BaseModel):
@@ -130,7 +132,8 @@ class JobPublic(Public):
     model: str
     kind: str
     task: str
-    status: str = Field(description="queued | running | succeeded | failed | canceled")
+    status: str = Field(description="queued | running | succeeded | failed | canceled; a pipeline's step "
+                                    "whose inputs are not ready yet: waiting")
     stage: str | None = None
     progress: float
     input: dict[str, Any]
@@ -158,6 +161,9 @@ class JobPublic(Public):
     # teams: present only on a job submitted as a team
     team: str | None = Field(default=None, description="the team whose credits pay for it")
     submitted_by: str | None = Field(default=None, description="the member who submitted it as the team")
+    project: str | None = Field(default=None, description="the project it is filed under")
+    pipeline: str | None = Field(default=None, description="a pipeline step's pipeline (its id)")
+    step: str | None = Field(default=None, description="a pipeline step's name")
 
 
 class JobList(Public):
@@ -519,6 +525,8 @@ def job_view(job: Job, storage: Storage, ttl_s: int, queue: QueueEstimate | None
         "queue_position": queue.queue_position if queue is not None else None,
         "eta_s": queue.eta_s if queue is not None else None,
         **team_job_fields(job),  # teams: "team" and "submitted_by", on a team's jobs only
+        **({"project": job.project_id} if job.project_id else {}),
+        **({"pipeline": job.parent_id, "step": job.step_name} if job.parent_id else {}),
     }
 
 

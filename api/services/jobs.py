@@ -34,7 +34,7 @@ from api.core.limits import check_active_jobs, check_content_policy, check_rate
 from api.core.pricing import price_generation
 from api.core.requests import normalize_input
 from api.db.engine import Database
-from api.db.tables import Job, Lora, Upload, User, utcnow
+from api.db.tables import Job, Lora, Project, Upload, User, utcnow
 from api.services import teams
 from api.services.egress import EgressPolicy, check_url
 from api.services.events import EventBus, record_event
@@ -59,6 +59,7 @@ class Submission:
     api_shape: str = "native"  # the API shape that submitted it (native | replicate | openai)
     cancel_after_s: float | None = None  # Replicate's Cancel-After, from submission
     team: str | None = None  # submit "as the team" (its id): charged to the team's account
+    project: str | None = None  # file the job under this project of the account (its id)
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,8 @@ def request_hash(sub: Submission) -> str:
         body["api_shape"] = sub.api_shape
     if sub.cancel_after_s is not None:
         body["cancel_after_s"] = sub.cancel_after_s
+    if sub.project is not None:
+        body["project"] = sub.project
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -249,12 +252,14 @@ class JobService:
                   priority=self.priority_for(user, sub), max_attempts=self.settings.max_attempts,
                   credits_reserved=price, idempotency_key=idempotency_key, request_hash=digest,
                   webhook=sub.webhook, webhook_events_filter=sub.webhook_events_filter,
-                  api_shape=sub.api_shape, submitted_by=member.id if member is not user else None)
+                  api_shape=sub.api_shape, submitted_by=member.id if member is not user else None,
+                  project_id=sub.project)
         if sub.cancel_after_s is not None:
             job.start_deadline_at = job.created_at + timedelta(seconds=sub.cancel_after_s)
         try:
             with self.db.session() as session:
                 self._check_references(session, member, checked)
+                check_project(session, user.id, sub.project)
                 self.admit(session, user.id, max_active, per_minute)
                 if member is not user:  # teams: still a member (under the team's lock), within the cap
                     teams.check_member_cap(session, user.id, member.id, price)
@@ -292,14 +297,17 @@ class JobService:
         if debt > 0:
             raise AccountInDebt(f"this account owes {debt} credits (a refunded or disputed payment); "
                                 "buy credits to pay it back first", {"debt": debt})
+        # a pipeline counts once (its row), not once per step
         active = session.execute(select(func.count()).select_from(Job).where(
-            Job.user_id == user_id, Job.status.in_([s.value for s in ACTIVE]))).scalar_one()
+            Job.user_id == user_id, Job.parent_id.is_(None),
+            Job.status.in_([s.value for s in ACTIVE]))).scalar_one()
         check_active_jobs(active, max_active)
         if per_minute is None:
             return
         since = utcnow() - timedelta(seconds=60)
         recent = session.execute(select(func.count()).select_from(Job).where(
-            Job.user_id == user_id, Job.created_at >= since, Job.kind != "training")).scalar_one()
+            Job.user_id == user_id, Job.created_at >= since, Job.kind != "training",
+            Job.parent_id.is_(None))).scalar_one()
         check_rate(recent, per_minute)
 
     @staticmethod
@@ -327,12 +335,23 @@ class JobService:
     def list(self, user: User | None, *, status: str | None = None, kind: str | None = None,
              model: str | None = None, cursor: str | None = None, limit: int = 20,
              ascending: bool = False, exclude_kind: str | None = None,
-             team: str | None = None) -> tuple[list[Job], str | None]:
+             team: str | None = None, project: str | None = None,
+             include_steps: bool = False) -> tuple[list[Job], str | None]:
         """Newest first (``ascending``: oldest first); ``cursor`` continues after a page's last job.
-        ``team``: that team's jobs instead of the caller's own (a non-member's is not found)."""
+        ``team``: that team's jobs instead of the caller's own (a non-member's is not found).
+        ``project``: only the jobs filed under it (an unknown or deleted one is not found).
+        A pipeline's step jobs are listed only with ``include_steps`` (the pipeline itself is)."""
         query = select(Job)
+        if not include_steps:
+            query = query.where(Job.parent_id.is_(None))
         if user is not None:
-            query = query.where(Job.user_id == self.account_for(user, team).id)
+            account = self.account_for(user, team)
+            query = query.where(Job.user_id == account.id)
+            if project is not None:
+                with self.db.read() as session:
+                    check_project(session, account.id, project)
+        if project is not None:
+            query = query.where(Job.project_id == project)
         if status:
             statuses = [s.strip() for s in status.split(",")]
             unknown = set(statuses) - {s.value for s in JobStatus}
@@ -399,6 +418,15 @@ class JobService:
             session.add(job)
             session.commit()
             return job
+
+
+def check_project(session: Session, account_id: str, project_id: str | None) -> None:
+    """``project_id`` is a live project of the account (else not found, as another's is)."""
+    if project_id is None:
+        return
+    project = session.get(Project, project_id)
+    if project is None or project.account_id != account_id or project.deleted_at is not None:
+        raise NotFound(f"project {project_id} not found", {"field": "project"})
 
 
 def encode_cursor(job: Job) -> str:

@@ -35,7 +35,8 @@ def create_job(body: JobCreate, response: Response, user: CurrentUser, state: St
                                            description="submit as this team (like the body's team)")) -> dict[str, Any]:
     job, created = state.jobs.submit(user, Submission(body.model, body.input, body.webhook,
                                                       body.webhook_events_filter,
-                                                      team=one_team(body.team, x_team)), idempotency_key)
+                                                      team=one_team(body.team, x_team), project=body.project),
+                                     idempotency_key)
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
     return state.job_view(job, state.queue.estimate(job))
@@ -58,14 +59,15 @@ def quote_job(body: JobCreate, user: CurrentUser, state: State,
 @router.get("", response_model=JobList, response_model_exclude_unset=True, responses=READ_ERRORS)
 def list_jobs(user: CurrentUser, state: State,
               status: str | None = Query(default=None, description="comma-separated statuses"),
-              kind: str | None = Query(default=None, pattern="^(image|video|training)$"),
+              kind: str | None = Query(default=None, pattern="^(image|video|training|pipeline)$"),
               model: str | None = Query(default=None, max_length=64),
               cursor: str | None = Query(default=None, max_length=200),
               limit: int = Query(default=20, ge=1, le=100),
               team: str | None = Query(default=None, max_length=64, description="a team's jobs instead of yours"),
+              project: str | None = Query(default=None, max_length=64, description="only this project's jobs"),
               x_team: str | None = Header(default=None, alias=TEAM_HEADER, max_length=64)) -> dict[str, Any]:
     jobs, next_cursor = state.jobs.list(user, status=status, kind=kind, model=model, cursor=cursor, limit=limit,
-                                        team=one_team(team, x_team))
+                                        team=one_team(team, x_team), project=project)
     queue = state.queue.estimates(jobs)  # one computation for the whole page
     return {"data": [state.job_view(j, queue.get(j.id)) for j in jobs], "next_cursor": next_cursor}
 

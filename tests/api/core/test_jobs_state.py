@@ -9,10 +9,11 @@ import pytest
 from api.core.errors import InvalidTransition
 from api.core.jobs import ACTIVE, TERMINAL, JobStatus, can_transition, is_terminal, retry, transition
 
-Q, R, S, F, C = (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.SUCCEEDED, JobStatus.FAILED,
-                 JobStatus.CANCELED)
+W, Q, R, S, F, C = (JobStatus.WAITING, JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.SUCCEEDED,
+                    JobStatus.FAILED, JobStatus.CANCELED)
 
 ALLOWED = {
+    (W, Q), (W, R), (W, C), (W, F),  # a pipeline step released, a pipeline started; both end early
     (Q, R), (Q, C), (Q, F),
     (R, S), (R, F), (R, C), (R, Q),
 }
@@ -35,7 +36,7 @@ def test_forbidden_transitions_raise(current: JobStatus, target: JobStatus) -> N
 
 def test_terminal_states_have_no_way_out() -> None:
     assert TERMINAL == {S, F, C}
-    assert ACTIVE == {Q, R}
+    assert ACTIVE == {W, Q, R}
     for status in JobStatus:
         assert is_terminal(status) is (status in TERMINAL)
         if status in TERMINAL:
