@@ -1,0 +1,182 @@
+"""Running the ffmpeg binary that imageio-ffmpeg ships, and probing media.
+
+Always an argument list (never a shell), ``-nostdin -y``, ``-progress pipe:1`` for progress, a
+time limit, and a stop check between reads: a stopped run's process is killed, waited for, and
+:class:`OperationCanceled` raised.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import imageio_ffmpeg
+from PIL import Image, UnidentifiedImageError
+
+from models.postprocess.spec import MediaInfo
+
+logger = logging.getLogger(__name__)
+
+STATS_PERIOD_S = 0.2
+
+
+class OperationFailed(RuntimeError):
+    """ffmpeg failed or ran past its time limit (not the caller's fault: a retry may succeed)."""
+
+    def __init__(self, message: str, *, code: str = "postprocess_failed") -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+class OperationCanceled(RuntimeError):
+    """``should_stop`` asked the run to stop; ffmpeg was killed."""
+
+    code = "canceled"
+
+
+def ffmpeg_exe() -> str:
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+class ProgressParser:
+    """Turns ``-progress`` key=value lines into fractions in [0, 1], never decreasing.
+
+    ``frame=`` over the expected frame count when it is known, else ``out_time_us`` over the
+    expected duration.
+    """
+
+    def __init__(self, expected_frames: int | None, duration_s: float | None) -> None:
+        self.expected_frames = expected_frames
+        self.duration_s = duration_s
+        self.fraction = 0.0
+        self._buffer = b""
+
+    def feed(self, data: bytes) -> list[float]:
+        """New fractions (each above the last) from a chunk of ffmpeg's progress output."""
+        self._buffer += data
+        *lines, self._buffer = self._buffer.split(b"\n")
+        out: list[float] = []
+        for line in lines:
+            key, _, value = line.decode("ascii", "replace").strip().partition("=")
+            fraction: float | None = None
+            try:
+                if key == "frame" and self.expected_frames:
+                    fraction = int(value) / self.expected_frames
+                elif key == "out_time_us" and self.duration_s and not self.expected_frames:
+                    fraction = int(value) / (self.duration_s * 1e6)
+                elif key == "progress" and value == "end":
+                    fraction = 1.0
+            except ValueError:  # "N/A" before the first frame
+                continue
+            if fraction is None:
+                continue
+            fraction = min(1.0, max(0.0, fraction))
+            if fraction > self.fraction:
+                self.fraction = fraction
+                out.append(fraction)
+        return out
+
+
+# A hook for tests: called with each started process (e.g. to check that a stop kills it).
+_on_spawn: Callable[[subprocess.Popen[bytes]], None] | None = None
+
+
+def run_ffmpeg(args: Sequence[str], *, work_dir: Path, expected_frames: int | None = None,
+               duration_s: float | None = None, timeout_s: float = 600.0,
+               on_progress: Callable[[float], None] | None = None,
+               should_stop: Callable[[], bool] | None = None) -> None:
+    """Run ffmpeg with ``args`` (inputs, filters, outputs); raise on failure, timeout or stop."""
+    cmd = [ffmpeg_exe(), "-nostdin", "-y", "-hide_banner", "-loglevel", "error", "-nostats",
+           "-progress", "pipe:1", "-stats_period", str(STATS_PERIOD_S), *args]
+    parser = ProgressParser(expected_frames, duration_s)
+    with tempfile.TemporaryFile(dir=work_dir) as stderr:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr)
+        if _on_spawn is not None:
+            _on_spawn(proc)
+        assert proc.stdout is not None
+        deadline = time.monotonic() + timeout_s
+        stop_reason: str | None = None
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            fd = proc.stdout.fileno()
+            while True:
+                if should_stop is not None and should_stop():
+                    stop_reason = "stop"
+                    break
+                if time.monotonic() > deadline:
+                    stop_reason = "timeout"
+                    break
+                if not sel.select(timeout=0.1):
+                    continue
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break
+                if on_progress is not None:
+                    for fraction in parser.feed(chunk):
+                        on_progress(fraction)
+        if stop_reason is not None:
+            proc.kill()
+            proc.wait()
+            proc.stdout.close()
+            if stop_reason == "stop":
+                raise OperationCanceled("the operation was stopped")
+            raise OperationFailed(f"ffmpeg ran past its time limit of {timeout_s:g} s", code="postprocess_timeout")
+        try:
+            rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise OperationFailed(f"ffmpeg ran past its time limit of {timeout_s:g} s",
+                                  code="postprocess_timeout") from None
+        finally:
+            proc.stdout.close()
+        if rc != 0:
+            stderr.seek(0)
+            tail = stderr.read()[-2000:].decode("utf-8", "replace").strip()
+            logger.warning("ffmpeg failed (rc=%s): %s", rc, tail)
+            raise OperationFailed(f"ffmpeg failed (exit {rc}): {tail[-500:]}")
+
+
+_IMAGE_FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp", "BMP": "bmp", "TIFF": "tiff"}
+
+
+def probe(path: Path) -> MediaInfo:
+    """What a file holds: images through Pillow; videos (GIF too) through imageio-ffmpeg.
+
+    A video's frames are counted by decoding; its duration is ``frames / fps`` (a GIF's fps is
+    its frames over its stored duration: GIF delays are whole centiseconds).
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            fmt = (img.format or "").upper()
+            if fmt in _IMAGE_FORMATS:
+                return MediaInfo(kind="image", width=img.width, height=img.height, format=_IMAGE_FORMATS[fmt])
+    except (UnidentifiedImageError, OSError):
+        pass
+    try:
+        reader = imageio_ffmpeg.read_frames(str(path))
+        try:
+            meta = next(reader)
+        finally:
+            reader.close()
+        num_frames, _secs = imageio_ffmpeg.count_frames_and_secs(str(path))
+    except (OSError, RuntimeError, StopIteration) as exc:
+        raise OperationFailed(f"cannot read {path.name}: {exc}", code="input_unreadable") from exc
+    width, height = meta["size"]
+    codec = str(meta.get("codec", "")).rstrip(",")
+    suffix = path.suffix.lower().lstrip(".")
+    fmt_name = "gif" if codec == "gif" else (suffix or codec or None)
+    fps = float(meta.get("fps") or 0.0)
+    if fmt_name == "gif" and meta.get("duration"):
+        fps = round(num_frames / float(meta["duration"]), 2)
+    return MediaInfo(kind="video", width=int(width), height=int(height), num_frames=int(num_frames),
+                     fps=fps, duration_s=round(num_frames / fps, 3) if fps else None,
+                     has_audio=bool(meta.get("audio_codec")), format=fmt_name)
