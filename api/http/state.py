@@ -43,6 +43,7 @@ class AppState:
     webhooks: WebhookDeliverer | None = None
     notifier: Notifier | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    pipelines: Any = None  # api.services.pipelines.PipelineService, built by create_app
     queue: QueueService = field(init=False)
     identity: IdentityService = field(init=False)  # bearer credential (API key or JWT) -> caller
     teams: TeamService = field(init=False)
@@ -57,3 +58,10 @@ class AppState:
         from api.http.schemas import job_view
 
         return job_view(job, self.storage, self.settings.url_ttl_s, queue)
+
+    def pipeline_view(self, parent: Any, steps: list[Any] | None = None) -> dict[str, Any]:
+        """A pipeline (its parent job) in the pipeline shape; its steps are read when not given."""
+        from api.http.pipeline_schemas import load_steps, pipeline_view
+
+        children = load_steps(self.db, parent.id) if steps is None else steps
+        return pipeline_view(parent, children, self.storage, self.settings.url_ttl_s)

@@ -96,17 +96,33 @@ def head_of_job() -> ColumnElement[bool]:
             and_(older.created_at == WebhookDelivery.created_at, older.id < WebhookDelivery.id)))
 
 
+PipelineRenderer = Callable[[Job, WebhookDelivery | None], dict[str, Any]]
+"""``(parent job, the outbox row or None) -> body``: a pipeline's webhook body."""
+
+
 class ShapedView:
     """The webhook body of a job in the shape of the API that created it (``Job.api_shape``):
-    a Replicate prediction for a prediction, the native job otherwise."""
+    a Replicate prediction for a prediction, a pipeline (``kind == "pipeline"``, with ``pipeline``
+    given) in the pipeline shape, the native job otherwise."""
 
     def __init__(self, default: Callable[[Job], dict[str, Any]],
-                 shapes: dict[str, Callable[[Job], dict[str, Any]]] | None = None) -> None:
+                 shapes: dict[str, Callable[[Job], dict[str, Any]]] | None = None,
+                 pipeline: PipelineRenderer | None = None) -> None:
         self.default = default
         self.shapes = dict(shapes or {})
+        self.pipeline = pipeline
 
     def __call__(self, job: Job) -> dict[str, Any]:
+        if job.kind == "pipeline" and self.pipeline is not None:
+            return self.pipeline(job, None)
         return self.shapes.get(job.api_shape or "native", self.default)(job)
+
+    def render_delivery(self, job: Job, row: WebhookDelivery) -> dict[str, Any]:
+        """One outbox row's body: a pipeline's knows which event it announces (``step.completed``
+        carries the step)."""
+        if job.kind == "pipeline" and self.pipeline is not None:
+            return self.pipeline(job, row)
+        return self(job)
 
 
 class WebhookDeliverer:
@@ -246,7 +262,7 @@ class WebhookDeliverer:
             outcome, error = "final", "the user no longer exists"
         else:
             try:
-                body = json.dumps(self.render_job(job_from_snapshot(row.payload)), separators=(",", ":")).encode()
+                body = json.dumps(self.render(row), separators=(",", ":")).encode()
                 stamp = int(utcnow().timestamp())
                 headers = {"content-type": "application/json", "webhook-id": row.id,
                            "webhook-timestamp": str(stamp), "webhook-signature": sign(secret, row.id, stamp, body),
@@ -278,6 +294,12 @@ class WebhookDeliverer:
         if self.metrics is not None and outcome != "retry":
             self.metrics.webhooks.labels({"delivered": "ok", "final": "rejected", "exhausted": "failed"}[outcome]).inc()
         return outcome
+
+    def render(self, row: WebhookDelivery) -> dict[str, Any]:
+        """The body of a row: its job snapshot rendered now (URLs signed at send time)."""
+        job = job_from_snapshot(row.payload)
+        render_delivery = getattr(self.render_job, "render_delivery", None)
+        return render_delivery(job, row) if render_delivery is not None else self.render_job(job)
 
     # database ------------------------------------------------------------------------------
     def _secret(self, user_id: str) -> str | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -118,7 +118,14 @@ def queue_changed(last: QueueEstimate | None, now: QueueEstimate) -> bool:
     return abs(now.eta_s - last.eta_s) >= max(2.0, 0.1 * last.eta_s)
 
 
-async def _stream(state: AppState, request: Request, job_id: str, after: int) -> AsyncIterator[dict[str, Any]]:
+EventShaper = Callable[[str, dict[str, Any]], dict[str, Any]]
+"""Turns a stored event's data into what a stream sends (run in a worker thread: it may read)."""
+
+
+async def _stream(state: AppState, request: Request, job_id: str, after: int,
+                  shape: EventShaper | None = None) -> AsyncIterator[dict[str, Any]]:
+    """The job's events after ``after``, then live ones, until its ``completed`` (bounded).
+    ``shape`` (the pipelines' stream) replaces the default: ``completed`` carrying the job view."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + SSE_MAX_STREAM_S
 
@@ -139,14 +146,17 @@ async def _stream(state: AppState, request: Request, job_id: str, after: int) ->
             for event in await run_in_threadpool(fetch, after):
                 after = event.id
                 data = dict(event.data)
+                if shape is not None:
+                    data = await run_in_threadpool(shape, event.type, data)
                 if event.type == "completed":
                     # a preview still pending goes first: after the terminal event the stream ends
                     preview = state.bus.preview(job_id, preview_after)
                     if preview is not None:
                         preview_after = preview[0]
                         yield {"event": "preview", "data": json.dumps(preview[1])}
-                    job = await run_in_threadpool(state.jobs.get, None, job_id)
-                    data["job"] = state.job_view(job)
+                    if shape is None:
+                        job = await run_in_threadpool(state.jobs.get, None, job_id)
+                        data["job"] = state.job_view(job)
                 yield {"id": str(event.id), "event": event.type, "data": json.dumps(data)}
                 if event.type == "completed":
                     return
