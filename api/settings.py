@@ -161,6 +161,9 @@ class Settings(BaseSettings):
     # models
     models_dir: Path | None = None
     tiny_models_dir: Path | None = None
+    # which models the shipped presets (models/presets/*.yaml) are seeded with: "tiny" (the
+    # embedded stack and CI) or "production" (sdxl, wan2.1-i2v-14b-480p); api/services/presets.py
+    preset_profile: str = Field(default="tiny", pattern="^(tiny|production)$")
     ray_address: str | None = None
     # tests only: a directory through which tests hold a generation at a step until they release
     # it (serve.testhooks); None (the default) turns the hook off. Never set in production.
