@@ -135,6 +135,8 @@ class Settings(BaseSettings):
     # None: min(5 s, lease_s / 4); a set value must be <= lease_s / 4.
     sqlite_busy_timeout_s: float | None = None
     max_attempts: int = 3
+    # pipelines: at most this many steps in one (POST /v1/pipelines; api/core/pipelines.py)
+    pipeline_max_steps: int = Field(default=8, ge=1, le=64)
     retry_backoff_s: float = 2.0
     stuck_job_s: float = 3600.0
     maintenance_interval_s: float = 300.0

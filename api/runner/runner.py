@@ -500,6 +500,10 @@ class Runner:
                 if not first:
                     data["resumed"] = True  # claimed before (a handover keeps attempt 1): no second "start"
                 record_event(session, job.id, "status", data)
+                if job.parent_id is not None:  # a pipeline's step: a waiting pipeline starts running
+                    from api.services.pipelines import on_step_claimed  # lazy: keeps imports light
+
+                    on_step_claimed(session, job)
                 session.commit()
                 self._lease_deadline[job.id] = claimed_at + self.settings.lease_s
                 self.bus.publish(job.id, "start" if job.attempts == 1 and first else "status",

@@ -29,6 +29,9 @@ Listener = Callable[[str, str, dict[str, Any]], None]
 
 
 WEBHOOK_EVENTS = ("start", "output", "logs", "completed")
+# a pipeline's webhook also announces each step's end (api/services/pipelines.py)
+STEP_WEBHOOK_EVENTS = ("step.completed", "step.failed")
+PIPELINE_WEBHOOK_EVENTS = (*WEBHOOK_EVENTS, *STEP_WEBHOOK_EVENTS)
 # Replicate sends ``output`` and ``logs`` webhooks at most once per 500 ms each (``start`` and
 # ``completed`` always; the completed body carries every output and log line anyway)
 THROTTLED_EVENTS = ("output", "logs")
@@ -46,7 +49,7 @@ def webhook_event(type_: str, data: dict[str, Any]) -> str | None:
     if type_ == "status":
         first = data.get("attempt") == 1 and not data.get("resumed")  # a handover keeps attempt 1
         return "start" if data.get("status") == "running" and first else None
-    return type_ if type_ in ("output", "logs", "completed") else None
+    return type_ if type_ in ("output", "logs", "completed", *STEP_WEBHOOK_EVENTS) else None
 
 
 def record_event(session: Session, job_id: str, type_: str, data: dict[str, Any]) -> JobEvent:
@@ -55,7 +58,7 @@ def record_event(session: Session, job_id: str, type_: str, data: dict[str, Any]
     session.add(event)
     hook = webhook_event(type_, data)
     if hook is not None:
-        enqueue_webhook(session, job_id, hook)
+        enqueue_webhook(session, job_id, hook, data if hook in STEP_WEBHOOK_EVENTS else None)
     notify.signal(session, "events", _notice(session, job_id, type_, data))
     return event
 
@@ -74,18 +77,27 @@ def _notice(session: Session, job_id: str, type_: str, data: dict[str, Any]) -> 
     return notice
 
 
-def enqueue_webhook(session: Session, job_id: str, event: str) -> WebhookDelivery | None:
-    """An outbox row for the job's webhook, if it has one and its filter wants ``event``."""
+def enqueue_webhook(session: Session, job_id: str, event: str,
+                    step: dict[str, Any] | None = None) -> WebhookDelivery | None:
+    """An outbox row for the job's webhook, if it has one and its filter wants ``event``.
+
+    ``step``: a pipeline's step event (``step.completed``/``step.failed``): its data rides in the
+    payload as ``step_event`` (the renderer presigns its outputs).
+    """
     job = session.get(Job, job_id)
     if job is None or not job.webhook:
         return None
-    wanted = job.webhook_events_filter or list(WEBHOOK_EVENTS)
+    wanted = job.webhook_events_filter or list(PIPELINE_WEBHOOK_EVENTS if job.kind == "pipeline"
+                                               else WEBHOOK_EVENTS)
     if event not in wanted:
         return None
     if job.api_shape == "replicate" and event in THROTTLED_EVENTS and _sent_recently(session, job.id, event):
         return None
+    payload = job_snapshot(job)
+    if step is not None:
+        payload["step_event"] = step
     delivery = WebhookDelivery(job_id=job.id, user_id=job.user_id, event=event, url=job.webhook,
-                               payload=job_snapshot(job))
+                               payload=payload)
     session.add(delivery)
     notify.signal(session, "webhooks", {"job": job_id})
     return delivery

@@ -142,16 +142,17 @@ class JobService:
             raise InvalidInput(f"model {model_id!r} is disabled", {"field": "model"})
         return spec
 
-    def _check_webhook(self, sub: Submission) -> None:
+    def _check_webhook(self, sub: Submission, allowed: tuple[str, ...] = WEBHOOK_EVENTS) -> None:
+        """``allowed``: the webhook events the submission may filter on (a pipeline's add step events)."""
         if sub.webhook is not None:
             parsed = urlparse(sub.webhook)
             if parsed.scheme not in ("http", "https") or not parsed.netloc:
                 raise InvalidInput("webhook must be an http(s) URL", {"field": "webhook"})
         if sub.webhook_events_filter is not None:
-            unknown = sorted(set(sub.webhook_events_filter) - set(WEBHOOK_EVENTS))
+            unknown = sorted(set(sub.webhook_events_filter) - set(allowed))
             if unknown:
                 raise InvalidInput(f"unknown webhook events {unknown}",
-                                   {"field": "webhook_events_filter", "allowed": list(WEBHOOK_EVENTS)})
+                                   {"field": "webhook_events_filter", "allowed": list(allowed)})
         if sub.webhook is not None:
             check_url(self.egress, sub.webhook, field="webhook")  # re-checked at delivery (DNS changes)
 
@@ -201,9 +202,16 @@ class JobService:
         price = price_generation(spec, normalized, self.settings)
         return Checked(spec, task, normalized, price, max_active, per_minute)
 
-    def _check_references(self, session: Session, member: User, checked: Checked) -> None:
-        """The input image and the LoRAs are the caller's own (inside submit's transaction)."""
-        if checked.input.get("image"):
+    def _check_references(self, session: Session, member: User, checked: Checked, *,
+                          step_refs: bool = False) -> None:
+        """The input image and the LoRAs are the caller's own (inside submit's transaction).
+
+        ``step_refs``: a pipeline step's ``image`` may name another step (``step:<name>``), which
+        the pipeline checks by kind instead."""
+        image = checked.input.get("image")
+        if step_refs and isinstance(image, str) and image.startswith("step:"):
+            pass
+        elif image:
             self._check_image(session, member, checked.spec, checked.input["image"])
         if checked.input.get("loras"):
             self._check_loras(session, member, checked.spec, checked.input["loras"])
@@ -389,6 +397,11 @@ class JobService:
             job = locked_job(session, job_id)
             if job is None or (user is not None and not teams.may_act_on(session, user.id, job.user_id)):
                 raise NotFound(f"job {job_id} not found")
+            if job.kind == "pipeline" or job.parent_id is not None:
+                # a pipeline, or one of its steps: the whole pipeline is canceled
+                from api.services import pipelines  # lazy: pipelines imports this module
+
+                return pipelines.cancel_locked(session, self, job)
             if job.status == JobStatus.QUEUED:
                 finish_job(session, self.storage, job, JobStatus.CANCELED, None, self.metrics)
                 session.commit()
@@ -409,9 +422,20 @@ class JobService:
                 raise NotFound(f"job {job_id} not found")
             if user is not None:  # a team job's: its submitter and the team's owners and admins
                 teams.check_may_delete_outputs(session, user.id, job)
-            if job.status in (JobStatus.QUEUED, JobStatus.RUNNING):
+            if job.status in ACTIVE:
                 raise Conflict("the job is still active: cancel it first", {"status": job.status},
                                code="job_active")
+            if job.kind == "pipeline":  # its outputs are its steps' (the last step's are its own)
+                steps = session.execute(select(Job).where(Job.parent_id == job.id)).scalars().all()
+                for step in steps:
+                    if step.status in ACTIVE:
+                        raise Conflict("a step of the pipeline is still active: cancel it first",
+                                       {"status": step.status, "step": step.step_name}, code="job_active")
+                for step in steps:
+                    delete_job_outputs(self.storage, step)
+                    step.outputs = []
+                    step.outputs_deleted_at = utcnow()
+                    session.add(step)
             delete_job_outputs(self.storage, job)
             job.outputs = []
             job.outputs_deleted_at = utcnow()

@@ -208,6 +208,11 @@ def finish_job(session: Session, storage: Storage, job: Job, status: JobStatus, 
                 job.credits_refunded)
     if metrics is not None:
         metrics.finished(job)
+    if job.parent_id is not None:
+        # a pipeline's step: release the next steps or end the pipeline, in this transaction
+        from api.services.pipelines import on_step_finished  # lazy: pipelines imports this module
+
+        on_step_finished(session, storage, job, metrics)
 
 
 def announce(db: Database, bus: EventBus, job_id: str) -> None:
