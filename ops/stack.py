@@ -34,11 +34,13 @@ class EmbeddedStack:
     """Starts (or joins) Ray, deploys the catalog's local models, and builds the executor."""
 
     def __init__(self, settings: Settings, catalog: Catalog | None = None, *,
-                 models: Iterable[str] | None = None, embedded: bool = True) -> None:
+                 models: Iterable[str] | None = None, embedded: bool = True, postprocess: bool = True) -> None:
         self.settings = settings
         self.catalog = catalog or Catalog.load(settings.models_dir)
         self.only = set(models) if models is not None else None
         self.embedded = embedded
+        self.postprocess = postprocess
+        """Deploy the post-processing app (``serve.postprocess``) beside the generators."""
         self.handles: dict[str, Any] = {}
         self.specs: dict[str, ModelSpec] = {}
         self.sources: dict[str, dict[str, Any]] = {}
@@ -95,6 +97,7 @@ class EmbeddedStack:
         from ray.serve import RunTarget
 
         from serve.app import app_name, build_generator_app
+        from serve.executor import POSTPROCESS_KEY
 
         specs = list(specs if specs is not None else self.deployable())
         if not specs:
@@ -108,6 +111,14 @@ class EmbeddedStack:
         serve.start(proxy_location="Disabled")
         targets = [RunTarget(build_generator_app(spec, runtime, embedded=self.embedded), name=app_name(spec.id),
                              route_prefix=None) for spec in specs]
+        # The CPU post-processing app (pipelines' op steps) beside the generators, once.
+        postprocess = self.postprocess and POSTPROCESS_KEY not in self.handles
+        if postprocess:
+            from serve.app import build_postprocess_app
+            from serve.postprocess import APP_NAME as POSTPROCESS_APP
+
+            targets.append(RunTarget(build_postprocess_app(runtime, embedded=self.embedded), name=POSTPROCESS_APP,
+                                     route_prefix=None))
         trainable = [s for s in specs if s.trainable]
         if trainable:
             from serve.trainer import APP_NAME, build_trainer_app
@@ -116,6 +127,10 @@ class EmbeddedStack:
                 runtime, max(s.resources.num_gpus for s in trainable), max(s.resources.num_cpus for s in trainable),
                 self.embedded, specs=trainable), name=APP_NAME, route_prefix=None))
         handles = serve.run_many(targets)
+        if postprocess:
+            with self._lock:
+                self.handles[POSTPROCESS_KEY] = handles[len(specs)]
+            handles = handles[:len(specs)] + handles[len(specs) + 1:]
         if trainable:
             from serve.executor import TRAINER_KEY
 

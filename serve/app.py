@@ -2,6 +2,9 @@
 
 ``build_generator_app`` is used by ``cineweave up`` and the tests; ``build`` is the import path
 a Serve config file names (``serve.app:build``) on a cluster, with the same arguments.
+``build_postprocess_app`` / ``build_postprocess`` (``serve.app:build_postprocess``) do the same for
+the CPU post-processing deployment (``serve.postprocess``), sized by
+``models/catalog/postprocess/operations.yaml``'s ``serving`` and ``resources``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from ray.serve import Application
 
 from models.spec import ModelSpec
 from serve.generator import GeneratorServer, RuntimeConfig
+from serve.postprocess import DEPLOYMENT_NAME as POSTPROCESS_DEPLOYMENT_NAME
+from serve.postprocess import PostprocessServer
 
 logger = logging.getLogger(__name__)
 
@@ -119,3 +124,74 @@ def build(args: dict[str, Any]) -> Application:
     if spec is None:
         raise ValueError(f"unknown model {args['model']!r}")
     return build_generator_app(spec, RuntimeConfig(**args["runtime"]), embedded=bool(args.get("embedded")))
+
+
+# post-processing ---------------------------------------------------------------------------------
+
+EMBEDDED_POSTPROCESS_CPUS = 0.25
+"""CPUs the embedded (one machine) post-processing replica reserves: a fraction, beside the tiny models."""
+POSTPROCESS_SHUTDOWN_S = 60.0
+"""How long a stopping post-processing replica finishes the operations it owns."""
+
+
+class PostprocessDeployment(PostprocessServer):
+    """The deployed class: on shutdown it first finishes the runs it owns (see GeneratorDeployment)."""
+
+    async def __del__(self) -> None:  # type: ignore[misc]
+        if not await self.drain(POSTPROCESS_SHUTDOWN_S):
+            logger.warning("postprocess: stopping with runs unfinished")
+
+
+def postprocess_deployment_options(operations: Any | None = None, *, embedded: bool = False) -> dict[str, Any]:
+    """Serve options from operations.yaml's ``serving`` and ``resources``: CPUs only, never a GPU.
+
+    ``embedded``: a fraction of a CPU (at most :data:`EMBEDDED_POSTPROCESS_CPUS`), one replica.
+    """
+    from models.postprocess import load_operation_catalog
+
+    catalog = operations if operations is not None else load_operation_catalog()
+    res, srv = catalog.resources, catalog.serving
+    actor: dict[str, Any] = {"num_cpus": min(res.num_cpus, EMBEDDED_POSTPROCESS_CPUS) if embedded else res.num_cpus,
+                             "num_gpus": 0}
+    if res.memory_gb and not embedded:
+        actor["memory"] = int(res.memory_gb * 1024**3)
+    options: dict[str, Any] = {
+        "name": POSTPROCESS_DEPLOYMENT_NAME,
+        "ray_actor_options": actor,
+        "max_ongoing_requests": srv.max_ongoing_requests,
+        "health_check_period_s": 10,
+        "health_check_timeout_s": 60,
+        "graceful_shutdown_timeout_s": int(POSTPROCESS_SHUTDOWN_S + SHUTDOWN_MARGIN_S),
+    }
+    if srv.max_replicas > srv.min_replicas and not embedded:
+        options["autoscaling_config"] = {
+            "min_replicas": srv.min_replicas, "max_replicas": srv.max_replicas,
+            "initial_replicas": max(1, srv.min_replicas), "target_ongoing_requests": srv.max_ongoing_requests,
+        }
+    else:
+        options["num_replicas"] = max(1, srv.min_replicas) if embedded else srv.min_replicas
+    return options
+
+
+def build_postprocess_app(runtime: RuntimeConfig, *, embedded: bool = False,
+                          operations: Any | None = None) -> Application:
+    """The post-processing app; each replica runs ``serving.max_ongoing_requests`` operations at once."""
+    from models.postprocess import load_operation_catalog
+
+    catalog = operations if operations is not None else load_operation_catalog()
+    options = postprocess_deployment_options(catalog, embedded=embedded)
+    deployment = serve.deployment(PostprocessDeployment).options(**options)
+    return deployment.bind(dict(runtime.__dict__), catalog.serving.max_ongoing_requests)
+
+
+def build_postprocess(args: dict[str, Any]) -> Application:
+    """Serve config entry point (``serve.app:build_postprocess``): ``args`` = {"runtime": {...},
+    "embedded": bool, "operations": optional path of an operations.yaml}."""
+    from pathlib import Path
+
+    from models.postprocess import load_operation_catalog
+
+    catalog = load_operation_catalog(Path(args["operations"]) if args.get("operations") else None)
+    return build_postprocess_app(RuntimeConfig(**args["runtime"]), embedded=bool(args.get("embedded")),
+                                 operations=catalog)
+

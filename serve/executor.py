@@ -22,10 +22,14 @@ from api.core.executor import ExecutionRequest
 from serve.errors import classify
 from serve.generator import adapter_set_id
 from serve.messages import ReplicaRequest
+from serve.postprocess import POSTPROCESS_MODEL
 
 logger = logging.getLogger(__name__)
 
 TRAINER_KEY = "__trainer__"
+POSTPROCESS_KEY = "postprocess"
+"""The handle of the post-processing deployment (``serve.postprocess``): jobs whose model is
+``serve.postprocess.POSTPROCESS_MODEL`` (pipeline op steps) go there."""
 CANCEL_TRIES = 8
 """Calls of a deployment's ``cancel`` until a replica owns the job (Serve routes each call to any
 replica; with one replica the first call lands)."""
@@ -49,8 +53,13 @@ class RayExecutor:
         return self._handles.get(model)
 
     def handle_for_request(self, request: ExecutionRequest) -> Any | None:
-        """Training jobs go to the trainer deployment; generations to their model's deployment."""
-        return self.handle_for(TRAINER_KEY if request.kind == "training" else request.model)
+        """Training jobs go to the trainer deployment, post-processing jobs to the postprocess
+        deployment, generations to their model's deployment."""
+        if request.kind == "training":
+            return self.handle_for(TRAINER_KEY)
+        if request.model == POSTPROCESS_MODEL:
+            return self.handle_for(POSTPROCESS_KEY)
+        return self.handle_for(request.model)
 
     def serves(self, model: str) -> bool:
         return self.handle_for(model) is not None

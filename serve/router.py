@@ -5,6 +5,8 @@ The router is the Executor the runner drives. For each job it decides:
 - the model is remote-only (``overflow.remote_only``, e.g. Veo) → its provider, reason ``remote_only``;
 - the estimated wait for a local run (jobs ahead × run time) exceeds the spec's
   ``limits.max_wait_s`` → the provider, reason ``wait``;
+- a post-processing job (model ``postprocess``, a pipeline's op step: no catalog spec) → always
+  local, never a provider (no wait or capacity overflow);
 - otherwise local (reason ``local``); if the local run then fails for lack of capacity (an
   ErrorEvent whose code is in :data:`CAPACITY_CODES`, before any output) → the provider, reason
   ``capacity``.
@@ -42,6 +44,7 @@ from api.core.events import DoneEvent, ErrorEvent, ExecutorEvent, OutputEvent, P
 from api.core.executor import REATTACH_KEY, ExecutionRequest, Executor, ProviderWebhookReceiver
 from api.settings import Settings
 from api.storage.base import Storage
+from serve.postprocess import POSTPROCESS_MODEL
 
 logger = logging.getLogger(__name__)
 
@@ -164,6 +167,12 @@ class OverflowRouter:
 
     def decide(self, request: ExecutionRequest) -> Route | ErrorEvent:
         """Where the job goes (or why it cannot go anywhere)."""
+        if request.model == POSTPROCESS_MODEL:
+            # a pipeline's post-processing step: no catalog spec, no provider runs it: always local
+            if self.local is None:
+                return ErrorEvent("local_unavailable", "post-processing runs only on the local cluster, and no "
+                                  "local executor is configured", retryable=False)
+            return Route(LOCAL, "reattach" if request.resume.get(REATTACH_KEY) == LOCAL else "local")
         spec = self.catalog.get(request.model)
         if spec is not None and spec.remote_only:
             provider = spec.overflow.provider or ""

@@ -16,6 +16,13 @@ known moment (cancel mid-run, restart the API mid-run, queue requests behind a r
 Training (``serve.trainer``) matches the token against the job's ``trigger_word`` and holds
 after the first checkpoint stored at or past each step (so a test can act on a stored checkpoint).
 
+Post-processing (``serve.postprocess``) has no prompt to carry a token, so its hooks are keyed by
+job id: ``{dir}/{job_id}.hold`` (any content) holds the job's next run once its inputs are
+downloaded, before the operation starts (``{job_id}.held`` then holds ``1``; release it with
+``{job_id}.release``); the ``.hold`` file is consumed when that run takes it, so it holds one run.
+``{dir}/{job_id}.fail`` (any content) makes the job's next run fail there with the retryable code
+``executor_error``; it is consumed too (one failure per file). See :meth:`StepHooks.take`.
+
 A held job also goes on when it is canceled, and after :data:`HOLD_MAX_S` in any case, so a test
 that forgets to release it cannot wedge a replica. The hold blocks the pipeline thread (the whole
 batch waits), never the replica's event loop. The control files are read from a directory only the
@@ -36,6 +43,7 @@ logger = logging.getLogger(__name__)
 HOLD_MAX_S = 120.0
 POLL_S = 0.05
 TOKEN = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_STEPS = 16
 """Hold steps one ``.hold`` file may name (more are ignored)."""
 
@@ -77,6 +85,17 @@ class StepHooks:
                 except (OSError, ValueError):
                     logger.warning("test hook %s: not step numbers", path)
         return None
+
+    def take(self, job_id: str, suffix: str) -> bool:
+        """Whether ``{job_id}.{suffix}`` was there (the job-keyed hooks: ``hold``, ``fail``); it is
+        removed, so one file acts on one run."""
+        if not JOB_ID.match(job_id):
+            return False
+        try:
+            (self.root / f"{job_id}.{suffix}").unlink()
+        except OSError:
+            return False
+        return True
 
     def hold(self, job_id: str, token: str, step: int, should_go: Callable[[], bool]) -> None:
         """Announce ``{job_id}.held`` (the step) and block until released, ``should_go()``, or the
