@@ -1,0 +1,441 @@
+"""Post-processing operations on real ffmpeg: each output probed equals infer_output; content order
+(trim, loop, boomerang) checked frame by frame; hostile parameters refused; stop kills ffmpeg."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import threading
+import wave
+from pathlib import Path
+from typing import Any
+
+import imageio_ffmpeg
+import numpy as np
+import pytest
+from PIL import Image
+
+import models.postprocess.ffmpeg as ff
+from models.postprocess import (
+    OPERATIONS,
+    MediaInfo,
+    OperationCanceled,
+    OperationCatalogError,
+    OperationError,
+    OperationFailed,
+    ProgressParser,
+    infer_output,
+    input_fields,
+    load_operation_catalog,
+    operation_price,
+    parse_params,
+    probe,
+    run_operation,
+)
+from models.postprocess.catalog import DEFAULT_PATH
+from models.postprocess.ops import _bitrate
+from models.postprocess.spec import ExportParams
+
+STEP = 15  # red level per frame in the test clips: frame i is red = i * STEP
+
+
+def write_clip(path: Path, n: int, fps: float = 8, width: int = 64, height: int = 64, *,
+               noise: bool = False) -> Path:
+    """A clip whose frame i is flat red ``i * STEP`` (a green bar moves), or noise."""
+    writer = imageio_ffmpeg.write_frames(str(path), (width, height), fps=fps, codec="libx264",
+                                         pix_fmt_out="yuv420p", macro_block_size=2,
+                                         output_params=["-crf", "10"])
+    writer.send(None)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        if noise:
+            frame = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+        else:
+            frame = np.zeros((height, width, 3), np.uint8)
+            frame[..., 0] = i * STEP
+            frame[height - 8:, (4 * i) % width:(4 * i) % width + 6, 1] = 255
+        writer.send(np.ascontiguousarray(frame).tobytes())
+    writer.close()
+    return path
+
+
+def write_wav(path: Path, seconds: float, rate: int = 16000) -> Path:
+    t = np.arange(int(seconds * rate)) / rate
+    samples = (np.sin(2 * np.pi * 440 * t) * 12000).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(samples.tobytes())
+    return path
+
+
+def red_levels(path: Path) -> list[int]:
+    """The mean red of the top half of each frame (the bar sits in the bottom rows)."""
+    reader = imageio_ffmpeg.read_frames(str(path))
+    meta = next(reader)
+    width, height = meta["size"]
+    out = []
+    for raw in reader:
+        frame = np.frombuffer(raw, np.uint8).reshape(height, width, 3)
+        out.append(round(float(frame[: height // 2, :, 0].mean()) / STEP))
+    return out
+
+
+def codec_of(path: Path) -> str:
+    reader = imageio_ffmpeg.read_frames(str(path))
+    try:
+        return str(next(reader)["codec"]).rstrip(",")
+    finally:
+        reader.close()
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("pp-media")
+    image = np.zeros((48, 64, 3), np.uint8)
+    image[..., 2] = 180
+    Image.fromarray(image).save(d / "still.png")
+    logo = Image.new("RGBA", (40, 20), (255, 255, 0, 255))
+    logo.save(d / "logo.png")
+    clip_with_audio = d / "av.mp4"
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-y", "-loglevel", "error",
+                    "-i", str(write_clip(d / "v.mp4", 9)), "-i", str(write_wav(d / "tone.wav", 1.1)),
+                    "-map", "0:v", "-map", "1:a", "-c:v", "copy", "-c:a", "aac", "-shortest", str(clip_with_audio)],
+                   check=True, timeout=60)
+    return {
+        "c9": write_clip(d / "c9.mp4", 9), "c13": write_clip(d / "c13.mp4", 13),
+        "c17": write_clip(d / "c17.mp4", 17),
+        "small12": write_clip(d / "small12.mp4", 12, fps=12, width=48, height=32),
+        "still": d / "still.png", "logo": d / "logo.png", "av": clip_with_audio,
+        "long_wav": write_wav(d / "long.wav", 3.0), "short_wav": write_wav(d / "short.wav", 0.3),
+    }
+
+
+CASES: list[tuple[str, dict[str, Any], list[str], dict[str, str], str]] = [
+    # op, params, inputs, extra inputs, expected codec
+    ("upscale", {"scale": 2}, ["c9"], {}, "h264"),
+    ("upscale", {"scale": 4, "method": "lanczos"}, ["still"], {}, "png"),
+    ("interpolate", {"fps": 12}, ["c9"], {}, "h264"),
+    ("interpolate", {"fps": 16}, ["c13"], {}, "h264"),
+    ("interpolate", {"fps": 24}, ["c17"], {}, "h264"),
+    ("interpolate", {"fps": 30}, ["c9"], {}, "h264"),
+    ("trim", {"start_s": 0.25, "end_s": 1.0}, ["c9"], {}, "h264"),
+    ("trim", {"start_s": 0.5, "duration_s": 1.0}, ["c17"], {}, "h264"),
+    ("trim", {"start_s": 0.3}, ["c13"], {}, "h264"),
+    ("loop", {"count": 3}, ["c9"], {}, "h264"),
+    ("loop", {"count": 2, "mode": "boomerang"}, ["c9"], {}, "h264"),
+    ("concat", {}, ["c9", "c13"], {}, "h264"),
+    ("concat", {"crossfade_s": 0.5}, ["c9", "small12", "c13"], {}, "h264"),
+    ("watermark", {"text": "CineWeave", "position": "top-left", "opacity": 0.9, "size": 0.2}, ["c9"], {}, "h264"),
+    ("watermark", {"text": "hi", "position": "center"}, ["still"], {}, "png"),
+    ("watermark", {"position": "bottom-right", "opacity": 0.5, "size": 0.25}, ["c9"], {"overlay": "logo"}, "h264"),
+    ("audio", {"volume": 0.5}, ["c9"], {"audio": "long_wav"}, "h264"),
+    ("audio", {}, ["c13"], {"audio": "short_wav"}, "h264"),
+    ("export", {"format": "mp4"}, ["av"], {}, "h264"),
+    ("export", {"format": "webm", "fps": 12, "max_side": 32}, ["c9"], {}, "vp9"),
+    ("export", {"format": "gif", "max_side": 48}, ["c9"], {}, "gif"),
+    ("export", {"format": "mp4", "fps": 4}, ["c17"], {}, "h264"),
+]
+
+
+@pytest.mark.parametrize(("op", "params", "names", "extra", "codec"), CASES,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_output_probed_equals_inferred(media: dict[str, Path], tmp_path: Path, op: str, params: dict[str, Any],
+                                       names: list[str], extra: dict[str, str], codec: str) -> None:
+    inputs = [media[n] for n in names]
+    overlay = media[extra["overlay"]] if "overlay" in extra else None
+    audio = media[extra["audio"]] if "audio" in extra else None
+    expected = infer_output(op, params, [probe(p) for p in inputs],
+                            overlay=probe(overlay) if overlay else None)
+    result = run_operation(op, params, inputs, tmp_path, overlay=overlay, audio=audio)
+    assert result.info == expected
+    got = probe(result.path)
+    assert (got.kind, got.width, got.height, got.num_frames, got.has_audio) == (
+        expected.kind, expected.width, expected.height, expected.num_frames, expected.has_audio)
+    assert codec_of(result.path) == codec
+    assert result.content_type == {"png": "image/png", "h264": "video/mp4", "vp9": "video/webm",
+                                   "gif": "image/gif"}[codec]
+    if expected.kind == "video":
+        assert expected.fps and got.fps and got.duration_s and expected.duration_s
+        assert abs(got.duration_s - expected.duration_s) <= 1 / expected.fps + 1e-6
+        assert abs(got.fps - expected.fps) <= (0.5 if codec == "gif" else 0.01)
+        assert expected.format == got.format
+    assert sorted(p.name for p in tmp_path.iterdir()) == [result.path.name]  # no temp files left
+
+
+def test_interpolate_frame_rule_keeps_duration() -> None:
+    """The rule infer_output encodes (measured: minterpolate alone gives 15 for 9@8->16, 22 for ->24)."""
+    clip = MediaInfo(kind="video", width=64, height=64, num_frames=9, fps=8, duration_s=1.125)
+    table = {12: 14, 16: 18, 24: 27, 30: 34, 60: 68}  # round_half_up(9 * fps / 8)
+    for fps, frames in table.items():
+        out = infer_output("interpolate", {"fps": fps}, [clip])
+        assert (out.num_frames, out.fps) == (frames, fps)
+        assert abs(out.duration_s - 1.125) < 1 / fps  # type: ignore[operator]
+
+
+def test_trim_takes_the_right_frames(media: dict[str, Path], tmp_path: Path) -> None:
+    result = run_operation("trim", {"start_s": 0.25, "end_s": 1.0}, [media["c9"]], tmp_path)
+    assert red_levels(result.path) == [2, 3, 4, 5, 6, 7]
+
+
+def test_loop_forward_and_boomerang_order(media: dict[str, Path], tmp_path: Path) -> None:
+    forward = run_operation("loop", {"count": 2}, [media["c9"]], tmp_path / "f")
+    assert red_levels(forward.path) == list(range(9)) * 2
+    boom = run_operation("loop", {"count": 2, "mode": "boomerang"}, [media["c9"]], tmp_path / "b")
+    cycle = list(range(9)) + list(range(7, 0, -1))  # 0..8 then 7..1: no end frame doubled
+    assert red_levels(boom.path) == cycle * 2
+    assert boom.info.num_frames == 2 * (2 * 9 - 2)
+
+
+def test_concat_without_crossfade_keeps_each_clip(media: dict[str, Path], tmp_path: Path) -> None:
+    result = run_operation("concat", {}, [media["c9"], media["c13"]], tmp_path)
+    assert red_levels(result.path) == list(range(9)) + list(range(13))
+
+
+def test_concat_fits_clips_to_the_first(media: dict[str, Path]) -> None:
+    first, other = probe(media["c9"]), probe(media["small12"])  # 64x64@8 then 48x32@12 (12 frames = 1 s)
+    out = infer_output("concat", {"crossfade_s": 0.25}, [first, other])
+    assert (out.width, out.height, out.fps) == (64, 64, 8.0)
+    assert out.num_frames == 9 + 8 - 2  # 12 frames at 12 fps -> 8 at 8 fps; a 2-frame crossfade
+
+
+def test_audio_is_cut_or_padded_to_the_clip(media: dict[str, Path], tmp_path: Path) -> None:
+    for wav in ("long_wav", "short_wav"):
+        result = run_operation("audio", {}, [media["c9"]], tmp_path / wav, audio=media[wav])
+        reader = imageio_ffmpeg.read_frames(str(result.path))
+        meta = next(reader)
+        reader.close()
+        assert meta.get("audio_codec") == "aac"
+        assert abs(float(meta["duration"]) - 9 / 8) <= 0.1  # the container ends with the clip
+
+
+def test_export_target_size_lowers_the_bitrate(media: dict[str, Path], tmp_path: Path) -> None:
+    noise = write_clip(tmp_path / "noise.mp4", 48, width=128, height=128, noise=True)  # 6 s
+    free = run_operation("export", {"format": "mp4"}, [noise], tmp_path / "free")
+    small = run_operation("export", {"format": "mp4", "target_size_mb": 0.1}, [noise], tmp_path / "small")
+    assert free.path.stat().st_size > 0.3e6
+    assert 0.07e6 < small.path.stat().st_size < 0.12e6  # single-pass ABR: near the target
+    clip = MediaInfo(kind="video", width=64, height=64, num_frames=80, fps=8, duration_s=10.0)
+    assert _bitrate(ExportParams(target_size_mb=10), clip) == int(10 * 8_000_000 * 0.92 / 10)
+    assert _bitrate(ExportParams(target_size_mb=100), clip.model_copy(update={"duration_s": 0.1})) == 20_000_000
+    assert _bitrate(ExportParams(target_size_mb=0.001), clip) == 64_000
+
+
+def test_gif_is_a_video_kind(media: dict[str, Path], tmp_path: Path) -> None:
+    result = run_operation("export", {"format": "gif"}, [media["c9"]], tmp_path)
+    assert (result.info.kind, result.info.format, result.content_type) == ("video", "gif", "image/gif")
+    assert (probe(result.path).kind, probe(result.path).format) == ("video", "gif")
+
+
+HOSTILE_TEXTS = ["'; drawtext=text=pwned:x=0", "%{pts\\:hms} %{eif\\:n\\:d}", "a\\b\\\\c", "x:y:z=1,[out]",
+                 "un café ☕ [v];[0:v]null"]
+
+
+@pytest.mark.parametrize("text", HOSTILE_TEXTS)
+def test_watermark_text_never_reaches_ffmpeg(media: dict[str, Path], tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch, text: str) -> None:
+    commands: list[list[str]] = []
+    monkeypatch.setattr(ff, "_on_spawn", lambda proc: commands.append([str(a) for a in proc.args]))
+    params = {"text": text, "position": "top-left", "size": 0.3, "opacity": 1.0}
+    result = run_operation("watermark", params, [media["c9"]], tmp_path)
+    assert len(commands) == 1
+    joined = "\x00".join(commands[0])
+    assert "drawtext" not in joined and "%{" not in joined and text not in joined
+    for token in text.replace("\\", " ").split():
+        if len(token) >= 3:
+            assert token not in joined, token
+    # drawn: the top-left corner differs from the source's flat red there
+    reader = imageio_ffmpeg.read_frames(str(result.path))
+    next(reader)
+    frame = np.frombuffer(next(reader), np.uint8).reshape(64, 64, 3)
+    reader.close()
+    assert frame[:20, :40].astype(int).std() > 20
+
+
+@pytest.mark.parametrize("text", ["two\nlines", "tab\there", "cr\r", "nul\x00", "zw\u200bsp", "   ", "x" * 101])
+def test_watermark_text_refused(text: str) -> None:
+    with pytest.raises(OperationError) as err:
+        parse_params("watermark", {"text": text})
+    assert err.value.field == "text" and err.value.code == "invalid_input"
+
+
+@pytest.mark.parametrize(("op", "params", "field"), [
+    ("upscale", {"scale": 8}, "scale"),
+    ("upscale", {"scale": 1000}, "scale"),
+    ("upscale", {"scale": 2, "method": "esrgan"}, "method"),
+    ("upscale", {"scale": 2, "filter": "x"}, "filter"),
+    ("interpolate", {"fps": 1000}, "fps"),
+    ("interpolate", {"fps": 0}, "fps"),
+    ("interpolate", {"fps": "24; rm"}, "fps"),
+    ("trim", {"start_s": 0, "end_s": 36000}, "end_s"),
+    ("trim", {"start_s": 0, "duration_s": 36000}, "duration_s"),
+    ("trim", {"start_s": -1, "end_s": 1}, "start_s"),
+    ("trim", {"start_s": 2, "end_s": 1}, "end_s"),
+    ("trim", {"start_s": 0, "end_s": 1, "duration_s": 1}, "end_s"),
+    ("trim", {"start_s": float("nan")}, "start_s"),
+    ("trim", {"end_s": float("inf")}, "end_s"),
+    ("loop", {"count": 1000}, "count"),
+    ("loop", {"count": 1}, "count"),
+    ("loop", {"count": 2, "mode": "pingpong"}, "mode"),
+    ("concat", {"crossfade_s": 5}, "crossfade_s"),
+    ("concat", {"crossfade_s": -1}, "crossfade_s"),
+    ("watermark", {"text": "a", "opacity": 2}, "opacity"),
+    ("watermark", {"text": "a", "size": 0.9}, "size"),
+    ("watermark", {"text": "a", "position": "middle"}, "position"),
+    ("audio", {"volume": 10}, "volume"),
+    ("export", {"format": "avi"}, "format"),
+    ("export", {"target_size_mb": 1000}, "target_size_mb"),
+    ("export", {"format": "gif", "target_size_mb": 1}, "target_size_mb"),
+    ("export", {"max_side": 100000}, "max_side"),
+    ("export", {"fps": 240}, "fps"),
+])
+def test_hostile_params_refused(op: str, params: dict[str, Any], field: str) -> None:
+    with pytest.raises(OperationError) as err:
+        parse_params(op, params)
+    assert (err.value.code, err.value.field) == ("invalid_input", field)
+
+
+def test_unknown_operation_refused() -> None:
+    with pytest.raises(OperationError):
+        parse_params("rm", {})
+    with pytest.raises(OperationError):
+        input_fields("rm")
+
+
+def test_parse_params_ignores_reference_fields() -> None:
+    parsed = parse_params("trim", {"video": "step:a", "video_key": "k", "source_info": {}, "start_s": 0.5})
+    assert parsed.start_s == 0.5  # type: ignore[attr-defined]
+    assert parse_params("concat", {"videos": ["step:a", "step:b"]}).crossfade_s == 0  # type: ignore[attr-defined]
+
+
+def test_input_fields() -> None:
+    assert input_fields("trim") == {"video": "video"}
+    assert input_fields("concat") == {"videos": "video[]"}
+    assert input_fields("audio") == {"video": "video", "audio": "audio"}
+    assert input_fields("watermark") == {"image": "image", "video": "video", "overlay": "image"}
+    assert input_fields("upscale") == {"image": "image", "video": "video"}
+    assert set(OPERATIONS) == {"upscale", "interpolate", "trim", "loop", "concat", "watermark", "audio", "export"}
+
+
+VIDEO = MediaInfo(kind="video", width=64, height=64, num_frames=9, fps=8, duration_s=1.125)
+IMAGE = MediaInfo(kind="image", width=64, height=64, format="png")
+BIG = MediaInfo(kind="video", width=1024, height=576, num_frames=81, fps=16, duration_s=5.0625)
+LONG = MediaInfo(kind="video", width=64, height=64, num_frames=160, fps=16, duration_s=10.0)
+
+
+@pytest.mark.parametrize(("op", "params", "inputs", "kwargs", "code", "field"), [
+    ("trim", {"start_s": 0.1}, [IMAGE], {}, "pipeline_kind_mismatch", "video"),
+    ("interpolate", {"fps": 16}, [IMAGE], {}, "pipeline_kind_mismatch", "video"),
+    ("concat", {}, [VIDEO, IMAGE], {}, "pipeline_kind_mismatch", "videos"),
+    ("watermark", {}, [VIDEO], {"overlay": VIDEO}, "pipeline_kind_mismatch", "overlay"),
+    ("trim", {"start_s": 0, "end_s": 2}, [VIDEO], {}, "invalid_input", "end_s"),
+    ("trim", {"start_s": 1.2}, [VIDEO], {}, "invalid_input", "start_s"),
+    ("trim", {"start_s": 0.5, "end_s": 0.51}, [VIDEO], {}, "invalid_input", "end_s"),
+    ("upscale", {"scale": 4}, [BIG], {}, "invalid_input", "scale"),
+    ("loop", {"count": 8}, [LONG], {}, "invalid_input", "count"),
+    ("interpolate", {"fps": 8}, [VIDEO], {}, "invalid_input", "fps"),
+    ("concat", {}, [VIDEO], {}, "invalid_input", "videos"),
+    ("concat", {}, [VIDEO] * 9, {}, "invalid_input", "videos"),
+    ("concat", {"crossfade_s": 2}, [VIDEO, VIDEO], {}, "invalid_input", "crossfade_s"),
+    ("concat", {}, [LONG] * 7, {}, "invalid_input", "videos"),
+    ("watermark", {}, [VIDEO], {}, "invalid_input", "text"),
+    ("watermark", {"text": "a"}, [VIDEO], {"overlay": IMAGE}, "invalid_input", "text"),
+])
+def test_infer_output_refuses(op: str, params: dict[str, Any], inputs: list[MediaInfo], kwargs: dict[str, Any],
+                              code: str, field: str) -> None:
+    with pytest.raises(OperationError) as err:
+        infer_output(op, params, inputs, **kwargs)
+    assert (err.value.code, err.value.field) == (code, field)
+
+
+def test_trim_end_within_half_a_frame_is_the_end() -> None:
+    out = infer_output("trim", {"start_s": 0.5, "end_s": 1.15}, [VIDEO])  # 9 frames = 1.125 s
+    assert out.num_frames == 5
+
+
+def test_should_stop_kills_a_running_ffmpeg(media: dict[str, Path], tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    spawned: list[subprocess.Popen[bytes]] = []
+    started = threading.Event()
+    alive_when_stopped: list[bool] = []
+
+    def on_spawn(proc: subprocess.Popen[bytes]) -> None:
+        spawned.append(proc)
+        started.set()
+
+    def should_stop() -> bool:
+        if started.is_set():
+            alive_when_stopped.append(spawned[0].poll() is None)
+            return True
+        return False
+
+    monkeypatch.setattr(ff, "_on_spawn", on_spawn)
+    with pytest.raises(OperationCanceled):
+        run_operation("interpolate", {"fps": 60}, [media["c17"]], tmp_path, should_stop=should_stop)
+    assert alive_when_stopped == [True]
+    assert spawned[0].returncode is not None and spawned[0].returncode < 0  # killed by a signal
+    assert list(tmp_path.iterdir()) == []  # no partial output, no mark, no stderr file
+
+
+def test_time_limit_kills_ffmpeg(media: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(OperationFailed) as err:
+        run_operation("interpolate", {"fps": 60}, [media["c17"]], tmp_path, timeout_s=1e-6)
+    assert err.value.code == "postprocess_timeout"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ffmpeg_failure_is_operation_failed(tmp_path: Path) -> None:
+    with pytest.raises(OperationFailed):
+        ff.run_ffmpeg(["-i", str(tmp_path / "missing.mp4"), str(tmp_path / "o.mp4")], work_dir=tmp_path)
+
+
+def test_progress_callback_increases_to_one(media: dict[str, Path], tmp_path: Path) -> None:
+    seen: list[float] = []
+    run_operation("interpolate", {"fps": 24}, [media["c17"]], tmp_path, on_progress=seen.append)
+    assert seen[0] == 0.0 and seen[-1] == 1.0 and len(seen) >= 2
+    assert all(a < b for a, b in zip(seen, seen[1:], strict=False))
+
+
+def test_progress_parser() -> None:
+    parser = ProgressParser(expected_frames=20, duration_s=2.0)
+    assert parser.feed(b"frame=0\nout_time_us=N/A\nfra") == []
+    assert parser.feed(b"me=5\nprogress=continue\nframe=5\nframe=10\n") == [0.25, 0.5]
+    assert parser.feed(b"frame=8\n") == []  # never backwards
+    assert parser.feed(b"frame=30\nprogress=end\n") == [1.0]
+    by_time = ProgressParser(expected_frames=None, duration_s=2.0)
+    assert by_time.feed(b"out_time_us=500000\nout_time_us=1000000\n") == [0.25, 0.5]
+
+
+def test_probe_kinds(media: dict[str, Path]) -> None:
+    assert probe(media["still"]) == MediaInfo(kind="image", width=64, height=48, format="png")
+    assert probe(media["c9"]) == MediaInfo(kind="video", width=64, height=64, num_frames=9, fps=8.0,
+                                           duration_s=1.125, format="mp4")
+    assert probe(media["av"]).has_audio is True
+    assert probe(media["small12"]).model_dump(include={"width", "height", "num_frames", "fps"}) == {
+        "width": 48, "height": 32, "num_frames": 12, "fps": 12.0}
+
+
+def test_operation_price() -> None:
+    prices = load_operation_catalog().prices
+    assert operation_price("upscale", IMAGE, prices) == 2  # an image counts 1 s
+    assert operation_price("trim", VIDEO, prices) == 1  # 0.225 -> min 1
+    assert operation_price("upscale", LONG, prices) == 20
+    assert operation_price("export", VIDEO.model_copy(update={"duration_s": 4.5}), prices) == math.ceil(4.5 * 0.5)
+
+
+def test_catalog_shipped_and_strict(tmp_path: Path) -> None:
+    catalog = load_operation_catalog()
+    assert set(catalog.prices.credits_per_output_second) == set(OPERATIONS)
+    assert catalog.prices.min_credits == 1 and catalog.resources.num_cpus == 0.5
+    assert (catalog.bounds.max_side, catalog.bounds.max_fps, catalog.bounds.max_duration_s) == (2048, 60, 60)
+    text = DEFAULT_PATH.read_text()
+    bad = tmp_path / "extra.yaml"
+    bad.write_text(text + "\nsurprise: 1\n")
+    with pytest.raises(OperationCatalogError, match="surprise"):
+        load_operation_catalog(bad)
+    missing = tmp_path / "missing.yaml"
+    missing.write_text(text.replace("    export: 0.5\n", ""))
+    with pytest.raises(OperationCatalogError, match="export"):
+        load_operation_catalog(missing)
+
