@@ -17,6 +17,7 @@ import logging
 from typing import Any
 
 from api.core.errors import InvalidInput
+from api.core.pipelines import POSTPROCESS_MODEL
 from api.db.engine import Database
 from api.db.tables import Job, Upload
 from api.services.egress import EgressPolicy, fetch_sync
@@ -44,6 +45,8 @@ class InputResolver:
 
     def __call__(self, job: Job) -> dict[str, Any]:
         data = dict(job.input)
+        if job.model == POSTPROCESS_MODEL:
+            return self._postprocess(job, data)
         ref = data.get("image")
         if ref:
             key, content_type = self._image_key(job, ref)
@@ -71,6 +74,64 @@ class InputResolver:
         if upload is None or upload.user_id not in _owners(job):
             raise InvalidInput(f"input.image: upload {ref} not found", {"field": "image"})
         return upload.key, upload.content_type
+
+    def _postprocess(self, job: Job, data: dict[str, Any]) -> dict[str, Any]:
+        """A post-processing step's references as storage keys, each with what it holds.
+
+        ``image``/``video`` → ``image_key``/``video_key`` + ``source_info`` (a MediaInfo dict),
+        ``videos`` → ``video_keys`` + ``source_infos``, ``audio`` → ``audio_key`` (+ ``audio_info``),
+        ``overlay`` → ``overlay_key`` (+ ``overlay_info``). A reference is an upload id or
+        ``job:<id>`` (a released step's source: its first output), the job's owners' only.
+        """
+        from models.postprocess import input_fields
+
+        for field, kinds in input_fields(job.task).items():
+            value = data.get(field)
+            if value in (None, "", []):
+                continue
+            if kinds.endswith("[]"):
+                pairs = [self._media_key(job, field, ref, kinds) for ref in value]
+                data[f"{field.rstrip('s')}_keys"] = [key for key, _ in pairs]
+                data["source_infos"] = [info for _, info in pairs]
+                continue
+            key, info = self._media_key(job, field, value, kinds)
+            if field in ("image", "video"):
+                data[f"{field}_key"] = key
+                data["source_info"] = info
+            else:
+                data[f"{field}_key"] = key
+                data[f"{field}_info"] = info
+        return data
+
+    def _media_key(self, job: Job, field: str, ref: Any, kinds: str) -> tuple[str, dict[str, Any]]:
+        """The storage key a reference names and its media description."""
+        if not isinstance(ref, str) or ref.startswith("step:"):
+            raise InvalidInput(f"input.{field}: {ref!r} was not resolved", {"field": field})
+        with self.db.read() as session:
+            if ref.startswith("job:"):
+                source = session.get(Job, ref[4:])
+                if source is None or source.user_id not in _owners(job) or not source.outputs:
+                    raise InvalidInput(f"input.{field}: job {ref[4:]} has no output", {"field": field})
+                first = source.outputs[0]
+                content_type = str(first.get("content_type") or "")
+                info = {"kind": "video" if source.kind == "video" else "image",
+                        "width": first.get("width") or 0, "height": first.get("height") or 0,
+                        "num_frames": first.get("num_frames"), "fps": first.get("fps"),
+                        "duration_s": first.get("duration_s"), "has_audio": bool(first.get("has_audio")),
+                        "format": content_type.split("/")[-1] or None}
+                return first["key"], info
+            upload = session.get(Upload, ref)
+        if upload is None or upload.user_id not in _owners(job):
+            raise InvalidInput(f"input.{field}: upload {ref} not found", {"field": field})
+        meta = upload.meta or {}
+        if kinds == "audio":
+            return upload.key, {"kind": "audio", "duration_s": meta.get("duration_s", meta.get("duration")),
+                                "format": upload.content_type.split("/")[-1] or None}
+        info = {"kind": upload.kind, "width": upload.width or meta.get("width") or 0,
+                "height": upload.height or meta.get("height") or 0, "num_frames": meta.get("num_frames"),
+                "fps": meta.get("fps"), "duration_s": meta.get("duration_s"),
+                "has_audio": bool(meta.get("has_audio")), "format": upload.content_type.split("/")[-1] or None}
+        return upload.key, info
 
     def _fetch(self, job: Job, url: str) -> tuple[str, str]:
         for _content_type, extension in IMAGE_FORMATS.values():
