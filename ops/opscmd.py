@@ -300,7 +300,8 @@ class AttachedStack(EmbeddedStack):
 
         from ops.serve_config import serve_details
         from serve.app import app_name
-        from serve.executor import TRAINER_KEY
+        from serve.executor import POSTPROCESS_KEY, TRAINER_KEY
+        from serve.postprocess import APP_NAME as POSTPROCESS_APP
         from serve.trainer import APP_NAME as TRAINER_APP
 
         details = serve_details()
@@ -312,6 +313,11 @@ class AttachedStack(EmbeddedStack):
                 self.handles.setdefault(TRAINER_KEY, serve.get_app_handle(TRAINER_APP))
             else:
                 self.handles.pop(TRAINER_KEY, None)
+            postprocess = apps.get(POSTPROCESS_APP)  # pipelines' op steps (serve.postprocess)
+            if postprocess is not None and str(postprocess.get("status")) in ACTIVE_APP_STATES:
+                self.handles.setdefault(POSTPROCESS_KEY, serve.get_app_handle(POSTPROCESS_APP))
+            else:
+                self.handles.pop(POSTPROCESS_KEY, None)
             for spec in self.catalog.enabled():
                 if spec.remote_only:
                     continue

@@ -2,7 +2,9 @@
 
 Rendering: one application per local model (``import_path: serve.app:build``, the args ``build``
 takes, and one deployment whose options come from :func:`serve.app.deployment_options`), plus the
-LoRA trainer application when a served model is trainable, checked against
+LoRA trainer application when a served model is trainable, plus the CPU post-processing
+application (``serve.app:build_postprocess``, pipelines' op steps, sized by
+``models/catalog/postprocess/operations.yaml``), checked against
 ``ray.serve.schema.ServeDeploySchema`` before it is returned. ``serve deploy`` takes the YAML;
 KubeRay carries the same document as a ``RayService``'s ``serveConfigV2``.
 
@@ -44,8 +46,11 @@ TRAINER_IMPORT_PATH = "serve.trainer:build"
 # A config rendered without secrets names these wrappers: they read them where the app is built.
 ENV_IMPORT_PATH = "ops.serve_config:build"
 ENV_TRAINER_IMPORT_PATH = "ops.serve_config:build_trainer"
+POSTPROCESS_IMPORT_PATH = "serve.app:build_postprocess"
+ENV_POSTPROCESS_IMPORT_PATH = "ops.serve_config:build_postprocess"
 IMPORT_PATHS = (IMPORT_PATH, ENV_IMPORT_PATH)
 TRAINER_IMPORT_PATHS = (TRAINER_IMPORT_PATH, ENV_TRAINER_IMPORT_PATH)
+POSTPROCESS_IMPORT_PATHS = (POSTPROCESS_IMPORT_PATH, ENV_POSTPROCESS_IMPORT_PATH)
 HEADER = ("# Ray Serve config rendered from the CineWeave catalog by `cineweave ops serve-config`.\n"
           "# Do not edit by hand: change the model's YAML spec (or the settings) and render again.\n")
 
@@ -105,13 +110,14 @@ def select_models(catalog: Catalog, models: Iterable[str] | None = None, *, embe
 
 
 def render(settings: Settings, catalog: Catalog | None = None, *, models: Iterable[str] | None = None,
-           embedded: bool = False, include_secrets: bool = True, trainer: bool = True,
+           embedded: bool = False, include_secrets: bool = True, trainer: bool = True, postprocess: bool = True,
            proxy_location: str = "EveryNode", http_port: int = 8000) -> dict[str, Any]:
     """The Serve config (a plain, JSON-able dict), validated against ``ServeDeploySchema``.
 
     With ``trainer`` and a trainable model among the served ones, the config also has the LoRA
     trainer application (``serve.trainer:build``), sized like :class:`ops.stack.EmbeddedStack`
-    sizes it: the largest GPU and CPU needs of those models, one replica.
+    sizes it: the largest GPU and CPU needs of those models, one replica. With ``postprocess``, the
+    post-processing application follows the models' (CPU only; embedded: a fraction of a CPU).
     """
     from serve.app import app_name, deployment_options
 
@@ -132,6 +138,8 @@ def render(settings: Settings, catalog: Catalog | None = None, *, models: Iterab
             "args": args,
             "deployments": [deployment_options(spec, embedded=embedded)],
         })
+    if postprocess:
+        applications.append(_postprocess_application(runtime, embedded=embedded, include_secrets=include_secrets))
     trainable = [s for s in specs if s.trainable]
     if trainer and trainable:
         applications.append(_trainer_application(settings, trainable, runtime, embedded=embedded,
@@ -157,6 +165,16 @@ def _trainer_application(settings: Settings, trainable: list[ModelSpec], runtime
             "deployments": [trainer_deployment_options(num_gpus, num_cpus, embedded)]}
 
 
+def _postprocess_application(runtime: dict[str, Any], *, embedded: bool, include_secrets: bool) -> dict[str, Any]:
+    from serve.app import postprocess_deployment_options
+    from serve.postprocess import APP_NAME
+
+    return {"name": APP_NAME, "route_prefix": None,
+            "import_path": POSTPROCESS_IMPORT_PATH if include_secrets else ENV_POSTPROCESS_IMPORT_PATH,
+            "args": {"runtime": runtime, "embedded": embedded},
+            "deployments": [postprocess_deployment_options(embedded=embedded)]}
+
+
 def validate(config: Mapping[str, Any]) -> Any:
     """Parse ``config`` with Ray's own ``ServeDeploySchema``; also check what Ray cannot know."""
     from pydantic import ValidationError
@@ -174,6 +192,7 @@ def validate(config: Mapping[str, Any]) -> Any:
         schema = ServeDeploySchema.model_validate(dict(config))
     except ValidationError as exc:
         raise ServeConfigError(f"not a valid Serve config: {exc}") from exc
+    from serve.postprocess import DEPLOYMENT_NAME as POSTPROCESS_DEPLOYMENT
     from serve.trainer import DEPLOYMENT_NAME as TRAINER_DEPLOYMENT
 
     for app in schema.applications:
@@ -181,6 +200,8 @@ def validate(config: Mapping[str, Any]) -> Any:
             expected = deployment_name(str((app.args or {}).get("model")))
         elif app.import_path in TRAINER_IMPORT_PATHS:
             expected = TRAINER_DEPLOYMENT
+        elif app.import_path in POSTPROCESS_IMPORT_PATHS:
+            expected = POSTPROCESS_DEPLOYMENT
         else:
             continue
         names = [d.name for d in app.deployments]
@@ -263,6 +284,13 @@ def build_trainer(args: dict[str, Any]) -> Any:
     from serve.trainer import build as build_trainer_app
 
     return build_trainer_app(_with_env_secrets(args))
+
+
+def build_postprocess(args: dict[str, Any]) -> Any:
+    """``serve.app:build_postprocess`` for a config rendered without secrets (see :func:`build`)."""
+    from serve.app import build_postprocess as build_postprocess_app
+
+    return build_postprocess_app(_with_env_secrets(args))
 
 
 # --- changing a running deployment --------------------------------------------------------------

@@ -60,8 +60,12 @@ def test_rayservice_carries_a_fresh_render_of_the_serve_config() -> None:
     assert carried == k8s_render.serve_config(Catalog.load())
     validate(carried)
     assert (K8S / "rayservice.yaml").read_text() == k8s_render.manifest()  # `python -m ops.k8s.render` ran
-    assert {a["name"] for a in carried["applications"]} == set(k8s_render.MODELS) | {"trainer"}
+    assert {a["name"] for a in carried["applications"]} == set(k8s_render.MODELS) | {"trainer", "postprocess"}
     for app in carried["applications"]:
+        if app["name"] == "postprocess":  # CPU only (pipelines' ffmpeg steps)
+            assert app["import_path"] == "ops.serve_config:build_postprocess"
+            assert app["deployments"][0]["ray_actor_options"]["num_gpus"] == 0
+            continue
         assert app["import_path"] == (ENV_IMPORT_PATH if app["name"] != "trainer" else ENV_TRAINER_IMPORT_PATH)
         assert "storage_url" not in app["args"]["runtime"] and "signing_secret" not in app["args"]["runtime"]
         assert app["args"]["runtime"]["cache_dir"] == "/data/cache"

@@ -239,7 +239,7 @@ def deploy_rendered_config(settings: Settings) -> dict[str, Any]:
 
     from ops.serve_config import serve_client
 
-    config = render(settings, models=[MODEL], embedded=True, include_secrets=False)
+    config = render(settings, models=[MODEL], embedded=True, include_secrets=False, postprocess=False)
     (app,) = config["applications"]
     assert "storage_url" not in app["args"]["runtime"]
     # What a Kubernetes Secret gives every Ray pod; here, the application's runtime env.

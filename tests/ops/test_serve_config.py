@@ -44,8 +44,8 @@ def test_gpu_config_has_one_application_per_enabled_local_model(settings: Settin
     ServeDeploySchema.model_validate(config)  # Ray's own schema, independently of render()
     expected = {s.id for s in catalog.enabled() if not s.remote_only and not (s.source and s.source.tiny)}
     apps = _apps(config)
-    assert set(apps) == expected | {"trainer"}  # sdxl is trainable
-    del apps["trainer"]
+    assert set(apps) == expected | {"trainer", "postprocess"}  # sdxl is trainable
+    del apps["trainer"], apps["postprocess"]
     assert {"veo-3.1", "veo-3.1-replicate", "tiny-sd"}.isdisjoint(apps)
     for model, app in apps.items():
         spec = catalog.get(model)
@@ -69,7 +69,7 @@ def test_autoscaling_and_actor_options_come_from_the_spec(settings: Settings, ca
 
 
 def test_embedded_config_serves_the_tiny_models_without_gpus(settings: Settings, catalog: Catalog) -> None:
-    apps = _apps(render(settings, catalog, embedded=True, trainer=False))
+    apps = _apps(render(settings, catalog, embedded=True, trainer=False, postprocess=False))
     assert set(apps) == {"tiny-sd", "tiny-wan", "tiny-wan-i2v"}
     for app in apps.values():
         assert app["deployments"][0]["ray_actor_options"]["num_gpus"] == 0
@@ -251,3 +251,19 @@ def test_redact_covers_url_credentials_secret_keys_and_query_parameters() -> Non
     assert red["runtime"]["storage_url"].startswith("s3://<redacted>@minio.internal:9000/outputs")
     assert "secure=false" in red["env"][1]["value"]
     assert config["runtime"]["signing_secret"] == "abc"  # a copy: the input is untouched
+
+
+def test_the_postprocess_application_is_cpu_only_and_named_by_its_builder(settings: Settings, catalog: Catalog) -> None:
+    from serve.app import postprocess_deployment_options
+
+    app = _apps(render(settings, catalog, models=["sdxl"]))["postprocess"]
+    assert app["import_path"] == "serve.app:build_postprocess" and app["route_prefix"] is None
+    assert app["args"] == {"runtime": runtime_args(settings, embedded=False), "embedded": False}
+    assert app["deployments"] == [postprocess_deployment_options(embedded=False)]
+    assert app["deployments"][0]["ray_actor_options"]["num_gpus"] == 0
+    embedded = _apps(render(settings, catalog, embedded=True))["postprocess"]
+    assert embedded["deployments"][0]["ray_actor_options"]["num_cpus"] < 1 and embedded["args"]["embedded"] is True
+    no_secrets = _apps(render(settings, catalog, models=["sdxl"], include_secrets=False))["postprocess"]
+    assert no_secrets["import_path"] == "ops.serve_config:build_postprocess"
+    assert "storage_url" not in no_secrets["args"]["runtime"]
+    assert "postprocess" not in _apps(render(settings, catalog, models=["sdxl"], postprocess=False))
