@@ -21,7 +21,18 @@ from api.core.executor import Executor
 from api.db.engine import Database
 from api.db.tables import Job, WebhookDelivery
 from api.http import compat, console
-from api.http.routes import account, admin, billing, files, jobs, loras, system, teams
+from api.http.routes import (
+    account,
+    admin,
+    billing,
+    files,
+    jobs,
+    loras,
+    presets,
+    projects,
+    system,
+    teams,
+)
 from api.http.state import AppState
 from api.http.webhooks import ShapedView, WebhookDeliverer
 from api.metrics import Metrics
@@ -113,6 +124,7 @@ def create_app(settings: Settings, executor: Executor | None = None, *, catalog:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(db.migrate)
+        await asyncio.to_thread(state.presets.seed)  # the shipped presets, where none of the name exists
         bus.bind(asyncio.get_running_loop())
         # one cross-process signal (LISTEN/NOTIFY on PostgreSQL): wakes SSE streams and the runner's
         # cancel watch for changes made by other processes, and the webhook deliverer on enqueue
@@ -196,6 +208,8 @@ def create_app(settings: Settings, executor: Executor | None = None, *, catalog:
 
     # billing before files: /v1/webhooks/stripe must match ahead of /v1/webhooks/{provider}
     for module in (system, jobs, loras, account, admin, billing, files, teams):
+        app.include_router(module.router)
+    for module in (presets, projects):
         app.include_router(module.router)
     compat.include(app)
     console.mount(app, storage)  # the web console at / (static files, no build step)

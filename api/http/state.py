@@ -17,6 +17,8 @@ from api.services.jobs import JobService
 from api.services.loras import LoraService
 from api.services.models import ModelService
 from api.services.notify import Notifier
+from api.services.presets import PresetService
+from api.services.projects import ProjectService
 from api.services.queue import QueueEstimate, QueueService
 from api.services.teams import TeamService
 from api.services.uploads import UploadService
@@ -47,11 +49,15 @@ class AppState:
     queue: QueueService = field(init=False)
     identity: IdentityService = field(init=False)  # bearer credential (API key or JWT) -> caller
     teams: TeamService = field(init=False)
+    presets: PresetService = field(init=False)
+    projects: ProjectService = field(init=False)
 
     def __post_init__(self) -> None:
         self.queue = QueueService(self.db, self.settings, self.catalog)
         self.identity = IdentityService(self.db, self.settings)
         self.teams = TeamService(self.db, self.settings)
+        self.presets = PresetService(self.db, self.settings, prefix="")  # errors name the body's fields
+        self.projects = ProjectService(self.db, self.settings)
 
     def job_view(self, job: Any, queue: QueueEstimate | None = None) -> dict[str, Any]:
         """``queue``: the job's position and ETA (routes compute it; webhooks and others leave it out)."""

@@ -199,8 +199,20 @@ def _check_step(i: int, step: Any, names: set[str]) -> None:
         raise _bad("a step's input is an object", f"{where}.input")
 
 
-def validate_definition(definition: Any) -> dict[str, Any]:
-    """Check a definition as it is saved (422 ``invalid_input`` with ``details.field``)."""
+def validate_definition(definition: Any, *, prefix: str = "definition") -> dict[str, Any]:
+    """Check a definition as it is saved (422 ``invalid_input`` with ``details.field``, e.g.
+    ``definition.steps.0.name``; ``prefix=""``: ``steps.0.name``, as a body with params and steps)."""
+    try:
+        return _validate_definition(definition)
+    except InvalidInput as exc:
+        where = str(exc.details.get("field", ""))
+        if prefix != "definition" and (where == "definition" or where.startswith("definition.")):
+            rest = where[len("definition"):].lstrip(".")
+            exc.details["field"] = ".".join(p for p in (prefix, rest) if p) or "body"
+        raise
+
+
+def _validate_definition(definition: Any) -> dict[str, Any]:
     if not isinstance(definition, dict) or set(definition) - {"params", "steps"}:
         raise _bad("a definition is {\"params\": {...}, \"steps\": [...]}", "definition")
     params = definition.get("params", {})
@@ -385,10 +397,14 @@ def load_shipped(directory: Path | None = None, profile: str = "tiny") -> list[d
 
 
 class PresetService:
-    def __init__(self, db: Database, settings: Settings, directory: Path | None = None) -> None:
+    def __init__(self, db: Database, settings: Settings, directory: Path | None = None,
+                 *, prefix: str = "definition") -> None:
+        """``prefix``: how error fields name the definition (the HTTP layer, whose body has
+        ``params`` and ``steps`` at the top, passes ``""``)."""
         self.db = db
         self.settings = settings
         self.directory = directory
+        self.prefix = prefix
 
     def list(self, *, include_disabled: bool = False) -> list[Preset]:
         """The newest (enabled, unless ``include_disabled``) version of each preset, by name."""
@@ -418,7 +434,7 @@ class PresetService:
                enabled: bool = True, created_by: str | None = None) -> Preset:
         if not NAME_RE.match(name):
             raise _bad(f"name must match {NAME_RE.pattern}", "name")
-        validate_definition(definition)
+        validate_definition(definition, prefix=self.prefix)
         row = Preset(name=name, version=1, title=title, description=description, definition=definition,
                      enabled=enabled, created_by=created_by)
         with self.db.session() as session:
@@ -434,15 +450,16 @@ class PresetService:
         return row
 
     def patch(self, name: str, *, changes: dict[str, Any], created_by: str | None = None) -> Preset:
-        """Changed title/description/definition: a new version (n+1) from the newest one.
+        """Changed title/description/params/steps (or a whole ``definition``): a new version (n+1)
+        from the newest one, the fields not sent kept. The new definition is checked first.
 
         Only ``enabled`` (with an optional ``version``): that version, or every version of the
         preset when none is named, is switched on or off in place (no new version)."""
         changes = {k: v for k, v in changes.items() if v is not None}
         version = changes.pop("version", None)
         if "definition" in changes:
-            validate_definition(changes["definition"])
-        content = {k: changes[k] for k in ("title", "description", "definition") if k in changes}
+            validate_definition(changes["definition"], prefix=self.prefix)
+        content = {k: changes[k] for k in ("title", "description", "definition", "params", "steps") if k in changes}
         if not content:
             return self._toggle(name, changes.get("enabled"), version)
         if version is not None:
@@ -453,11 +470,15 @@ class PresetService:
                 base = _newest(session, name, enabled_only=False)
                 if base is None:
                     raise NotFound(f"preset {name} not found", {"field": "name"})
+                definition = content.get("definition", base.definition)
+                if "params" in content or "steps" in content:
+                    definition = {"params": content.get("params", definition.get("params", {})),
+                                  "steps": content.get("steps", definition.get("steps", []))}
+                    validate_definition(definition, prefix=self.prefix)
                 row = Preset(name=name, version=base.version + 1,
                              title=content.get("title", base.title),
                              description=content.get("description", base.description),
-                             definition=content.get("definition", base.definition),
-                             enabled=changes.get("enabled", True), created_by=created_by)
+                             definition=definition, enabled=changes.get("enabled", True), created_by=created_by)
                 session.add(row)
                 try:
                     session.commit()

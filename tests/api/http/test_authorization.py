@@ -125,7 +125,25 @@ ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/v1/teams/{team_id}/credits"): OWNED,
     ("GET", "/v1/teams/{team_id}/credits/transactions"): OWNED,
     ("GET", "/v1/teams/{team_id}/usage"): OWNED,
+    # presets: everyone reads them (an unknown name is 404: test_presets_http); admins change them
+    ("GET", "/v1/presets"): USER,
+    ("GET", "/v1/presets/{name}"): USER,
+    ("POST", "/v1/presets"): ADMIN,
+    ("PATCH", "/v1/presets/{name}"): ADMIN,
+    # projects: the caller's (or a team's of theirs); another's or a deleted one is 404
+    ("POST", "/v1/projects"): USER,
+    ("GET", "/v1/projects"): USER,
+    ("GET", "/v1/projects/{project_id}"): OWNED,
+    ("PATCH", "/v1/projects/{project_id}"): OWNED,
+    ("DELETE", "/v1/projects/{project_id}"): OWNED,
     ("POST", "/v1/invitations/{token}/accept"): OWNED,  # "another's": an invitation to another address
+    # pipelines (a parent job with step jobs)
+    ("POST", "/v1/pipelines"): USER,
+    ("POST", "/v1/pipelines/quote"): USER,
+    ("GET", "/v1/pipelines"): USER,
+    ("GET", "/v1/pipelines/{pipeline_id}"): OWNED,
+    ("POST", "/v1/pipelines/{pipeline_id}/cancel"): OWNED,
+    ("GET", "/v1/pipelines/{pipeline_id}/events"): OWNED,
 }
 
 
@@ -179,6 +197,8 @@ class World:
     alice_doomed_video: str
     bob_video: str
     teams: dict[str, str] = field(default_factory=dict)  # see _team_world
+    projects: dict[str, str] = field(default_factory=dict)  # alice's, a doomed one of hers, bob's
+    pipelines: dict[str, str] = field(default_factory=dict)  # see _pipeline_world
 
 
 @pytest.fixture
@@ -217,9 +237,28 @@ async def world(make_api: Any, storage: Any) -> World:
         s.commit()
         bob_key = s.query(ApiKey).filter(ApiKey.user_id == bob.user.id).one().id
     teams = _team_world(h, alice, bob)
+    projects = {"mine": h.state.projects.create(alice.user, name="mine").project.id,
+                "doomed": h.state.projects.create(alice.user, name="doomed").project.id,
+                "bob": h.state.projects.create(bob.user, name="bob's").project.id}
     return World(h, alice, bob, admin_user, alice_job.id, alice_done.id, alice_upload, alice_doomed, spare.id,
                  loras[0].id, loras[1].id, bob_job.id, bob_upload, bob_key, loras[2].id,
-                 alice_video.id, alice_done_video.id, alice_doomed_video.id, bob_video.id, teams)
+                 alice_video.id, alice_done_video.id, alice_doomed_video.id, bob_video.id, teams, projects,
+                 _pipeline_world(h, alice, bob))
+
+
+PIPELINE_STEPS = [{"name": "still", "model": "tiny-sd", "input": {"prompt": "a"}}]
+
+
+def _pipeline_world(h: ApiHarness, alice: NewUser, bob: NewUser) -> dict[str, str]:
+    """Alice's pipeline (queued), a finished one of hers (its event stream ends), and Bob's."""
+    from api.services.pipelines import PipelineSubmission
+
+    pipelines = h.state.pipelines
+    mine, _ = pipelines.submit(alice.user, PipelineSubmission(steps=PIPELINE_STEPS))
+    done, _ = pipelines.submit(alice.user, PipelineSubmission(steps=PIPELINE_STEPS))
+    pipelines.cancel(alice.user, done.id)
+    theirs, _ = pipelines.submit(bob.user, PipelineSubmission(steps=PIPELINE_STEPS))
+    return {"mine": mine.id, "done": done.id, "theirs": theirs.id}
 
 
 def _team_world(h: ApiHarness, alice: NewUser, bob: NewUser) -> dict[str, str]:
@@ -280,8 +319,14 @@ def _url(world: World, method: str, path: str, owner: str) -> str:
         "model_id": "tiny-sd",
         "provider": "replicate",
         "key": "outputs/none.png",
+        "pipeline_id": (world.pipelines["done"] if finished else world.pipelines["mine"]) if mine
+        else world.pipelines["theirs"],
+        "project_id": (world.projects["doomed"] if doomed else world.projects["mine"]) if mine
+        else world.projects["bob"],
         **_team_values(world, method, path, mine),
     }
+    if path.startswith("/v1/presets/"):
+        values["name"] = "still-to-motion"  # a shipped preset (presets are everyone's)
     for name, value in values.items():
         path = path.replace("{" + name + "}", value)
     return path
@@ -292,12 +337,19 @@ def _body(method: str, path: str) -> dict[str, Any]:
         return {}
     if path in ("/v1/jobs", "/v1/jobs/quote"):
         return {"json": {"model": "tiny-sd", "input": {"prompt": "a cat"}}}
+    if path in ("/v1/pipelines", "/v1/pipelines/quote"):
+        return {"json": {"steps": PIPELINE_STEPS}}
     if path == "/v1/loras/quote":  # the images may wait: the price is the steps'
         return {"json": {"name": "me", "base_model": "tiny-sd", "steps": 100}}
     if path == "/openai/v1/images/generations":
         return {"json": {"model": "tiny-sd", "prompt": "a cat"}}
     if path == "/v1/teams":
         return {"json": {"name": "a team"}}
+    if path == "/v1/projects":
+        return {"json": {"name": "a project"}}
+    if path == "/v1/presets" and method == "POST":
+        return {"json": {"name": "a-preset", "steps": [{"name": "still", "model": "tiny-sd",
+                                                         "input": {"prompt": "a cat"}}]}}
     if path.endswith("/invitations"):
         return {"json": {"email": "someone@example.com"}}
     if path == "/openai/v1/images/edits":
@@ -395,6 +447,7 @@ async def test_route_authorization(world: World) -> None:
     # Someone else's resources came through untouched.
     assert get_job(h.db, world.bob_job).status == "queued"
     assert get_job(h.db, world.bob_video).status == "queued"
+    assert get_job(h.db, world.pipelines["theirs"]).status == "waiting"
     assert (await client.get(f"/v1/uploads/{world.bob_upload}", headers=bearer(world.bob.api_key))).status_code == 200
     assert (await client.get("/v1/credits", headers=bearer(world.bob.api_key))).status_code == 200
     bob_team = await client.get(f"/v1/teams/{world.teams['bob_team']}/members", headers=bearer(world.bob.api_key))
@@ -429,6 +482,8 @@ async def test_route_authorization(world: World) -> None:
                 body = _body(method, path)
                 if path == "/v1/admin/users" and method == "POST":
                     body = {"json": {"email": f"new-{key[:6]}@example.com", "credits": 1}}
+                if path == "/v1/presets" and method == "POST":  # a preset's name is taken once
+                    body["json"]["name"] = "by-admin-key" if key == ADMIN_KEY else "by-admin-user"
                 r = await client.request(method, url, headers=bearer(key), **body)
                 # no serving stack here: a swap is understood, then refused as not supported
                 expect(route, f"admin {key[:8]}", r, {409} if path.endswith("/swap") else {200, 201})
