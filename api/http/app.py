@@ -21,6 +21,7 @@ from api.core.executor import Executor
 from api.db.engine import Database
 from api.db.tables import Job, WebhookDelivery
 from api.http import compat, console
+from api.http.pipeline_schemas import pipeline_webhook_body
 from api.http.routes import (
     account,
     admin,
@@ -28,6 +29,7 @@ from api.http.routes import (
     files,
     jobs,
     loras,
+    pipelines,
     presets,
     projects,
     system,
@@ -46,6 +48,7 @@ from api.services.loras import LoraService
 from api.services.maintenance import Maintenance
 from api.services.models import Availability, ModelService, Swapper
 from api.services.notify import Notifier
+from api.services.pipelines import PipelineService
 from api.services.uploads import UploadService
 from api.settings import Settings
 from api.storage.base import Storage, make_storage
@@ -99,6 +102,13 @@ def _db_snapshot(db: Database) -> Callable[[], dict[str, Any]]:
     return snapshot
 
 
+def _expand_preset(session: Any, name: str, params: dict[str, Any] | None) -> Any:
+    """A preset's steps for a pipeline submission (``api.services.presets.expand``, imported late)."""
+    from api.services.presets import expand
+
+    return expand(session, name, params)
+
+
 def create_app(settings: Settings, executor: Executor | None = None, *, catalog: Catalog | None = None,
                storage: Storage | None = None, resolve_input: InputFn | None = None,
                run_runner: bool | None = None, run_maintenance: bool = True,
@@ -119,6 +129,7 @@ def create_app(settings: Settings, executor: Executor | None = None, *, catalog:
                      uploads=UploadService(db, settings, storage), admin=AdminService(db, settings),
                      models=ModelService(catalog, availability, swapper),
                      executor=executor, extras=dict(extras or {}))
+    state.pipelines = PipelineService(jobs_service, _expand_preset)
     want_runner = settings.runner_enabled if run_runner is None else run_runner
 
     @asynccontextmanager
@@ -130,7 +141,9 @@ def create_app(settings: Settings, executor: Executor | None = None, *, catalog:
         # cancel watch for changes made by other processes, and the webhook deliverer on enqueue
         state.notifier = Notifier(db)
         state.notifier.subscribe("events", bus.on_notification)
-        webhook_view = ShapedView(state.job_view, {"replicate": compat.replicate.webhook_renderer(state)})
+        webhook_view = ShapedView(state.job_view, {"replicate": compat.replicate.webhook_renderer(state)},
+                                  pipeline=lambda job, row: pipeline_webhook_body(db, storage, settings.url_ttl_s,
+                                                                                  job, row))
         state.webhooks = WebhookDeliverer(db, settings, webhook_view, notifier=state.notifier, metrics=metrics)
         await state.notifier.start()
         state.webhooks.start()
@@ -207,7 +220,7 @@ def create_app(settings: Settings, executor: Executor | None = None, *, catalog:
         return _shaped_error(request, 500, "internal_error", "internal error")
 
     # billing before files: /v1/webhooks/stripe must match ahead of /v1/webhooks/{provider}
-    for module in (system, jobs, loras, account, admin, billing, files, teams):
+    for module in (system, jobs, pipelines, loras, account, admin, billing, files, teams):
         app.include_router(module.router)
     for module in (presets, projects):
         app.include_router(module.router)

@@ -16,7 +16,7 @@ from sqlalchemy import select
 
 from api.core.jobs import JobStatus
 from api.db.engine import Database
-from api.db.tables import Job, JobEvent, WebhookDelivery
+from api.db.tables import Job, WebhookDelivery
 from api.http.schemas import JobCredits, JobError, OutputPublic, Public, QuoteBalance, iso, output_view
 from api.services.teams import team_job_fields
 from api.storage.base import Storage
@@ -122,11 +122,14 @@ class PipelinePublic(Public):
 
 
 class PipelineEventStep(Public):
-    """A ``step.completed`` webhook's step: the body is the pipeline plus this."""
+    """A ``step.completed`` (or ``step.failed``) webhook's step: the body is the pipeline plus this."""
 
     name: str
     job_id: str
     outputs: list[OutputPublic]
+    status: str | None = None
+    error: JobError | None = None
+    credits: int | None = Field(default=None, description="what the step was charged")
 
 
 class PipelineWebhookBody(PipelinePublic):
@@ -279,8 +282,12 @@ def pipeline_view(parent: Job, children: list[Job], storage: Storage, ttl_s: int
 def event_step_view(data: dict[str, Any], storage: Storage, ttl_s: int) -> dict[str, Any]:
     """A ``step.*`` event's step (``{"step" or "name", "job_id", "outputs": [storage output dicts]}``),
     its outputs presigned now."""
-    return {"name": data.get("step", data.get("name")), "job_id": data.get("job_id"),
+    view = {"name": data.get("step", data.get("name")), "job_id": data.get("job_id"),
             "outputs": presigned(data.get("outputs"), storage, ttl_s)}
+    for extra in ("status", "error", "credits"):
+        if data.get(extra) is not None:
+            view[extra] = data[extra]
+    return view
 
 
 def presigned(outputs: Any, storage: Storage, ttl_s: int) -> list[dict[str, Any]]:
@@ -302,26 +309,32 @@ def load_steps(db: Database, parent_id: str) -> list[Job]:
                                     .order_by(Job.step_index, Job.id)).scalars())
 
 
-def _step_event_for(db: Database, row: WebhookDelivery) -> dict[str, Any] | None:
-    """The ``step.*`` event a delivery row announces, when its payload does not carry it: the
-    parent's newest event of that type recorded no later than the row (both are written in the
-    same transaction, the event first)."""
-    with db.read() as session:
-        event = session.execute(select(JobEvent).where(
-            JobEvent.job_id == row.job_id, JobEvent.type == row.event, JobEvent.created_at <= row.created_at)
-            .order_by(JobEvent.id.desc()).limit(1)).scalars().first()
-    return dict(event.data) if event is not None else None
-
-
 def pipeline_webhook_body(db: Database, storage: Storage, ttl_s: int, parent: Job,
                           row: WebhookDelivery | None) -> dict[str, Any]:
     """A pipeline's webhook body: the pipeline shape (the parent as it was at the event, its steps
     as they are now) and, for a ``step.*`` event, ``event_step`` (that step's outputs, presigned)."""
     body = pipeline_view(parent, load_steps(db, parent.id), storage, ttl_s)
     if row is not None and row.event.startswith("step."):
-        data = (row.payload or {}).get("event_step")
-        if not isinstance(data, dict):
-            data = _step_event_for(db, row)
-        if data is not None:
+        data = (row.payload or {}).get("step_event")  # the step event's data, put there when queued
+        if isinstance(data, dict):
             body["event_step"] = event_step_view(data, storage, ttl_s)
     return body
+
+
+def quote_view(quote: Any) -> dict[str, Any]:
+    """``POST /v1/pipelines/quote``'s answer from :class:`api.services.pipelines.PipelineQuote`."""
+    steps = []
+    for planned in quote.plan.steps:
+        entry: dict[str, Any] = {"name": planned.name, "index": planned.step.index}
+        if planned.step.is_generation:
+            entry["model"] = planned.model
+        else:
+            entry["op"] = planned.task
+        entry.update(kind=planned.kind, task=planned.task, credits=planned.price,
+                     output=planned.output.model_dump(mode="json"), depends_on=list(planned.step.depends_on))
+        steps.append(entry)
+    return {"steps": steps, "credits": quote.total, "preset": quote.expanded.preset,
+            "preset_version": quote.expanded.preset_version, "output": steps[-1]["output"] if steps else None,
+            "balance": {"available": quote.balance.available, "reserved": quote.balance.reserved,
+                        "debt": quote.debt},
+            "affordable": quote.affordable, "reason": quote.reason}

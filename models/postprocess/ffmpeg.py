@@ -19,6 +19,7 @@ from pathlib import Path
 import imageio_ffmpeg
 from PIL import Image, UnidentifiedImageError
 
+from models.postprocess.catalog import OperationError
 from models.postprocess.spec import MediaInfo
 
 logger = logging.getLogger(__name__)
@@ -150,6 +151,8 @@ _IMAGE_FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp", "BMP": "bmp", "T
 def probe(path: Path) -> MediaInfo:
     """What a file holds: images through Pillow; videos (GIF too) through imageio-ffmpeg.
 
+    Raises OperationError(code="input_unreadable") for a file that is neither.
+
     A video's frames are counted by decoding; its duration is ``frames / fps`` (a GIF's fps is
     its frames over its stored duration: GIF delays are whole centiseconds).
     """
@@ -169,7 +172,9 @@ def probe(path: Path) -> MediaInfo:
             reader.close()
         num_frames, _secs = imageio_ffmpeg.count_frames_and_secs(str(path))
     except (OSError, RuntimeError, StopIteration) as exc:
-        raise OperationFailed(f"cannot read {path.name}: {exc}", code="input_unreadable") from exc
+        # not a transient failure: the same file fails again (a non-retryable error for the runner)
+        raise OperationError(f"cannot read {path.name} as an image or a video", code="input_unreadable",
+                             field=None) from exc
     width, height = meta["size"]
     codec = str(meta.get("codec", "")).rstrip(",")
     suffix = path.suffix.lower().lstrip(".")

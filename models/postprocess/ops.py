@@ -136,48 +136,66 @@ def _bitrate(p: ExportParams, out: MediaInfo) -> int | None:
     return int(min(20_000_000, max(64_000, bps)))
 
 
+# Demuxers an input may be read with: no playlists (hls, concat), no devices, no network.
+INPUT_FORMATS = ("mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,gif,image2,png_pipe,jpeg_pipe,webp_pipe,"
+                 "wav,mp3,ogg,flac,aac")
+
+
+def _input(path: Path) -> list[str]:
+    """An input file, read through the file protocol only and a whitelisted demuxer."""
+    return ["-protocol_whitelist", "file", "-format_whitelist", INPUT_FORMATS, "-i", f"file:{Path(path).resolve()}"]
+
+
+def _output(path: Path) -> str:
+    return f"file:{Path(path).resolve()}"
+
+
 def build_args(op: str, p: _Params, srcs: list[MediaInfo], inputs: list[Path], out: MediaInfo, dest: Path,
                *, mark: tuple[Path, int, int] | None = None, audio: Path | None = None) -> list[str]:
     """The ffmpeg arguments (after the global options) that make ``out`` at ``dest``."""
     src = srcs[0]
-    ins = [a for path in inputs for a in ("-i", str(path))]
+    ins = [a for path in inputs for a in _input(path)]
+    head = f"[0:v]crop={out.width}:{out.height}:0:0," if src.kind == "video" and out.kind == "video" and (
+        src.width % 2 or src.height % 2) and not isinstance(p, UpscaleParams | ExportParams | ConcatParams) else "[0:v]"
     if out.kind == "image":
         if isinstance(p, UpscaleParams):
             return [*ins, "-vf", f"scale={out.width}:{out.height}:flags=lanczos",
-                    "-frames:v", "1", "-update", "1", str(dest)]
+                    "-frames:v", "1", "-update", "1", _output(dest)]
         assert mark is not None
-        return [*ins, "-i", str(mark[0]), "-filter_complex", f"[0:v][1:v]overlay=x={mark[1]}:y={mark[2]}:format=rgb[v]",
-                "-map", "[v]", "-frames:v", "1", "-update", "1", str(dest)]
+        return [*ins, *_input(mark[0]), "-filter_complex",
+                f"[0:v][1:v]overlay=x={mark[1]}:y={mark[2]}:format=rgb[v]",
+                "-map", "[v]", "-frames:v", "1", "-update", "1", _output(dest)]
     assert out.num_frames and out.fps
     n_out, fps = out.num_frames, out.fps
     fmt = out.format or "mp4"
     if isinstance(p, UpscaleParams):
         graph = f"[0:v]scale={out.width}:{out.height}:flags=lanczos,{_exact(n_out, fps)},format=yuv420p[v]"
-        return [*ins, "-filter_complex", graph, *_video_out(out, fmt, audio_from=_keep_audio(src, out)), str(dest)]
+        return [*ins, "-filter_complex", graph, *_video_out(out, fmt, audio_from=_keep_audio(src, out)), _output(dest)]
     if isinstance(p, WatermarkParams):
         assert mark is not None
-        graph = (f"[0:v][1:v]overlay=x={mark[1]}:y={mark[2]}:format=auto,{_exact(n_out, fps)},format=yuv420p[v]")
-        return [*ins, "-i", str(mark[0]), "-filter_complex", graph,
-                *_video_out(out, fmt, audio_from=_keep_audio(src, out)), str(dest)]
+        graph = (f"{head}null[base];[base][1:v]overlay=x={mark[1]}:y={mark[2]}:format=auto,"
+                 f"{_exact(n_out, fps)},format=yuv420p[v]")
+        return [*ins, *_input(mark[0]), "-filter_complex", graph,
+                *_video_out(out, fmt, audio_from=_keep_audio(src, out)), _output(dest)]
     if isinstance(p, InterpolateParams):
-        graph = f"[0:v]minterpolate=fps={int(p.fps)}:mi_mode=mci,{_exact(n_out, fps)},format=yuv420p[v]"
-        return [*ins, "-filter_complex", graph, *_video_out(out, fmt, audio_from=_keep_audio(src, out)), str(dest)]
+        graph = f"{head}minterpolate=fps={int(p.fps)}:mi_mode=mci,{_exact(n_out, fps)},format=yuv420p[v]"
+        return [*ins, "-filter_complex", graph, *_video_out(out, fmt, audio_from=_keep_audio(src, out)), _output(dest)]
     if isinstance(p, TrimParams):
         assert src.num_frames and src.fps
         first, last = trim_frames(p, src.num_frames, src.fps)
-        graph = f"[0:v]trim=start_frame={first}:end_frame={last},{_exact(n_out, fps)},format=yuv420p[v]"
-        return [*ins, "-filter_complex", graph, *_video_out(out, fmt), str(dest)]
+        graph = f"{head}trim=start_frame={first}:end_frame={last},{_exact(n_out, fps)},format=yuv420p[v]"
+        return [*ins, "-filter_complex", graph, *_video_out(out, fmt), _output(dest)]
     if isinstance(p, LoopParams):
         assert src.num_frames
         n = src.num_frames
         cycle = loop_cycle(p, n)
         if cycle == n:
-            graph = f"[0:v]loop=loop={p.count - 1}:size={n}:start=0,{_exact(n_out, fps)},format=yuv420p[v]"
+            graph = f"{head}loop=loop={p.count - 1}:size={n}:start=0,{_exact(n_out, fps)},format=yuv420p[v]"
         else:  # boomerang: 0..n-1 then n-2..1
-            graph = (f"[0:v]split[f][r];[r]reverse,trim=start_frame=1:end_frame={n - 1},setpts=PTS-STARTPTS[b];"
+            graph = (f"{head}split[f][r];[r]reverse,trim=start_frame=1:end_frame={n - 1},setpts=PTS-STARTPTS[b];"
                      f"[f][b]concat=n=2:v=1:a=0,setpts=N/({_num(fps)}*TB),"
                      f"loop=loop={p.count - 1}:size={cycle}:start=0,{_exact(n_out, fps)},format=yuv420p[v]")
-        return [*ins, "-filter_complex", graph, *_video_out(out, fmt), str(dest)]
+        return [*ins, "-filter_complex", graph, *_video_out(out, fmt), _output(dest)]
     if isinstance(p, ConcatParams):
         frames = concat_frames(srcs, fps)
         parts = [f"[{i}:v]{_fit(out.width, out.height)},fps={_num(fps)},{_exact(m, fps)},format=yuv420p[c{i}]"
@@ -194,11 +212,11 @@ def build_args(op: str, p: _Params, srcs: list[MediaInfo], inputs: list[Path], o
                              f"offset={_num((length - k) / fps)}[{label}]")
                 prev, length = label, length + frames[i] - k
             parts.append(f"[{prev}]{_exact(n_out, fps)}[v]")
-        return [*ins, "-filter_complex", ";".join(parts), *_video_out(out, fmt), str(dest)]
+        return [*ins, "-filter_complex", ";".join(parts), *_video_out(out, fmt), _output(dest)]
     if isinstance(p, AudioParams):
         assert audio is not None
-        graph = f"[0:v]{_exact(n_out, fps)},format=yuv420p[v];[1:a:0]volume={_num(p.volume)},apad[a]"
-        return [*ins, "-i", str(audio), "-filter_complex", graph, *_video_out(out, fmt, audio_from="[a]"), str(dest)]
+        graph = f"{head}{_exact(n_out, fps)},format=yuv420p[v];[1:a:0]volume={_num(p.volume)},apad[a]"
+        return [*ins, *_input(audio), "-filter_complex", graph, *_video_out(out, fmt, audio_from="[a]"), _output(dest)]
     if isinstance(p, ExportParams):
         chain = []
         if (out.width, out.height) != (src.width, src.height):
@@ -213,7 +231,7 @@ def build_args(op: str, p: _Params, srcs: list[MediaInfo], inputs: list[Path], o
         else:
             graph = f"[0:v]{head},format=yuv420p[v]"
         return [*ins, "-filter_complex", graph,
-                *_video_out(out, fmt, audio_from=_keep_audio(src, out), bitrate=_bitrate(p, out)), str(dest)]
+                *_video_out(out, fmt, audio_from=_keep_audio(src, out), bitrate=_bitrate(p, out)), _output(dest)]
     raise OperationFailed(f"no runner for {op}")  # pragma: no cover
 
 

@@ -16,6 +16,9 @@ produces; the API validates and prices pipelines with it. The frame rules:
   (``round_half_up(n_i * fps / fps_i)`` frames); a crossfade of ``k = round_half_up(crossfade_s * fps)``
   frames overlaps each joint: ``sum(n_i) - (clips - 1) * k``.
 - export with ``fps``: as interpolate (frames repeated or dropped, no motion interpolation).
+
+Sizes: a video output's sides are even (H.264/VP9 in yuv420p need it): an odd-sized input video
+loses its last column/row (upscale doubles, export scales to even sides; a GIF keeps odd sides).
 """
 
 from __future__ import annotations
@@ -294,31 +297,32 @@ def _infer(op: str, p: _Params, inputs: list[MediaInfo], *, audio_s: float | Non
         if src.kind == "image":
             return MediaInfo(kind="image", width=src.width, height=src.height, format="png")
         n, fps = _video(op, src)
-        return video_info(src.width, src.height, n, fps, has_audio=src.has_audio)
+        return video_info(src.width - src.width % 2, src.height - src.height % 2, n, fps, has_audio=src.has_audio)
     n, fps = _video(op, src, _main_field(op))
+    width, height = src.width - src.width % 2, src.height - src.height % 2  # H.264/VP9 yuv420p: even sides
     if isinstance(p, InterpolateParams):
         if p.fps <= fps:
             raise OperationError(f"fps {p.fps} must be above the input's {fps:g}", field="fps")
-        return video_info(src.width, src.height, frames_at(n, fps, p.fps), p.fps, has_audio=src.has_audio)
+        return video_info(width, height, frames_at(n, fps, p.fps), p.fps, has_audio=src.has_audio)
     if isinstance(p, TrimParams):
         first, last = trim_frames(p, n, fps)
-        return video_info(src.width, src.height, last - first, fps)
+        return video_info(width, height, last - first, fps)
     if isinstance(p, LoopParams):
         cycle = loop_cycle(p, n)
         if cycle > bounds.max_buffered_frames:
             raise OperationError(f"loop: the clip has {cycle} frames a cycle, over {bounds.max_buffered_frames}",
                                  field="video")
-        return video_info(src.width, src.height, cycle * p.count, fps)
+        return video_info(width, height, cycle * p.count, fps)
     if isinstance(p, ConcatParams):
         frames = concat_frames(inputs, fps)
         k = crossfade_frames(p, fps)
         if k and min(frames) <= k:
             raise OperationError(f"crossfade_s {p.crossfade_s:g} is not shorter than every clip", field="crossfade_s")
-        return video_info(src.width, src.height, sum(frames) - (len(frames) - 1) * k, fps)
+        return video_info(width, height, sum(frames) - (len(frames) - 1) * k, fps)
     if isinstance(p, AudioParams):
         if audio_s is not None and audio_s <= 0:
             raise OperationError("the audio input is empty", field="audio")
-        return video_info(src.width, src.height, n, fps, has_audio=True)
+        return video_info(width, height, n, fps, has_audio=True)
     if isinstance(p, ExportParams):
         w, h = (src.width, src.height)
         if p.max_side is not None or p.format != "gif":

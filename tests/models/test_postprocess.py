@@ -41,9 +41,10 @@ STEP = 15  # red level per frame in the test clips: frame i is red = i * STEP
 
 def write_clip(path: Path, n: int, fps: float = 8, width: int = 64, height: int = 64, *,
                noise: bool = False) -> Path:
-    """A clip whose frame i is flat red ``i * STEP`` (a green bar moves), or noise."""
+    """A clip whose frame i is flat red ``i * STEP`` (a green bar moves), or noise (odd sides: yuv444p)."""
+    odd = width % 2 or height % 2
     writer = imageio_ffmpeg.write_frames(str(path), (width, height), fps=fps, codec="libx264",
-                                         pix_fmt_out="yuv420p", macro_block_size=2,
+                                         pix_fmt_out="yuv444p" if odd else "yuv420p", macro_block_size=1,
                                          output_params=["-crf", "10"])
     writer.send(None)
     rng = np.random.default_rng(0)
@@ -107,6 +108,7 @@ def media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "c9": write_clip(d / "c9.mp4", 9), "c13": write_clip(d / "c13.mp4", 13),
         "c17": write_clip(d / "c17.mp4", 17),
         "small12": write_clip(d / "small12.mp4", 12, fps=12, width=48, height=32),
+        "odd": write_clip(d / "odd.mp4", 9, width=63, height=45),
         "still": d / "still.png", "logo": d / "logo.png", "av": clip_with_audio,
         "long_wav": write_wav(d / "long.wav", 3.0), "short_wav": write_wav(d / "short.wav", 0.3),
     }
@@ -136,6 +138,13 @@ CASES: list[tuple[str, dict[str, Any], list[str], dict[str, str], str]] = [
     ("export", {"format": "webm", "fps": 12, "max_side": 32}, ["c9"], {}, "vp9"),
     ("export", {"format": "gif", "max_side": 48}, ["c9"], {}, "gif"),
     ("export", {"format": "mp4", "fps": 4}, ["c17"], {}, "h264"),
+    # an odd-sized input (yuv444p): video outputs get even sides
+    ("trim", {"start_s": 0.25}, ["odd"], {}, "h264"),
+    ("loop", {"count": 2, "mode": "boomerang"}, ["odd"], {}, "h264"),
+    ("watermark", {"text": "odd"}, ["odd"], {}, "h264"),
+    ("concat", {"crossfade_s": 0.25}, ["odd", "c9"], {}, "h264"),
+    ("export", {"format": "gif"}, ["odd"], {}, "gif"),
+    ("export", {"format": "webm"}, ["odd"], {}, "vp9"),
 ]
 
 
@@ -162,6 +171,36 @@ def test_output_probed_equals_inferred(media: dict[str, Path], tmp_path: Path, o
         assert abs(got.fps - expected.fps) <= (0.5 if codec == "gif" else 0.01)
         assert expected.format == got.format
     assert sorted(p.name for p in tmp_path.iterdir()) == [result.path.name]  # no temp files left
+
+
+def test_odd_sizes_become_even(media: dict[str, Path]) -> None:
+    odd = probe(media["odd"])
+    assert (odd.width, odd.height) == (63, 45)
+    assert infer_output("trim", {"start_s": 0.25}, [odd]).model_dump(include={"width", "height"}) == {
+        "width": 62, "height": 44}
+    assert infer_output("export", {"format": "gif"}, [odd]).width == 63
+    assert infer_output("upscale", {"scale": 2}, [odd]).width == 126
+
+
+def test_a_playlist_posing_as_a_video_is_not_read(tmp_path: Path) -> None:
+    """Inputs are read through the file protocol and whitelisted demuxers only (no hls/concat lists)."""
+    evil = tmp_path / "in" / "evil.mp4"
+    evil.parent.mkdir()
+    evil.write_text("#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1,\nfile:///etc/passwd\n#EXT-X-ENDLIST\n")
+    with pytest.raises(OperationError) as err:
+        run_operation("trim", {"start_s": 0}, [evil], tmp_path / "out")
+    assert err.value.code == "input_unreadable"
+    args = ff_args_for_trim(tmp_path)
+    assert args[:4] == ["-protocol_whitelist", "file", "-format_whitelist", args[3]]
+    assert "hls" not in args[3] and "concat" not in args[3] and args[5].startswith("file:/")
+
+
+def ff_args_for_trim(tmp_path: Path) -> list[str]:
+    from models.postprocess.ops import build_args
+    from models.postprocess.spec import TrimParams
+
+    return build_args("trim", TrimParams(), [VIDEO], [tmp_path / "a.mp4"], VIDEO.model_copy(update={"format": "mp4"}),
+                      tmp_path / "o.mp4")
 
 
 def test_interpolate_frame_rule_keeps_duration() -> None:

@@ -54,7 +54,9 @@ TITLES = {400: "Bad Request", 401: "Unauthenticated", 402: "Insufficient credit"
 
 router = APIRouter(prefix=f"{PREFIX}/v1", tags=["replicate"])
 
-STATUSES = {JobStatus.QUEUED.value: "starting", JobStatus.RUNNING.value: "processing",
+# waiting: a pipeline (or a step) whose work has not started yet is "starting" to a Replicate client
+STATUSES = {JobStatus.WAITING.value: "starting", JobStatus.QUEUED.value: "starting",
+            JobStatus.RUNNING.value: "processing",
             JobStatus.SUCCEEDED.value: "succeeded", JobStatus.FAILED.value: "failed",
             JobStatus.CANCELED.value: "canceled"}
 COG_VERSION = "0.9.0"  # ≥ 0.3.9: the client reads our array outputs as plain lists, not iterators

@@ -243,7 +243,7 @@ async def world(make_api: Any, storage: Any) -> World:
     return World(h, alice, bob, admin_user, alice_job.id, alice_done.id, alice_upload, alice_doomed, spare.id,
                  loras[0].id, loras[1].id, bob_job.id, bob_upload, bob_key, loras[2].id,
                  alice_video.id, alice_done_video.id, alice_doomed_video.id, bob_video.id, teams, projects,
-                 _pipeline_world(h, alice, bob))
+                 pipelines=_pipeline_world(h, alice, bob))
 
 
 PIPELINE_STEPS = [{"name": "still", "model": "tiny-sd", "input": {"prompt": "a"}}]

@@ -15,6 +15,7 @@ from tests.fixtures.harness import ADMIN_KEY, ApiHarness, bearer, wait_job
 MEDIA_ROUTES = {
     ("get", "/metrics"): "text/plain",
     ("get", "/v1/jobs/{job_id}/events"): "text/event-stream",
+    ("get", "/v1/pipelines/{pipeline_id}/events"): "text/event-stream",
     ("get", "/v1/files/{key}"): "application/octet-stream",
     ("get", "/replicate/v1/predictions/{prediction_id}/stream"): "text/event-stream",
     ("get", "/openai/v1/videos/{video_id}/content"): "video/mp4",

@@ -1,6 +1,6 @@
 """The pipeline shape built from a parent job and its step jobs (no service, no runner): status,
 stage, progress, credits sums, presigned outputs, the failed step, depends_on, the body schema, and
-a pipeline's webhook body (``event_step`` from the row, or from the parent's stored event)."""
+a pipeline's webhook body (``event_step`` from the row's ``step_event``)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,14 @@ import pytest
 from pydantic import ValidationError
 
 from api.db.engine import Database
-from api.db.tables import Job, JobEvent, WebhookDelivery, utcnow
-from api.http.pipeline_schemas import PipelineCreate, PipelinePublic, pipeline_view, pipeline_webhook_body
+from api.db.tables import Job, WebhookDelivery
+from api.http.pipeline_schemas import (
+    PipelineCreate,
+    PipelinePublic,
+    PipelineWebhookBody,
+    pipeline_view,
+    pipeline_webhook_body,
+)
 from api.http.webhooks import ShapedView
 from api.services.events import job_from_snapshot, job_snapshot
 from api.settings import Settings
@@ -112,11 +118,6 @@ def test_webhook_body_of_a_step_event(db: Database, settings: Settings, storage:
     with db.session() as session:
         session.add(parent)
         session.add_all(children)
-        session.flush()
-        event = JobEvent(job_id=parent.id, type="step.completed",
-                         data={"step": "still", "job_id": children[0].id, "status": "succeeded",
-                               "outputs": [output], "credits": 4})
-        session.add(event)
         session.commit()
         snapshot = job_snapshot(parent)
     view = ShapedView(lambda job: {"native": job.id},
@@ -124,15 +125,14 @@ def test_webhook_body_of_a_step_event(db: Database, settings: Settings, storage:
     plain = WebhookDelivery(job_id=parent.id, user_id=user_id, event="completed", url="http://x", payload=snapshot)
     body = view.render_delivery(job_from_snapshot(snapshot), plain)
     assert body["object"] == "pipeline" and "event_step" not in body and len(body["steps"]) == 3
-    # the row's own event_step first; else the parent's newest stored event of that type
-    carried = WebhookDelivery(job_id=parent.id, user_id=user_id, event="step.completed", url="http://x",
-                              payload={**snapshot, "event_step": {"step": "still", "job_id": children[0].id,
-                                                                  "outputs": [output]}})
-    looked_up = WebhookDelivery(job_id=parent.id, user_id=user_id, event="step.completed", url="http://x",
-                                payload=snapshot, created_at=utcnow())
-    for row in (carried, looked_up):
-        body = view.render_delivery(job_from_snapshot(row.payload), row)
-        assert body["event_step"]["name"] == "still" and body["event_step"]["job_id"] == children[0].id
-        assert body["event_step"]["outputs"][0]["url"] == storage.url(output["key"], 60)
+    step = WebhookDelivery(job_id=parent.id, user_id=user_id, event="step.completed", url="http://x",
+                           payload={**snapshot, "step_event": {"step": "still", "job_id": children[0].id,
+                                                               "status": "succeeded", "outputs": [output],
+                                                               "credits": 4}})
+    body = view.render_delivery(job_from_snapshot(step.payload), step)
+    assert body["event_step"]["name"] == "still" and body["event_step"]["job_id"] == children[0].id
+    assert body["event_step"]["outputs"][0]["url"] == storage.url(output["key"], 60)
+    assert body["event_step"]["credits"] == 4
+    PipelineWebhookBody.model_validate(body)
     job = Job(user_id="usr_1", model="tiny-sd", kind="image", task="t2i")
     assert view(job) == {"native": job.id}  # any other job: its own shape
