@@ -130,6 +130,8 @@ def build(args: dict[str, Any]) -> Application:
 
 EMBEDDED_POSTPROCESS_CPUS = 0.25
 """CPUs the embedded (one machine) post-processing replica reserves: a fraction, beside the tiny models."""
+POSTPROCESS_ADMIT_FACTOR = 4
+"""Serve admits this many times the replica's concurrent operations (queued runs and attaches)."""
 POSTPROCESS_SHUTDOWN_S = 60.0
 """How long a stopping post-processing replica finishes the operations it owns."""
 
@@ -158,7 +160,9 @@ def postprocess_deployment_options(operations: Any | None = None, *, embedded: b
     options: dict[str, Any] = {
         "name": POSTPROCESS_DEPLOYMENT_NAME,
         "ray_actor_options": actor,
-        "max_ongoing_requests": srv.max_ongoing_requests,
+        # the replica runs serving.max_ongoing_requests operations at once and queues the rest
+        # itself; Serve lets more through so a reclaimed attempt can attach to its run meanwhile
+        "max_ongoing_requests": srv.max_ongoing_requests * POSTPROCESS_ADMIT_FACTOR,
         "health_check_period_s": 10,
         "health_check_timeout_s": 60,
         "graceful_shutdown_timeout_s": int(POSTPROCESS_SHUTDOWN_S + SHUTDOWN_MARGIN_S),

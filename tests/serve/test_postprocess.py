@@ -135,6 +135,17 @@ async def test_concat_downloads_every_video_key_in_order(server: PostprocessServ
     assert events[-2]["num_frames"] == 24
 
 
+@pytest.mark.parametrize(("fmt", "content_type"), [("gif", "image/gif"), ("webm", "video/webm")])
+async def test_an_export_gets_its_content_type_and_a_poster(server: PostprocessServer, tmp_path: Path, fmt: str,
+                                                           content_type: str) -> None:
+    key = put_video(server, tmp_path)
+    events = await collect(server, request(f"job_ex_{fmt}", "export", {"video_key": key, "format": fmt}))
+    assert events[-1]["type"] == "done", events
+    out = events[-2]
+    assert out["key"].endswith(f"/0.{fmt}") and out["content_type"] == content_type
+    assert out["num_frames"] == 8 and server.storage.exists(out["thumbnail_key"])
+
+
 # progress coalescing, attach, replica-owned runs (stand-in operation) -----------------------
 
 class FakeOperation:

@@ -14,7 +14,7 @@ from api.core.executor import REATTACH_KEY, ExecutionRequest
 from api.settings import Settings
 from models.catalog import Catalog
 from models.postprocess import load_operation_catalog
-from serve.app import EMBEDDED_POSTPROCESS_CPUS, postprocess_deployment_options
+from serve.app import EMBEDDED_POSTPROCESS_CPUS, POSTPROCESS_ADMIT_FACTOR, postprocess_deployment_options
 from serve.executor import POSTPROCESS_KEY, TRAINER_KEY, RayExecutor
 from serve.postprocess import DEPLOYMENT_NAME, POSTPROCESS_MODEL, STAGE
 from serve.router import InFlightWaitEstimator, OverflowRouter
@@ -110,7 +110,9 @@ def test_the_deployment_is_cpu_only_and_sized_by_operations_yaml() -> None:
     options = postprocess_deployment_options(catalog)
     assert options["name"] == DEPLOYMENT_NAME
     assert options["ray_actor_options"] == {"num_cpus": catalog.resources.num_cpus, "num_gpus": 0}
-    assert options["max_ongoing_requests"] == catalog.serving.max_ongoing_requests
+    # Serve admits more than the replica runs at once (it queues them, and attaches reclaims)
+    assert options["max_ongoing_requests"] == catalog.serving.max_ongoing_requests * POSTPROCESS_ADMIT_FACTOR
+    assert options["autoscaling_config"]["target_ongoing_requests"] == catalog.serving.max_ongoing_requests
     assert options["autoscaling_config"]["min_replicas"] == catalog.serving.min_replicas
     assert options["autoscaling_config"]["max_replicas"] == catalog.serving.max_replicas
 
