@@ -303,3 +303,57 @@ async def test_openapi_declares_the_pipeline_models(api: ApiHarness) -> None:
     for path, method in (("/v1/pipelines", "post"), ("/v1/pipelines/{pipeline_id}", "get")):
         assert {"401", "404", "422"} <= set(spec["paths"][path][method]["responses"])
     assert "PipelineStepPublic" in spec["components"]["schemas"]
+
+
+async def test_a_preset_pipeline_runs_and_shows_its_preset(api: ApiHarness) -> None:
+    user = api.user(credits=1000)
+    body = {"preset": "still-to-motion", "params": {"prompt": "a cat", "style": "cinematic"}}
+    quote = (await api.client.post("/v1/pipelines/quote", json=body, headers=bearer(user.api_key))).json()
+    assert quote["preset"] == "still-to-motion" and quote["preset_version"] >= 1
+    assert [s["name"] for s in quote["steps"]] == ["still", "motion", "smooth", "final"]
+    r = await api.client.post("/v1/pipelines", json=body, headers=bearer(user.api_key))
+    assert r.status_code == 202, r.text
+    created = r.json()
+    assert created["preset"] == "still-to-motion" and created["params"]["prompt"] == "a cat"
+    assert created["credits"]["reserved"] == quote["credits"]
+    view = await finished(api, user.api_key, created["id"])
+    assert view["status"] == "succeeded" and view["credits"]["charged"] == quote["credits"]
+    assert [s["op"] for s in view["steps"][2:]] == ["interpolate", "export"]
+    unknown = await api.client.post("/v1/pipelines", json={"preset": "nope", "params": {}},
+                                    headers=bearer(user.api_key))
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "not_found"
+    missing = await api.client.post("/v1/pipelines", json={"preset": "still-to-motion", "params": {}},
+                                    headers=bearer(user.api_key))
+    assert missing.status_code == 422
+    assert balance(api.db, user.user.id).available == 1000 - quote["credits"]
+
+
+async def test_a_team_pipeline_is_paid_by_the_team(api: ApiHarness) -> None:
+    owner = api.user(credits=0)
+    team = api.state.teams.create(owner.user, "studio").view.team.id
+    funded = await api.client.post(f"/v1/admin/users/{team}/credits", json={"amount": 500},
+                                   headers=bearer("admin-test-key"))
+    assert funded.status_code == 201, funded.text
+    r = await submit(api, owner.api_key, [STILL], headers={"X-CineWeave-Team": team})
+    assert r.status_code == 202, r.text
+    created = r.json()
+    assert created["team"] == team and created["submitted_by"] == owner.user.id
+    assert balance(api.db, team).available == 500 - created["credits"]["reserved"]
+    assert balance(api.db, owner.user.id).available == 0
+    listed = (await api.client.get(f"/v1/pipelines?team={team}", headers=bearer(owner.api_key))).json()["data"]
+    assert [p["id"] for p in listed] == [created["id"]]
+    assert (await api.client.get("/v1/pipelines", headers=bearer(owner.api_key))).json()["data"] == []
+
+
+async def test_a_pipeline_filed_under_a_project(make_api: Any) -> None:
+    api = await make_api(run_runner=False)
+    user = api.user(credits=1000)
+    project = (await api.client.post("/v1/projects", json={"name": "shorts"}, headers=bearer(user.api_key))).json()
+    filed = (await submit(api, user.api_key, [STILL], project=project["id"])).json()
+    await submit(api, user.api_key, [STILL])
+    assert filed["project"] == project["id"]
+    listed = (await api.client.get(f"/v1/pipelines?project={project['id']}", headers=bearer(user.api_key))).json()
+    assert [p["id"] for p in listed["data"]] == [filed["id"]]
+    other = api.user(credits=1000)
+    theirs = await submit(api, other.api_key, [STILL], project=project["id"])
+    assert theirs.status_code == 404 and balance(api.db, other.user.id).available == 1000
