@@ -16,7 +16,14 @@ from models.postprocess.catalog import (
     OperationServing,
     load_operation_catalog,
 )
-from models.postprocess.ffmpeg import OperationCanceled, OperationFailed, ProgressParser, probe, run_ffmpeg
+from models.postprocess.ffmpeg import (
+    OperationCanceled,
+    OperationFailed,
+    ProgressParser,
+    probe,
+    probe_audio,
+    run_ffmpeg,
+)
 from models.postprocess.ops import CONTENT_TYPES, OperationResult, run_operation
 from models.postprocess.spec import (
     PARAMS,
@@ -33,6 +40,6 @@ __all__ = [
     "CONTENT_TYPES", "OPERATIONS", "PARAMS", "RESOLVED_KEYS", "MediaInfo", "OperationBounds", "OperationCanceled",
     "OperationCatalog", "OperationCatalogError", "OperationError", "OperationFailed", "OperationPrices",
     "OperationResources", "OperationResult", "OperationServing", "ProgressParser", "frames_at", "infer_output",
-    "input_fields", "load_operation_catalog", "operation_price", "parse_params", "probe", "run_ffmpeg",
+    "input_fields", "load_operation_catalog", "operation_price", "parse_params", "probe", "probe_audio", "run_ffmpeg",
     "run_operation",
 ]

@@ -162,6 +162,8 @@ def probe(path: Path) -> MediaInfo:
             fmt = (img.format or "").upper()
             if fmt in _IMAGE_FORMATS:
                 return MediaInfo(kind="image", width=img.width, height=img.height, format=_IMAGE_FORMATS[fmt])
+    except Image.DecompressionBombError as exc:
+        raise OperationError(f"{path.name} is too large an image", code="input_unreadable") from exc
     except (UnidentifiedImageError, OSError):
         pass
     try:
@@ -185,3 +187,30 @@ def probe(path: Path) -> MediaInfo:
     return MediaInfo(kind="video", width=int(width), height=int(height), num_frames=int(num_frames),
                      fps=fps, duration_s=round(num_frames / fps, 3) if fps else None,
                      has_audio=bool(meta.get("audio_codec")), format=fmt_name)
+
+
+def probe_audio(path: Path, *, max_s: float = 600.0, timeout_s: float = 60.0) -> float:
+    """The seconds of a file's first audio stream (decoded, up to ``max_s``).
+
+    Raises OperationError(code="input_unreadable", field="audio") when it has no readable audio.
+    """
+    path = Path(path)
+    cmd = [ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-nostats", "-progress", "pipe:1",
+           "-protocol_whitelist", "file", "-format_whitelist", AUDIO_FORMATS, "-i", f"file:{path.resolve()}",
+           "-map", "0:a:0", "-t", f"{max_s:g}", "-f", "null", "-"]
+    try:
+        done = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as exc:
+        raise OperationFailed(f"reading the audio {path.name} ran past {timeout_s:g} s",
+                              code="postprocess_timeout") from exc
+    seconds = 0.0
+    for line in done.stdout.decode("ascii", "replace").splitlines():
+        key, _, value = line.partition("=")
+        if key == "out_time_us" and value.strip().lstrip("-").isdigit():
+            seconds = max(seconds, int(value) / 1e6)
+    if done.returncode != 0 or seconds <= 0:
+        raise OperationError(f"{path.name} holds no readable audio", code="input_unreadable", field="audio")
+    return round(seconds, 3)
+
+
+AUDIO_FORMATS = "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,wav,mp3,ogg,flac,aac"

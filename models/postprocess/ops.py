@@ -18,7 +18,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from models.postprocess.catalog import OperationBounds, OperationError, default_bounds
-from models.postprocess.ffmpeg import OperationFailed, probe, run_ffmpeg
+from models.postprocess.ffmpeg import OperationFailed, probe, probe_audio, run_ffmpeg
 from models.postprocess.spec import (
     AudioParams,
     ConcatParams,
@@ -264,9 +264,12 @@ def run_operation(op: str, params: _Params | dict, inputs: list[Path], out_dir: 
     out_dir.mkdir(parents=True, exist_ok=True)
     srcs = [probe(Path(path)) for path in inputs]
     overlay_info = probe(overlay) if overlay is not None else None
-    if op == "audio" and audio is None:
-        raise OperationError("audio needs an audio input", field="audio")
-    out = infer_output(op, p, srcs, overlay=overlay_info, bounds=bounds)
+    audio_s: float | None = None
+    if op == "audio":
+        if audio is None:
+            raise OperationError("audio needs an audio input", field="audio")
+        audio_s = probe_audio(audio, max_s=bounds.max_input_duration_s)
+    out = infer_output(op, p, srcs, overlay=overlay_info, audio_s=audio_s, bounds=bounds)
     ext = "png" if out.kind == "image" else (out.format or "mp4")
     dest = out_dir / f"{op}.{ext}"
     partial = out_dir / f".{op}-{uuid.uuid4().hex[:8]}.partial.{ext}"

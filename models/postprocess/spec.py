@@ -294,6 +294,8 @@ def _infer(op: str, p: _Params, inputs: list[MediaInfo], *, audio_s: float | Non
             raise OperationError("watermark needs either text or an overlay image (not both)", field="text")
         if overlay is not None and overlay.kind != "image":
             raise OperationError("the overlay must be an image", code="pipeline_kind_mismatch", field="overlay")
+        if overlay is not None and max(overlay.width, overlay.height) > bounds.max_input_side:
+            raise OperationError(f"the overlay is over {bounds.max_input_side} px", field="overlay")
         if src.kind == "image":
             return MediaInfo(kind="image", width=src.width, height=src.height, format="png")
         n, fps = _video(op, src)

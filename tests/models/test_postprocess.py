@@ -30,6 +30,7 @@ from models.postprocess import (
     operation_price,
     parse_params,
     probe,
+    probe_audio,
     run_operation,
 )
 from models.postprocess.catalog import DEFAULT_PATH
@@ -247,6 +248,18 @@ def test_audio_is_cut_or_padded_to_the_clip(media: dict[str, Path], tmp_path: Pa
         reader.close()
         assert meta.get("audio_codec") == "aac"
         assert abs(float(meta["duration"]) - 9 / 8) <= 0.1  # the container ends with the clip
+
+
+def test_audio_input_probed(media: dict[str, Path], tmp_path: Path) -> None:
+    assert probe_audio(media["long_wav"]) == pytest.approx(3.0, abs=0.05)
+    assert probe_audio(media["av"]) == pytest.approx(1.1, abs=0.1)
+    with pytest.raises(OperationError) as err:  # a video without sound given as the audio
+        run_operation("audio", {}, [media["c9"]], tmp_path, audio=media["c13"])
+    assert (err.value.code, err.value.field) == ("input_unreadable", "audio")
+    with pytest.raises(OperationError) as err:
+        run_operation("audio", {}, [media["c9"]], tmp_path)
+    assert err.value.field == "audio"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_export_target_size_lowers_the_bitrate(media: dict[str, Path], tmp_path: Path) -> None:
