@@ -1,4 +1,5 @@
-"""Uploads: images for image-to-image/video and LoRA datasets (images, or one ZIP with captions).
+"""Uploads: images for image-to-image/video and LoRA datasets (images, or one ZIP with captions),
+and audio (WAV, MP3, OGG, M4A, FLAC) for the pipelines' ``audio`` operation.
 
 The content is checked by decoding it, never trusted by name: the file size, the pixel count
 (decompression bombs) and the number of files are limited; ZIP entries that would escape their
@@ -11,7 +12,10 @@ cap is refused before a byte is read, the file count is checked when a part's he
 bounded by ``max_upload_request_bytes`` (and a part by its own cap), never by what a client sends.
 A ZIP's member count and total uncompressed size are checked from its central directory before
 any member is read, and enforced again while reading (headers can lie); an image's pixel count is
-read from its header before it is decoded.
+read from its header before it is decoded. An audio file is recognized by its magic bytes and
+decoded in full by the ffmpeg binary (the demuxer forced to the recognized format, the file
+protocol only, at most ``MAX_AUDIO_S`` + 1 s decoded, within ``AUDIO_PROBE_TIMEOUT_S``): what
+does not decode as audio, or is longer than ``MAX_AUDIO_S``, is refused.
 """
 
 from __future__ import annotations
@@ -20,12 +24,16 @@ import asyncio
 import io
 import logging
 import posixpath
+import re
+import subprocess
+import tempfile
 import threading
 import zipfile
 import zlib
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -45,6 +53,13 @@ IMAGE_FORMATS = {"JPEG": ("image/jpeg", "jpg"), "PNG": ("image/png", "png"), "WE
 ZIP_MAGIC = b"PK\x03\x04"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 READ_CHUNK = 64 * 1024
+# audio: the ffmpeg demuxer each recognized format is read with, its content type and extension
+AUDIO_FORMATS = {"wav": ("wav", "audio/wav", "wav"), "mp3": ("mp3", "audio/mpeg", "mp3"),
+                 "ogg": ("ogg", "audio/ogg", "ogg"), "m4a": ("mov", "audio/mp4", "m4a"),
+                 "flac": ("flac", "audio/flac", "flac")}
+M4A_BRANDS = (b"M4A ", b"M4B ", b"mp42", b"mp41", b"isom", b"iso2", b"dash")
+MAX_AUDIO_S = 600.0  # ten minutes
+AUDIO_PROBE_TIMEOUT_S = 60.0
 Blob = bytes | bytearray  # uploads stay in the buffer they were read into (no copies)
 
 
@@ -242,6 +257,95 @@ def check_image(data: Blob, settings: Settings, name: str = "file") -> CheckedIm
     return CheckedImage(data, content_type, ext, width, height)
 
 
+@dataclass(frozen=True)
+class CheckedAudio:
+    content_type: str
+    extension: str
+    format: str  # wav | mp3 | ogg | m4a | flac
+    duration_s: float
+    sample_rate: int | None
+    channels: int | None
+
+
+def audio_format(data: Blob) -> str | None:
+    """Which audio format the magic bytes say (None: not one of ours)."""
+    head = bytes(data[:12])
+    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+        return "wav"
+    if head[:4] == b"fLaC":
+        return "flac"
+    if head[:4] == b"OggS":
+        return "ogg"
+    if head[:3] == b"ID3" or len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0 and head[1] & 0x06:
+        return "mp3"  # an ID3 tag, or an MPEG audio frame sync with a layer set
+    if head[4:8] == b"ftyp" and head[8:12] in M4A_BRANDS:
+        return "m4a"
+    return None
+
+
+_DURATION = re.compile(r"Duration: (\d+):(\d\d):(\d\d(?:\.\d+)?)")
+_TIME = re.compile(r"time=(\d+):(\d\d):(\d\d(?:\.\d+)?)")
+_AUDIO_STREAM = re.compile(r"Stream #0:\d+[^:]*: Audio: [^,\n]+(?:, (\d+) Hz)?(?:, (mono|stereo|[0-9.]+ channels|[^,\n]+))?")
+
+
+def _seconds(match: re.Match[str]) -> float:
+    return int(match.group(1)) * 3600 + int(match.group(2)) * 60 + float(match.group(3))
+
+
+def check_audio(data: Blob, settings: Settings, name: str = "file", fmt: str | None = None) -> CheckedAudio:
+    """Decode the whole file with ffmpeg (the demuxer its magic bytes name); refuse what does not
+    decode as audio (``invalid_upload``) or lasts over ``MAX_AUDIO_S`` (``audio_too_long``)."""
+    import imageio_ffmpeg
+
+    fmt = fmt or audio_format(data)
+    if fmt is None:
+        raise InvalidInput(f"{name} is not a WAV, MP3, OGG, M4A or FLAC file", {"file": name}, code="invalid_upload")
+    if len(data) > settings.max_upload_bytes:
+        raise PayloadTooLarge(f"{name} is larger than {settings.max_upload_bytes} bytes",
+                              {"file": name, "max_bytes": settings.max_upload_bytes})
+    demuxer, content_type, ext = AUDIO_FORMATS[fmt]
+    with tempfile.TemporaryDirectory(prefix="cw-audio-") as tmp:
+        path = Path(tmp) / f"in.{ext}"
+        path.write_bytes(data)
+        cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-protocol_whitelist", "file",
+               "-f", demuxer, "-i", str(path), "-map", "0:a:0", "-vn", "-sn", "-dn",
+               "-t", f"{MAX_AUDIO_S + 1:g}", "-f", "null", "-"]
+        try:
+            run = subprocess.run(cmd, capture_output=True, timeout=AUDIO_PROBE_TIMEOUT_S, check=False)
+        except subprocess.TimeoutExpired:
+            raise InvalidInput(f"{name} could not be decoded in {AUDIO_PROBE_TIMEOUT_S:g} s", {"file": name},
+                               code="invalid_upload") from None
+    log = run.stderr.decode("utf-8", "replace")
+    stream = _AUDIO_STREAM.search(log)
+    if run.returncode != 0 or stream is None:
+        logger.info("audio upload %s refused: ffmpeg rc=%s %s", name, run.returncode, log[-300:])
+        raise InvalidInput(f"{name} is not a readable {fmt.upper()} audio file", {"file": name, "format": fmt},
+                           code="invalid_upload")
+    if fmt == "m4a" and re.search(r"Stream #0:\d+[^:]*: Video: (?![^\n]*attached pic)", log):
+        raise InvalidInput(f"{name} is a video; upload audio only (an M4A)", {"file": name}, code="invalid_upload")
+    times = _TIME.findall(log)
+    declared = _DURATION.search(log)
+    if times:
+        h, m, sec = times[-1]
+        duration = int(h) * 3600 + int(m) * 60 + float(sec)  # what actually decoded
+    elif declared is not None:
+        duration = _seconds(declared)
+    else:
+        duration = 0.0
+    if declared is not None:
+        duration = max(duration, _seconds(declared))  # a header claiming more is refused too
+    if duration <= 0:
+        raise InvalidInput(f"{name} holds no audio", {"file": name}, code="invalid_upload")
+    if duration > MAX_AUDIO_S:
+        raise InvalidInput(f"{name} lasts {duration:.0f} s; the limit is {MAX_AUDIO_S:g} s",
+                           {"file": name, "max_duration_s": MAX_AUDIO_S}, code="audio_too_long")
+    rate = int(stream.group(1)) if stream.group(1) else None
+    layout = stream.group(2) or ""
+    channels = 1 if layout == "mono" else 2 if layout == "stereo" else (
+        int(float(layout.split()[0])) if layout.endswith("channels") else None)
+    return CheckedAudio(content_type, ext, fmt, round(duration, 3), rate, channels)
+
+
 def _safe_entry(name: str) -> str | None:
     """The normalized path of a ZIP entry, or None for one that escapes its folder."""
     if name.startswith(("/", "\\")) or "\\" in name or ":" in name.split("/")[0]:
@@ -384,6 +488,14 @@ class UploadService:
                                 content_type="application/zip", size=len(data), kind="dataset",
                                 meta={"images": entries, "skipped": skipped})
                 planned.append((upload, blobs))
+            elif (fmt := audio_format(data)) is not None:
+                audio = check_audio(data, self.settings, name=filename or "file", fmt=fmt)
+                key = f"{prefix}.{audio.extension}"
+                upload = Upload(id=upload_id, user_id=user.id, key=key, filename=filename,
+                                content_type=audio.content_type, size=len(data), kind="audio",
+                                meta={"duration_s": audio.duration_s, "format": audio.format,
+                                      "sample_rate": audio.sample_rate, "channels": audio.channels})
+                planned.append((upload, [(key, data, audio.content_type)]))
             else:
                 img = check_image(data, self.settings, name=filename or "file")
                 key = f"{prefix}.{img.extension}"
