@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from sqlalchemy import and_, func, or_, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel import Session
 
 from api.core import ledger
@@ -392,7 +392,20 @@ class JobService:
 
         The job row is locked first (PostgreSQL), as every writer of a job's events does: a job's
         events then commit in the order of their ids, so an SSE reader's cursor never skips one.
+        A pipeline's cancel locks the pipeline and its steps, a step's settlement the step and then
+        its pipeline: PostgreSQL may break such a lock cycle by failing one of them (the runner
+        retries its settlement; a cancel is retried here, twice at most).
         """
+        for attempt in range(3):
+            try:
+                return self._cancel(user, job_id)
+            except OperationalError:
+                if attempt == 2:
+                    raise
+                logger.warning("cancel of job %s hit a lock conflict; trying again", job_id, exc_info=True)
+        raise AssertionError("unreachable")
+
+    def _cancel(self, user: User | None, job_id: str) -> Job:
         with self.db.session() as session:
             job = locked_job(session, job_id)
             if job is None or (user is not None and not teams.may_act_on(session, user.id, job.user_id)):

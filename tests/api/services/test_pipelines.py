@@ -467,3 +467,31 @@ def test_waiting_is_not_claimed(pdb: Database, pjobs: JobService, pipelines: Pip
     assert claimed is not None and claimed.step_name == "still"
     assert runner.claim_next() is None  # the others wait for it; the pipeline is never claimed
     assert get_job(pdb, parent.id).status == JobStatus.RUNNING
+
+
+# teams ---------------------------------------------------------------------------------------------
+def test_a_team_member_submits_as_the_team_within_the_cap_on_the_total(
+        pdb: Database, psettings: Settings, pipelines: PipelineService) -> None:
+    from api.core import ledger
+    from api.services.teams import TeamService
+
+    teams = TeamService(pdb, psettings)
+    owner, member = add_user(pdb, psettings, credits=0), add_user(pdb, psettings, credits=0)
+    team_id = teams.create(owner.user, "T").view.team.id
+    teams.accept(member.user, teams.invite(owner.user, team_id, member.user.email, "member").token)
+    with pdb.session() as session:
+        ledger.credit(session, team_id, 500, f"test-grant:{team_id}")
+        session.commit()
+    total = pipelines.quote(member.user, PipelineSubmission(steps=STEPS, team=team_id)).total
+    teams.update_member(owner.user, team_id, member.user.id, monthly_cap=total - 1, set_cap=True)
+    quote = pipelines.quote(member.user, PipelineSubmission(steps=STEPS, team=team_id))
+    assert (quote.affordable, quote.reason) == (False, "member_cap_exceeded")
+    with pytest.raises(InsufficientCredits) as capped:
+        pipelines.submit(member.user, PipelineSubmission(steps=STEPS, team=team_id))
+    assert capped.value.code == "member_cap_exceeded" and job_count(pdb) == 0
+    teams.update_member(owner.user, team_id, member.user.id, monthly_cap=total, set_cap=True)
+    parent, _ = pipelines.submit(member.user, PipelineSubmission(steps=STEPS, team=team_id))
+    assert (parent.user_id, parent.submitted_by) == (team_id, member.user.id)
+    steps = steps_of(pipelines, parent.id)
+    assert all((s.user_id, s.submitted_by) == (team_id, member.user.id) for s in steps.values())
+    assert balance(pdb, team_id).reserved == total and balance(pdb, member.user.id).reserved == 0
