@@ -42,7 +42,8 @@ async def test_admin_sees_templates(api: ApiHarness) -> None:
     r = await api.client.get("/v1/presets/loop-gif", headers=bearer(admin.api_key))
     assert r.status_code == 200
     body = r.json()
-    assert body["steps"][2] == {"name": "loop", "op": "loop", "input": {"video": "step:motion", "mode": "boomerang"}}
+    assert body["steps"][2] == {"name": "loop", "op": "loop",
+                                 "input": {"video": "step:motion", "mode": "boomerang", "count": 2}}
     assert body["definition"]["params"]["style"]["values"]["pixel_art"]["merge"]
 
 
@@ -126,3 +127,35 @@ async def test_invalid_definitions_are_422_at_save(api: ApiHarness) -> None:
     assert (await api.client.get("/v1/presets/loop-gif", headers=ADMIN)).status_code == 403  # admin key: user route
     with api.db.read() as session:
         assert expand(session, "loop-gif", {"prompt": "x"}).version == 1
+
+
+async def _quote_every_variant(api: ApiHarness) -> list[str]:
+    """Quote each shipped preset with each enum value and the bounds of each number param: every
+    variant passes the pipeline validator (models' limits, op params, inferred media)."""
+    user = api.user(credits=100_000)
+    problems = []
+    rows = (await api.client.get("/v1/presets", headers=bearer(user.api_key))).json()["data"]
+    assert len(rows) == 3
+    for preset in rows:
+        variants: list[dict[str, Any]] = [{}]
+        for name, spec in preset["params"].items():
+            if spec["type"] == "enum":
+                variants += [{name: v} for v in spec["values"]]
+            elif spec["type"] in ("number", "integer"):
+                variants += [{name: spec["min"]}, {name: spec["max"]}]
+        for extra in variants:
+            params = {"prompt": "a lighthouse at dusk", **extra}
+            r = await api.client.post("/v1/pipelines/quote", json={"preset": preset["name"], "params": params},
+                                      headers=bearer(user.api_key))
+            if r.status_code != 200:
+                problems.append(f"{preset['name']} {extra}: {r.status_code} {r.text[:300]}")
+    return problems
+
+
+async def test_shipped_tiny_presets_pass_the_pipeline_validator(api: ApiHarness) -> None:
+    assert not await _quote_every_variant(api)
+
+
+async def test_shipped_production_presets_pass_the_pipeline_validator(make_api: Any) -> None:
+    api = await make_api(preset_profile="production")
+    assert not await _quote_every_variant(api)
