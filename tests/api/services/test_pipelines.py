@@ -495,3 +495,61 @@ def test_a_team_member_submits_as_the_team_within_the_cap_on_the_total(
     steps = steps_of(pipelines, parent.id)
     assert all((s.user_id, s.submitted_by) == (team_id, member.user.id) for s in steps.values())
     assert balance(pdb, team_id).reserved == total and balance(pdb, member.user.id).reserved == 0
+
+
+# fan-in and a failure beside a running step ---------------------------------------------------------
+FAN_IN: list[dict[str, Any]] = [
+    {"name": "a", "model": "tiny-wan", "input": {"prompt": "left"}},
+    {"name": "b", "model": "tiny-wan", "input": {"prompt": "right"}},
+    {"name": "both", "op": "concat", "input": {"videos": ["step:a", "step:b"], "crossfade_s": 0.5}},
+]
+
+
+async def test_a_step_taking_two_steps_is_released_when_both_succeeded(
+        pdb: Database, pjobs: JobService, pipelines: PipelineService, storage: LocalStorage,
+        alice: NewUser) -> None:
+    gate = threading.Event()
+    executor = FakeExecutor(storage=storage, gates={"right": gate})
+    parent, _ = pipelines.submit(alice.user, PipelineSubmission(steps=FAN_IN))
+    assert {n: s.status for n, s in steps_of(pipelines, parent.id).items()} == {
+        "a": "queued", "b": "queued", "both": "waiting"}
+    runner = runner_for(pjobs, executor)
+    runner.start()
+    try:
+        await wait_job(pdb, steps_of(pipelines, parent.id)["a"].id, timeout_s=20)
+        assert steps_of(pipelines, parent.id)["both"].status == "waiting"  # b has not succeeded yet
+        gate.set()
+        await wait_job(pdb, parent.id, timeout_s=20)
+    finally:
+        gate.set()
+        await runner.stop(grace_s=5)
+    steps = steps_of(pipelines, parent.id)
+    assert get_job(pdb, parent.id).status == "succeeded"
+    assert steps["both"].input["videos"] == [f"job:{steps['a'].id}", f"job:{steps['b'].id}"]
+    assert runs_per_step(executor, steps) == {"a": 1, "b": 1, "both": 1}
+
+
+async def test_a_failed_step_stops_a_running_sibling_and_refunds_it(
+        pdb: Database, pjobs: JobService, pipelines: PipelineService, storage: LocalStorage,
+        alice: NewUser) -> None:
+    gate = threading.Event()
+    executor = FakeExecutor(storage=storage, gates={"left": gate},
+                            failures={"right": [ErrorEvent("content_policy", "refused", retryable=False)]})
+    parent, _ = pipelines.submit(alice.user, PipelineSubmission(steps=FAN_IN))
+    runner = runner_for(pjobs, executor)
+    runner.start()
+    try:
+        await wait_job(pdb, parent.id, timeout_s=20)
+        a_id = steps_of(pipelines, parent.id)["a"].id
+        await wait_job(pdb, a_id, timeout_s=20)  # asked to stop by the pipeline's failure
+    finally:
+        gate.set()
+        await runner.stop(grace_s=5)
+    steps = steps_of(pipelines, parent.id)
+    assert {n: s.status for n, s in steps.items()} == {"a": "canceled", "b": "failed", "both": "canceled"}
+    assert a_id in executor.canceled
+    assert all(settlements(pdb, s.id) == ["refund"] for s in steps.values())
+    done = get_job(pdb, parent.id)
+    assert (done.status, done.credits_charged) == ("failed", 0)
+    assert done.credits_refunded == done.credits_reserved  # the running sibling's refund counted too
+    assert balance(pdb, alice.user.id).available == 1000
