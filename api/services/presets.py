@@ -27,6 +27,7 @@ pipeline validator then checks the steps like any others.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import re
@@ -56,6 +57,8 @@ PARAM_KEYS = {"type", "required", "default", "min", "max", "max_length", "values
 MAX_PARAMS = 16
 MAX_STEPS = 16
 MAX_STRING = 2000  # a string param's length when the preset sets no max_length
+MAX_DEPTH = 12  # nesting of a step template's values
+MAX_DEFINITION_BYTES = 256 * 1024
 PATCH_RETRIES = 5  # concurrent PATCHes of one preset: each retry takes the next version number
 
 
@@ -157,8 +160,10 @@ def _check_param_spec(name: str, spec: Any) -> dict[str, Any]:
     return spec
 
 
-def _placeholders(value: Any, where: str, found: list[tuple[str, str]]) -> None:
+def _placeholders(value: Any, where: str, found: list[tuple[str, str]], depth: int = 0) -> None:
     """Collect ``(param, where)`` for every placeholder in a template value; reject bad ``$``."""
+    if depth > MAX_DEPTH:
+        raise _bad(f"a template nests at most {MAX_DEPTH} levels", where)
     if isinstance(value, dict):
         if "$param" in value:
             if len(value) != 1 or not isinstance(value["$param"], str):
@@ -166,10 +171,10 @@ def _placeholders(value: Any, where: str, found: list[tuple[str, str]]) -> None:
             found.append((value["$param"], where))
             return
         for key, item in value.items():
-            _placeholders(item, f"{where}.{key}", found)
+            _placeholders(item, f"{where}.{key}", found, depth + 1)
     elif isinstance(value, list):
         for i, item in enumerate(value):
-            _placeholders(item, f"{where}.{i}", found)
+            _placeholders(item, f"{where}.{i}", found, depth + 1)
     elif isinstance(value, str):
         template = string.Template(value)
         if not template.is_valid():
@@ -215,6 +220,12 @@ def validate_definition(definition: Any, *, prefix: str = "definition") -> dict[
 def _validate_definition(definition: Any) -> dict[str, Any]:
     if not isinstance(definition, dict) or set(definition) - {"params", "steps"}:
         raise _bad("a definition is {\"params\": {...}, \"steps\": [...]}", "definition")
+    try:  # what the JSON column will hold: finite numbers only, and bounded
+        size = len(json.dumps(definition, allow_nan=False))
+    except (ValueError, TypeError, RecursionError):
+        raise _bad("a definition is plain JSON with finite numbers", "definition") from None
+    if size > MAX_DEFINITION_BYTES:
+        raise _bad(f"a definition is at most {MAX_DEFINITION_BYTES} bytes of JSON", "definition")
     params = definition.get("params", {})
     steps = definition.get("steps")
     if not isinstance(params, dict) or len(params) > MAX_PARAMS:

@@ -127,6 +127,13 @@ def test_integer_given_as_whole_float_is_accepted(db: Database, made: Preset) ->
 # --- definitions checked at save --------------------------------------------------------------
 
 
+def _nested(depth: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for _ in range(depth):
+        out = {"x": out}
+    return out
+
+
 def _broken(change: Any) -> dict[str, Any]:
     d = _definition()
     change(d)
@@ -157,6 +164,9 @@ def _broken(change: Any) -> dict[str, Any]:
     (_broken(lambda d: d["steps"][0].update(input=[1])), "definition.steps.0.input"),
     (_broken(lambda d: d.update(steps=[])), "definition.steps"),
     (_broken(lambda d: d.update(extra=1)), "definition"),
+    (_broken(lambda d: d["steps"][0]["input"].update(guidance=float("nan"))), "definition"),
+    (_broken(lambda d: d["steps"][0]["input"].update(deep=_nested(20))), "definition.steps.0.input.deep" + ".x" * 10),
+    (_broken(lambda d: d["steps"][0]["input"].update(big="x" * 300_000)), "definition"),
 ])
 def test_invalid_definitions_are_refused_when_saved(service: PresetService, definition: dict[str, Any],
                                                     field: str) -> None:
