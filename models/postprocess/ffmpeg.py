@@ -15,6 +15,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import IO
 
 import imageio_ffmpeg
 from PIL import Image, UnidentifiedImageError
@@ -99,43 +100,15 @@ def run_ffmpeg(args: Sequence[str], *, work_dir: Path, expected_frames: int | No
     parser = ProgressParser(expected_frames, duration_s)
     with tempfile.TemporaryFile(dir=work_dir) as stderr:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr)
-        if _on_spawn is not None:
-            _on_spawn(proc)
         assert proc.stdout is not None
-        deadline = time.monotonic() + timeout_s
-        stop_reason: str | None = None
-        with selectors.DefaultSelector() as sel:
-            sel.register(proc.stdout, selectors.EVENT_READ)
-            fd = proc.stdout.fileno()
-            while True:
-                if should_stop is not None and should_stop():
-                    stop_reason = "stop"
-                    break
-                if time.monotonic() > deadline:
-                    stop_reason = "timeout"
-                    break
-                if not sel.select(timeout=0.1):
-                    continue
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    break
-                if on_progress is not None:
-                    for fraction in parser.feed(chunk):
-                        on_progress(fraction)
-        if stop_reason is not None:
-            proc.kill()
-            proc.wait()
-            proc.stdout.close()
-            if stop_reason == "stop":
-                raise OperationCanceled("the operation was stopped")
-            raise OperationFailed(f"ffmpeg ran past its time limit of {timeout_s:g} s", code="postprocess_timeout")
         try:
-            rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
+            if _on_spawn is not None:
+                _on_spawn(proc)
+            rc = _drive(proc, proc.stdout, parser, time.monotonic() + timeout_s, timeout_s, on_progress, should_stop)
+        except BaseException:  # stopped, timed out, or a callback raised: never leave ffmpeg running
             proc.kill()
             proc.wait()
-            raise OperationFailed(f"ffmpeg ran past its time limit of {timeout_s:g} s",
-                                  code="postprocess_timeout") from None
+            raise
         finally:
             proc.stdout.close()
         if rc != 0:
@@ -143,6 +116,33 @@ def run_ffmpeg(args: Sequence[str], *, work_dir: Path, expected_frames: int | No
             tail = stderr.read()[-2000:].decode("utf-8", "replace").strip()
             logger.warning("ffmpeg failed (rc=%s): %s", rc, tail)
             raise OperationFailed(f"ffmpeg failed (exit {rc}): {tail[-500:]}")
+
+
+def _drive(proc: subprocess.Popen[bytes], stdout: IO[bytes], parser: ProgressParser, deadline: float,
+           timeout_s: float, on_progress: Callable[[float], None] | None,
+           should_stop: Callable[[], bool] | None) -> int:
+    """Read progress until ffmpeg closes its output; the exit status. Checks stop and time between reads."""
+    timed_out = OperationFailed(f"ffmpeg ran past its time limit of {timeout_s:g} s", code="postprocess_timeout")
+    with selectors.DefaultSelector() as sel:
+        sel.register(stdout, selectors.EVENT_READ)
+        fd = stdout.fileno()
+        for _ in range(int(timeout_s / 0.1) + 1_000_000):  # bounded; the deadline ends it first
+            if should_stop is not None and should_stop():
+                raise OperationCanceled("the operation was stopped")
+            if time.monotonic() > deadline:
+                raise timed_out
+            if not sel.select(timeout=0.1):
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            if on_progress is not None:
+                for fraction in parser.feed(chunk):
+                    on_progress(fraction)
+    try:
+        return proc.wait(timeout=max(0.5, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        raise timed_out from None
 
 
 _IMAGE_FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp", "BMP": "bmp", "TIFF": "tiff"}

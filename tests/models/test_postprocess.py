@@ -430,6 +430,19 @@ def test_time_limit_kills_ffmpeg(media: dict[str, Path], tmp_path: Path) -> None
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_raising_progress_callback_kills_ffmpeg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spawned: list[subprocess.Popen[bytes]] = []
+    monkeypatch.setattr(ff, "_on_spawn", spawned.append)
+
+    def boom(fraction: float) -> None:
+        raise RuntimeError("callback failed")
+
+    with pytest.raises(RuntimeError, match="callback failed"):  # a 10-minute real-time source, ended on the first report
+        ff.run_ffmpeg(["-re", "-f", "lavfi", "-i", "testsrc=size=64x64:rate=8:duration=600", "-f", "null", "-"],
+                      work_dir=tmp_path, expected_frames=4800, on_progress=boom)
+    assert spawned[0].returncode is not None and spawned[0].returncode < 0
+
+
 def test_ffmpeg_failure_is_operation_failed(tmp_path: Path) -> None:
     with pytest.raises(OperationFailed):
         ff.run_ffmpeg(["-i", str(tmp_path / "missing.mp4"), str(tmp_path / "o.mp4")], work_dir=tmp_path)
