@@ -85,7 +85,8 @@ def list_pipelines(user: CurrentUser, state: State,
                    x_team: str | None = Header(default=None, alias=TEAM_HEADER, max_length=64)) -> dict[str, Any]:
     parents, next_cursor = state.pipelines.list(user, status=_statuses(status), project=project, cursor=cursor,
                                                 limit=limit, team=one_team(team, x_team))
-    return {"data": [state.pipeline_view(p) for p in parents], "next_cursor": next_cursor}
+    steps = state.pipelines.steps_of([p.id for p in parents])  # one query for the page
+    return {"data": [state.pipeline_view(p, steps[p.id]) for p in parents], "next_cursor": next_cursor}
 
 
 @router.get("/{pipeline_id}", response_model=PipelinePublic, response_model_exclude_unset=True,
