@@ -37,6 +37,8 @@ from models.postprocess.catalog import (
     default_bounds,
 )
 
+GIF_MAX_FPS = 50  # GIF delays are whole centiseconds, and players stretch delays under 2 cs
+
 Position = Literal["top-left", "top-right", "bottom-left", "bottom-right", "center"]
 
 
@@ -330,6 +332,9 @@ def _infer(op: str, p: _Params, inputs: list[MediaInfo], *, audio_s: float | Non
         if p.max_side is not None or p.format != "gif":
             w, h = even_fit(w, h, p.max_side or max(w, h))
         out_fps: float = p.fps if p.fps is not None else fps
+        if p.format == "gif" and out_fps > GIF_MAX_FPS:
+            raise OperationError(f"a GIF plays at most {GIF_MAX_FPS} fps (its delays are whole centiseconds); "
+                                 f"give fps", field="fps")
         info = video_info(w, h, frames_at(n, fps, out_fps), out_fps,
                           has_audio=src.has_audio and p.format != "gif", format=p.format)
         return info

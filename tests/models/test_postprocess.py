@@ -386,12 +386,25 @@ LONG = MediaInfo(kind="video", width=64, height=64, num_frames=160, fps=16, dura
     ("concat", {}, [LONG] * 7, {}, "invalid_input", "videos"),
     ("watermark", {}, [VIDEO], {}, "invalid_input", "text"),
     ("watermark", {"text": "a"}, [VIDEO], {"overlay": IMAGE}, "invalid_input", "text"),
+    ("export", {"format": "gif", "fps": 60}, [VIDEO], {}, "invalid_input", "fps"),
+    ("export", {"format": "gif"}, [VIDEO.model_copy(update={"fps": 60, "num_frames": 60})], {}, "invalid_input", "fps"),
 ])
 def test_infer_output_refuses(op: str, params: dict[str, Any], inputs: list[MediaInfo], kwargs: dict[str, Any],
                               code: str, field: str) -> None:
     with pytest.raises(OperationError) as err:
         infer_output(op, params, inputs, **kwargs)
     assert (err.value.code, err.value.field) == (code, field)
+
+
+def test_import_is_light() -> None:
+    """The API imports this module to validate and price pipelines: no torch, no numpy."""
+    import sys
+
+    code = ("import sys, models.postprocess; bad = [m for m in ('torch', 'diffusers', 'numpy', 'api', 'serve') "
+            "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_trim_end_within_half_a_frame_is_the_end() -> None:
