@@ -553,3 +553,20 @@ async def test_a_failed_step_stops_a_running_sibling_and_refunds_it(
     assert (done.status, done.credits_charged) == ("failed", 0)
     assert done.credits_refunded == done.credits_reserved  # the running sibling's refund counted too
     assert balance(pdb, alice.user.id).available == 1000
+
+
+@pytest.mark.parametrize("steps", [
+    [{"name": "still", "model": "tiny-sd", "input": {"prompt": "a forbidden cat"}}],
+    [*STEPS[:2], {"name": "mark", "op": "watermark", "input": {"video": "step:motion", "text": "FORBIDDEN"}}],
+], ids=["prompt", "watermark text"])
+def test_policy_words_refuse_a_step_before_any_charge(db: Database, settings: Settings, catalog: Catalog,
+                                                      storage: LocalStorage, bus: EventBus,
+                                                      steps: list[dict[str, Any]]) -> None:
+    strict = settings.model_copy(update={"content_policy_words": ["forbidden"]})
+    user = add_user(db, strict, credits=1000)
+    service = PipelineService(JobService(db, strict, catalog, storage, bus))
+    with pytest.raises(CineWeaveError) as info:
+        service.submit(user.user, PipelineSubmission(steps=steps))
+    assert (info.value.status, info.value.code) == (422, "content_policy")
+    assert info.value.details["step"] == steps[-1]["name"]
+    assert job_count(db) == 0 and balance(db, user.user.id).available == 1000
