@@ -357,3 +357,16 @@ async def test_a_pipeline_filed_under_a_project(make_api: Any) -> None:
     other = api.user(credits=1000)
     theirs = await submit(api, other.api_key, [STILL], project=project["id"])
     assert theirs.status_code == 404 and balance(api.db, other.user.id).available == 1000
+
+
+async def test_a_pipeline_over_http_on_both_databases(backend_settings: Any, make_api: Any) -> None:
+    """The path of a pipeline (submit, steps in order, SSE, GET, settlement) on SQLite and PostgreSQL
+    (``backend_settings`` first: its database outlives the app's shutdown)."""
+    api = await make_api(database_url=backend_settings.database_url)
+    user = api.user(credits=1000)
+    created = (await submit(api, user.api_key)).json()
+    events = await read_events(api, user.api_key, created["id"])
+    assert [e["data"]["step"] for e in events if e["event"] == "step.completed"] == ["still", "motion", "fx"]
+    view = await finished(api, user.api_key, created["id"])
+    assert view["status"] == "succeeded" and view["credits"]["charged"] == view["credits"]["reserved"]
+    assert balance(api.db, user.user.id).available == 1000 - view["credits"]["charged"]
