@@ -370,3 +370,27 @@ async def test_a_pipeline_over_http_on_both_databases(backend_settings: Any, mak
     view = await finished(api, user.api_key, created["id"])
     assert view["status"] == "succeeded" and view["credits"]["charged"] == view["credits"]["reserved"]
     assert balance(api.db, user.user.id).available == 1000 - view["credits"]["charged"]
+
+
+async def test_a_failed_step_fails_the_pipeline_and_names_it(make_api: Any, storage: Any) -> None:
+    from api.core.events import ErrorEvent
+
+    executor = FakeExecutor(storage=storage, failures={"boom": [ErrorEvent("generation_failed", "it broke")]})
+    api = await make_api(executor=executor)
+    user = api.user(credits=1000)
+    steps = [STILL, {**MOTION, "input": {"prompt": "boom", "image": "step:still"}}, FX]
+    created = (await submit(api, user.api_key, steps)).json()
+    events = await read_events(api, user.api_key, created["id"])
+    failed = [e for e in events if e["event"] == "step.failed"]
+    assert [e["data"]["step"] for e in failed] == ["motion"]
+    assert failed[0]["data"]["error"]["code"] == "generation_failed"
+    for step in created["steps"]:
+        await wait_job(api.db, step["job_id"])
+    view = (await api.client.get(f"/v1/pipelines/{created['id']}", headers=bearer(user.api_key))).json()
+    assert view["status"] == "failed" and view["error"]["step"] == "motion"
+    assert view["error"]["code"] == "generation_failed"
+    assert [s["status"] for s in view["steps"]] == ["succeeded", "failed", "canceled"]
+    charged = view["steps"][0]["credits"]["charged"]
+    assert view["credits"] == {"reserved": created["credits"]["reserved"], "charged": charged,
+                               "refunded": created["credits"]["reserved"] - charged}
+    assert balance(api.db, user.user.id).available == 1000 - charged
