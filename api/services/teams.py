@@ -200,7 +200,8 @@ def member_spent(session: Session, team_id: str, user_id: str, since: datetime) 
     """Credits reserved or charged, less refunds, by ``user_id``'s jobs on the team since ``since``."""
     total = session.execute(select(func.coalesce(func.sum(Job.credits_reserved - Job.credits_refunded), 0))
                             .where(Job.user_id == team_id, Job.submitted_by == user_id,
-                                   Job.created_at >= since)).scalar_one()
+                                   Job.created_at >= since,
+                                   Job.parent_id.is_(None))).scalar_one()  # a pipeline once: its sums
     return int(total or 0)
 
 
@@ -357,7 +358,7 @@ class TeamService:
                 .order_by(TeamMember.joined_at, TeamMember.id)).all()
             spent = dict(session.execute(
                 select(Job.submitted_by, func.sum(Job.credits_reserved - Job.credits_refunded))
-                .where(Job.user_id == team_id, Job.created_at >= month_start())
+                .where(Job.user_id == team_id, Job.created_at >= month_start(), Job.parent_id.is_(None))
                 .group_by(Job.submitted_by)).all())
         return [MemberView(m, email, int(spent.get(m.user_id) or 0)) for m, email in rows]
 
@@ -544,7 +545,8 @@ class TeamService:
             rows = session.execute(
                 select(Job.submitted_by, Job.status, func.count(), func.sum(Job.credits_reserved),
                        func.sum(Job.credits_charged), func.sum(Job.credits_refunded))
-                .where(Job.user_id == team_id, Job.created_at >= start, Job.created_at < end)
+                .where(Job.user_id == team_id, Job.created_at >= start, Job.created_at < end,
+                       Job.parent_id.is_(None))  # a pipeline is one row (its credits: its steps' sums)
                 .group_by(Job.submitted_by, Job.status)).all()
             people = {m.user_id: (m, email) for m, email in session.execute(
                 select(TeamMember, User.email).join(User, User.id == TeamMember.user_id)

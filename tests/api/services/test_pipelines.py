@@ -495,6 +495,11 @@ def test_a_team_member_submits_as_the_team_within_the_cap_on_the_total(
     steps = steps_of(pipelines, parent.id)
     assert all((s.user_id, s.submitted_by) == (team_id, member.user.id) for s in steps.values())
     assert balance(pdb, team_id).reserved == total and balance(pdb, member.user.id).reserved == 0
+    # the cap, the members' view and the usage count a pipeline once (its row), not its steps again
+    from api.services.teams import member_spent, month_start
+    with pdb.read() as session:
+        assert member_spent(session, team_id, member.user.id, month_start()) == total
+    assert {m.member.user_id: m.spent_this_month for m in teams.members(owner.user, team_id)}[member.user.id] == total
 
 
 # fan-in and a failure beside a running step ---------------------------------------------------------
