@@ -184,7 +184,10 @@ def build_args(op: str, p: _Params, srcs: list[MediaInfo], inputs: list[Path], o
         assert src.num_frames and src.fps
         first, last = trim_frames(p, src.num_frames, src.fps)
         graph = f"{head}trim=start_frame={first}:end_frame={last},{_exact(n_out, fps)},format=yuv420p[v]"
-        return [*ins, "-filter_complex", graph, *_video_out(out, fmt), _output(dest)]
+        if out.has_audio:  # the same span of the sound, padded with silence if it ends early
+            graph += f";[0:a:0]atrim=start={_num(first / fps)}:end={_num(last / fps)},asetpts=PTS-STARTPTS,apad[a]"
+        return [*ins, "-filter_complex", graph, *_video_out(out, fmt, audio_from="[a]" if out.has_audio else None),
+                _output(dest)]
     if isinstance(p, LoopParams):
         assert src.num_frames
         n = src.num_frames

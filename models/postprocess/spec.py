@@ -9,7 +9,8 @@ produces; the API validates and prices pipelines with it. The frame rules:
   ffmpeg's minterpolate alone stops short (9 frames at 8 fps -> 16 fps gives 15, -> 24 gives 22:
   it ends at the last input frame's timestamp); the runner clones the last frame up to the count.
 - trim: frames ``round_half_up(start_s * fps)`` (inclusive) to ``round_half_up(end_s * fps)``
-  (exclusive); ``end_s`` may pass the duration by less than half a frame.
+  (exclusive); ``end_s`` may pass the duration by less than half a frame. The sound (if any) is
+  trimmed alike; loop and concat drop it (a later ``audio`` step lays a track under the result).
 - loop forward: ``n * count``. Boomerang: each cycle is frames 0..n-1 then n-2..1 (neither end
   frame doubled, so the cycles join seamlessly and the clip loops seamlessly too): ``count * (2n - 2)``.
 - concat: every clip is fitted (aspect kept, padded) to the first's size and resampled to its fps
@@ -310,7 +311,7 @@ def _infer(op: str, p: _Params, inputs: list[MediaInfo], *, audio_s: float | Non
         return video_info(width, height, frames_at(n, fps, p.fps), p.fps, has_audio=src.has_audio)
     if isinstance(p, TrimParams):
         first, last = trim_frames(p, n, fps)
-        return video_info(width, height, last - first, fps)
+        return video_info(width, height, last - first, fps, has_audio=src.has_audio)
     if isinstance(p, LoopParams):
         cycle = loop_cycle(p, n)
         if cycle > bounds.max_buffered_frames:

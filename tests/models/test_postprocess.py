@@ -111,8 +111,8 @@ def media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     logo.save(d / "logo.png")
     clip_with_audio = d / "av.mp4"
     subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-y", "-loglevel", "error",
-                    "-i", str(write_clip(d / "v.mp4", 9)), "-i", str(write_wav(d / "tone.wav", 1.1)),
-                    "-map", "0:v", "-map", "1:a", "-c:v", "copy", "-c:a", "aac", "-shortest", str(clip_with_audio)],
+                    "-i", str(write_clip(d / "v.mp4", 9)), "-i", str(write_wav(d / "tone.wav", 1.125)),
+                    "-map", "0:v", "-map", "1:a", "-c:v", "copy", "-c:a", "aac", str(clip_with_audio)],
                    check=True, timeout=60)
     return {
         "c9": write_clip(d / "c9.mp4", 9), "c13": write_clip(d / "c13.mp4", 13),
@@ -137,6 +137,7 @@ CASES: list[tuple[str, dict[str, Any], list[str], dict[str, str], str, list[int]
     ("trim", {"start_s": 0.25, "end_s": 1.0}, ["c9"], {}, "h264", [2, 3, 4, 5, 6, 7]),
     ("trim", {"start_s": 0.5, "duration_s": 1.0}, ["c17"], {}, "h264", None),
     ("trim", {"start_s": 0.3}, ["c13"], {}, "h264", None),
+    ("trim", {"start_s": 0.5}, ["av"], {}, "h264", [4, 5, 6, 7, 8]),  # keeps its sound
     ("loop", {"count": 3}, ["c9"], {}, "h264", list(range(9)) * 3),
     ("loop", {"count": 2, "mode": "boomerang"}, ["c9"], {}, "h264", BOOMERANG * 2),
     ("concat", {}, ["c9", "c13"], {}, "h264", list(range(9)) + list(range(13))),
