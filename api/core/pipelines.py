@@ -371,6 +371,10 @@ def _plan_operation(step: Step, planned: dict[str, PlannedStep], checker: StepCh
                 overlay = info
             else:
                 inputs.append(info)
+    missing = [f for f, kinds in fields.items() if kinds == "audio" and f not in refs]
+    if missing:  # infer_output cannot tell a missing track from one of unknown length
+        raise step_error(f"step {step.name!r}: {op} needs input.{missing[0]} (an audio upload)",
+                         step.name, missing[0])
     params_in = {k: v for k, v in step.input.items() if k not in fields}
     try:
         params = pp.parse_params(op, params_in)

@@ -178,3 +178,8 @@ def test_release_rewrites_step_refs() -> None:
     out = release_input(data, {"a": "job_1", "b": "job_2"})
     assert out == {"video": "job:job_1", "videos": ["job:job_1", "job:job_2", "upl_x"], "fps": 16}
     assert step_refs_of(out) == set()
+
+
+def test_an_audio_step_without_its_track_is_refused_before_any_charge() -> None:
+    exc = error_of([gen("m", "vid"), op("s", "audio", video="step:m")])
+    assert exc.status == 422 and (exc.details["step"], exc.details["field"]) == ("s", "audio")
