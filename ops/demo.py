@@ -4,7 +4,10 @@ Starts the embedded stack (SQLite, local storage, local Ray, tiny checkpoints), 
 user, submits an image job, a video job and an image-to-video job chained from the image
 (``job:<id>``) over HTTP, follows each over SSE, checks the files (the PNG decodes at the
 requested size; the MP4s have the requested frame count and fps), downloads them and prints
-their paths. Exits non-zero when any step fails.
+their paths. Then it runs the ``still-to-motion`` preset as a pipeline (``POST /v1/pipelines``:
+text-to-image, image-to-video, frame interpolation, an MP4 export), showing each step's progress,
+checks the final clip against the pipeline's quote and prints where it is. Exits non-zero when any
+step fails.
 
 It ends by printing the web console's URL, the admin key and the demo user's API key. With
 ``DEMO_KEEP=1`` the stack stays up (on ``CINEWEAVE_PORT``, 8000 by default, when that port is
@@ -59,6 +62,57 @@ def run_job(client: Client, model: str, inputs: dict[str, Any], out_dir: Path, l
     if job.get("thumbnail_url"):
         client.download(job["thumbnail_url"], out_dir / f"{label.lower().replace(' ', '-')}.thumb.png")
     return job, path
+
+
+PIPELINE_PRESET = "still-to-motion"
+PIPELINE_PARAMS: dict[str, Any] = {"prompt": "a lighthouse at dusk, waves below", "duration": 1}
+PIPELINE_TIMEOUT_S = 600.0
+
+
+def follow_pipeline(client: Client, pipeline: dict[str, Any], timeout_s: float = PIPELINE_TIMEOUT_S) -> dict[str, Any]:
+    """A progress bar per step (``GET /v1/pipelines/{id}`` polled) until the pipeline ends."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    url = f"/v1/pipelines/{pipeline['id']}"
+    deadline = time.monotonic() + timeout_s
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                  TextColumn("{task.fields[stage]}"), TimeElapsedColumn(), console=console) as progress:
+        bars = {s["name"]: progress.add_task(f"  step {s['index'] + 1}: {s['name']} ({s.get('model') or s.get('op')})",
+                                             total=1.0, stage=s["status"]) for s in pipeline["steps"]}
+        while True:
+            pipeline = client._json(client.http.get(url))
+            for step in pipeline["steps"]:
+                done = step["status"] == "succeeded"
+                progress.update(bars[step["name"]], completed=1.0 if done else float(step["progress"] or 0.0),
+                                stage=step["status"] if done or not step.get("stage") else step["stage"])
+            if pipeline["status"] in ("succeeded", "failed", "canceled"):
+                return pipeline
+            if time.monotonic() > deadline:
+                raise DemoFailed(f"pipeline {pipeline['id']} still {pipeline['status']} after {timeout_s:.0f} s")
+            time.sleep(0.2)
+
+
+def run_pipeline(client: Client, out_dir: Path) -> Path:
+    """The ``still-to-motion`` preset end to end; the final clip's path."""
+    body = {"preset": PIPELINE_PRESET, "params": PIPELINE_PARAMS}
+    console.print(f"\n[bold]Pipeline[/bold] preset [cyan]{PIPELINE_PRESET}[/cyan]: {PIPELINE_PARAMS}")
+    quote = client._json(client.http.post("/v1/pipelines/quote", json=body))
+    check(quote["affordable"], f"quoted {quote['credits']} credits for {len(quote['steps'])} steps: "
+          + " → ".join(s["name"] for s in quote["steps"]))
+    pipeline = client._json(client.http.post("/v1/pipelines", json=body,
+                                             headers={"Idempotency-Key": f"demo-{uuid.uuid4().hex}"}))
+    console.print(f"  pipeline {pipeline['id']} queued, {pipeline['credits']['reserved']} credits reserved")
+    pipeline = follow_pipeline(client, pipeline)
+    check(pipeline["status"] == "succeeded", f"{pipeline['id']} succeeded (error: {pipeline.get('error')})")
+    check(pipeline["credits"]["charged"] == quote["credits"], f"charged the quote: {quote['credits']} credits")
+    path = client.download(pipeline["outputs"][0]["url"], out_dir / f"{PIPELINE_PRESET}.mp4")
+    from models.media import probe_mp4
+
+    info, want = probe_mp4(path), quote["output"]
+    check(info["num_frames"] == want["num_frames"] and abs(info["fps"] - want["fps"]) < 0.01,
+          f"final MP4 has {want['num_frames']} frames at {want['fps']:g} fps ({info['width']}×{info['height']})")
+    console.print(f"  final clip: [bold]{path}[/bold]", soft_wrap=True)
+    return path
 
 
 def keep_requested() -> bool:
@@ -121,8 +175,8 @@ def main() -> int:
             console.print(f"stack up in {time.perf_counter() - started:.0f} s: API {url}, "
                           f"models {', '.join(sorted(stack.handles))}")
             admin = httpx.post(f"{url}/v1/admin/users", headers={"Authorization": f"Bearer {settings.admin_key}"},
-                               json={"email": f"demo-{uuid.uuid4().hex[:8]}@example.com", "credits": 200})
-            check(admin.status_code == 201, "demo user created with 200 credits")
+                               json={"email": f"demo-{uuid.uuid4().hex[:8]}@example.com", "credits": 500})
+            check(admin.status_code == 201, "demo user created with 500 credits")
             user_key = admin.json()["api_key"]
             client = Client(url, user_key)
 
@@ -147,6 +201,7 @@ def main() -> int:
                                                           "steps": 3, "seed": 5}, out_dir, "Image to video")
                 info = probe_mp4(i2v)
                 check(info["num_frames"] == 9, f"image-to-video MP4 has 9 frames, chained from {image_job['id']}")
+                run_pipeline(client, out_dir)
 
             credits = client._json(client.http.get("/v1/credits"))
             console.print(f"\ncredits left: {credits['balance']} (reserved {credits['reserved']})")
