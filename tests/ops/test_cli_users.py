@@ -135,7 +135,8 @@ def test_maintenance_run(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     assert first.exit_code == 0, first.output
     report = json.loads(first.stdout)
     assert report == {"plan_grants": 1, "credits_granted": 80, "outputs_expired": 0, "leases_reclaimed": 0,
-                      "stuck_failed": 1, "plan_changes": 0, "grants_expired": 0, "credits_expired": 0}
+                      "stuck_failed": 1, "plan_changes": 0, "grants_expired": 0, "credits_expired": 0,
+                      "pipelines_reconciled": 0}
     again = json.loads(run("maintenance", "run", "--period", "2032-05").stdout)
     assert again["plan_grants"] == 0 and again["stuck_failed"] == 0
     with db.read() as s:
