@@ -12,7 +12,9 @@ same ``api.core.events`` wire dicts::
 
 or an error: a bad operation or params (``models.postprocess.OperationError``) → its code, not
 retryable; an input key missing from storage → ``input_missing``, not retryable; ffmpeg failing
-otherwise (a crash, a killed process, storage down) → retryable.
+otherwise (a crash, a killed process, storage down) → retryable; ffmpeg past its time limit
+(``postprocess_timeout``) → not retryable (the same work times out again: infer_output's work
+budgets refuse such work before the charge).
 
 The operation (``models.postprocess.run_operation``) runs in a worker thread, never on the event
 loop; at most ``concurrency`` at once per replica (more are ``queued``). Inputs are downloaded to a
@@ -94,8 +96,8 @@ def error_of(exc: BaseException) -> tuple[str, bool]:
         return HOOK_FAIL_CODE, True
     if isinstance(exc, OperationError):  # bad params or input kinds: the same again fails again
         return exc.code, False
-    if isinstance(exc, OperationFailed):  # ffmpeg failed or timed out: another try may work
-        return exc.code, True
+    if isinstance(exc, OperationFailed):  # a crash may pass on another try; a timeout would only time out again
+        return exc.code, exc.code != "postprocess_timeout"
     code, retryable = classify(exc)
     if code == "generation_failed":  # ffmpeg died, storage failed, …: another try may work
         return "postprocess_failed", True

@@ -62,7 +62,11 @@ class OperationBounds(_Strict):
     max_duration_s: float = Field(default=60.0, gt=0)    # any video output
     max_input_duration_s: float = Field(default=600.0, gt=0)  # trim/param values past this are refused
     max_loop_count: int = Field(default=8, ge=2)
-    max_buffered_frames: int = Field(default=1200, ge=16)  # loop/boomerang keep a whole cycle in memory
+    # loop/boomerang hold frames in memory (a cycle; boomerang also its reverse buffer): w x h x frames held
+    max_buffered_pixels: float = Field(default=1.5e9, gt=0)
+    # static work budgets (output width x height x frames): every video op, and minterpolate's own
+    max_pixel_frames: float = Field(default=4e9, gt=0)
+    max_interpolate_pixel_frames: float = Field(default=8e8, gt=0)
     max_concat_inputs: int = Field(default=8, ge=2)
     max_text_chars: int = Field(default=100, ge=1)
     max_target_size_mb: float = Field(default=100.0, gt=0)

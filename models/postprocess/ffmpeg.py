@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import selectors
 import subprocess
 import tempfile
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import IO
 
 import imageio_ffmpeg
+from imageio_ffmpeg._parsing import parse_ffmpeg_header
 from PIL import Image, UnidentifiedImageError
 
 from models.postprocess.catalog import OperationError
@@ -145,16 +147,49 @@ def _drive(proc: subprocess.Popen[bytes], stdout: IO[bytes], parser: ProgressPar
         raise timed_out from None
 
 
+# Demuxers an input may be read with: no playlists (hls, concat), no devices, no network.
+INPUT_FORMATS = ("mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,gif,image2,png_pipe,jpeg_pipe,webp_pipe,"
+                 "wav,mp3,ogg,flac,aac")
+PROBE_TIMEOUT_S = 120.0
+_FRAME_RE = re.compile(rb"frame=\s*(\d+)")
+
+
+def _probe_video(path: Path, *, timeout_s: float) -> tuple[dict, int]:
+    """The header meta (imageio-ffmpeg's parser) and the decoded frame count, in one bounded run."""
+    cmd = [ffmpeg_exe(), "-nostdin", "-protocol_whitelist", "file", "-format_whitelist", INPUT_FORMATS,
+           "-i", f"file:{path.resolve()}", "-map", "0:v:0", "-vf", "null", "-f", "null", "-"]
+    unreadable = OperationError(f"cannot read {path.name} as an image or a video", code="input_unreadable",
+                                field=None)
+    try:
+        done = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, timeout=timeout_s)
+    except subprocess.TimeoutExpired as exc:
+        raise OperationFailed(f"probing {path.name} ran past {timeout_s:g} s", code="postprocess_timeout") from exc
+    text = done.stderr.decode("utf-8", "replace")
+    frames = _FRAME_RE.findall(done.stderr)
+    if done.returncode != 0 or not frames:
+        # not a transient failure: the same file fails again (a non-retryable error for the runner)
+        raise unreadable
+    try:
+        meta = parse_ffmpeg_header(text.split("Output #0", 1)[0])
+    except (IndexError, ValueError, AttributeError) as exc:
+        raise unreadable from exc
+    return meta, int(frames[-1])
+
+
 _IMAGE_FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp", "BMP": "bmp", "TIFF": "tiff"}
 
 
-def probe(path: Path) -> MediaInfo:
+def probe(path: Path, *, timeout_s: float = PROBE_TIMEOUT_S) -> MediaInfo:
     """What a file holds: images through Pillow; videos (GIF too) through imageio-ffmpeg.
 
     Raises OperationError(code="input_unreadable") for a file that is neither.
 
-    A video's frames are counted by decoding; its duration is ``frames / fps`` (a GIF's fps is
-    its frames over its stored duration: GIF delays are whole centiseconds).
+    A video is read as ``_input()`` reads it (the file protocol, whitelisted demuxers: a playlist
+    posing as an .mp4 is refused, never followed) in one ffmpeg run under ``timeout_s``
+    (``postprocess_timeout`` past it). A video's frames are counted by decoding; its duration is
+    ``frames / fps`` (a GIF's fps is its frames over its stored duration: GIF delays are whole
+    centiseconds).
     """
     path = Path(path)
     try:
@@ -166,17 +201,7 @@ def probe(path: Path) -> MediaInfo:
         raise OperationError(f"{path.name} is too large an image", code="input_unreadable") from exc
     except (UnidentifiedImageError, OSError):
         pass
-    try:
-        reader = imageio_ffmpeg.read_frames(str(path))
-        try:
-            meta = next(reader)
-        finally:
-            reader.close()
-        num_frames, _secs = imageio_ffmpeg.count_frames_and_secs(str(path))
-    except (OSError, RuntimeError, StopIteration) as exc:
-        # not a transient failure: the same file fails again (a non-retryable error for the runner)
-        raise OperationError(f"cannot read {path.name} as an image or a video", code="input_unreadable",
-                             field=None) from exc
+    meta, num_frames = _probe_video(path, timeout_s=timeout_s)
     width, height = meta["size"]
     codec = str(meta.get("codec", "")).rstrip(",")
     suffix = path.suffix.lower().lstrip(".")

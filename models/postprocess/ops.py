@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,8 +19,11 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from models.postprocess.catalog import OperationBounds, OperationError, default_bounds
-from models.postprocess.ffmpeg import OperationFailed, probe, probe_audio, run_ffmpeg
+from models.postprocess.ffmpeg import INPUT_FORMATS, OperationFailed, probe, probe_audio, run_ffmpeg
 from models.postprocess.spec import (
+    AUDIO_BPS,
+    MAX_VIDEO_BPS,
+    MIN_VIDEO_BPS,
     AudioParams,
     ConcatParams,
     ExportParams,
@@ -35,13 +39,13 @@ from models.postprocess.spec import (
     infer_output,
     loop_cycle,
     parse_params,
+    target_bitrate,
     trim_frames,
 )
 
 logger = logging.getLogger(__name__)
 
 CONTENT_TYPES = {"png": "image/png", "mp4": "video/mp4", "webm": "video/webm", "gif": "image/gif"}
-AUDIO_BPS = 128_000
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,9 @@ def _fit(width: int, height: int) -> str:
             f"pad={width}:{height}:-1:-1,setsar=1")
 
 
+_MEASURE_PX = 32
+
+
 def _mark_image(p: WatermarkParams, clip: MediaInfo, overlay: Path | None, work: Path) -> tuple[Path, int, int]:
     """The watermark as an RGBA PNG (text drawn by Pillow, or the overlay image) and its position."""
     margin = max(1, round(0.03 * min(clip.width, clip.height)))
@@ -106,9 +113,15 @@ def _mark_image(p: WatermarkParams, clip: MediaInfo, overlay: Path | None, work:
         mark = mark.resize((max(1, round(mark.width * target_h / mark.height)), target_h), Image.Resampling.LANCZOS)
     else:
         assert p.text is not None
-        font = ImageFont.load_default(size=max(6, target_h))
-        stroke = max(1, target_h // 12)
         probe_draw = ImageDraw.Draw(Image.new("RGBA", (1, 1)))
+        # measure at a small size and scale, so the line is rendered no larger than the box
+        # (a long text at full size would be a huge image, shrunk only afterwards)
+        l0, t0, r0, b0 = probe_draw.textbbox((0, 0), p.text, font=ImageFont.load_default(size=_MEASURE_PX),
+                                             stroke_width=1)
+        fits = min(box_w * _MEASURE_PX / max(1, r0 - l0), box_h * _MEASURE_PX / max(1, b0 - t0))
+        font_px = max(6, min(target_h, int(fits)))
+        font = ImageFont.load_default(size=font_px)
+        stroke = max(1, font_px // 12)
         left, top, right, bottom = probe_draw.textbbox((0, 0), p.text, font=font, stroke_width=stroke)
         mark = Image.new("RGBA", (max(1, right - left), max(1, bottom - top)), (0, 0, 0, 0))
         ImageDraw.Draw(mark).text((-left, -top), p.text, font=font, fill=(255, 255, 255, 255),
@@ -131,14 +144,21 @@ def _mark_image(p: WatermarkParams, clip: MediaInfo, overlay: Path | None, work:
 def _bitrate(p: ExportParams, out: MediaInfo) -> int | None:
     if p.target_size_mb is None:
         return None
-    seconds = max(out.duration_s or 0.0, 0.04)
-    bps = p.target_size_mb * 8_000_000 * 0.92 / seconds - (AUDIO_BPS if out.has_audio else 0)
-    return int(min(20_000_000, max(64_000, bps)))
+    return int(min(MAX_VIDEO_BPS, max(MIN_VIDEO_BPS, target_bitrate(p.target_size_mb, out))))
 
 
-# Demuxers an input may be read with: no playlists (hls, concat), no devices, no network.
-INPUT_FORMATS = ("mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,gif,image2,png_pipe,jpeg_pipe,webp_pipe,"
-                 "wav,mp3,ogg,flac,aac")
+def _export_scale(p: ExportParams, out: MediaInfo) -> str:
+    """The scale (and pad/crop) of an export to ``out``'s size."""
+    w, h = out.width, out.height
+    if p.width is None and p.height is None:
+        return f"scale={w}:{h}:flags=lanczos"
+    if p.fit == "stretch":
+        return f"scale={w}:{h}:flags=lanczos,setsar=1"
+    if p.fit == "cover":
+        return f"scale={w}:{h}:flags=lanczos:force_original_aspect_ratio=increase,crop={w}:{h},setsar=1"
+    return _fit(w, h)
+
+
 
 
 def _input(path: Path) -> list[str]:
@@ -151,7 +171,8 @@ def _output(path: Path) -> str:
 
 
 def build_args(op: str, p: _Params, srcs: list[MediaInfo], inputs: list[Path], out: MediaInfo, dest: Path,
-               *, mark: tuple[Path, int, int] | None = None, audio: Path | None = None) -> list[str]:
+               *, mark: tuple[Path, int, int] | None = None, audio: Path | None = None,
+               palette: Path | None = None) -> list[str]:
     """The ffmpeg arguments (after the global options) that make ``out`` at ``dest``."""
     src = srcs[0]
     ins = [a for path in inputs for a in _input(path)]
@@ -221,21 +242,45 @@ def build_args(op: str, p: _Params, srcs: list[MediaInfo], inputs: list[Path], o
         graph = f"{head}{_exact(n_out, fps)},format=yuv420p[v];[1:a:0]volume={_num(p.volume)},apad[a]"
         return [*ins, *_input(audio), "-filter_complex", graph, *_video_out(out, fmt, audio_from="[a]"), _output(dest)]
     if isinstance(p, ExportParams):
-        chain = []
-        if (out.width, out.height) != (src.width, src.height):
-            chain.append(f"scale={out.width}:{out.height}:flags=lanczos")
-        if p.fps is not None:
-            chain.append(f"fps={_num(fps)}")
-        chain.append(_exact(n_out, fps))
-        head = ",".join(chain)
-        if fmt == "gif":
-            graph = (f"[0:v]{head},split[g0][g1];[g0]palettegen=stats_mode=diff[pal];"
-                     f"[g1][pal]paletteuse=dither=bayer:bayer_scale=3[v]")
-        else:
-            graph = f"[0:v]{head},format=yuv420p[v]"
+        head = _export_chain(p, src, out)
+        if fmt == "gif":  # the second of gif_runs(): the palette PNG is the last input
+            return [*ins, *_input(palette or dest), "-filter_complex",
+                    f"[0:v]{head}[x];[x][1:v]paletteuse=dither=bayer:bayer_scale=3[v]",
+                    *_video_out(out, fmt), _output(dest)]
+        graph = f"[0:v]{head},format=yuv420p[v]"
         return [*ins, "-filter_complex", graph,
                 *_video_out(out, fmt, audio_from=_keep_audio(src, out), bitrate=_bitrate(p, out)), _output(dest)]
     raise OperationFailed(f"no runner for {op}")  # pragma: no cover
+
+
+def _export_chain(p: ExportParams, src: MediaInfo, out: MediaInfo) -> str:
+    assert out.num_frames and out.fps
+    chain = []
+    if (out.width, out.height) != (src.width, src.height):
+        chain.append(_export_scale(p, out))
+    if p.fps is not None:
+        chain.append(f"fps={_num(out.fps)}")
+    chain.append(_exact(out.num_frames, out.fps))
+    return ",".join(chain)
+
+
+def build_runs(op: str, p: _Params, srcs: list[MediaInfo], inputs: list[Path], out: MediaInfo, dest: Path,
+               *, mark: tuple[Path, int, int] | None = None, audio: Path | None = None,
+               palette: Path | None = None) -> list[list[str]]:
+    """The ffmpeg runs that make ``out``: one, except a GIF export's two.
+
+    A GIF is made in two passes so that memory stays bounded: palettegen reads the clip once and
+    writes a 256-colour PNG (a histogram, not the frames), then paletteuse maps the clip through it.
+    One graph that splits the stream into palettegen and paletteuse would hold every frame until
+    palettegen had seen the last (about 1 MB a frame at 512x512).
+    """
+    if isinstance(p, ExportParams) and out.format == "gif":
+        assert palette is not None
+        first = [*(a for path in inputs for a in _input(path)), "-filter_complex",
+                 f"[0:v]{_export_chain(p, srcs[0], out)},palettegen=stats_mode=diff[v]",
+                 "-map", "[v]", "-frames:v", "1", "-update", "1", _output(palette)]
+        return [first, build_args(op, p, srcs, inputs, out, dest, palette=palette)]
+    return [build_args(op, p, srcs, inputs, out, dest, mark=mark, audio=audio)]
 
 
 class _Monotonic:
@@ -278,16 +323,26 @@ def run_operation(op: str, params: _Params | dict, inputs: list[Path], out_dir: 
     partial = out_dir / f".{op}-{uuid.uuid4().hex[:8]}.partial.{ext}"
     report = _Monotonic(on_progress)
     mark = _mark_image(p, out, overlay, out_dir) if isinstance(p, WatermarkParams) else None
+    palette = out_dir / f".palette-{uuid.uuid4().hex[:8]}.png"
     try:
-        args = build_args(op, p, srcs, [Path(x) for x in inputs], out, partial, mark=mark, audio=audio)
+        runs = build_runs(op, p, srcs, [Path(x) for x in inputs], out, partial, mark=mark, audio=audio,
+                          palette=palette)
         report(0.0)
-        run_ffmpeg(args, work_dir=out_dir, expected_frames=out.num_frames or 1, duration_s=out.duration_s,
-                   timeout_s=timeout_s or bounds.timeout_s, on_progress=report, should_stop=should_stop)
+        deadline = time.monotonic() + (timeout_s or bounds.timeout_s)  # one limit for all the runs
+        for i, args in enumerate(runs):  # progress: each run its equal share
+            def share(fraction: float, i: int = i) -> None:
+                report((i + fraction) / len(runs))
+
+            last = i == len(runs) - 1
+            run_ffmpeg(args, work_dir=out_dir, expected_frames=(out.num_frames or 1) if last else None,
+                       duration_s=out.duration_s, timeout_s=max(1e-6, deadline - time.monotonic()), on_progress=share,
+                       should_stop=should_stop)
         if not partial.exists() or partial.stat().st_size == 0:
             raise OperationFailed(f"ffmpeg wrote no {op} output")
         os.replace(partial, dest)
     finally:
         partial.unlink(missing_ok=True)
+        palette.unlink(missing_ok=True)
         if mark is not None:
             mark[0].unlink(missing_ok=True)
     report(1.0)

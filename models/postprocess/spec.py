@@ -110,8 +110,23 @@ class AudioParams(_Params):
 
 
 class ExportParams(_Params):
+    """An export: format, size (``max_side``, or an exact ``width``/``height`` with ``fit``), fps, file size.
+
+    ``width``/``height``: an exact frame size (even sides, at most the catalog's ``max_side``; give
+    one and the other follows the aspect, rounded to even). ``fit``: ``contain`` scales inside and
+    pads, ``cover`` fills and crops the overflow, ``stretch`` ignores the aspect. Not with ``max_side``.
+
+    ``target_size_mb`` (mp4/webm): the video bitrate is set to meet it; a target the 64 kb/s floor
+    cannot meet for the clip's duration is refused (422) rather than silently overshot. GIF is
+    refused: it has no bitrate control (its size follows the content and the palette), so meeting a
+    size would mean an unbounded search of re-encodes, each as costly as the export itself.
+    """
+
     format: Literal["mp4", "webm", "gif"] = "mp4"
     max_side: int | None = Field(default=None, ge=16)
+    width: int | None = Field(default=None, ge=16)
+    height: int | None = Field(default=None, ge=16)
+    fit: Literal["contain", "cover", "stretch"] = "contain"
     target_size_mb: float | None = Field(default=None, gt=0)
     fps: int | None = Field(default=None, ge=1)
 
@@ -190,6 +205,14 @@ def _bound(op: str, p: _Params, b: OperationBounds) -> None:
             raise _too("max_side", f"max_side {p.max_side} is over the limit of {b.max_side}")
         if p.target_size_mb is not None and p.target_size_mb > b.max_target_size_mb:
             raise _too("target_size_mb", f"target_size_mb is over the limit of {b.max_target_size_mb:g}")
+        for name in ("width", "height"):
+            value = getattr(p, name)
+            if value is not None and value > b.max_side:
+                raise _too(name, f"{name} {value} is over the limit of {b.max_side}")
+            if value is not None and value % 2:
+                raise _too(name, f"{name} {value} must be even (H.264/VP9 in yuv420p)")
+        if p.max_side is not None and (p.width is not None or p.height is not None):
+            raise _too("max_side", "give max_side or width/height, not both")
         if p.target_size_mb is not None and p.format == "gif":
             raise _too("target_size_mb", "target_size_mb is not supported for gif (use max_side or fps)")
     if isinstance(p, TrimParams):
@@ -272,7 +295,27 @@ def infer_output(op: str, params: _Params | dict[str, Any], inputs: list[MediaIn
                              f"{bounds.max_duration_s:g} s", field=_long_field(op))
     if out.fps is not None and out.fps > bounds.max_fps + 1e-6:
         raise OperationError(f"{op}: the output is {out.fps:g} fps, over {bounds.max_fps}", field=_main_field(op))
+    _work_budget(op, out, bounds)
     return out
+
+
+def _work_budget(op: str, out: MediaInfo, bounds: OperationBounds) -> None:
+    """Refuse work that cannot finish in its time limit (a 422 before any charge, not a timeout later).
+
+    The measure is the output's width x height x frames: every video op is bounded by
+    ``max_pixel_frames``, interpolate (minterpolate's motion search, the slowest by far) by
+    ``max_interpolate_pixel_frames``.
+    """
+    if out.kind != "video" or not out.num_frames:
+        return
+    work = out.width * out.height * out.num_frames
+    field = "scale" if op == "upscale" else _long_field(op)
+    if op == "interpolate" and work > bounds.max_interpolate_pixel_frames:
+        raise OperationError(f"interpolate: {out.width}x{out.height} x {out.num_frames} frames is over the work "
+                             f"budget of {bounds.max_interpolate_pixel_frames:g} pixel-frames", field=field)
+    if work > bounds.max_pixel_frames:
+        raise OperationError(f"{op}: {out.width}x{out.height} x {out.num_frames} frames is over the work "
+                             f"budget of {bounds.max_pixel_frames:g} pixel-frames", field=field)
 
 
 def _main_field(op: str) -> str:
@@ -314,8 +357,10 @@ def _infer(op: str, p: _Params, inputs: list[MediaInfo], *, audio_s: float | Non
         return video_info(width, height, last - first, fps, has_audio=src.has_audio)
     if isinstance(p, LoopParams):
         cycle = loop_cycle(p, n)
-        if cycle > bounds.max_buffered_frames:
-            raise OperationError(f"loop: the clip has {cycle} frames a cycle, over {bounds.max_buffered_frames}",
+        held = loop_held_frames(p, n) * width * height
+        if held > bounds.max_buffered_pixels:
+            raise OperationError(f"loop: {width}x{height} x {loop_held_frames(p, n)} frames held in memory is "
+                                 f"over {bounds.max_buffered_pixels:g} pixels (a shorter or smaller clip fits)",
                                  field="video")
         return video_info(width, height, cycle * p.count, fps)
     if isinstance(p, ConcatParams):
@@ -330,7 +375,12 @@ def _infer(op: str, p: _Params, inputs: list[MediaInfo], *, audio_s: float | Non
         return video_info(width, height, n, fps, has_audio=True)
     if isinstance(p, ExportParams):
         w, h = (src.width, src.height)
-        if p.max_side is not None or p.format != "gif":
+        if p.width is not None or p.height is not None:
+            w, h = export_size(p, w, h)
+            if max(w, h) > bounds.max_side:
+                raise OperationError(f"export: {w}x{h} is over {bounds.max_side} px a side",
+                                     field="width" if p.width is None else "height")
+        elif p.max_side is not None or p.format != "gif":
             w, h = even_fit(w, h, p.max_side or max(w, h))
         out_fps: float = p.fps if p.fps is not None else fps
         if p.format == "gif" and out_fps > GIF_MAX_FPS:
@@ -338,8 +388,39 @@ def _infer(op: str, p: _Params, inputs: list[MediaInfo], *, audio_s: float | Non
                                  f"give fps", field="fps")
         info = video_info(w, h, frames_at(n, fps, out_fps), out_fps,
                           has_audio=src.has_audio and p.format != "gif", format=p.format)
+        if p.target_size_mb is not None and target_bitrate(p.target_size_mb, info) < MIN_VIDEO_BPS:
+            floor_mb = (MIN_VIDEO_BPS + (AUDIO_BPS if info.has_audio else 0)) * _seconds(info) / (8e6 * 0.92)
+            raise OperationError(f"target_size_mb {p.target_size_mb:g} cannot be met for {_seconds(info):g} s at the "
+                                 f"{MIN_VIDEO_BPS // 1000} kb/s floor (at least {floor_mb:.3g} MB)",
+                                 field="target_size_mb")
         return info
     raise OperationError(f"unknown operation {op!r}", field="op")  # pragma: no cover
+
+
+MIN_VIDEO_BPS = 64_000    # an export's video bitrate floor
+MAX_VIDEO_BPS = 20_000_000
+AUDIO_BPS = 128_000
+
+
+def _seconds(out: MediaInfo) -> float:
+    return max(out.duration_s or 0.0, 0.04)
+
+
+def target_bitrate(target_size_mb: float, out: MediaInfo) -> float:
+    """The video bits per second that fill ``target_size_mb`` (8 % container slack, the sound's share off)."""
+    return target_size_mb * 8_000_000 * 0.92 / _seconds(out) - (AUDIO_BPS if out.has_audio else 0)
+
+
+def export_size(p: ExportParams, width: int, height: int) -> tuple[int, int]:
+    """The exact frame size of an export given ``width`` and/or ``height`` (the missing side by aspect, even)."""
+    if p.width is not None and p.height is not None:
+        return p.width, p.height
+    if p.width is not None:
+        h = max(2, round_half_up(height * p.width / width))
+        return p.width, h - h % 2
+    assert p.height is not None
+    w = max(2, round_half_up(width * p.height / height))
+    return w - w % 2, p.height
 
 
 def trim_frames(p: TrimParams, num_frames: int, fps: float) -> tuple[int, int]:
@@ -361,6 +442,12 @@ def loop_cycle(p: LoopParams, num_frames: int) -> int:
     if p.mode == "boomerang" and num_frames > 2:
         return 2 * num_frames - 2
     return num_frames
+
+
+def loop_held_frames(p: LoopParams, num_frames: int) -> int:
+    """Frames ffmpeg holds at once: the loop filter's cycle, plus boomerang's reverse buffer (n)."""
+    cycle = loop_cycle(p, num_frames)
+    return cycle + (num_frames if cycle != num_frames else 0)
 
 
 def concat_frames(inputs: list[MediaInfo], fps: float) -> list[int]:

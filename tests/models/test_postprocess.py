@@ -33,9 +33,9 @@ from models.postprocess import (
     probe_audio,
     run_operation,
 )
-from models.postprocess.catalog import DEFAULT_PATH
-from models.postprocess.ops import _bitrate
-from models.postprocess.spec import ExportParams
+from models.postprocess.catalog import DEFAULT_PATH, default_bounds
+from models.postprocess.ops import _bitrate, _mark_image
+from models.postprocess.spec import ExportParams, WatermarkParams
 
 STEP = 15  # red level per frame in the test clips: frame i is red = i * STEP
 
@@ -158,6 +158,11 @@ CASES: list[tuple[str, dict[str, Any], list[str], dict[str, str], str, list[int]
     ("concat", {"crossfade_s": 0.25}, ["odd", "c9"], {}, "h264", None),
     ("export", {"format": "gif"}, ["odd"], {}, "gif", None),
     ("export", {"format": "webm"}, ["odd"], {}, "vp9", None),
+    # an exact frame size: pad, crop, stretch; one side given (the other by aspect)
+    ("export", {"format": "mp4", "width": 96, "height": 48}, ["c9"], {}, "h264", None),
+    ("export", {"format": "webm", "width": 48, "height": 96, "fit": "cover"}, ["small12"], {}, "vp9", None),
+    ("export", {"format": "gif", "width": 40, "height": 64, "fit": "stretch"}, ["c9"], {}, "gif", None),
+    ("export", {"format": "mp4", "height": 48}, ["small12"], {}, "h264", None),
 ]
 
 
@@ -511,3 +516,134 @@ def test_catalog_shipped_and_strict(tmp_path: Path) -> None:
     with pytest.raises(OperationCatalogError, match="export"):
         load_operation_catalog(missing)
 
+
+
+# --- review fixes: bounded memory, work budgets, exact export sizes, a bounded probe ---------------
+
+
+def test_gif_export_is_two_bounded_runs(media: dict[str, Path], tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """palettegen to a PNG, then paletteuse reading it: no split of the whole stream (which holds every frame)."""
+    commands: list[list[str]] = []
+    monkeypatch.setattr(ff, "_on_spawn", lambda proc: commands.append([str(a) for a in proc.args]))
+    fractions: list[float] = []
+    params = {"format": "gif", "max_side": 48}
+    result = run_operation("export", params, [media["c9"]], tmp_path, on_progress=fractions.append)
+    assert len(commands) == 2
+    first, second = ("\x00".join(c) for c in commands)
+    assert "palettegen" in first and "paletteuse" not in first and "split" not in first
+    assert "paletteuse" in second and "palettegen" not in second and "split" not in second
+    palette = commands[0][-1]
+    assert palette.endswith(".png") and palette in commands[1]  # the second run reads the first's PNG
+    assert fractions == sorted(fractions) and fractions[0] == 0.0 and fractions[-1] == 1.0 and 0.5 in fractions
+    assert sorted(p.name for p in tmp_path.iterdir()) == [result.path.name]  # the palette is removed
+    got, expected = probe(result.path), infer_output("export", params, [probe(media["c9"])])
+    assert (got.format, got.width, got.height, got.num_frames) == ("gif", expected.width, expected.height,
+                                                                   expected.num_frames)
+
+
+def _clip(width: int, height: int, num_frames: int, fps: float) -> MediaInfo:
+    return MediaInfo(kind="video", width=width, height=height, num_frames=num_frames, fps=fps,
+                     duration_s=num_frames / fps)
+
+
+def test_loop_is_bounded_by_pixels_held() -> None:
+    """1.5e9 pixels held: forward holds a cycle (n), boomerang its reverse buffer too (n + 2n - 2)."""
+    assert default_bounds().max_buffered_pixels == 1.5e9
+    assert infer_output("loop", {"count": 2}, [_clip(1000, 1000, 1500, 60)]).num_frames == 3000
+    with pytest.raises(OperationError) as err:
+        infer_output("loop", {"count": 2}, [_clip(1000, 1000, 1501, 60)])
+    assert (err.value.code, err.value.field) == ("invalid_input", "video")
+    boomerang = {"count": 2, "mode": "boomerang"}
+    assert infer_output("loop", boomerang, [_clip(1000, 1000, 500, 60)]).num_frames == 2 * 998  # 1498 held
+    with pytest.raises(OperationError) as err:
+        infer_output("loop", boomerang, [_clip(1000, 1000, 501, 60)])  # 1501 held
+    assert err.value.field == "video"
+    assert infer_output("loop", {"count": 2}, [_clip(64, 64, 1300, 60)]).num_frames == 2600  # small: many frames
+
+
+def test_work_budgets_refuse_what_cannot_finish() -> None:
+    """interpolate: output w x h x frames <= 8e8; every video op: <= 4e9 (a 422 before any charge)."""
+    assert infer_output("interpolate", {"fps": 60}, [_clip(1024, 576, 361, 16)]).num_frames == 1354
+    with pytest.raises(OperationError) as err:
+        infer_output("interpolate", {"fps": 60}, [_clip(1024, 576, 362, 16)])  # 1358 x 589824 > 8e8
+    assert (err.value.code, err.value.field) == ("invalid_input", "fps")
+    assert infer_output("upscale", {"scale": 2}, [_clip(1024, 1024, 953, 16)]).width == 2048
+    with pytest.raises(OperationError) as err:
+        infer_output("upscale", {"scale": 2}, [_clip(1024, 1024, 954, 16)])  # 954 x 2048^2 > 4e9
+    assert (err.value.code, err.value.field) == ("invalid_input", "scale")
+    with pytest.raises(OperationError) as err:
+        infer_output("trim", {"start_s": 0}, [_clip(2048, 2048, 954, 16)])
+    assert err.value.field == "video"
+
+
+def test_watermark_text_is_rendered_no_larger_than_the_clip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 100-char text at size 0.5 on 2048 px: measured small and scaled, never a 97670 px wide image."""
+    sizes: list[tuple[int, int]] = []
+    real_new = Image.new
+
+    def new(mode: str, size: tuple[int, int], *args: Any, **kwargs: Any) -> Image.Image:
+        sizes.append(tuple(size))
+        return real_new(mode, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "new", new)
+    clip = _clip(2048, 2048, 9, 8)
+    path, x, y = _mark_image(WatermarkParams(text="W" * 100, size=0.5), clip, None, tmp_path)
+    assert max(w * h for w, h in sizes) <= 2048 * 2048
+    with Image.open(path) as mark:
+        assert mark.width <= 2048 and mark.height <= 2048 and mark.width > 1000  # fills the width
+    short, _, _ = _mark_image(WatermarkParams(text="hi", size=0.5), _clip(256, 256, 9, 8), None, tmp_path)
+    with Image.open(short) as mark:
+        assert mark.height >= 0.4 * 256  # a short text keeps its size
+
+
+def test_export_exact_size_params() -> None:
+    src = [_clip(64, 48, 9, 8)]
+    assert infer_output("export", {"width": 32, "height": 64, "fit": "cover"}, src).model_dump(
+        include={"width", "height"}) == {"width": 32, "height": 64}
+    assert (infer_output("export", {"width": 32}, src).height, infer_output("export", {"height": 32}, src).width) == (
+        24, 42)
+    for params, field in [({"width": 33}, "width"), ({"height": 4096}, "height"),
+                          ({"width": 32, "max_side": 32}, "max_side"), ({"fit": "zoom", "width": 32}, "fit")]:
+        with pytest.raises(OperationError) as err:
+            infer_output("export", params, src)
+        assert err.value.field == field, params
+    with pytest.raises(OperationError) as err:
+        infer_output("export", {"height": 2048}, [_clip(4096, 1024, 9, 8)])  # width by aspect: 8192
+    assert err.value.field == "width"
+
+
+def test_export_target_size_under_the_bitrate_floor_is_refused() -> None:
+    """64 kb/s for 10 s is ~0.087 MB: a 0.05 MB target is refused, not silently overshot."""
+    ten_s = _clip(64, 64, 80, 8)
+    assert infer_output("export", {"target_size_mb": 0.1}, [ten_s]).format == "mp4"
+    for clip, mb in [(ten_s, 0.05), (ten_s.model_copy(update={"has_audio": True}), 0.2)]:
+        with pytest.raises(OperationError) as err:
+            infer_output("export", {"format": "webm", "target_size_mb": mb}, [clip])
+        assert (err.value.code, err.value.field) == ("invalid_input", "target_size_mb")
+
+
+def test_probe_refuses_a_playlist_posing_as_a_video(media: dict[str, Path], tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """probe() reads as _input() does (file protocol, whitelisted demuxers) under a time limit."""
+    (tmp_path / "real.mp4").write_bytes(media["c9"].read_bytes())
+    playlist = tmp_path / "list.mp4"
+    playlist.write_text("ffconcat version 1.0\nfile real.mp4\n")
+    hls = tmp_path / "hls.mp4"
+    hls.write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:1.125,\n{tmp_path / 'real.mp4'}\n#EXT-X-ENDLIST\n")
+    commands: list[list[str]] = []
+    real_run = subprocess.run
+
+    def run(cmd: list[str], *args: Any, **kwargs: Any) -> subprocess.CompletedProcess[bytes]:
+        commands.append([str(a) for a in cmd])
+        return real_run(cmd, *args, **kwargs)
+
+    monkeypatch.setattr(ff.subprocess, "run", run)
+    for evil in (playlist, hls):
+        with pytest.raises(OperationError) as err:
+            probe(evil)
+        assert err.value.code == "input_unreadable"
+    assert commands and all("-protocol_whitelist" in c and "-format_whitelist" in c for c in commands)
+    with pytest.raises(OperationFailed) as timed:
+        probe(tmp_path / "real.mp4", timeout_s=1e-6)
+    assert timed.value.code == "postprocess_timeout"

@@ -302,6 +302,17 @@ async def test_an_ffmpeg_failure_is_retryable(server: PostprocessServer, monkeyp
     assert server.stats()["jobs"]["job_e4"]["state"] == "failed"
 
 
+async def test_an_ffmpeg_timeout_is_not_retryable(server: PostprocessServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Work past its time limit would time out again on every attempt: failed once, not retried for free."""
+    def too_slow(*args: Any, **kwargs: Any) -> OperationResult:
+        raise OperationFailed("ffmpeg ran past its time limit of 600 s", code="postprocess_timeout")
+
+    monkeypatch.setattr(models.postprocess, "run_operation", too_slow)
+    events = await collect(server, request("job_e5", "upscale", {"image_key": put_image(server), "scale": 2}))
+    assert events[-1]["type"] == "error"
+    assert events[-1]["code"] == "postprocess_timeout" and events[-1]["retryable"] is False
+
+
 async def test_the_fail_hook_fails_one_run_retryably_then_the_next_attempt_runs(
         server: PostprocessServer, hooks: Path) -> None:
     (hooks / "job_f1.fail").write_text("")
