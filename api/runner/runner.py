@@ -41,7 +41,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -71,13 +71,16 @@ from api.runner.preview_notify import PreviewThrottle
 from api.services.events import EventBus, record_event
 from api.services.notify import MAX_PAYLOAD_BYTES, Notifier, call_on_loop, wait_event
 from api.services.settlement import (
+    Announcement,
     announce,
     finish_job,
     locked_job,
     output_prefix,
+    publish_all,
     reclaim_expired,
     release_job,
     requeue_job,
+    take_announcements,
 )
 from api.settings import Settings
 from api.storage.base import Storage
@@ -109,6 +112,7 @@ class Settled:
     status: str
     recorded: list[Recorded]
     due: float | None = None
+    others: list[Announcement] = field(default_factory=list)  # a step's pipeline, the siblings it ended
 
 
 def coalesce(pending: list[ExecutorEvent], event: ExecutorEvent) -> None:
@@ -496,14 +500,21 @@ class Runner:
                     continue  # another runner took it
                 session.execute(update(User).where(User.id == user_id).values(last_served_at=now)
                                 .execution_options(synchronize_session=False))
+                if job.parent_id is not None:  # a pipeline's step: a waiting pipeline starts running
+                    from api.services.pipelines import on_step_claimed  # lazy: keeps imports light
+
+                    if not on_step_claimed(session, job):
+                        # its pipeline ended (e.g. a sibling failed while it was requeued): never run
+                        logger.warning("step %s claimed after its pipeline ended: canceled", job.id)
+                        finish_job(session, self.storage, job, JobStatus.CANCELED, None, self.metrics)
+                        session.commit()
+                        publish_all(self.bus, [(job.id, "completed", {"status": job.status}),
+                                               *take_announcements(session)])
+                        continue
                 data: dict[str, Any] = {"status": job.status, "stage": job.stage, "attempt": job.attempts}
                 if not first:
                     data["resumed"] = True  # claimed before (a handover keeps attempt 1): no second "start"
                 record_event(session, job.id, "status", data)
-                if job.parent_id is not None:  # a pipeline's step: a waiting pipeline starts running
-                    from api.services.pipelines import on_step_claimed  # lazy: keeps imports light
-
-                    on_step_claimed(session, job)
                 session.commit()
                 self._lease_deadline[job.id] = claimed_at + self.settings.lease_s
                 self.bus.publish(job.id, "start" if job.attempts == 1 and first else "status",
@@ -668,6 +679,7 @@ class Runner:
             self.bus.publish(job_id, "completed" if terminal else "status", {"status": settled.status})
         except Exception:  # noqa: BLE001 - listeners also poll; the settlement is committed
             logger.warning("announcing job %s failed", job_id, exc_info=True)
+        publish_all(self.bus, settled.others)
         if settled.due is not None:
             self._add_due(settled.due)  # its backoff: this runner wakes when it ends
 
@@ -924,7 +936,7 @@ class Runner:
                 job.result = dict(done.result)
                 finish_job(session, self.storage, job, JobStatus.SUCCEEDED, None, self.metrics)
             session.commit()
-            return Settled(job.status, recorded)
+            return Settled(job.status, recorded, others=take_announcements(session))
 
     def _settle_error(self, job_id: str, error: ErrorEvent, *, trusted: bool = False,
                       pending: list[ExecutorEvent] | None = None) -> Settled:
@@ -944,7 +956,7 @@ class Runner:
             else:
                 finish_job(session, self.storage, job, JobStatus.FAILED, error, self.metrics, trusted=trusted)
             session.commit()
-            return Settled(job.status, recorded, due)
+            return Settled(job.status, recorded, due, take_announcements(session))
 
     def _announce(self, job_id: str) -> None:
         announce(self.db, self.bus, job_id)

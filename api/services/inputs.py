@@ -35,6 +35,28 @@ def _owners(job: Job) -> tuple[str, ...]:
     return (job.user_id, job.submitted_by) if job.submitted_by else (job.user_id,)
 
 
+def output_media(source: Job) -> dict[str, Any] | None:
+    """A finished job's first output as a MediaInfo dict, its kind taken from the output itself
+    (``video/*``, or a GIF with frames: video; another ``image/*``: image), so a pipeline's MP4
+    is a video; None when the job has no media output (a training job's weights)."""
+    if not source.outputs:
+        return None
+    first = source.outputs[0]
+    content_type = str(first.get("content_type") or "").lower()
+    if content_type.startswith("video/") or (content_type == "image/gif" and first.get("num_frames")):
+        kind = "video"
+    elif content_type.startswith("image/"):
+        kind = "image"
+    elif not content_type and source.kind in ("image", "video"):  # an output recorded without a type
+        kind = source.kind
+    else:
+        return None
+    return {"kind": kind, "width": int(first.get("width") or 0), "height": int(first.get("height") or 0),
+            "num_frames": first.get("num_frames"), "fps": first.get("fps"),
+            "duration_s": first.get("duration_s"), "has_audio": bool(first.get("has_audio")),
+            "format": content_type.split("/")[-1] or None}
+
+
 class InputResolver:
     def __init__(self, db: Database, settings: Settings, storage: Storage, catalog: Catalog) -> None:
         self.db = db
@@ -112,14 +134,11 @@ class InputResolver:
                 source = session.get(Job, ref[4:])
                 if source is None or source.user_id not in _owners(job) or not source.outputs:
                     raise InvalidInput(f"input.{field}: job {ref[4:]} has no output", {"field": field})
-                first = source.outputs[0]
-                content_type = str(first.get("content_type") or "")
-                info = {"kind": "video" if source.kind == "video" else "image",
-                        "width": first.get("width") or 0, "height": first.get("height") or 0,
-                        "num_frames": first.get("num_frames"), "fps": first.get("fps"),
-                        "duration_s": first.get("duration_s"), "has_audio": bool(first.get("has_audio")),
-                        "format": content_type.split("/")[-1] or None}
-                return first["key"], info
+                info = output_media(source)
+                if info is None:
+                    raise InvalidInput(f"input.{field}: job {ref[4:]} has no image or video output",
+                                       {"field": field})
+                return source.outputs[0]["key"], info
             upload = session.get(Upload, ref)
         if upload is None or upload.user_id not in _owners(job):
             raise InvalidInput(f"input.{field}: upload {ref} not found", {"field": field})

@@ -438,6 +438,18 @@ class JobService:
             if job.status in ACTIVE:
                 raise Conflict("the job is still active: cancel it first", {"status": job.status},
                                code="job_active")
+            if job.parent_id is not None:  # a pipeline's step: later steps read its outputs
+                parent = session.get(Job, job.parent_id)
+                if parent is not None and parent.status in ACTIVE:
+                    raise Conflict("the job's pipeline is still active (its outputs feed later steps): "
+                                   "cancel it first", {"status": parent.status, "pipeline": parent.id},
+                                   code="job_active")
+                last = session.execute(select(func.max(Job.step_index)).where(
+                    Job.parent_id == job.parent_id)).scalar()
+                if parent is not None and job.step_index == last:  # the pipeline's outputs are these
+                    parent.outputs = []
+                    parent.outputs_deleted_at = utcnow()
+                    session.add(parent)
             if job.kind == "pipeline":  # its outputs are its steps' (the last step's are its own)
                 steps = session.execute(select(Job).where(Job.parent_id == job.id)).scalars().all()
                 for step in steps:

@@ -20,7 +20,14 @@ from api.db.engine import Database
 from api.db.tables import Job, User, utcnow
 from api.services.billing import BillingService, stripe_managed_accounts
 from api.services.events import EventBus
-from api.services.settlement import delete_job_outputs, finish_job, locked_job, reclaim_expired
+from api.services.settlement import (
+    delete_job_outputs,
+    finish_job,
+    locked_job,
+    publish_all,
+    reclaim_expired,
+    take_announcements,
+)
 from api.services.users import grant_plan_month
 from api.settings import Settings
 from api.storage.base import Storage
@@ -130,8 +137,10 @@ class Maintenance:
                            ErrorEvent("queue_timeout", f"no worker started this job within "
                                       f"{self.settings.stuck_job_s:.0f} s; credits refunded"))
                 session.commit()
+                others = take_announcements(session)  # a step's pipeline and the siblings it ended
             report.stuck_failed += 1
             self.bus.publish(job_id, "completed", {"status": "failed"})
+            publish_all(self.bus, others)
 
     def reconcile_pipelines(self, report: MaintenanceReport) -> None:
         """A pipeline still active whose steps have all ended is ended too (a safety net: each

@@ -50,8 +50,9 @@ from api.core.pipelines import (
 from api.db.tables import Job, Upload, User, utcnow
 from api.services import teams
 from api.services.events import PIPELINE_WEBHOOK_EVENTS, record_event
+from api.services.inputs import output_media
 from api.services.jobs import JobService, Submission, check_project
-from api.services.settlement import finish_job, locked_job
+from api.services.settlement import announce_later, finish_job, locked_job, publish_all, take_announcements
 from api.storage.base import Storage
 
 logger = logging.getLogger(__name__)
@@ -125,15 +126,11 @@ def request_hash(sub: PipelineSubmission) -> str:
 
 
 def _media_from_output(source: Job) -> Any:
+    """The MediaInfo of a finished job's output (:func:`api.services.inputs.output_media`), or None."""
     from models.postprocess import MediaInfo
 
-    first = source.outputs[0]
-    content_type = str(first.get("content_type") or "")
-    return MediaInfo(kind="video" if source.kind == "video" else "image",
-                     width=int(first.get("width") or 0), height=int(first.get("height") or 0),
-                     num_frames=first.get("num_frames"), fps=first.get("fps"),
-                     duration_s=first.get("duration_s"), has_audio=bool(first.get("has_audio")),
-                     format=content_type.split("/")[-1] or None)
+    info = output_media(source)
+    return MediaInfo(**info) if info is not None else None
 
 
 class _Checker:
@@ -165,7 +162,12 @@ class _Checker:
             if source.status != JobStatus.SUCCEEDED or not source.outputs:
                 raise step_error(f"step {step.name!r}: input.{field_}: job {ref[4:]} is not a finished job "
                                  "with an output", step.name, field_, status=source.status)
-            return _media_from_output(source)
+            media = _media_from_output(source)
+            if media is None:
+                raise step_error(f"step {step.name!r}: input.{field_}: job {ref[4:]} ({source.kind}) has no "
+                                 f"image or video output", step.name, field_, "pipeline_kind_mismatch",
+                                 expected=kinds, got=source.kind)
+            return media
         upload = self.session.get(Upload, ref)
         if upload is None or not self._owned(upload.user_id):
             raise step_error(f"step {step.name!r}: input.{field_}: upload {ref} not found", step.name, field_)
@@ -198,6 +200,12 @@ class _Checker:
     def check_text(self, step: Step, texts: list[str]) -> None:
         if texts:
             check_content_policy(texts, self.jobs.settings.content_policy_words)
+
+    def upscaler(self, step: Step, model: str | None) -> str | None:
+        upscalers = [s.id for s in self.jobs.catalog.enabled() if "upscale" in s.tasks]
+        if model is not None:
+            return model if model in upscalers else None
+        return upscalers[0] if upscalers else None
 
 
 class PipelineService:
@@ -438,6 +446,7 @@ def end_parent(session: Session, parent: Job, status: JobStatus, children: list[
     _sum_credits(parent, children)
     record_event(session, parent.id, "status", {"status": parent.status, "stage": parent.stage})
     record_event(session, parent.id, "completed", {"status": parent.status})
+    announce_later(session, parent.id, "completed", {"status": parent.status})
     logger.info("pipeline %s %s (charged %d, refunded %d)", parent.id, parent.status,
                 parent.credits_charged, parent.credits_refunded)
 
@@ -451,11 +460,13 @@ def _end_unfinished(session: Session, storage: Storage, children: list[Job], met
             locked = locked_job(session, child.id) or child
             if locked.status in (JobStatus.WAITING, JobStatus.QUEUED):
                 finish_job(session, storage, locked, JobStatus.CANCELED, None, metrics)
+                announce_later(session, locked.id, "completed", {"status": locked.status})
         elif child.status == JobStatus.RUNNING and not child.cancel_requested:
             locked = locked_job(session, child.id) or child
             locked.cancel_requested = True
             locked.updated_at = utcnow()
             record_event(session, locked.id, "logs", {"message": "cancel requested (the pipeline ended)"})
+            announce_later(session, locked.id, "cancel", {})
             asked.append(locked.id)
     return asked
 
@@ -519,13 +530,20 @@ def release_ready(session: Session, children: list[Job]) -> list[Job]:
     return released
 
 
-def on_step_claimed(session: Session, job: Job) -> None:
-    """A runner claimed a step (its claim's transaction): a waiting pipeline starts running."""
+def on_step_claimed(session: Session, job: Job) -> bool:
+    """A runner claimed a step (its claim's transaction): a waiting pipeline starts running.
+
+    False when the step must not run: its pipeline has ended (or is gone), e.g. a step requeued
+    after a retryable error while a sibling's failure ended the pipeline; the caller ends it
+    canceled (refunded) instead of driving it.
+    """
     if job.parent_id is None:
-        return
+        return True
     parent = locked_job(session, job.parent_id)
-    if parent is None or parent.status != JobStatus.WAITING:
-        return
+    if parent is None or parent.status in TERMINAL:
+        return False
+    if parent.status != JobStatus.WAITING:
+        return True
     now = utcnow()
     parent.status = JobStatus.RUNNING.value
     parent.stage = "running"
@@ -534,6 +552,7 @@ def on_step_claimed(session: Session, job: Job) -> None:
     parent.updated_at = now
     parent.attempts = 1
     record_event(session, parent.id, "status", {"status": "running", "stage": "running", "attempt": 1})
+    return True
 
 
 def cancel_locked(session: Session, jobs: JobService, job: Job) -> Job:
@@ -550,13 +569,9 @@ def cancel_locked(session: Session, jobs: JobService, job: Job) -> Job:
     finally:
         ending.discard(parent.id)
     end_parent(session, parent, JobStatus.CANCELED, children)
-    ended = [c.id for c in children if c.status in TERMINAL]
     session.commit()
-    for step_id in asked:
-        jobs.bus.publish(step_id, "cancel", {})
-    for step_id in ended:
-        jobs.bus.publish(step_id, "completed", {"status": "canceled"})
-    jobs.bus.publish(parent.id, "completed", {"status": parent.status})
+    # the steps asked to stop ("cancel"), those ended now and the pipeline ("completed")
+    publish_all(jobs.bus, take_announcements(session))
     logger.info("pipeline %s canceled (%d steps asked to stop)", parent.id, len(asked))
     return job
 

@@ -41,11 +41,41 @@ def output_prefix(user_id: str, job_id: str) -> str:
 
 
 def locked_job(session: Session, job_id: str) -> Job | None:
-    """The job row, locked for update on PostgreSQL (SQLite already holds the write lock)."""
-    query = select(Job).where(Job.id == job_id)
+    """The job row, locked for update on PostgreSQL (SQLite already holds the write lock).
+
+    ``populate_existing``: a row already in the session is reloaded, so what the caller sees is
+    what the lock protects (after waiting for it, another transaction may have changed the row).
+    """
+    query = select(Job).where(Job.id == job_id).execution_options(populate_existing=True)
     if is_postgres(session.get_bind()):
         query = query.with_for_update()
     return session.execute(query).scalars().first()
+
+
+_ANNOUNCE = "cineweave_announce"  # session.info: what to publish on the bus once committed
+Announcement = tuple[str, str, dict[str, Any]]
+
+
+def announce_later(session: Session, job_id: str, type_: str, data: dict[str, Any]) -> None:
+    """Queue a bus publication for a job this transaction changed besides the caller's own (a
+    pipeline's parent, the steps it ended); the committer publishes them (:func:`publish_all`)."""
+    session.info.setdefault(_ANNOUNCE, []).append((job_id, type_, data))
+
+
+def take_announcements(session: Session) -> list[Announcement]:
+    """The publications queued in this session (and forget them): call after the commit."""
+    return list(session.info.pop(_ANNOUNCE, []))
+
+
+def publish_all(bus: EventBus | None, announcements: list[Announcement]) -> None:
+    """Publish committed changes; a failure is logged (listeners also poll)."""
+    if bus is None:
+        return
+    for job_id, type_, data in announcements:
+        try:
+            bus.publish(job_id, type_, data)
+        except Exception:  # noqa: BLE001 - listeners also poll; the change is committed
+            logger.warning("announcing job %s failed", job_id, exc_info=True)
 
 
 def reclaim_expired(db: Database, settings: Settings, storage: Storage, bus: EventBus,
@@ -62,7 +92,8 @@ def reclaim_expired(db: Database, settings: Settings, storage: Storage, bus: Eve
             Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < now)).scalars().all()
     for job_id in stale:
         try:
-            if not _reclaim_one(db, settings, storage, job_id, now, metrics):
+            others = _reclaim_one(db, settings, storage, job_id, now, metrics)
+            if others is None:
                 continue
         except Exception:  # noqa: BLE001 - one bad job must not stop the pass
             logger.exception("reclaiming job %s failed; trying again on the next pass", job_id)
@@ -72,17 +103,19 @@ def reclaim_expired(db: Database, settings: Settings, storage: Storage, bus: Eve
             announce(db, bus, job_id)
         except Exception:  # noqa: BLE001 - listeners also poll; the reclaim is committed
             logger.warning("announcing reclaimed job %s failed", job_id, exc_info=True)
+        publish_all(bus, others)  # a step's pipeline and the siblings its end ended
     return reclaimed
 
 
 def _reclaim_one(db: Database, settings: Settings, storage: Storage, job_id: str, now: datetime,
-                 metrics: Any) -> bool:
-    """Reclaim one expired job (if it still is); True when it was."""
+                 metrics: Any) -> list[Announcement] | None:
+    """Reclaim one expired job (if it still is); None when it was not, else what else to announce
+    (a step's pipeline and siblings its end changed)."""
     with db.lease_session() as session:
         job = locked_job(session, job_id)
         if job is None or job.status != JobStatus.RUNNING or not job.lease_expires_at \
                 or job.lease_expires_at >= now:
-            return False
+            return None
         logger.warning("lease of job %s (runner %s) expired; reclaiming", job.id, job.lease_owner)
         if job.cancel_requested:
             finish_job(session, storage, job, JobStatus.CANCELED, None, metrics)
@@ -95,7 +128,7 @@ def _reclaim_one(db: Database, settings: Settings, storage: Storage, job_id: str
             finish_job(session, storage, job, JobStatus.FAILED,
                        ErrorEvent("worker_lost", "the worker running this job stopped", True), metrics)
         session.commit()
-    return True
+        return take_announcements(session)
 
 
 def _reattach_where_it_ran(job: Job, run_goes_on: bool) -> None:

@@ -546,6 +546,9 @@ def image_keys(session: Session, user_id: str, ids: list[str]) -> list[dict[str,
             raise InvalidInput(f"upload {upload_id} not found", {"field": "images"})
         if upload.kind == "dataset":
             out.extend({"key": e["key"], "caption": e.get("caption")} for e in upload.meta.get("images", []))
-        else:
+        elif upload.kind == "image":
             out.append({"key": upload.key, "caption": None})
+        else:  # an audio or video upload is no training image
+            raise InvalidInput(f"upload {upload_id} is {upload.kind}, not an image or a dataset",
+                               {"field": "images", "upload": upload_id, "kind": upload.kind})
     return out

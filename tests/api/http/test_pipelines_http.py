@@ -394,3 +394,51 @@ async def test_a_failed_step_fails_the_pipeline_and_names_it(make_api: Any, stor
     assert view["credits"] == {"reserved": created["credits"]["reserved"], "charged": charged,
                                "refunded": created["credits"]["reserved"] - charged}
     assert balance(api.db, user.user.id).available == 1000 - charged
+
+
+async def test_canceling_a_waiting_step_cancels_the_pipeline_and_refunds_the_undelivered(
+        make_api: Any, storage: Any) -> None:
+    gate = threading.Event()
+    executor = FakeExecutor(storage=storage, gates={"hold": gate})
+    api = await make_api(executor=executor)
+    user = api.user(credits=1000)
+    steps = [STILL, {**MOTION, "input": {"prompt": "hold", "image": "step:still"}}, FX]
+    created = (await submit(api, user.api_key, steps)).json()
+    still_id, motion_id, fx_id = (s["job_id"] for s in created["steps"])
+    try:
+        await wait_until(lambda: any(run.job_id == motion_id for run in executor.runs), 20, what="step 2 running")
+        r = await api.client.post(f"/v1/jobs/{fx_id}/cancel", headers=bearer(user.api_key))  # fx is waiting
+        assert r.status_code == 200, r.text
+        for step_id in (still_id, motion_id, fx_id):
+            await wait_job(api.db, step_id, timeout_s=20)
+    finally:
+        gate.set()
+    view = await finished(api, user.api_key, created["id"])
+    assert view["status"] == "canceled"
+    assert [s["status"] for s in view["steps"]] == ["succeeded", "canceled", "canceled"]
+    charged = view["steps"][0]["credits"]["reserved"]
+    assert view["credits"] == {"reserved": created["credits"]["reserved"], "charged": charged,
+                               "refunded": created["credits"]["reserved"] - charged}
+    for step in view["steps"]:  # one settlement per step: a capture for the delivered one, else a refund
+        kinds = [e.kind for e in ledger_rows(api.db, job_id=step["job_id"]) if e.kind != "reserve"]
+        assert kinds == (["capture"] if step["job_id"] == still_id else ["refund"])
+    assert (balance(api.db, user.user.id).available, balance(api.db, user.user.id).reserved) == (1000 - charged, 0)
+
+
+async def test_canceling_a_queued_step_cancels_the_pipeline_and_refunds_every_step(make_api: Any) -> None:
+    api = await make_api(run_runner=False)
+    user = api.user(credits=1000)
+    created = (await submit(api, user.api_key)).json()
+    still_id = created["steps"][0]["job_id"]
+    assert created["steps"][0]["status"] == "queued"
+    r = await api.client.post(f"/v1/jobs/{still_id}/cancel", headers=bearer(user.api_key))
+    assert r.status_code == 200 and r.json()["status"] == "canceled", r.text
+    view = (await api.client.get(f"/v1/pipelines/{created['id']}", headers=bearer(user.api_key))).json()
+    assert view["status"] == "canceled" and all(s["status"] == "canceled" for s in view["steps"])
+    assert view["credits"] == {"reserved": created["credits"]["reserved"], "charged": 0,
+                               "refunded": created["credits"]["reserved"]}
+    for step in view["steps"]:
+        assert [e.kind for e in ledger_rows(api.db, job_id=step["job_id"]) if e.kind != "reserve"] == ["refund"]
+    assert (balance(api.db, user.user.id).available, balance(api.db, user.user.id).reserved) == (1000, 0)
+    again = await api.client.post(f"/v1/jobs/{still_id}/cancel", headers=bearer(user.api_key))
+    assert again.status_code == 200 and len(ledger_rows(api.db, user.user.id)) == 1 + 3 + 3

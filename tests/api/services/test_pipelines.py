@@ -575,3 +575,180 @@ def test_policy_words_refuse_a_step_before_any_charge(db: Database, settings: Se
     assert (info.value.status, info.value.code) == (422, "content_policy")
     assert info.value.details["step"] == steps[-1]["name"]
     assert job_count(db) == 0 and balance(db, user.user.id).available == 1000
+
+
+# a finished pipeline's output as an op's input: its kind is the output's ------------------------------
+CLIP = {"key": "outputs/a/job_clip/0.mp4", "content_type": "video/mp4", "width": 64, "height": 64,
+        "num_frames": 17, "fps": 8.0, "duration_s": 2.125}
+
+
+def test_an_op_on_a_finished_pipelines_mp4_is_planned_and_priced_as_a_video(
+        pdb: Database, psettings: Settings, storage: LocalStorage, catalog: Catalog, pipelines: PipelineService,
+        alice: NewUser) -> None:
+    with pdb.session() as session:
+        session.add(Job(id="job_pipe", user_id=alice.user.id, model="pipeline", kind="pipeline", task="pipeline",
+                        status="succeeded", outputs=[CLIP]))
+        session.add(Job(id="job_clip", user_id=alice.user.id, model="tiny-wan", kind="video", task="t2v",
+                        status="succeeded", outputs=[CLIP]))
+        session.add(Job(id="job_train", user_id=alice.user.id, model="lora-trainer", kind="training",
+                        task="train", status="succeeded",
+                        outputs=[{"key": "loras/a/w.safetensors", "content_type": "application/octet-stream"}]))
+        session.commit()
+
+    def quote(op: str, source: str, field: str = "video", **params: Any) -> Any:
+        body = {"name": "fx", "op": op, "input": {field: f"job:{source}", **params}}
+        return pipelines.quote(alice.user, PipelineSubmission(steps=[body])).plan.steps[0]
+
+    for op, params in (("upscale", {"scale": 2}), ("trim", {"duration_s": 1})):
+        of_pipeline, of_clip = quote(op, "job_pipe", **params), quote(op, "job_clip", **params)
+        assert of_pipeline.kind == of_pipeline.output.kind == "video", op
+        assert of_pipeline.price == of_clip.price and of_pipeline.output == of_clip.output, op
+    assert quote("upscale", "job_pipe", scale=2).output.num_frames == 17
+    for source, field in (("job_pipe", "image"), ("job_train", "video"), ("job_train", "image")):
+        with pytest.raises(CineWeaveError) as info:  # the clip is no image; a LoRA's weights are no media
+            quote("upscale", source, field, scale=2)
+        assert (info.value.status, info.value.code) == (422, "pipeline_kind_mismatch"), (source, field)
+    # a submitted upscale of it runs on the clip as a video (the resolver says so too)
+    parent, _ = pipelines.submit(alice.user, PipelineSubmission(
+        steps=[{"name": "up", "op": "upscale", "input": {"video": "job:job_pipe", "scale": 2}}]))
+    step = steps_of(pipelines, parent.id)["up"]
+    assert step.kind == "video"
+    resolved = InputResolver(pdb, psettings, storage, catalog)(step)
+    assert resolved["video_key"] == CLIP["key"] and resolved["source_info"]["kind"] == "video"
+    with pytest.raises(CineWeaveError):
+        InputResolver(pdb, psettings, storage, catalog)(
+            Job(user_id=alice.user.id, model="postprocess", kind="video", task="trim",
+                input={"video": "job:job_train"}))
+
+
+# the claim guard: a step whose pipeline ended never runs -----------------------------------------------
+def test_a_queued_step_under_an_ended_pipeline_is_canceled_at_claim_not_run(
+        pdb: Database, pjobs: JobService, pipelines: PipelineService, storage: LocalStorage,
+        alice: NewUser) -> None:
+    """As when a step was requeued (retryable error) while a sibling's failure ended the pipeline
+    (the sibling's transaction saw it running): the claim ends it canceled and refunded."""
+    parent, _ = pipelines.submit(alice.user, PipelineSubmission(steps=FAN_IN[:2]))
+    steps = steps_of(pipelines, parent.id)
+    with pdb.session() as session:  # a failed, b left queued
+        session.execute(update(Job).where(Job.id == parent.id).values(status="failed", stage="failed"))
+        session.commit()
+    heard: list[tuple[str, str]] = []
+    pjobs.bus.add_listener(lambda job_id, type_, _data: heard.append((job_id, type_)))
+    executor = FakeExecutor(storage=storage)
+    runner = runner_for(pjobs, executor)
+    assert runner.claim_next() is None  # neither step is handed out
+    assert runner.claim_next() is None
+    after = steps_of(pipelines, parent.id)
+    assert {n: s.status for n, s in after.items()} == {"a": "canceled", "b": "canceled"}
+    assert all(settlements(pdb, s.id) == ["refund"] for s in steps.values())  # once each
+    assert executor.runs == []
+    assert balance(pdb, alice.user.id).reserved == 0 and balance(pdb, alice.user.id).available == 1000
+    assert {(s.id, "completed") for s in steps.values()} <= set(heard)
+    assert get_job(pdb, parent.id).credits_refunded == sum(s.credits_reserved for s in steps.values())
+
+
+# a step ended by a reclaim or the reaper: its pipeline ends, each step settled once, announced --------
+def _listen(bus: EventBus) -> list[tuple[str, str, dict[str, Any]]]:
+    heard: list[tuple[str, str, dict[str, Any]]] = []
+    bus.add_listener(lambda job_id, type_, data: heard.append((job_id, type_, data)))
+    return heard
+
+
+def _ended_once(pdb: Database, pipelines: PipelineService, parent_id: str, alice: NewUser,
+                heard: list[tuple[str, str, dict[str, Any]]], first: str) -> None:
+    steps = steps_of(pipelines, parent_id)
+    assert steps["still"].status == "failed" and steps["motion"].status == "canceled"
+    assert all(settlements(pdb, s.id) == ["refund"] for s in steps.values())
+    done = get_job(pdb, parent_id)
+    assert (done.status, done.error_code) == ("failed", first)
+    assert done.credits_refunded == done.credits_reserved and done.credits_charged == 0
+    assert balance(pdb, alice.user.id).reserved == 0 and balance(pdb, alice.user.id).available == 1000
+    assert ledger_rows(pdb, job_id=parent_id) == []
+    # listeners of the pipeline and of the sibling it ended hear it on the in-process bus
+    assert (parent_id, "completed", {"status": "failed"}) in heard
+    assert (steps["motion"].id, "completed", {"status": "canceled"}) in heard
+
+
+def test_a_step_reclaimed_with_no_attempts_left_fails_the_pipeline(
+        pdb: Database, psettings: Settings, pjobs: JobService, pipelines: PipelineService,
+        storage: LocalStorage, alice: NewUser) -> None:
+    from api.services.settlement import reclaim_expired
+
+    parent, _ = pipelines.submit(alice.user, PipelineSubmission(steps=STEPS[:2]))
+    runner = runner_for(pjobs, FakeExecutor(storage=storage))
+    claimed = runner.claim_next()
+    assert claimed is not None and claimed.step_name == "still"
+    with pdb.session() as session:  # its runner vanished on its last attempt
+        session.execute(update(Job).where(Job.id == claimed.id).values(
+            attempts=claimed.max_attempts, lease_expires_at=claimed.started_at))
+        session.commit()
+    heard = _listen(pjobs.bus)
+    assert reclaim_expired(pdb, psettings, storage, pjobs.bus) == 1
+    _ended_once(pdb, pipelines, parent.id, alice, heard, "worker_lost")
+    assert reclaim_expired(pdb, psettings, storage, pjobs.bus) == 0
+    assert len(ledger_rows(pdb, alice.user.id)) == 1 + 2 + 2
+
+
+def test_a_stuck_queued_step_reaped_fails_the_pipeline(
+        pdb: Database, psettings: Settings, pjobs: JobService, pipelines: PipelineService,
+        storage: LocalStorage, alice: NewUser) -> None:
+    from datetime import timedelta
+
+    from api.db.tables import utcnow
+
+    parent, _ = pipelines.submit(alice.user, PipelineSubmission(steps=STEPS[:2]))
+    still = steps_of(pipelines, parent.id)["still"]
+    with pdb.session() as session:  # no runner took it within stuck_job_s
+        session.execute(update(Job).where(Job.id == still.id).values(
+            updated_at=utcnow() - timedelta(seconds=psettings.stuck_job_s + 60)))
+        session.commit()
+    heard = _listen(pjobs.bus)
+    maintenance = Maintenance(pdb, psettings, storage, pjobs.bus)
+    assert maintenance.run_once().stuck_failed == 1
+    _ended_once(pdb, pipelines, parent.id, alice, heard, "queue_timeout")
+    assert maintenance.run_once().stuck_failed == 0
+    assert len(ledger_rows(pdb, alice.user.id)) == 1 + 2 + 2
+
+
+async def test_a_failing_step_announces_its_pipeline_on_the_bus(
+        pdb: Database, pjobs: JobService, pipelines: PipelineService, storage: LocalStorage,
+        alice: NewUser) -> None:
+    executor = FakeExecutor(storage=storage,
+                            failures={"two": [ErrorEvent("invalid_input", "unusable", retryable=False)]})
+    parent, _ = pipelines.submit(alice.user, PipelineSubmission(steps=STEPS))
+    heard = _listen(pjobs.bus)
+    await runner_for(pjobs, executor).drain(timeout_s=20)
+    fx = steps_of(pipelines, parent.id)["fx"]
+    assert (parent.id, "completed", {"status": "failed"}) in heard
+    assert (fx.id, "completed", {"status": "canceled"}) in heard
+
+
+# deleting a step's outputs ----------------------------------------------------------------------------
+async def test_deleting_a_steps_outputs(pdb: Database, pjobs: JobService, pipelines: PipelineService,
+                                        storage: LocalStorage, alice: NewUser) -> None:
+    gate = threading.Event()
+    executor = FakeExecutor(storage=storage, gates={"two": gate})
+    parent, _ = pipelines.submit(alice.user, PipelineSubmission(steps=STEPS[:2]))
+    runner = runner_for(pjobs, executor)
+    runner.start()
+    try:
+        await wait_until(lambda: steps_of(pipelines, parent.id)["motion"].status == "running", 20,
+                         what="step 2 running")
+        still = steps_of(pipelines, parent.id)["still"]
+        with pytest.raises(CineWeaveError) as info:  # step 2 reads it: refused while the pipeline runs
+            pjobs.delete_outputs(alice.user, still.id)
+        assert (info.value.status, info.value.code) == (409, "job_active")
+        assert storage.exists(still.outputs[0]["key"])
+        gate.set()
+        await wait_job(pdb, parent.id, timeout_s=20)
+    finally:
+        gate.set()
+        await runner.stop(grace_s=5)
+    steps = steps_of(pipelines, parent.id)
+    assert get_job(pdb, parent.id).outputs == steps["motion"].outputs != []
+    pjobs.delete_outputs(alice.user, steps["still"].id)  # not the last step: the pipeline keeps its outputs
+    assert get_job(pdb, parent.id).outputs == steps["motion"].outputs
+    pjobs.delete_outputs(alice.user, steps["motion"].id)  # the last step's are the pipeline's
+    done = get_job(pdb, parent.id)
+    assert done.outputs == [] and done.outputs_deleted_at is not None
+    assert not storage.exists(steps["motion"].outputs[0]["key"])

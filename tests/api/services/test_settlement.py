@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import update
@@ -16,7 +17,7 @@ from api.db.engine import Database
 from api.db.tables import Job, utcnow
 from api.services.events import EventBus, events_after
 from api.services.jobs import JobService, Submission
-from api.services.settlement import finish_job, reclaim_expired, requeue_job
+from api.services.settlement import finish_job, locked_job, reclaim_expired, requeue_job
 from api.settings import Settings
 from api.storage.local import LocalStorage
 from tests.fixtures.harness import add_user, balance, get_job, ledger_rows
@@ -204,3 +205,20 @@ def test_a_reclaimed_local_run_is_marked_for_reattach_and_a_real_failure_is_not(
         requeue_job(s, settings, storage, job, "out_of_memory", "CUDA OOM")
         s.commit()
     assert get_job(db, job_id).resume == {"checkpoint_key": "ck"}  # nothing to attach to: route afresh
+
+
+def test_locked_job_reloads_a_row_already_in_the_session(backend_db: Database, backend_settings: Settings,
+                                                         catalog: Any, storage: LocalStorage) -> None:
+    """What the lock protects is what the caller sees: a row loaded before (and changed by another
+    transaction since, e.g. while this one waited for the lock) is read again, not kept stale."""
+    jobs = JobService(backend_db, backend_settings, catalog, storage, EventBus())
+    created = add_user(backend_db, backend_settings, credits=100)
+    job, _ = jobs.submit(created.user, Submission("veo-3.1", {"prompt": "p", "duration": 4}))
+    with backend_db.session() as mine:
+        assert mine.get(Job, job.id).status == "queued"  # in this session's identity map
+        mine.commit()
+        with backend_db.session() as other:  # another transaction changes it meanwhile
+            other.execute(update(Job).where(Job.id == job.id).values(status="running", cancel_requested=True))
+            other.commit()
+        locked = locked_job(mine, job.id)
+        assert locked is not None and (locked.status, locked.cancel_requested) == ("running", True)

@@ -141,3 +141,19 @@ async def test_upload_route_takes_audio(api: ApiHarness) -> None:
     bad = await api.client.post("/v1/uploads", files={"file": ("clip.wav", b"hello world", "audio/wav")},
                                 headers=bearer(user.api_key))
     assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_upload"
+
+
+async def test_an_audio_upload_is_no_lora_training_image(api: ApiHarness) -> None:
+    """Only image and dataset uploads train a LoRA: an audio one is 422 before any charge."""
+    from tests.fixtures.harness import balance, job_count
+
+    user = api.user(credits=100)
+    files = {"file": ("clip.wav", make_wav(0.5), "audio/wav")}
+    upload = (await api.client.post("/v1/uploads", files=files, headers=bearer(user.api_key))).json()["id"]
+    body = {"name": "me", "base_model": "tiny-sd", "images": [upload], "steps": 100}
+    for path in ("/v1/loras/quote", "/v1/loras"):
+        r = await api.client.post(path, json=body, headers=bearer(user.api_key))
+        assert r.status_code == 422, r.text
+        assert r.json()["error"]["details"]["field"] == "images"
+    assert job_count(api.db, user.user.id) == 0
+    assert (balance(api.db, user.user.id).available, balance(api.db, user.user.id).reserved) == (100, 0)
