@@ -215,10 +215,11 @@ def test_locked_job_reloads_a_row_already_in_the_session(backend_db: Database, b
     created = add_user(backend_db, backend_settings, credits=100)
     job, _ = jobs.submit(created.user, Submission("veo-3.1", {"prompt": "p", "duration": 4}))
     with backend_db.session() as mine:
-        assert mine.get(Job, job.id).status == "queued"  # in this session's identity map
-        mine.commit()
-        with backend_db.session() as other:  # another transaction changes it meanwhile
-            other.execute(update(Job).where(Job.id == job.id).values(status="running", cancel_requested=True))
-            other.commit()
+        before = mine.get(Job, job.id)  # held: in this session's identity map
+        assert before is not None and before.status == "queued"
+        # the row changes underneath the loaded object (as another transaction's commit does while
+        # this one waits for the lock on PostgreSQL)
+        mine.execute(update(Job).where(Job.id == job.id).values(status="running", cancel_requested=True)
+                     .execution_options(synchronize_session=False))
         locked = locked_job(mine, job.id)
-        assert locked is not None and (locked.status, locked.cancel_requested) == ("running", True)
+        assert locked is before and (locked.status, locked.cancel_requested) == ("running", True)
