@@ -456,13 +456,15 @@ def _end_unfinished(session: Session, storage: Storage, children: list[Job], met
     stop (their runner's settlement refunds them). Returns the ids asked to stop."""
     asked: list[str] = []
     for child in children:
-        if child.status in (JobStatus.WAITING, JobStatus.QUEUED):
-            locked = locked_job(session, child.id) or child
-            if locked.status in (JobStatus.WAITING, JobStatus.QUEUED):
-                finish_job(session, storage, locked, JobStatus.CANCELED, None, metrics)
-                announce_later(session, locked.id, "completed", {"status": locked.status})
-        elif child.status == JobStatus.RUNNING and not child.cancel_requested:
-            locked = locked_job(session, child.id) or child
+        if child.status not in ACTIVE:
+            continue
+        # decide on the row as locked: read before the lock, a running step may have been
+        # requeued (or ended) since by its runner's transaction
+        locked = locked_job(session, child.id) or child
+        if locked.status in (JobStatus.WAITING, JobStatus.QUEUED):
+            finish_job(session, storage, locked, JobStatus.CANCELED, None, metrics)
+            announce_later(session, locked.id, "completed", {"status": locked.status})
+        elif locked.status == JobStatus.RUNNING and not locked.cancel_requested:
             locked.cancel_requested = True
             locked.updated_at = utcnow()
             record_event(session, locked.id, "logs", {"message": "cancel requested (the pipeline ended)"})

@@ -752,3 +752,26 @@ async def test_deleting_a_steps_outputs(pdb: Database, pjobs: JobService, pipeli
     done = get_job(pdb, parent.id)
     assert done.outputs == [] and done.outputs_deleted_at is not None
     assert not storage.exists(steps["motion"].outputs[0]["key"])
+
+
+def test_ending_a_pipeline_decides_on_each_step_as_locked(pdb: Database, pipelines: PipelineService,
+                                                          storage: LocalStorage, alice: NewUser) -> None:
+    """A sibling read running before its lock, requeued by its runner meanwhile (the PostgreSQL
+    race): it is ended canceled and refunded now, not only asked to stop."""
+    from api.services.pipelines import _end_unfinished
+
+    parent, _ = pipelines.submit(alice.user, PipelineSubmission(steps=FAN_IN[:2]))
+    b_id = steps_of(pipelines, parent.id)["b"].id
+    with pdb.session() as session:
+        session.execute(update(Job).where(Job.id == b_id).values(status="running", attempts=1))
+        session.commit()
+    with pdb.session() as session:
+        b = session.get(Job, b_id)
+        assert b is not None and b.status == "running"  # as this transaction read it
+        session.execute(update(Job).where(Job.id == b_id).values(status="queued")  # its runner's requeue
+                        .execution_options(synchronize_session=False))
+        assert _end_unfinished(session, storage, [b], None) == []
+        session.commit()
+    after = get_job(pdb, b_id)
+    assert (after.status, after.cancel_requested) == ("canceled", False)
+    assert settlements(pdb, b_id) == ["refund"]
