@@ -113,6 +113,9 @@ def fill_defaults(spec: ModelSpec, request: Mapping[str, Any]) -> dict[str, Any]
             out["num_frames"] = d.num_frames or 17
     if out.get("strength") is None and d.strength is not None:
         out["strength"] = d.strength
+    if not out.get("task") and list(spec.tasks) == ["upscale"]:
+        # An upscaler's only task: its request has an image, which would otherwise read as i2i.
+        out["task"] = "upscale"
     return out
 
 

@@ -13,9 +13,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 Kind = Literal["image", "video"]
-Task = Literal["t2i", "i2i", "t2v", "i2v"]
+Task = Literal["t2i", "i2i", "t2v", "i2v", "upscale"]
 VIDEO_TASKS = {"t2v", "i2v"}
-IMAGE_TASKS = {"t2i", "i2i"}
+IMAGE_TASKS = {"t2i", "i2i", "upscale"}
 
 
 class CatalogError(ValueError):

@@ -25,6 +25,7 @@ from diffusers import (
     AutoencoderKLLTXVideo,
     AutoencoderKLWan,
     DDIMScheduler,
+    DDPMScheduler,
     DiffusionPipeline,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
@@ -32,6 +33,7 @@ from diffusers import (
     LTXPipeline,
     LTXVideoTransformer3DModel,
     StableDiffusionPipeline,
+    StableDiffusionUpscalePipeline,
     UNet2DConditionModel,
     WanImageToVideoPipeline,
     WanPipeline,
@@ -67,10 +69,10 @@ TINY_VERSION = 1
 MARKER = TINY_MARKER
 """Written last into each checkpoint directory: its presence means the build completed."""
 
-DEFAULT_TINY = ("tiny-sd", "tiny-wan", "tiny-wan-i2v")
+DEFAULT_TINY = ("tiny-sd", "tiny-wan", "tiny-wan-i2v", "tiny-sd-x4-upscaler")
 """What ``make_tiny(dir)`` builds when no names are given: the checkpoints the catalog ships."""
 
-_SEEDS = {"tiny-sd": 0, "tiny-wan": 1, "tiny-wan-i2v": 2, "tiny-flux": 3, "tiny-ltx": 4}
+_SEEDS = {"tiny-sd": 0, "tiny-wan": 1, "tiny-wan-i2v": 2, "tiny-flux": 3, "tiny-ltx": 4, "tiny-sd-x4-upscaler": 5}
 
 
 # --- tokenizers, written locally (no download) -------------------------------------------------
@@ -152,6 +154,26 @@ def _build_sd() -> DiffusionPipeline:
         requires_safety_checker=False)
 
 
+def _build_sd_upscaler() -> DiffusionPipeline:
+    """The SD x4 upscaler: the UNet takes 4 latent + 3 low-res image channels and the noise level
+    as a class label; the VAE has three blocks (two 2× stages), so it decodes to 4× the latents."""
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=7, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+        num_class_embeds=400)  # > the pipeline's max_noise_level (350)
+    vae = AutoencoderKL(block_out_channels=[16, 16, 32], in_channels=3, out_channels=3,
+                        down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
+                        latent_channels=4, layers_per_block=1, norm_num_groups=8, scaling_factor=0.08333)
+    scheduler = DDIMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                              prediction_type="v_prediction")
+    return StableDiffusionUpscalePipeline(
+        vae=vae, text_encoder=_clip_text_encoder(), tokenizer=_clip_tokenizer(), unet=unet,
+        low_res_scheduler=DDPMScheduler(beta_schedule="scaled_linear"), scheduler=scheduler,
+        max_noise_level=350)
+
+
 def _build_wan() -> DiffusionPipeline:
     return WanPipeline(
         tokenizer=_t5_like_tokenizer(), text_encoder=UMT5EncoderModel(_t5_config(UMT5Config)),
@@ -212,8 +234,10 @@ BUILDERS: dict[str, Callable[[], DiffusionPipeline]] = {
     "tiny-wan-i2v": _build_wan_i2v,
     "tiny-flux": _build_flux,
     "tiny-ltx": _build_ltx,
+    "tiny-sd-x4-upscaler": _build_sd_upscaler,
 }
-"""Every tiny checkpoint this module can build; ``tiny-flux`` and ``tiny-ltx`` exist for tests."""
+"""Every tiny checkpoint this module can build; ``tiny-flux`` and ``tiny-ltx`` exist for tests, and
+``tiny-sd-x4-upscaler`` for the (disabled by default) catalog upscaler ``tiny-sd-x4-upscaler``."""
 
 
 def is_built(path: Path) -> bool:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from api.core.errors import CineWeaveError, InvalidInput
+from api.core.requests import UPSCALE_FACTOR
 
 if TYPE_CHECKING:
     from models.postprocess import MediaInfo
@@ -42,6 +43,7 @@ UNKNOWN_STEP = "pipeline_unknown_step"
 CYCLE = "pipeline_cycle"
 KIND_MISMATCH = "pipeline_kind_mismatch"
 TOO_MANY_STEPS = "pipeline_too_many_steps"
+UPSCALER_UNAVAILABLE = "upscaler_unavailable"
 
 
 def _postprocess() -> Any:
@@ -204,6 +206,11 @@ class StepChecker(Protocol):
     def check_text(self, step: Step, texts: list[str]) -> None:
         """The content policy on an operation's text parameters (a watermark's)."""
 
+    def upscaler(self, step: Step, model: str | None) -> str | None:
+        """The catalog upscaler a diffusion upscale runs on: ``model`` if it is an enabled model with
+        task ``upscale``, else (no ``model``) the first such model; None when there is none.
+        Optional: a checker without it has no upscaler."""
+
 
 @dataclass(frozen=True)
 class PlannedStep:
@@ -324,6 +331,8 @@ def _plan_operation(step: Step, planned: dict[str, PlannedStep], checker: StepCh
     pp = _postprocess()
     op = step.op
     assert op is not None
+    if op == "upscale" and step.input.get("method") == "diffusion":
+        return _plan_diffusion_upscale(step, planned, checker)
     fields = ref_fields(step)
     for field_ in step.refs:
         if field_ not in fields:
@@ -386,6 +395,53 @@ def _plan_operation(step: Step, planned: dict[str, PlannedStep], checker: StepCh
     price = checker.operation_price(op, output)
     normalized = {**params.model_dump(mode="json"), **refs}
     return PlannedStep(step, POSTPROCESS_MODEL, output.kind, op, normalized, price, output)
+
+
+def _plan_diffusion_upscale(step: Step, planned: dict[str, PlannedStep], checker: StepChecker) -> PlannedStep:
+    """``{"op": "upscale", "method": "diffusion"}``: a generation step (task ``upscale``) on a catalog
+    upscaler, given the input image's size (so it is priced and bounded before anything runs).
+    Images only; ``scale`` must be the model's factor (4). The step row gets the model's id, so the
+    runner sends it to that model's deployment like any generation."""
+    pp = _postprocess()
+    params_in = {k: v for k, v in step.input.items() if k not in ("image", "video")}
+    try:
+        params = pp.parse_params("upscale", params_in)
+    except pp.OperationError as exc:
+        raise step_error(f"step {step.name!r}: {exc}", step.name, getattr(exc, "field", None),
+                         getattr(exc, "code", None) or "invalid_input") from exc
+    if step.input.get("video") not in (None, "", []):
+        raise step_error(f"step {step.name!r}: a diffusion upscale takes an image, not a video "
+                         "(use method lanczos)", step.name, "video", KIND_MISMATCH, expected="image", got="video")
+    ref = step.input.get("image")
+    if not isinstance(ref, str) or not 0 < len(ref) <= 2048:
+        raise step_error(f"step {step.name!r}: upscale needs input.image (one reference)", step.name, "image")
+    if is_step_ref(ref):
+        source = planned[ref[len(STEP_REF):]]
+        if source.kind != "image":
+            raise _mismatch(step, "image", source.name, source.kind, "image")
+        info = source.output
+    else:
+        info = checker.media(step, "image", ref, "image")
+        if info.kind != "image":
+            raise step_error(f"step {step.name!r}: input.image takes an image, not {info.kind}",
+                             step.name, "image", KIND_MISMATCH, expected="image", got=info.kind)
+    if params.scale != UPSCALE_FACTOR:
+        raise step_error(f"step {step.name!r}: a diffusion upscale is ×{UPSCALE_FACTOR} (scale: {UPSCALE_FACTOR})",
+                         step.name, "scale", allowed=[UPSCALE_FACTOR])
+    find = getattr(checker, "upscaler", None)
+    model = find(step, params.model) if find is not None else None
+    if model is None:
+        raise step_error(f"step {step.name!r}: no diffusion upscaler is enabled"
+                         + (f" ({params.model!r} is not one)" if params.model else ""),
+                         step.name, "model" if params.model else "method", UPSCALER_UNAVAILABLE)
+    gen_input: dict[str, Any] = {"image": ref, "prompt": params.prompt or ""}
+    if info.width and info.height:
+        gen_input.update(width=info.width, height=info.height)
+    gen_step = Step(step.name, step.index, model, None, gen_input,
+                    {"image": (ref[len(STEP_REF):],)} if is_step_ref(ref) else {})
+    checked = checker.generation(gen_step)
+    return PlannedStep(step, checked.model, checked.kind, checked.task, checked.input, checked.price,
+                       generation_output(checked.kind, checked.input))
 
 
 def _strings(value: Any) -> list[str]:

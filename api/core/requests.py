@@ -46,13 +46,24 @@ class GenerationInput(BaseModel):
     num_outputs: int | None = Field(default=None, ge=1, le=10)
 
 
+class UpscaleInput(GenerationInput):
+    """The input of a model whose task is ``upscale``: ``image`` required, the prompt optional, and
+    ``width``/``height`` the INPUT image's size when the caller (the pipeline planner) knows it."""
+
+    prompt: str = ""  # type: ignore[assignment]  # "" allowed: the upscaler is text-guided, optionally
+
+
+UPSCALE_FACTOR = 4
+"""Output side / input side of the catalog's upscalers (the SD x4 upscaler family)."""
+
+
 def _invalid(message: str, field: str, **details: Any) -> InvalidInput:
     return InvalidInput(message, {"field": field, **details})
 
 
-def parse_input(raw: Any) -> GenerationInput:
+def parse_input(raw: Any, model: type[GenerationInput] = GenerationInput) -> GenerationInput:
     try:
-        return GenerationInput.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
         errors = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()]
         first = errors[0]
@@ -142,6 +153,8 @@ def normalize_input(spec: ModelSpec, raw: Any, max_prompt_chars: int) -> tuple[s
     """Return ``(task, normalized_input)`` or raise :class:`InvalidInput`."""
     from api.core.limits import check_prompt_length
 
+    if "upscale" in spec.tasks:
+        return _normalize_upscale(spec, raw, max_prompt_chars)
     data = parse_input(raw)
     check_prompt_length(data.prompt, max_prompt_chars)
     if data.negative_prompt:
@@ -190,3 +203,52 @@ def normalize_input(spec: ModelSpec, raw: Any, max_prompt_chars: int) -> tuple[s
         if is_video:
             _local_video(spec, data, out)
     return task, out
+
+
+def _normalize_upscale(spec: ModelSpec, raw: Any, max_prompt_chars: int) -> tuple[str, dict[str, Any]]:
+    """Task ``upscale``: the normalized ``width``/``height`` are the OUTPUT size (input × 4), checked
+    against the spec's limits, with ``input_width``/``input_height`` beside them. Without the input's
+    size (only known once the image is read) the output is unknown: it is priced at the largest
+    output the spec allows (``width``/``height`` = the limits' maxima, ``size_known`` false)."""
+    from api.core.limits import check_prompt_length
+
+    data = parse_input(raw, UpscaleInput)
+    check_prompt_length(data.prompt, max_prompt_chars)
+    if data.negative_prompt:
+        check_prompt_length(data.negative_prompt, max_prompt_chars)
+    if not data.image:
+        raise _invalid(f"{spec.id} upscales an image: input.image is required", "image",
+                       tasks=list(spec.tasks))
+    for name in ("num_frames", "duration", "resolution", "aspect_ratio", "strength", "num_outputs"):
+        if getattr(data, name) is not None:
+            raise _invalid(f"{spec.id} upscales one image: input.{name} does not apply", name)
+    if data.loras:
+        raise _invalid(f"{spec.id} takes no LoRAs", "loras")
+    d = spec.defaults
+    out: dict[str, Any] = {
+        "prompt": data.prompt,
+        "negative_prompt": data.negative_prompt if data.negative_prompt is not None else d.negative_prompt,
+        "image": data.image,
+        "steps": data.steps or d.steps,
+        "guidance": data.guidance if data.guidance is not None else d.guidance,
+        "seed": data.seed if data.seed is not None else secrets.randbelow(2**32),
+        "loras": [],
+        "scale": UPSCALE_FACTOR,
+    }
+    if (data.width is None) != (data.height is None):
+        raise _invalid("give both width and height of the input image, or neither",
+                       "width" if data.width is None else "height")
+    if data.width is not None and data.height is not None:
+        out.update(input_width=data.width, input_height=data.height, size_known=True,
+                   width=data.width * UPSCALE_FACTOR, height=data.height * UPSCALE_FACTOR)
+        try:
+            _check_size(spec, out["width"], out["height"])
+        except InvalidInput as exc:
+            exc.details["output"] = [out["width"], out["height"]]
+            exc.details["scale"] = UPSCALE_FACTOR
+            raise
+    else:
+        out.update(width=spec.limits.max_width, height=spec.limits.max_height, size_known=False)
+    if out["steps"] > spec.limits.max_steps:
+        raise _invalid(f"steps must be at most {spec.limits.max_steps}", "steps", max=spec.limits.max_steps)
+    return "upscale", out

@@ -59,11 +59,15 @@ class _Params(BaseModel):
 
 
 class UpscaleParams(_Params):
-    """``method``: only ``"lanczos"`` (ffmpeg's scaler) for now; a diffusion upscaler from the
-    catalog is a later addition and will be another method value."""
+    """``method``: ``"lanczos"`` (ffmpeg's scaler, here) or ``"diffusion"``: a catalog upscaler
+    (``model``, else the first enabled model with task ``upscale``), images only, ×4. A diffusion
+    upscale is planned by the API as a generation step on that model (``api.core.pipelines``); it
+    never reaches :func:`run_operation`. ``prompt`` guides the diffusion upscaler (optional)."""
 
     scale: Literal[2, 4]
-    method: Literal["lanczos"] = "lanczos"
+    method: Literal["lanczos", "diffusion"] = "lanczos"
+    model: str | None = Field(default=None, min_length=1, max_length=64)
+    prompt: str | None = Field(default=None, max_length=2000)
 
 
 class InterpolateParams(_Params):

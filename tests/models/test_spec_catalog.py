@@ -94,7 +94,7 @@ def test_every_local_spec_has_a_registered_family(catalog: Catalog) -> None:
 
 
 def test_unknown_family_is_a_clear_error() -> None:
-    with pytest.raises(KeyError, match="unknown model family 'nope'; known: flux, ltx, stable_diffusion, wan"):
+    with pytest.raises(KeyError, match="unknown model family 'nope'; known: flux, ltx, sd_upscale, stable_diffusion, wan"):
         get_family("nope")
 
 

@@ -80,6 +80,6 @@ def test_half_built_checkpoint_is_rebuilt(tmp_path: Path) -> None:
 
 
 def test_default_set_and_unknown_names(tmp_path: Path) -> None:
-    assert DEFAULT_TINY == ("tiny-sd", "tiny-wan", "tiny-wan-i2v")
+    assert DEFAULT_TINY == ("tiny-sd", "tiny-wan", "tiny-wan-i2v", "tiny-sd-x4-upscaler")
     with pytest.raises(KeyError, match="unknown tiny checkpoint"):
         make_tiny(tmp_path, ["tiny-nope"])
