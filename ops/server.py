@@ -79,9 +79,13 @@ def run_foreground(settings: Settings, models: list[str] | None = None) -> None:
 
 @contextmanager
 def running_stack(settings: Settings, models: list[str] | None = None,
-                  startup_timeout_s: float = 600.0) -> Iterator[tuple[str, EmbeddedStack]]:
-    """The whole stack with the API in a background thread; yields (base_url, stack)."""
-    stack = EmbeddedStack(settings, models=models)
+                  startup_timeout_s: float = 600.0, *,
+                  postprocess: bool = True) -> Iterator[tuple[str, EmbeddedStack]]:
+    """The whole stack with the API in a background thread; yields (base_url, stack).
+
+    ``postprocess=False``: no post-processing app (one joining a Ray session whose Serve already
+    runs another stack's: the app name is shared, so deploying it would replace theirs)."""
+    stack = EmbeddedStack(settings, models=models, postprocess=postprocess)
     server: uvicorn.Server | None = None
     thread: threading.Thread | None = None
     try:

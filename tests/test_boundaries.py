@@ -53,9 +53,19 @@ def test_the_check_itself_sees_a_heavy_import() -> None:
     assert loaded_by("fastapi", WEB) == ["fastapi", "starlette"]
 
 
+def parse_fresh(path: Path) -> ast.Module:
+    """``ast.parse`` in a new thread: CPython 3.11's AST validator compares its recursion count with
+    the calling thread's, which a RecursionError caught earlier in a long test run can leave off
+    ("AST constructor recursion depth mismatch"); a fresh thread starts from zero."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(ast.parse, path.read_text(), filename=str(path)).result(timeout=60)
+
+
 def imports_of(path: Path) -> set[str]:
     """Top-level names of every module a file imports (absolute imports; relative ones are local)."""
-    tree = ast.parse(path.read_text(), filename=str(path))
+    tree = parse_fresh(path)
     names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):

@@ -106,7 +106,8 @@ def ops_stack(ray_session: Any, ray_tiny_dir: Path, ops_catalog_dir: Path,
                         admin_key=ADMIN_KEY, signing_secret="ops-test-secret", host="127.0.0.1", port=free_port(),
                         runner_poll_s=0.05, retry_backoff_s=0.2, lease_s=15.0, max_active_jobs=64,
                         rate_limit_per_minute=100_000, overflow_enabled=False, _env_file=None)
-    with running_stack(settings, models=[MODEL], startup_timeout_s=300) as (url, stack):
+    # no post-processing app: it would replace the shared ray_stack's (same app name, other storage)
+    with running_stack(settings, models=[MODEL], startup_timeout_s=300, postprocess=False) as (url, stack):
         assert not stack._started_ray  # joined the session's Ray
         assert set(stack.handles) == {MODEL}
 
