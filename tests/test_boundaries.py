@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import ast
 import json
 import subprocess
 import sys
@@ -53,41 +52,48 @@ def test_the_check_itself_sees_a_heavy_import() -> None:
     assert loaded_by("fastapi", WEB) == ["fastapi", "starlette"]
 
 
-def parse_fresh(path: Path) -> ast.Module:
-    """``ast.parse`` in a new thread: CPython 3.11's AST validator compares its recursion count with
-    the calling thread's, which a RecursionError caught earlier in a long test run can leave off
-    ("AST constructor recursion depth mismatch"); a fresh thread starts from zero."""
-    from concurrent.futures import ThreadPoolExecutor
+_SCAN = """
+import ast, json, sys
 
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(ast.parse, path.read_text(), filename=str(path)).result(timeout=60)
-
-
-def imports_of(path: Path) -> set[str]:
-    """Top-level names of every module a file imports (absolute imports; relative ones are local)."""
-    tree = parse_fresh(path)
-    names: set[str] = set()
-    for node in ast.walk(tree):
+def imports(path):
+    names = set()
+    for node in ast.walk(ast.parse(open(path, encoding="utf-8").read(), filename=path)):
         if isinstance(node, ast.Import):
             names.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.add(node.module.split(".")[0])
-        elif isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) in (
-                "import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant) \
-                and isinstance(node.args[0].value, str):
+        elif (isinstance(node, ast.Call)
+              and getattr(node.func, "id", getattr(node.func, "attr", None)) in ("import_module", "__import__")
+              and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
             names.add(node.args[0].value.split(".")[0])
-    return names
+    return sorted(names)
+
+print(json.dumps({path: imports(path) for path in json.load(sys.stdin)}))
+"""
+
+
+def imports_by_file(paths: list[Path]) -> dict[Path, set[str]]:
+    """Top-level names of every module each file imports (absolute imports; relative ones are local).
+
+    The files are parsed in a fresh interpreter: in a long test run, CPython 3.11's AST validator can
+    find its process-wide recursion count left off by earlier code ("SystemError: AST constructor
+    recursion depth mismatch"), whichever thread parses."""
+    result = subprocess.run([sys.executable, "-c", _SCAN], input=json.dumps([str(p) for p in paths]),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    found = json.loads(result.stdout)
+    return {path: set(found[str(path)]) for path in paths}
+
+
+def imports_of(path: Path) -> set[str]:
+    return imports_by_file([path])[path]
 
 
 def violations(package: str, forbidden: set[str]) -> list[str]:
-    found = []
     files = sorted((ROOT / package).rglob("*.py"))
     assert files, f"no sources under {package}"
-    for path in files:
-        bad = imports_of(path) & forbidden
-        if bad:
-            found.append(f"{path.relative_to(ROOT)} imports {sorted(bad)}")
-    return found
+    return [f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+            for path, names in imports_by_file(files).items() if (bad := names & forbidden)]
 
 
 @pytest.mark.parametrize(("package", "forbidden"), [

@@ -160,6 +160,10 @@ class Runner:
         # bounded: at most runner_concurrency entries (a slot is freed when its task ends)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._lease_deadline: dict[str, float] = {}  # job id -> monotonic time its lease runs out
+        # jobs this runner gave up (LeaseLost): a write still blocked on the database when it gave
+        # up must not land once unblocked, even if the row's lease has a few ms left. Rare; an id
+        # leaves when this runner claims the job again.
+        self._given_up: set[str] = set()
         self._stopping = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._db_pool: ThreadPoolExecutor | None = None
@@ -517,6 +521,7 @@ class Runner:
                 record_event(session, job.id, "status", data)
                 session.commit()
                 self._lease_deadline[job.id] = claimed_at + self.settings.lease_s
+                self._given_up.discard(job.id)
                 self.bus.publish(job.id, "start" if job.attempts == 1 and first else "status",
                                  {"status": job.status, "attempt": job.attempts})
                 logger.info("runner %s claimed job %s (attempt %d)", self.id, job.id, job.attempts)
@@ -543,6 +548,7 @@ class Runner:
         try:
             await self.drive(job)
         except LeaseLost:
+            self._given_up.add(job.id)
             logger.warning("runner %s lost the lease of job %s; leaving it to its new owner", self.id, job.id)
         except asyncio.CancelledError:
             logger.warning("runner %s abandoned job %s (shutdown); its lease will expire", self.id, job.id)
@@ -862,9 +868,15 @@ class Runner:
         """The job, locked, if this runner still holds a live lease on it; else LeaseLost.
 
         An expired lease counts as lost even before another runner reclaims it: from the moment
-        it expires, a reclaim may run at any time, so nothing more is written under it.
+        it expires, a reclaim may run at any time, so nothing more is written under it. So does a
+        lease this runner's own clock says has run out, or a job it gave up: its deadline is taken
+        before the database's, so a write that waited out the lease on a locked database does not
+        land in the few ms the row's lease still shows.
         """
-        job = locked_job(session, job_id)
+        job = locked_job(session, job_id)  # on SQLite: after waiting for the write lock
+        deadline = self._lease_deadline.get(job_id)
+        if job_id in self._given_up or (deadline is not None and time.monotonic() >= deadline):
+            raise LeaseLost(job_id)
         if job is None or job.status != JobStatus.RUNNING or job.lease_owner != self.id:
             raise LeaseLost(job_id)
         if job.lease_expires_at is not None and job.lease_expires_at < utcnow():

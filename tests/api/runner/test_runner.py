@@ -324,6 +324,28 @@ async def test_lease_lost_runner_writes_nothing(rdb: Database, rsettings: Settin
     assert settlements(rdb, job_id) == []
 
 
+@pytest.mark.parametrize("how", ["given up", "own deadline passed"])
+async def test_a_runner_writes_nothing_once_its_own_clock_says_the_lease_is_gone(
+        rdb: Database, rsettings: Settings, storage: LocalStorage, bus: EventBus, jobs: JobService,
+        alice: NewUser, how: str) -> None:
+    """The row still shows this runner's live lease (the database's expiry is a few ms behind the
+    runner's own deadline): a write that waited on a locked database past the runner's deadline,
+    or after it gave the job up, must still not land."""
+    runner = make_runner(rdb, rsettings, storage, bus, ScriptedExecutor(storage, []))
+    job_id = submit(jobs, alice)
+    assert runner.claim_next() is not None
+    if how == "given up":
+        runner._given_up.add(job_id)
+    else:
+        runner._lease_deadline[job_id] = time.monotonic() - 0.001
+    assert get_job(rdb, job_id).lease_owner == runner.id
+    with pytest.raises(LeaseLost):
+        runner._record(job_id, ProgressEvent(1, 2))
+    with pytest.raises(LeaseLost):
+        runner._settle_success(job_id, DoneEvent())
+    assert get_job(rdb, job_id).progress == 0 and settlements(rdb, job_id) == []
+
+
 async def test_heartbeat_keeps_a_long_job_from_being_reclaimed(
         rdb: Database, rsettings: Settings, storage: LocalStorage, bus: EventBus, jobs: JobService,
         alice: NewUser) -> None:

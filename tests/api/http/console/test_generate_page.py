@@ -171,6 +171,10 @@ def test_an_uploaded_image_is_the_input_of_an_image_to_image_job(page: Any, cons
     page.get_by_label("Upload an image").set_input_files(str(photo))
     expect(page.get_by_test_id("image-status")).to_contain_text("Using upload", timeout=30_000)
     expect(page.get_by_test_id("image-preview")).to_be_visible()
+    # choosing the model again rebuilds the form: the uploaded image stays chosen
+    page.get_by_test_id("model-select").select_option("tiny-sd")
+    expect(page.get_by_test_id("image-status")).to_contain_text("Using upload", timeout=30_000)
+    expect(page.get_by_test_id("image-preview")).to_be_visible()
     expect(page.get_by_test_id("price")).to_have_text(re.compile(r"^\d+ credits?"), timeout=30_000)
     page.get_by_test_id("submit").click()
     job_id = job_id_of(page)

@@ -94,8 +94,12 @@ def test_phone_width_layout(make_page: Callable[..., Any], console_stack: Consol
     expect(page.get_by_test_id("page-generate")).to_be_visible(timeout=30_000)
     expect(page.get_by_test_id("submit")).to_be_visible(timeout=30_000)
     assert page.evaluate("document.documentElement.scrollWidth") <= 375
+    # the page has finished rendering once it moves focus to its heading (after that nothing
+    # takes focus away from the skip link)
+    expect(page.locator("#view h1")).to_be_focused(timeout=30_000)
     # keyboard: the skip link (shown when focused) is followed by the brand and the nav
     page.locator(".skip-link").focus()
+    expect(page.locator(".skip-link")).to_be_focused()
     box = page.locator(".skip-link").bounding_box()
     assert box is not None and box["x"] >= 0
     page.keyboard.press("Tab")

@@ -128,7 +128,10 @@ export default {
 
     let model = null;
     let spec = null;
-    let image = { value: "", field: null };
+    // the input image chosen so far; `set` is the current picker's setter (a model switch rebuilds
+    // the picker: an upload still in flight lands in the new one, a chosen image is kept)
+    let image = { value: "", url: null, field: null, set: null };
+    let modelSeq = 0;
     let loraRows = [];
     let quoteController = null;
     let quoteSeq = 0;
@@ -186,8 +189,9 @@ export default {
     }, 300);
 
     function buildImagePicker(earlier) {
+      const kept = { value: image.value, url: image.url };
       if (!takesImage(model)) {
-        image = { value: "", field: null };
+        image = { value: "", url: null, field: null, set: null };
         replace(imageHost);
         return;
       }
@@ -203,6 +207,8 @@ export default {
           `${(j.input.prompt || "").slice(0, 40)} · ${j.model} · ${shortId(j.id)}`)));
       const setImage = (value, url) => {
         image.value = value;
+        image.url = url || null;
+        if (!value.startsWith("job:")) pick.value = "";
         preview.hidden = !url;
         if (url) preview.src = url;
         status.textContent = value ? `Using ${value.startsWith("job:") ? "output of " + shortId(value.slice(4)) : "upload " + value}`
@@ -217,8 +223,7 @@ export default {
         form.append("file", file, file.name);
         try {
           const up = await api("/v1/uploads", { method: "POST", form });
-          pick.value = "";
-          setImage(up.id, up.url);
+          (image.set || setImage)(up.id, up.url);
           ctx.toast(`Uploaded ${file.name}`, "success");
         } catch (e) {
           image.field.setError(errorText(e));
@@ -231,10 +236,13 @@ export default {
       });
       const uploadField = field("Upload an image", fileInput, { name: "image" });
       const pickField = field("…or use an earlier output", pick, { name: "image-pick" });
-      image = { value: "", field: uploadField };
+      image = { value: "", url: null, field: uploadField, set: setImage };
       replace(imageHost, h("fieldset", { dataset: { testid: "image-input" } }, h("legend", {}, "Input image"),
         status, h("div", { class: "fields" }, uploadField.el, pickField.el), preview));
-      if (presetImage) {
+      if (kept.value) {
+        if (kept.value.startsWith("job:")) pick.value = kept.value;
+        setImage(kept.value, kept.url);
+      } else if (presetImage) {
         const job = earlier.find((j) => `job:${j.id}` === presetImage);
         image.value = presetImage;
         if (job) setImage(presetImage, job.thumbnail_url || (job.outputs[0] && job.outputs[0].url));
@@ -310,7 +318,10 @@ export default {
         }
       }
       replace(specHost, spec.el);
-      buildImagePicker(takesImage(model) ? await earlierOutputs() : []);
+      const seq = ++modelSeq;
+      const earlier = takesImage(model) ? await earlierOutputs() : [];
+      if (seq !== modelSeq) return; // another model was chosen meanwhile: its call builds the rest
+      buildImagePicker(earlier);
       buildLoraPicker();
       quote();
     }
