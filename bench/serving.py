@@ -149,6 +149,22 @@ def replica_stats(handle: Any) -> dict[str, Any]:
     return dict(handle.stats.remote().result(timeout_s=60))
 
 
+def first_of_round(batches: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A round's batches, the first one's ``idle_before_s`` dropped: it is the time before the round
+    (the raw calls ran meanwhile), not a gap inside it."""
+    return [{k: v for k, v in b.items() if not (i == 0 and k == "idle_before_s")} for i, b in enumerate(batches)]
+
+
+def replica_time(batches: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
+    """Where the stack's wall time went on the replica: the pipeline calls' own time (a slow
+    pipeline: the machine is shared), against the time it stood idle between them (waiting for
+    work: the path around it). From the replica's ``stats()["batches"]`` timings."""
+    pipeline = sum(b.get("pipeline_s") or 0.0 for b in batches)
+    idle = sum(b.get("idle_before_s") or 0.0 for b in batches)
+    return {"replica_pipeline_s": round(pipeline, 3), "replica_idle_between_s": round(idle, 3),
+            "replica_busy_share": round(pipeline / wall_s, 3) if wall_s > 0 else None}
+
+
 def mixed_requests(n: int, steps: int) -> list[dict[str, Any]]:
     """``n`` requests of sizes 64 and 96 and step counts steps, 1.5× and 2× steps, interleaved."""
     sizes = (64, 96)
@@ -221,18 +237,23 @@ def run(size: int, steps: int, repeats: int, concurrency: int, rounds: int, thre
         seq_walls: list[float] = []
         stack_walls: list[float] = []
         batch_sizes: list[int] = []
+        batch_entries: list[dict[str, Any]] = []
         for r in range(rounds):
             t0 = time.perf_counter()
             for i in range(concurrency):
                 raw(1000 * (r + 1) + i)
             seq_walls.append(time.perf_counter() - t0)
 
-            before = len(replica_stats(handle).get("batch_sizes", []))
+            stats_before = replica_stats(handle)
+            before = len(stats_before.get("batch_sizes", []))
+            entries_before = len(stats_before.get("batches", []))
             t0 = time.perf_counter()
             with ThreadPoolExecutor(max_workers=concurrency) as pool:
                 list(pool.map(client.one, [2000 * (r + 1) + i for i in range(concurrency)]))
             stack_walls.append(time.perf_counter() - t0)
-            batch_sizes.extend(replica_stats(handle).get("batch_sizes", [])[before:])
+            stats_after = replica_stats(handle)
+            batch_sizes.extend(stats_after.get("batch_sizes", [])[before:])
+            batch_entries.extend(first_of_round(stats_after.get("batches", [])[entries_before:]))
 
         # (c) --mixed: sizes 64 and 96, mixed step counts, N concurrent against N sequential ----
         mixed_report: dict[str, Any] | None = None
@@ -255,13 +276,14 @@ def run(size: int, steps: int, repeats: int, concurrency: int, rounds: int, thre
                 mixed_stack.append(time.perf_counter() - t0)
                 stats_after = replica_stats(handle)
                 mixed_sizes.extend(stats_after.get("batch_sizes", [])[n_sizes:])
-                mixed_batches.extend(stats_after.get("batches", [])[n_batches:])
+                mixed_batches.extend(first_of_round(stats_after.get("batches", [])[n_batches:]))
             mixed_report = {
                 "requests": concurrency, "rounds": rounds, "plan": plan,
                 "raw_sequential_s": [round(x, 3) for x in mixed_seq],
                 "stack_concurrent_s": [round(x, 3) for x in mixed_stack],
                 "ratio": round(statistics.median(mixed_seq) / statistics.median(mixed_stack), 2),
                 "replica_batch_sizes": mixed_sizes, "replica_batches": mixed_batches,
+                **replica_time(mixed_batches, sum(mixed_stack)),
             }
 
     raw_median = statistics.median(raw_s)
@@ -282,6 +304,7 @@ def run(size: int, steps: int, repeats: int, concurrency: int, rounds: int, thre
             "raw_sequential_s": [round(x, 3) for x in seq_walls], "stack_concurrent_s": [round(x, 3) for x in stack_walls],
             "raw_rps": round(concurrency / seq_wall, 3), "stack_rps": round(concurrency / stack_wall, 3),
             "ratio": round(seq_wall / stack_wall, 2), "replica_batch_sizes": batch_sizes,
+            **replica_time(batch_entries, sum(stack_walls)),
         },
         "mixed": mixed_report,
         "targets": {"overhead_ratio_max": 1.10, "queue_median_ms_max": 20.0, "throughput_ratio_min": 1.0},
@@ -552,6 +575,9 @@ def table(report: dict[str, Any]) -> Any:
     out.add_row(f"(b) {t['requests']} requests, throughput", f"{t['raw_rps']:.2f} req/s (sequential)",
                 f"{t['stack_rps']:.2f} req/s (concurrent)", f"{t['ratio']:.2f}×")
     out.add_row("    replica batch sizes", "", ",".join(map(str, t["replica_batch_sizes"])), "")
+    if "replica_pipeline_s" in t:
+        out.add_row("    replica pipeline time / idle between batches", "",
+                    f"{t['replica_pipeline_s']:.2f} s / {t['replica_idle_between_s']:.2f} s", "")
     m = report.get("mixed")
     if m:
         out.add_row(f"(c) {m['requests']} mixed (64/96 px, mixed steps)",

@@ -270,6 +270,9 @@ class GeneratorServer:
         self.source = self.spec.source.model_dump(exclude_none=True) if self.spec.source else {}
         self.batch_sizes: list[int] = []
         self.batches: list[dict[str, Any]] = []
+        # when the last pipeline call ended (monotonic): a batch's ``idle_before_s`` is the pipeline's
+        # idle time before it (the bench tells a replica waiting for work from a slow one)
+        self._pipeline_free_at: float | None = None
         """The latest batches run here (bounded): their size and bucket label, in order."""
         self.buckets: dict[str, dict[str, int]] = {}
         """Per bucket label: batches and requests run, largest batch (bounded, see BUCKETS_KEPT)."""
@@ -620,12 +623,14 @@ class GeneratorServer:
         """Queued runs that can share ``first``'s batch (its bucket), oldest first."""
         return [p for p in self._pending if p.bucket == first.bucket]
 
-    def _record_batch(self, batch: list[_Run]) -> None:
+    def _record_batch(self, batch: list[_Run]) -> dict[str, Any]:
+        """Count the batch in the stats; returns its entry of ``batches`` (its timings go there)."""
         n = len(batch)
         self.batch_sizes.append(n)
         _bounded_list(self.batch_sizes)
         label = batch[0].bucket_label
-        self.batches.append({"size": n, "bucket": label})
+        entry: dict[str, Any] = {"size": n, "bucket": label}
+        self.batches.append(entry)
         _bounded_list(self.batches)
         info = self.buckets.pop(label, {"batches": 0, "requests": 0, "max_size": 0})
         info.update(batches=info["batches"] + 1, requests=info["requests"] + n, max_size=max(info["max_size"], n))
@@ -634,11 +639,16 @@ class GeneratorServer:
         for run in batch:
             self.runs_by_job[run.job_id] = self.runs_by_job.get(run.job_id, 0) + 1
         _bounded(self.runs_by_job)
+        return entry
 
     @staticmethod
     def _emit(batch: list[_Run], event: dict[str, Any]) -> None:
         for run in batch:
             run.emit(event)
+
+    def _pipeline_ran(self, entry: dict[str, Any], started: float) -> None:
+        self._pipeline_free_at = time.monotonic()
+        entry["pipeline_s"] = round(self._pipeline_free_at - started, 4)
 
     def _close(self, batch: list[_Run]) -> None:
         for run in batch:
@@ -666,7 +676,7 @@ class GeneratorServer:
         """Run the pipeline for ``batch``, emitting its stage and progress events; the generator it
         ran on and the media, or None after emitting the batch's error."""
         n = len(batch)
-        self._record_batch(batch)
+        entry = self._record_batch(batch)
         requests = [run.request for run in batch]
         generator = self.generator  # the pipeline this batch runs on, even if a swap lands meanwhile
         try:
@@ -699,8 +709,12 @@ class GeneratorServer:
             [run.job_id for run in batch], counts,
             lambda index, event: loop.call_soon_threadsafe(batch[index].broadcast, event))
         extra = {"on_latents": on_latents} if on_latents is not None else {}
+        started = time.monotonic()
+        if self._pipeline_free_at is not None:
+            entry["idle_before_s"] = round(started - self._pipeline_free_at, 4)
         run_task = asyncio.ensure_future(asyncio.to_thread(generator.generate, inputs, on_step, should_cancel,
                                                            adapters, **extra))
+        run_task.add_done_callback(lambda _t: self._pipeline_ran(entry, started))
         while not run_task.done() or not progress.empty():
             getter = asyncio.ensure_future(progress.get())
             await asyncio.wait({run_task, getter}, return_when=asyncio.FIRST_COMPLETED)

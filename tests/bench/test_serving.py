@@ -21,7 +21,7 @@ def _report(ratio: float, queue_ms: float, throughput: float) -> dict[str, Any]:
             "overhead": {"raw_call": ms, "http_path": {"median_ms": 300.0 * ratio}, "ratio": ratio, "added_ms": 1.0,
                          "job_queue_s": {"median_ms": queue_ms}, "job_run_s": ms},
             "throughput": {"requests": 16, "raw_rps": 3.0, "stack_rps": 3.0 * throughput, "ratio": throughput,
-                           "replica_batch_sizes": [8, 8]},
+                           "replica_batch_sizes": [8, 8], "replica_pipeline_s": 4.5, "replica_idle_between_s": 0.25},
             "mixed": {"requests": 16, "raw_sequential_s": [5.0], "stack_concurrent_s": [4.0], "ratio": 1.25,
                       "replica_batch_sizes": [4, 4, 8]},
             "targets": {"overhead_ratio_max": 1.10, "queue_median_ms_max": 20.0, "throughput_ratio_min": 1.0},
@@ -40,6 +40,7 @@ def test_table_says_which_targets_are_met_and_shows_the_mixed_batches_and_load()
     met = _text(_report(1.05, 3.0, 1.2))
     assert "overhead ≤ 1.10×: met" in met and "queue median < 20 ms: met" in met and "throughput ≥ 1.0×: met" in met
     assert "4,4,8" in met and "[0.4, 0.5, 0.6]" in met
+    assert "4.50 s / 0.25 s" in met  # the replica's pipeline time and its idle time between batches
     missed = _text(_report(1.5, 30.0, 0.8))
     assert missed.count("NOT met") == 3
 
@@ -56,3 +57,19 @@ def test_preview_cost_measures_both_ways_and_the_table_shows_it(tmp_path: Any) -
     assert report["step_ratio"] > 0 and report["capture_ms"]["n"] == 2
     text = _text({**_report(1.05, 3.0, 1.2), "previews": report})
     assert "(d) step time, previews every 2 steps" in text and "cost ≤ 5 %" in text
+
+
+def test_replica_time_sums_the_pipeline_calls_and_the_idle_gaps() -> None:
+    from bench.serving import replica_time
+
+    batches = [{"size": 3, "pipeline_s": 1.0}, {"size": 8, "pipeline_s": 2.0, "idle_before_s": 0.5},
+               {"size": 5}]  # an older replica without timings counts nothing
+    assert replica_time(batches, 4.0) == {"replica_pipeline_s": 3.0, "replica_idle_between_s": 0.5,
+                                          "replica_busy_share": 0.75}
+
+
+def test_the_idle_time_before_a_round_is_not_counted() -> None:
+    from bench.serving import first_of_round
+
+    batches = [{"size": 2, "pipeline_s": 0.5, "idle_before_s": 9.0}, {"size": 8, "pipeline_s": 2.0, "idle_before_s": 0.1}]
+    assert first_of_round(batches) == [{"size": 2, "pipeline_s": 0.5}, {"size": 8, "pipeline_s": 2.0, "idle_before_s": 0.1}]

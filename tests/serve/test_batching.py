@@ -299,3 +299,18 @@ async def test_mixed_sizes_and_steps_on_tiny_sd_run_one_pipeline_call_per_batch(
         assert steps[-1]["total"] == shape["steps"]
     assert sorted(server.batch_sizes) == [1, 2, 3]
     assert calls == [[n] for n in server.batch_sizes]  # one pipeline call per batch
+
+
+# --- per-batch timings in stats() ---------------------------------------------------------------
+
+async def test_each_batch_reports_its_pipeline_time_and_the_idle_time_before_it(tmp_path: Path) -> None:
+    """``stats()["batches"]``: ``pipeline_s`` of every batch, ``idle_before_s`` from the second on
+    (how long the pipeline stood idle since the previous call ended): what the serving bench reads to
+    tell a replica waiting for work from a slow one."""
+    server = make_server(tmp_path)
+    for i in range(2):
+        events = await asyncio.wait_for(collect(server, req(i)), timeout=10)
+        assert events[-1]["type"] == "done"
+    first, second = server.stats()["batches"]
+    assert first["pipeline_s"] >= 0 and "idle_before_s" not in first
+    assert second["pipeline_s"] >= 0 and second["idle_before_s"] >= 0
