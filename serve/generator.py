@@ -70,6 +70,7 @@ from typing import Any
 from PIL import Image
 from ray import serve
 
+from api.core.aio import wait_event
 from api.core.events import DoneEvent, ErrorEvent, OutputEvent, ProgressEvent, StageEvent, event_to_wire
 from api.storage.base import Storage, make_storage
 from models.adapters import LoraAdapter
@@ -588,8 +589,7 @@ class GeneratorServer:
                     self._promised = 0  # what was promised did not come in time: stop waiting for it
                     break
                 self._arrived.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._arrived.wait(), remaining)
+                await wait_event(self._arrived, remaining)  # not wait_for: it can swallow a cancel
                 if first not in self._pending:  # canceled while waiting
                     break
             if first not in self._pending:

@@ -38,12 +38,13 @@ from sqlalchemy.orm import aliased
 from sqlalchemy.sql.elements import ColumnElement
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from api.core.aio import wait_event
 from api.db.engine import Database, is_postgres
 from api.db.tables import Job, User, WebhookDelivery, utcnow
 from api.metrics import Metrics
 from api.services import egress
 from api.services.events import job_from_snapshot
-from api.services.notify import Notifier, wait_event
+from api.services.notify import Notifier
 from api.settings import Settings
 
 logger = logging.getLogger(__name__)

@@ -49,6 +49,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlmodel import Session
 
+from api.core.aio import wait_event
 from api.core.errors import CineWeaveError
 from api.core.events import (
     CheckpointEvent,
@@ -69,7 +70,7 @@ from api.db.engine import Database, DatabaseBusy
 from api.db.tables import Job, User, utcnow
 from api.runner.preview_notify import PreviewThrottle
 from api.services.events import EventBus, record_event
-from api.services.notify import MAX_PAYLOAD_BYTES, Notifier, call_on_loop, wait_event
+from api.services.notify import MAX_PAYLOAD_BYTES, Notifier, call_on_loop
 from api.services.settlement import (
     Announcement,
     announce,

@@ -24,6 +24,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
+from api.core.aio import wait_event
 from api.core.errors import InvalidInput
 from api.core.events import ErrorEvent
 from api.core.jobs import JobStatus
@@ -31,7 +32,6 @@ from api.db.engine import Database
 from api.db.tables import Job, utcnow
 from api.services.events import EventBus
 from api.services.jobs import JobService
-from api.services.notify import wait_event
 from api.services.settlement import finish_job, locked_job
 from api.settings import Settings
 from api.storage.base import Storage

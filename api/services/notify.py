@@ -87,22 +87,6 @@ def _after_rollback(session: Session) -> None:
     session.info.pop(_PENDING, None)
 
 
-async def wait_event(event: asyncio.Event, timeout_s: float) -> bool:
-    """Wait until ``event`` is set or ``timeout_s`` has passed; True if it was set.
-
-    Not ``asyncio.wait_for(event.wait(), timeout)``: on Python 3.11 that returns normally when the
-    task is cancelled just as the event is set, swallowing the cancel, so a loop built on it may
-    never stop (a ``stop()`` that cancels it then hangs). ``asyncio.timeout`` tells its own
-    cancellation from a caller's.
-    """
-    try:
-        async with asyncio.timeout(max(0.0, timeout_s)):
-            await event.wait()
-    except TimeoutError:
-        return False
-    return True
-
-
 def call_on_loop(loop: asyncio.AbstractEventLoop | None, fn: Callable[..., None], *args: Any) -> None:
     """Run ``fn(*args)`` on ``loop``: at once when called on it, else handed over thread-safely
     (nothing when the loop is gone)."""

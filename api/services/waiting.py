@@ -7,10 +7,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from api.core.aio import wait_event
 from api.core.jobs import TERMINAL
 from api.db.tables import Job, User
 from api.services.jobs import JobService
-from api.services.notify import wait_event
 
 logger = logging.getLogger(__name__)
 

@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 
 import httpx
 
+from api.core.aio import wait_event
 from api.core.events import ErrorEvent, ExecutorEvent
 from api.core.executor import ExecutionRequest
 from api.services.egress import EgressPolicy
@@ -175,11 +176,7 @@ class ProviderExecutor:
         woke = False
         timeout = deadline.cap(seconds)
         if timeout > 0:
-            try:
-                await asyncio.wait_for(state.wake.wait(), timeout)
-                woke = True
-            except TimeoutError:
-                woke = False
+            woke = await wait_event(state.wake, timeout)  # not wait_for: it can swallow a cancel
         state.wake.clear()
         if state.cancel_requested.is_set():
             raise RunCanceled()

@@ -314,3 +314,22 @@ async def test_each_batch_reports_its_pipeline_time_and_the_idle_time_before_it(
     first, second = server.stats()["batches"]
     assert first["pipeline_s"] >= 0 and "idle_before_s" not in first
     assert second["pipeline_s"] >= 0 and second["idle_before_s"] >= 0
+
+
+async def test_the_batch_loop_stops_when_canceled_as_a_companion_arrives(tmp_path: Path) -> None:
+    """Replica shutdown cancels the batch loop; a cancel landing in the same step as an arrival
+    (the event the head's wait is on) still stops it (``asyncio.wait_for`` swallowed it on 3.11)."""
+    server = make_server(tmp_path, batch_wait_timeout_s=60.0)
+    head = asyncio.create_task(collect(server, {**req(0), "queued_behind": 1}))  # one more announced
+    await until(lambda: server.stats()["queued"] == 1)
+    for _ in range(3):
+        await asyncio.sleep(0)  # the loop now waits for the announced companion
+    batcher = server._batcher
+    assert batcher is not None and not batcher.done()
+    server._arrived.set()
+    batcher.cancel()
+    done, _ = await asyncio.wait([batcher], timeout=5)
+    assert done == {batcher} and batcher.cancelled()
+    assert server.batch_sizes == []  # it never ran the batch
+    head.cancel()
+    await asyncio.gather(head, return_exceptions=True)

@@ -34,6 +34,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
 
+from api.core.aio import wait_event
 from api.core.errors import InvalidInput, NotFound
 from api.core.jobs import TERMINAL, JobStatus
 from api.db.tables import Job, JobEvent, User, utcnow
@@ -42,7 +43,6 @@ from api.http.state import AppState
 from api.services.deadlines import is_aborted, parse_cancel_after
 from api.services.events import events_after, events_of
 from api.services.jobs import Submission
-from api.services.notify import wait_event
 from api.services.teams import TEAM_HEADER
 from api.services.waiting import wait_for_job
 from models.spec import ModelSpec

@@ -11,13 +11,13 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from sse_starlette.sse import EventSourceResponse
 
+from api.core.aio import wait_event
 from api.core.jobs import JobStatus
 from api.http.deps import CurrentUser, State
 from api.http.schemas import JobCreate, JobList, JobPublic, JobQuote, QueueUpdate, error_responses
 from api.http.state import AppState
 from api.services.events import events_after
 from api.services.jobs import Submission
-from api.services.notify import wait_event
 from api.services.queue import QueueEstimate
 from api.services.teams import TEAM_HEADER, one_team
 

@@ -349,32 +349,3 @@ async def test_pg_own_signal_is_dispatched_once_after_commit_not_echoed(pg_pair:
     await inbox_a.wait_for(lambda m: m.get("job") == "job_marker")
     assert [m.get("job") for m in inbox_a.messages].count("job_own") == 1
     assert inbox_b.messages[0]["s"] == "queued" and "o" not in inbox_b.messages[0]
-
-
-async def test_wait_event_never_swallows_a_cancel() -> None:
-    """A loop waiting on ``wait_event`` stops when it is canceled just as its event is set (on
-    Python 3.11 ``asyncio.wait_for(event.wait(), ...)`` returns normally then, and the loop goes on)."""
-    event = asyncio.Event()
-    rounds = 0
-
-    async def loop_forever() -> None:
-        nonlocal rounds
-        while True:
-            await notify.wait_event(event, 10.0)
-            rounds += 1
-            event.clear()
-
-    task = asyncio.create_task(loop_forever())
-    for _ in range(3):
-        await asyncio.sleep(0)  # the task now waits on the event
-    event.set()
-    task.cancel()  # in the same step: the wait sees both the set event and the cancel
-    done, _ = await asyncio.wait([task], timeout=5)
-    assert done == {task} and task.cancelled() and rounds == 0
-
-
-async def test_wait_event_answers_set_or_timed_out() -> None:
-    event = asyncio.Event()
-    assert await notify.wait_event(event, 0) is False
-    event.set()
-    assert await notify.wait_event(event, 0) is True
