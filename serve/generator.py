@@ -271,10 +271,10 @@ class GeneratorServer:
         self.source = self.spec.source.model_dump(exclude_none=True) if self.spec.source else {}
         self.batch_sizes: list[int] = []
         self.batches: list[dict[str, Any]] = []
-        # when the last pipeline call ended (monotonic): a batch's ``idle_before_s`` is the pipeline's
-        # idle time before it (the bench tells a replica waiting for work from a slow one)
-        self._pipeline_free_at: float | None = None
-        """The latest batches run here (bounded): their size and bucket label, in order."""
+        """The latest batches run here (bounded), in order: their size and bucket label, the
+        pipeline call's ``pipeline_s`` and, from the second on, ``idle_before_s`` (how long the
+        pipeline stood idle since the previous call: a replica waiting for work, not a slow one)."""
+        self._pipeline_free_at: float | None = None  # when the last pipeline call ended (monotonic)
         self.buckets: dict[str, dict[str, int]] = {}
         """Per bucket label: batches and requests run, largest batch (bounded, see BUCKETS_KEPT)."""
         self.runs: dict[str, _Run] = {}

@@ -94,6 +94,7 @@ CLAIM_CANDIDATES = 8
 DB_THREADS = 4  # claims, records and settlements; SQLite serialises writes anyway
 WRITE_RETRY_S = 0.1
 CANCEL_SENDS = 30  # cancels sent to a run that goes on after one (one per poll interval, times 4)
+GIVEN_UP_KEPT = 256  # jobs remembered as given up (see Runner._given_up)
 
 T = TypeVar("T")
 
@@ -161,10 +162,11 @@ class Runner:
         # bounded: at most runner_concurrency entries (a slot is freed when its task ends)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._lease_deadline: dict[str, float] = {}  # job id -> monotonic time its lease runs out
-        # jobs this runner gave up (LeaseLost): a write still blocked on the database when it gave
-        # up must not land once unblocked, even if the row's lease has a few ms left. Rare; an id
-        # leaves when this runner claims the job again.
-        self._given_up: set[str] = set()
+        # jobs this runner gave up (LeaseLost), newest last: a write still blocked on the database
+        # when it gave up must not land once unblocked, even if the row's lease has a few ms left.
+        # An id leaves when this runner claims the job again, or after GIVEN_UP_KEPT newer ones
+        # (such a write is stuck for at most the busy timeout).
+        self._given_up: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._stopping = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._db_pool: ThreadPoolExecutor | None = None
@@ -451,6 +453,12 @@ class Runner:
     def active_job_ids(self) -> list[str]:
         return list(self._tasks)
 
+    def _gave_up(self, job_id: str) -> None:
+        """Remember that this runner gave the job up (see ``_given_up``; the oldest are forgotten)."""
+        self._given_up[job_id] = None
+        while len(self._given_up) > GIVEN_UP_KEPT:
+            self._given_up.popitem(last=False)
+
     def _slot_freed(self, job_id: str, _task: asyncio.Task[None]) -> None:
         self._tasks.pop(job_id, None)
         self._lease_deadline.pop(job_id, None)
@@ -522,7 +530,7 @@ class Runner:
                 record_event(session, job.id, "status", data)
                 session.commit()
                 self._lease_deadline[job.id] = claimed_at + self.settings.lease_s
-                self._given_up.discard(job.id)
+                self._given_up.pop(job.id, None)
                 self.bus.publish(job.id, "start" if job.attempts == 1 and first else "status",
                                  {"status": job.status, "attempt": job.attempts})
                 logger.info("runner %s claimed job %s (attempt %d)", self.id, job.id, job.attempts)
@@ -549,7 +557,7 @@ class Runner:
         try:
             await self.drive(job)
         except LeaseLost:
-            self._given_up.add(job.id)
+            self._gave_up(job.id)
             logger.warning("runner %s lost the lease of job %s; leaving it to its new owner", self.id, job.id)
         except asyncio.CancelledError:
             logger.warning("runner %s abandoned job %s (shutdown); its lease will expire", self.id, job.id)

@@ -335,7 +335,7 @@ async def test_a_runner_writes_nothing_once_its_own_clock_says_the_lease_is_gone
     job_id = submit(jobs, alice)
     assert runner.claim_next() is not None
     if how == "given up":
-        runner._given_up.add(job_id)
+        runner._gave_up(job_id)
     else:
         runner._lease_deadline[job_id] = time.monotonic() - 0.001
     assert get_job(rdb, job_id).lease_owner == runner.id
@@ -344,6 +344,17 @@ async def test_a_runner_writes_nothing_once_its_own_clock_says_the_lease_is_gone
     with pytest.raises(LeaseLost):
         runner._settle_success(job_id, DoneEvent())
     assert get_job(rdb, job_id).progress == 0 and settlements(rdb, job_id) == []
+
+
+async def test_a_runner_remembers_only_the_latest_jobs_it_gave_up(
+        rdb: Database, rsettings: Settings, storage: LocalStorage, bus: EventBus) -> None:
+    from api.runner.runner import GIVEN_UP_KEPT
+
+    runner = make_runner(rdb, rsettings, storage, bus, ScriptedExecutor(storage, []))
+    for i in range(GIVEN_UP_KEPT + 1):
+        runner._gave_up(f"job_{i}")
+    assert len(runner._given_up) == GIVEN_UP_KEPT
+    assert "job_0" not in runner._given_up and f"job_{GIVEN_UP_KEPT}" in runner._given_up
 
 
 async def test_heartbeat_keeps_a_long_job_from_being_reclaimed(

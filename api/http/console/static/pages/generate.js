@@ -223,7 +223,9 @@ export default {
         form.append("file", file, file.name);
         try {
           const up = await api("/v1/uploads", { method: "POST", form });
-          (image.set || setImage)(up.id, up.url);
+          // the picker may have been rebuilt meanwhile (another model): the upload goes to the
+          // current one, or nowhere when the model takes no image
+          if (image.set) image.set(up.id, up.url);
           ctx.toast(`Uploaded ${file.name}`, "success");
         } catch (e) {
           image.field.setError(errorText(e));
