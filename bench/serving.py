@@ -27,6 +27,11 @@ diffusers pipeline call, and what batching buys back.
     with / median without. Target ≤ 1.05. ``--previews-only`` runs just (d).
 ``--profile``: instead of (a)–(c), claim → settled under pyinstrument (see :func:`profile`).
 
+The client (``ops.client.Client``, as ``cineweave generate`` uses it) runs in a process of its
+own, as an app does, with its HTTP clients made and connected before the clock starts (an app keeps
+its client; making one costs ~22 ms here). The full path is timed there, from the submission to
+the downloaded PNG.
+
 Both sides use the same size, steps, guidance and thread count (the replica runs with one torch
 thread, as ``cineweave up`` configures it; ``--threads`` sets the raw side, default 1 to match).
 The stack is ``ops.server.running_stack`` with only tiny-sd deployed, on a fresh data dir.
@@ -43,14 +48,17 @@ import json
 import logging
 import os
 import platform
+import queue
 import random
 import secrets
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -92,17 +100,50 @@ class StackClient:
 
     Waiting follows the job's server-sent events (``ops.client.Client``, as ``cineweave generate``
     does), so the client does not load the API (and the two cores the replica shares) with polling.
+
+    The HTTP clients are made before the clock starts (:meth:`ready`) and kept, one per request in
+    flight, as an app keeps its HTTP client and its keep-alive connections: making an
+    ``httpx.Client`` costs ~22 ms of CPU here (its TLS context, even for ``http://``), work of the
+    client and not of the stack, which the figures before 2026-12-04 counted against the stack.
     """
 
     def __init__(self, url: str, api_key: str, request: dict[str, Any]) -> None:
         self.url, self.api_key, self.request = url, api_key, request
+        self._idle: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._made: list[Any] = []
+        self._lock = threading.Lock()
+
+    def ready(self, n: int) -> None:
+        """At least ``n`` clients made and idle (call before timing ``n`` requests at once)."""
+        from ops.client import Client
+
+        with self._lock:
+            while len(self._made) < n:
+                client = Client(self.url, self.api_key, timeout_s=60)
+                self._made.append(client)
+                self._idle.put(client)
+
+    def close(self) -> None:
+        with self._lock:
+            for client in self._made:
+                client.close()
+            self._made.clear()
+
+    @contextlib.contextmanager
+    def _client(self) -> Iterator[Any]:
+        try:
+            client = self._idle.get_nowait()
+        except queue.Empty:  # more in flight than made ready: one more (its making is timed)
+            self.ready(len(self._made) + 1)
+            client = self._idle.get_nowait()
+        try:
+            yield client
+        finally:
+            self._idle.put(client)
 
     def one(self, seed: int, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         """The finished job, with ``_phases``: the client's own timings of each leg (seconds)."""
-        from ops.client import Client
-
-        client = Client(self.url, self.api_key, timeout_s=60)
-        try:
+        with self._client() as client:
             t0 = time.perf_counter()
             job = client.submit(MODEL, {**self.request, **(overrides or {}), "seed": seed})
             t1 = time.perf_counter()
@@ -115,10 +156,60 @@ class StackClient:
                 raise RuntimeError(f"job {job['id']}: output not downloadable ({png.status_code})")
             t3 = time.perf_counter()
             job["_phases"] = {"post_s": t1 - t0, "wait_s": t2 - t1, "download_s": t3 - t2,
-                              "completed_to_client_s": completion_lag(job, completed_seen)}
+                              "completed_to_client_s": completion_lag(job, completed_seen), "total_s": t3 - t0}
             return job
-        finally:
-            client.close()
+
+    def many(self, items: list[tuple[int, dict[str, Any] | None]]) -> dict[str, Any]:
+        """``items`` (seed, overrides) all at once, one thread each: the finished jobs, the wall
+        time from the first submission to the last download, and its ends on ``time.monotonic()``."""
+        self.ready(len(items))
+        with ThreadPoolExecutor(max_workers=len(items)) as pool:
+            t0, m0 = time.perf_counter(), time.monotonic()
+            jobs = list(pool.map(lambda a: self.one(*a), items))
+            wall, m1 = time.perf_counter() - t0, time.monotonic()
+        return {"jobs": jobs, "wall_s": wall, "started": m0, "ended": m1}
+
+
+class ClientProcess:
+    """A :class:`StackClient` in a process of its own, as an app runs apart from the API: its
+    threads (JSON, SSE parsing, downloads) then do not take the GIL from the API, the runner and the
+    Ray driver that the embedded stack runs in this process. The timings are taken in that process;
+    only the results cross back (spawned, so it shares nothing with this one but the host's clock)."""
+
+    def __init__(self, url: str, api_key: str, request: dict[str, Any], concurrency: int) -> None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=_client_start, initargs=(url, api_key, request, concurrency))
+
+    def one(self, seed: int, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+        return self._pool.submit(_client_one, seed, overrides).result(timeout=JOB_TIMEOUT_S)
+
+    def many(self, items: list[tuple[int, dict[str, Any] | None]]) -> dict[str, Any]:
+        return self._pool.submit(_client_many, items).result(timeout=JOB_TIMEOUT_S)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+_process_client: StackClient | None = None  # the client process's own (set by its initializer)
+
+
+def _client_start(url: str, api_key: str, request: dict[str, Any], concurrency: int) -> None:
+    global _process_client
+    _process_client = StackClient(url, api_key, request)
+    _process_client.ready(concurrency)
+
+
+def _client_one(seed: int, overrides: dict[str, Any] | None) -> dict[str, Any]:
+    assert _process_client is not None
+    return _process_client.one(seed, overrides)
+
+
+def _client_many(items: list[tuple[int, dict[str, Any] | None]]) -> dict[str, Any]:
+    assert _process_client is not None
+    return _process_client.many(items)
 
 
 def completion_lag(job: dict[str, Any], seen_wall: float) -> float | None:
@@ -165,6 +256,26 @@ def replica_time(batches: list[dict[str, Any]], wall_s: float) -> dict[str, Any]
             "replica_busy_share": round(pipeline / wall_s, 3) if wall_s > 0 else None}
 
 
+def round_edges(batches: list[dict[str, Any]], started: float, ended: float) -> dict[str, float] | None:
+    """The replica's idle time at a round's two ends: from the first request sent (``started``,
+    ``time.monotonic()`` here) to its first pipeline call (the submissions, claims and the batch
+    wait), and from its last call's end to the last client done (``ended``: encoding, settlement,
+    the completion on SSE, the download). The replica's ``started_at`` is the same host's clock."""
+    timed = [b for b in batches if b.get("started_at") is not None and b.get("pipeline_s") is not None]
+    if not timed:
+        return None
+    first, last = timed[0], timed[-1]
+    return {"lead_in_s": round(first["started_at"] - started, 3),
+            "tail_s": round(ended - (last["started_at"] + last["pipeline_s"]), 3)}
+
+
+def edge_medians(edges: list[dict[str, float] | None]) -> dict[str, float]:
+    """Median lead-in and tail over the rounds (ms)."""
+    seen = [e for e in edges if e is not None]
+    return {f"round_{k.removesuffix('_s')}_ms": round(statistics.median(e[k] for e in seen) * 1000, 1)
+            for k in ("lead_in_s", "tail_s")} if seen else {}
+
+
 def mixed_requests(n: int, steps: int) -> list[dict[str, Any]]:
     """``n`` requests of sizes 64 and 96 and step counts steps, 1.5× and 2× steps, interleaved."""
     sizes = (64, 96)
@@ -203,13 +314,14 @@ def run(size: int, steps: int, repeats: int, concurrency: int, rounds: int, thre
         created = httpx.post(f"{url}/v1/admin/users", headers={"Authorization": f"Bearer {settings.admin_key}"},
                              json={"email": f"bench-{uuid.uuid4().hex[:8]}@example.com", "credits": 1_000_000})
         created.raise_for_status()
-        client = StackClient(url, created.json()["api_key"], request)
+        client = ClientProcess(url, created.json()["api_key"], request, concurrency)
         raw = RawPipeline(tiny_dir / MODEL, request)
         handle = stack.handles[MODEL]
 
         for seed in range(2):  # warm-up: the first calls of each path (allocations, thread pools, caches)
             raw(seed)
             client.one(seed)
+        client.many([(500 + i, None) for i in range(concurrency)])  # and every client's connection, batches
 
         # (a) one request at a time, alternating raw and full path ------------------------------
         raw_s: list[float] = []
@@ -225,9 +337,8 @@ def run(size: int, steps: int, repeats: int, concurrency: int, rounds: int, thre
             # Arrive at a random moment, as a client would: a fixed rhythm could lock onto a period
             # of the stack (the runner's safety poll, the replica's batch wait) and bias the figure.
             time.sleep(jitter.uniform(0, min(settings.runner_poll_s, 0.5)))
-            t0 = time.perf_counter()
             job = client.one(100 + i)
-            http_s.append(time.perf_counter() - t0)
+            http_s.append(job["_phases"]["total_s"])
             queue_s.append(job["metrics"]["queue_s"] or 0.0)
             run_s.append(job["metrics"]["run_s"] or 0.0)
             phases.append({**job["_phases"], "raw_s": raw_s[-1], "http_s": http_s[-1],
@@ -238,6 +349,7 @@ def run(size: int, steps: int, repeats: int, concurrency: int, rounds: int, thre
         stack_walls: list[float] = []
         batch_sizes: list[int] = []
         batch_entries: list[dict[str, Any]] = []
+        edges: list[dict[str, float] | None] = []
         for r in range(rounds):
             t0 = time.perf_counter()
             for i in range(concurrency):
@@ -247,13 +359,13 @@ def run(size: int, steps: int, repeats: int, concurrency: int, rounds: int, thre
             stats_before = replica_stats(handle)
             before = len(stats_before.get("batch_sizes", []))
             entries_before = len(stats_before.get("batches", []))
-            t0 = time.perf_counter()
-            with ThreadPoolExecutor(max_workers=concurrency) as pool:
-                list(pool.map(client.one, [2000 * (r + 1) + i for i in range(concurrency)]))
-            stack_walls.append(time.perf_counter() - t0)
+            done = client.many([(2000 * (r + 1) + i, None) for i in range(concurrency)])
+            stack_walls.append(done["wall_s"])
             stats_after = replica_stats(handle)
             batch_sizes.extend(stats_after.get("batch_sizes", [])[before:])
-            batch_entries.extend(first_of_round(stats_after.get("batches", [])[entries_before:]))
+            round_batches = stats_after.get("batches", [])[entries_before:]
+            batch_entries.extend(first_of_round(round_batches))
+            edges.append(round_edges(round_batches, done["started"], done["ended"]))
 
         # (c) --mixed: sizes 64 and 96, mixed step counts, N concurrent against N sequential ----
         mixed_report: dict[str, Any] | None = None
@@ -263,6 +375,7 @@ def run(size: int, steps: int, repeats: int, concurrency: int, rounds: int, thre
             mixed_stack: list[float] = []
             mixed_batches: list[Any] = []
             mixed_sizes: list[int] = []
+            mixed_edges: list[dict[str, float] | None] = []
             for r in range(rounds):
                 t0 = time.perf_counter()
                 for i, overrides in enumerate(plan):
@@ -270,21 +383,22 @@ def run(size: int, steps: int, repeats: int, concurrency: int, rounds: int, thre
                 mixed_seq.append(time.perf_counter() - t0)
                 stats_before = replica_stats(handle)
                 n_sizes, n_batches = len(stats_before.get("batch_sizes", [])), len(stats_before.get("batches", []))
-                t0 = time.perf_counter()
-                with ThreadPoolExecutor(max_workers=concurrency) as pool:
-                    list(pool.map(lambda a: client.one(*a), [(4000 * (r + 1) + i, o) for i, o in enumerate(plan)]))
-                mixed_stack.append(time.perf_counter() - t0)
+                done = client.many([(4000 * (r + 1) + i, o) for i, o in enumerate(plan)])
+                mixed_stack.append(done["wall_s"])
                 stats_after = replica_stats(handle)
                 mixed_sizes.extend(stats_after.get("batch_sizes", [])[n_sizes:])
-                mixed_batches.extend(first_of_round(stats_after.get("batches", [])[n_batches:]))
+                round_batches = stats_after.get("batches", [])[n_batches:]
+                mixed_batches.extend(first_of_round(round_batches))
+                mixed_edges.append(round_edges(round_batches, done["started"], done["ended"]))
             mixed_report = {
                 "requests": concurrency, "rounds": rounds, "plan": plan,
                 "raw_sequential_s": [round(x, 3) for x in mixed_seq],
                 "stack_concurrent_s": [round(x, 3) for x in mixed_stack],
                 "ratio": round(statistics.median(mixed_seq) / statistics.median(mixed_stack), 2),
                 "replica_batch_sizes": mixed_sizes, "replica_batches": mixed_batches,
-                **replica_time(mixed_batches, sum(mixed_stack)),
+                **replica_time(mixed_batches, sum(mixed_stack)), **edge_medians(mixed_edges),
             }
+        client.close()
 
     raw_median = statistics.median(raw_s)
     http_median = statistics.median(http_s)
@@ -304,7 +418,7 @@ def run(size: int, steps: int, repeats: int, concurrency: int, rounds: int, thre
             "raw_sequential_s": [round(x, 3) for x in seq_walls], "stack_concurrent_s": [round(x, 3) for x in stack_walls],
             "raw_rps": round(concurrency / seq_wall, 3), "stack_rps": round(concurrency / stack_wall, 3),
             "ratio": round(seq_wall / stack_wall, 2), "replica_batch_sizes": batch_sizes,
-            **replica_time(batch_entries, sum(stack_walls)),
+            **replica_time(batch_entries, sum(stack_walls)), **edge_medians(edges),
         },
         "mixed": mixed_report,
         "targets": {"overhead_ratio_max": 1.10, "queue_median_ms_max": 20.0, "throughput_ratio_min": 1.0},
@@ -578,6 +692,9 @@ def table(report: dict[str, Any]) -> Any:
     if "replica_pipeline_s" in t:
         out.add_row("    replica pipeline time / idle between batches", "",
                     f"{t['replica_pipeline_s']:.2f} s / {t['replica_idle_between_s']:.2f} s", "")
+    if "round_lead_in_ms" in t:
+        out.add_row("    replica idle at a round's start / end (median)", "",
+                    f"{t['round_lead_in_ms']:.0f} ms / {t['round_tail_ms']:.0f} ms", "")
     m = report.get("mixed")
     if m:
         out.add_row(f"(c) {m['requests']} mixed (64/96 px, mixed steps)",

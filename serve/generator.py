@@ -272,8 +272,10 @@ class GeneratorServer:
         self.batch_sizes: list[int] = []
         self.batches: list[dict[str, Any]] = []
         """The latest batches run here (bounded), in order: their size and bucket label, the
-        pipeline call's ``pipeline_s`` and, from the second on, ``idle_before_s`` (how long the
-        pipeline stood idle since the previous call: a replica waiting for work, not a slow one)."""
+        pipeline call's ``started_at`` (``time.monotonic()``: the host's clock, comparable with
+        another process's on the same host) and ``pipeline_s``, and from the second on
+        ``idle_before_s`` (how long the pipeline stood idle since the previous call: a replica
+        waiting for work, not a slow one)."""
         self._pipeline_free_at: float | None = None  # when the last pipeline call ended (monotonic)
         self.buckets: dict[str, dict[str, int]] = {}
         """Per bucket label: batches and requests run, largest batch (bounded, see BUCKETS_KEPT)."""
@@ -710,6 +712,7 @@ class GeneratorServer:
             lambda index, event: loop.call_soon_threadsafe(batch[index].broadcast, event))
         extra = {"on_latents": on_latents} if on_latents is not None else {}
         started = time.monotonic()
+        entry["started_at"] = round(started, 4)
         if self._pipeline_free_at is not None:
             entry["idle_before_s"] = round(started - self._pipeline_free_at, 4)
         run_task = asyncio.ensure_future(asyncio.to_thread(generator.generate, inputs, on_step, should_cancel,
@@ -743,8 +746,11 @@ class GeneratorServer:
         loop = asyncio.get_running_loop()
         try:
             for run, items in zip(batch, media, strict=True):
+                # each run's stream ends with its own result, not with its batch's last upload: its
+                # caller settles the job as soon as the stream closes
                 if run.canceled:
                     run.emit(event_to_wire(ErrorEvent("canceled", "canceled")))
+                    run.close()
                     continue
                 result = {"seed": items[0].seed, "device": generator.device}
                 if len(items) > 1:
@@ -753,10 +759,12 @@ class GeneratorServer:
                     outs = await loop.run_in_executor(self._encoder, self._store_all, run.request, items, result)
                 except Exception as exc:  # noqa: BLE001
                     run.emit(self._error(exc))
+                    run.close()
                     continue
                 for out in outs:
                     run.emit(out)
                 run.emit(event_to_wire(DoneEvent(result)))
+                run.close()
         except Exception as exc:  # noqa: BLE001 - a bug here must not hang callers
             logger.exception("%s: finishing a batch failed", self.spec.id)
             self._emit(batch, self._error(exc))

@@ -60,6 +60,10 @@ class WriteGate:
             self._cond.notify_all()
 
 
+BUSY_TIMEOUT_INFO = "cineweave_busy_timeout_ms"
+"""Key in a SQLite connection's ``info``: the busy timeout (ms) it has now."""
+
+
 def make_engine(settings: Settings) -> Engine:
     url = settings.resolved_database_url()
     if url.startswith("sqlite"):
@@ -87,7 +91,7 @@ def _configure_sqlite(engine: Engine, gate: WriteGate | None = None) -> None:
     """
 
     @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+    def _on_connect(dbapi_connection, record) -> None:  # type: ignore[no-untyped-def]
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
@@ -95,19 +99,27 @@ def _configure_sqlite(engine: Engine, gate: WriteGate | None = None) -> None:
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
+        record.info[BUSY_TIMEOUT_INFO] = int(API_BUSY_TIMEOUT_S * 1000)
+
+    def _busy_timeout(connection, busy_ms: int) -> None:  # type: ignore[no-untyped-def]
+        """Per transaction (a pooled connection serves both kinds), but only when it changes: a
+        statement less for most transactions. ``connection.info`` lives with the DBAPI connection."""
+        if connection.info.get(BUSY_TIMEOUT_INFO) != busy_ms:
+            connection.exec_driver_sql(f"PRAGMA busy_timeout={busy_ms}")
+            connection.info[BUSY_TIMEOUT_INFO] = busy_ms
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection) -> None:  # type: ignore[no-untyped-def]
         options = connection.get_execution_options()
         read_only = options.get("cineweave_read_only", False)
-        busy_ms = options.get("cineweave_busy_timeout_ms", int(API_BUSY_TIMEOUT_S * 1000))
+        busy_ms = int(options.get("cineweave_busy_timeout_ms", int(API_BUSY_TIMEOUT_S * 1000)))
         if read_only or gate is None:
-            connection.exec_driver_sql(f"PRAGMA busy_timeout={int(busy_ms)}")  # per transaction: pooled
+            _busy_timeout(connection, busy_ms)
             connection.exec_driver_sql("BEGIN")
             return
         gate.acquire(urgent="cineweave_busy_timeout_ms" in options, timeout_s=busy_ms / 1000)
         try:
-            connection.exec_driver_sql(f"PRAGMA busy_timeout={int(busy_ms)}")
+            _busy_timeout(connection, busy_ms)
             connection.exec_driver_sql("BEGIN IMMEDIATE")
         except BaseException:
             gate.release()

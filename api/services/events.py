@@ -161,6 +161,23 @@ def events_of(session: Session, job_ids: list[str], types: tuple[str, ...],
     return out
 
 
+class Waiter(asyncio.Event):
+    """A reader's wake-up for one job. ``changed``: set with it when something stored changed (an
+    event here, or another process's announcement), not by a step preview alone; the reader clears
+    it before it reads the table, so a wake by a preview alone needs no read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.changed = False
+
+    def take_change(self) -> bool:
+        """Whether a change came since the last call; clears the flag and the event (call before
+        reading: what lands meanwhile sets them again)."""
+        changed, self.changed = self.changed, False
+        self.clear()
+        return changed
+
+
 PREVIEWS_KEPT = 1024
 """Jobs whose newest step preview the bus holds (one each; a job's goes when it completes)."""
 COMPLETED_KEPT = 1024
@@ -181,7 +198,7 @@ class EventBus:
     """
 
     def __init__(self) -> None:
-        self._waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
+        self._waiters: dict[str, set[Waiter]] = defaultdict(set)
         self._listeners: list[Listener] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._previews: dict[str, tuple[int, dict[str, Any]]] = {}
@@ -210,8 +227,7 @@ class EventBus:
     def _publish_now(self, job_id: str, type_: str, data: dict[str, Any]) -> None:
         if type_ == "completed":
             self._completed_now(job_id)
-        for waiter in list(self._waiters.get(job_id, ())):
-            waiter.set()
+        self._wake(job_id, changed=True)
         for listener in self._listeners:
             try:
                 listener(job_id, type_, data)
@@ -221,10 +237,17 @@ class EventBus:
     def wake(self, job_id: str | None = None) -> None:
         """Wake the waiters of one job (or all) without calling listeners: a change made elsewhere
         (another process, announced by ``notify``) that readers re-read from the table."""
-        targets = [self._waiters.get(job_id, set())] if job_id is not None else list(self._waiters.values())
-        for waiters in targets:
-            for waiter in list(waiters):
-                waiter.set()
+        if job_id is not None:
+            self._wake(job_id, changed=True)
+            return
+        for job in list(self._waiters):
+            self._wake(job, changed=True)
+
+    def _wake(self, job_id: str, *, changed: bool) -> None:
+        for waiter in list(self._waiters.get(job_id, ())):
+            if changed:
+                waiter.changed = True
+            waiter.set()
 
     def on_notification(self, message: dict[str, Any]) -> None:
         """``notify`` subscriber for kind ``events`` (runs on the bus's loop); a ``preview`` notice
@@ -260,7 +283,7 @@ class EventBus:
         self._previews[job_id] = (self._preview_seq, data)
         while len(self._previews) > PREVIEWS_KEPT:
             del self._previews[next(iter(self._previews))]
-        self.wake(job_id)
+        self._wake(job_id, changed=False)  # nothing stored changed: a stream need not read the table
 
     def _completed_now(self, job_id: str) -> None:
         self._previews.pop(job_id, None)
@@ -278,12 +301,12 @@ class EventBus:
         held = self._previews.get(job_id)
         return held if held is not None and held[0] > after else None
 
-    def waiter(self, job_id: str) -> asyncio.Event:
-        event = asyncio.Event()
+    def waiter(self, job_id: str) -> Waiter:
+        event = Waiter()
         self._waiters[job_id].add(event)
         return event
 
-    def release(self, job_id: str, event: asyncio.Event) -> None:
+    def release(self, job_id: str, event: Waiter) -> None:
         waiters = self._waiters.get(job_id)
         if waiters is not None:
             waiters.discard(event)

@@ -73,3 +73,16 @@ def test_the_idle_time_before_a_round_is_not_counted() -> None:
 
     batches = [{"size": 2, "pipeline_s": 0.5, "idle_before_s": 9.0}, {"size": 8, "pipeline_s": 2.0, "idle_before_s": 0.1}]
     assert first_of_round(batches) == [{"size": 2, "pipeline_s": 0.5}, {"size": 8, "pipeline_s": 2.0, "idle_before_s": 0.1}]
+
+
+def test_round_edges_are_the_replica_idle_time_before_its_first_call_and_after_its_last() -> None:
+    from bench.serving import edge_medians, round_edges
+
+    batches = [{"size": 3, "started_at": 100.25, "pipeline_s": 1.0},
+               {"size": 8, "started_at": 101.25, "pipeline_s": 2.0, "idle_before_s": 0.0},
+               {"size": 5}]  # an older replica's entry without timings is left out
+    edges = round_edges(batches, started=100.0, ended=103.5)
+    assert edges == {"lead_in_s": 0.25, "tail_s": 0.25}
+    assert round_edges([{"size": 1}], 0.0, 1.0) is None
+    assert edge_medians([edges, None, {"lead_in_s": 0.75, "tail_s": 0.5}]) == {"round_lead_in_ms": 500.0,
+                                                                              "round_tail_ms": 375.0}

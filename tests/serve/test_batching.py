@@ -246,6 +246,23 @@ async def test_a_backlog_of_uploads_holds_the_next_batch(tmp_path: Path) -> None
     assert len(server.generator.calls) == generator.FINISHING_KEPT + 2
 
 
+async def test_each_run_of_a_batch_ends_its_stream_with_its_own_result(tmp_path: Path) -> None:
+    """A run's stream closes after its own done, not after its batch's last upload: its caller
+    settles its job while a companion's upload is still held."""
+    server = make_server(tmp_path)
+    storage = HeldStorage(server.storage, {"job_1"})
+    server.storage = storage
+    tasks = await queue_in_order(server, [{**req(0), "queued_behind": 1}])  # it waits for the announced one
+    tasks.append(asyncio.create_task(collect(server, req(1))))  # one batch: job_0, then job_1
+    await until(storage.blocked.is_set)  # job_0 stored, job_1's upload held
+    first = await asyncio.wait_for(tasks[0], timeout=5)
+    assert first[-1]["type"] == "done" and server.batch_sizes == [2]
+    assert not tasks[1].done() and server.stats()["jobs"]["job_0"]["state"] == "succeeded"
+    storage.release.set()
+    second = await asyncio.wait_for(tasks[1], timeout=5)
+    assert second[-1]["type"] == "done"
+
+
 async def test_a_job_canceled_while_its_batch_encodes_is_canceled(tmp_path: Path) -> None:
     server = make_server(tmp_path)
     storage = HeldStorage(server.storage, {"job_0"})
@@ -307,13 +324,19 @@ async def test_each_batch_reports_its_pipeline_time_and_the_idle_time_before_it(
     """``stats()["batches"]``: ``pipeline_s`` of every batch, ``idle_before_s`` from the second on
     (how long the pipeline stood idle since the previous call ended): what the serving bench reads to
     tell a replica waiting for work from a slow one."""
+    import time
+
     server = make_server(tmp_path)
+    before = time.monotonic()
     for i in range(2):
         events = await asyncio.wait_for(collect(server, req(i)), timeout=10)
         assert events[-1]["type"] == "done"
+    after = time.monotonic()
     first, second = server.stats()["batches"]
     assert first["pipeline_s"] >= 0 and "idle_before_s" not in first
     assert second["pipeline_s"] >= 0 and second["idle_before_s"] >= 0
+    # started_at: this host's monotonic clock (the bench compares it with its own), in order
+    assert before - 0.001 <= first["started_at"] <= second["started_at"] <= after
 
 
 async def test_the_batch_loop_stops_when_canceled_as_a_companion_arrives(tmp_path: Path) -> None:

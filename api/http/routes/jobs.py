@@ -125,13 +125,21 @@ EventShaper = Callable[[str, dict[str, Any]], dict[str, Any]]
 async def _stream(state: AppState, request: Request, job_id: str, after: int,
                   shape: EventShaper | None = None) -> AsyncIterator[dict[str, Any]]:
     """The job's events after ``after``, then live ones, until its ``completed`` (bounded).
-    ``shape`` (the pipelines' stream) replaces the default: ``completed`` carrying the job view."""
+    ``shape`` (the pipelines' stream) replaces the default: ``completed`` carrying the job view.
+
+    The table is read on the first pass, after a stored change was announced (this process's bus
+    or another's NOTIFY) and on the safety poll; a wake by a step preview alone sends the preview
+    without a read. One worker-thread hop per read, the final job view included."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + SSE_MAX_STREAM_S
 
-    def fetch(last: int) -> list[Any]:
+    def fetch(last: int) -> tuple[list[Any], dict[str, Any] | None]:
         with state.db.read() as session:
-            return events_after(session, job_id, last)
+            events = events_after(session, job_id, last)
+        view = None
+        if shape is None and any(event.type == "completed" for event in events):
+            view = state.job_view(state.jobs.get(None, job_id))
+        return events, view
 
     def queue_estimate() -> QueueEstimate | None:
         job = state.jobs.get(None, job_id)
@@ -139,27 +147,30 @@ async def _stream(state: AppState, request: Request, job_id: str, after: int,
 
     sent: QueueEstimate | None = None
     quiet = False
+    read = True  # the first pass reads what is stored
     preview_after = state.bus.preview_seq()  # previews are live only: none from before this stream
-    while loop.time() < deadline:
-        waiter = state.bus.waiter(job_id)
-        try:
-            for event in await run_in_threadpool(fetch, after):
-                after = event.id
-                data = dict(event.data)
-                if shape is not None:
-                    data = await run_in_threadpool(shape, event.type, data)
-                if event.type == "completed":
-                    # a preview still pending goes first: after the terminal event the stream ends
-                    preview = state.bus.preview(job_id, preview_after)
-                    if preview is not None:
-                        preview_after = preview[0]
-                        yield {"event": "preview", "data": json.dumps(preview[1])}
-                    if shape is None:
-                        job = await run_in_threadpool(state.jobs.get, None, job_id)
-                        data["job"] = state.job_view(job)
-                yield {"id": str(event.id), "event": event.type, "data": json.dumps(data)}
-                if event.type == "completed":
-                    return
+    waiter = state.bus.waiter(job_id)  # registered before the first read: nothing after it is missed
+    try:
+        while loop.time() < deadline:
+            changed = waiter.take_change()  # before the read: a change landing during it wakes again
+            if read or changed:
+                events, view = await run_in_threadpool(fetch, after)
+                for event in events:
+                    after = event.id
+                    data = dict(event.data)
+                    if shape is not None:
+                        data = await run_in_threadpool(shape, event.type, data)
+                    if event.type == "completed":
+                        # a preview still pending goes first: after the terminal event the stream ends
+                        preview = state.bus.preview(job_id, preview_after)
+                        if preview is not None:
+                            preview_after = preview[0]
+                            yield {"event": "preview", "data": json.dumps(preview[1])}
+                        if view is not None:
+                            data["job"] = view
+                    yield {"id": str(event.id), "event": event.type, "data": json.dumps(data)}
+                    if event.type == "completed":
+                        return
             preview = state.bus.preview(job_id, preview_after)
             if preview is not None:  # the newest only (never stored: no id, not replayed)
                 preview_after = preview[0]
@@ -177,5 +188,6 @@ async def _stream(state: AppState, request: Request, job_id: str, after: int,
                 return
             # woken by this process's bus or by another process's NOTIFY; the poll is a safety net
             quiet = not await wait_event(waiter, state.settings.sse_poll_s)
-        finally:
-            state.bus.release(job_id, waiter)
+            read = quiet
+    finally:
+        state.bus.release(job_id, waiter)

@@ -80,3 +80,36 @@ def test_commit_rollback_and_errors_release_the_gate(settings: Settings) -> None
             assert s.execute(text("SELECT x FROM gate_probe ORDER BY rowid")).scalars().all() == [1, 1, 1, 4]
     finally:
         db.dispose()
+
+
+def test_each_transaction_gets_its_busy_timeout_set_only_when_it_changes(settings: Settings) -> None:
+    """A pooled connection serves both kinds of transaction; the timeout is set when it differs
+    from the connection's, not once more per transaction."""
+    from sqlalchemy import event
+
+    from api.db.engine import API_BUSY_TIMEOUT_S
+
+    db = Database(settings)
+    if db.engine.dialect.name != "sqlite":
+        pytest.skip("SQLite's busy timeout")
+    db.migrate()
+    pragmas: list[str] = []
+
+    def seen(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        if statement.startswith("PRAGMA busy_timeout="):
+            pragmas.append(statement)
+
+    event.listen(db.engine, "before_cursor_execute", seen)
+    timeouts: list[int] = []
+    try:
+        for session_of in (db.read, db.read, db.lease_session, db.lease_session, db.read, db.session):
+            with session_of() as s:
+                timeouts.append(int(s.execute(text("PRAGMA busy_timeout")).scalar_one()))
+                s.commit()
+    finally:
+        event.remove(db.engine, "before_cursor_execute", seen)
+        db.dispose()
+    api_ms, lease_ms = int(API_BUSY_TIMEOUT_S * 1000), int(settings.resolved_sqlite_busy_timeout_s() * 1000)
+    assert api_ms != lease_ms
+    assert timeouts == [api_ms, api_ms, lease_ms, lease_ms, api_ms, api_ms]
+    assert pragmas == [f"PRAGMA busy_timeout={lease_ms}", f"PRAGMA busy_timeout={api_ms}"]

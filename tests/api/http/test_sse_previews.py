@@ -298,17 +298,74 @@ async def test_stream_sends_a_pending_preview_before_the_completed_event(make_ap
     else:
         raise AssertionError(f"the stream never waited: {seen}")
     assert "completed" not in seen
-    # the last preview and the job's end land together, before the stream reads again
+    # the last preview and the job's end land together, before the stream reads again; the end
+    # is announced as a plain wake (a change stored elsewhere), which drops no preview
     api.state.bus.publish_preview(job_id, {"step": 4, "total": 4, "image": "data:image/jpeg;base64,AA=="})
     with api.db.session() as session:
         session.add(JobEvent(job_id=job_id, type="completed", data={"status": "succeeded"}))
         session.commit()
+    api.state.bus.wake(job_id)
     first = await asyncio.wait_for(step, STREAM_TIMEOUT_S)
     rest = [first["event"]]
     async for event in stream:  # ends at completed (bounded: it returns right after)
         rest.append(event["event"])
         assert len(rest) < 10, rest
     assert rest == ["preview", "completed"], rest
+    await stream.aclose()
+
+
+async def test_a_wake_by_a_preview_alone_sends_it_without_reading_the_table(
+        make_api: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step preview wakes the stream, which sends it without reading the job's events (nothing
+    stored changed); an announced change is read."""
+    import api.http.routes.jobs as routes
+    from api.http.routes.jobs import _stream
+
+    api = await make_api(run_runner=False, sse_poll_s=3600.0)  # no safety poll: every read is counted
+    user = api.user(credits=10)
+    answer = await api.submit(user.api_key, input={"prompt": "a cat", "steps": 4})
+    job_id = answer.json()["id"]
+    reads: list[int] = []
+    real = routes.events_after
+    monkeypatch.setattr(routes, "events_after", lambda session, job, after, *a: reads.append(after) or real(session, job, after, *a))
+    waiting = asyncio.Event()
+
+    class Request:
+        async def is_disconnected(self) -> bool:
+            waiting.set()
+            return False
+
+    stream = _stream(api.state, Request(), job_id, 0)  # type: ignore[arg-type]
+
+    async def next_or_wait() -> dict[str, Any] | None:
+        """The stream's next event, or None once it waits for a wake-up."""
+        waiting.clear()
+        step = asyncio.ensure_future(stream.__anext__())
+        waited = asyncio.ensure_future(waiting.wait())
+        await asyncio.wait({step, waited}, timeout=STREAM_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
+        waited.cancel()
+        if step.done():
+            return step.result()
+        assert waiting.is_set(), "the stream neither sent an event nor waited"
+        pending.append(step)
+        return None
+
+    pending: list[asyncio.Future[Any]] = []
+    for _ in range(20):  # the stored events so far, until the stream waits
+        if await next_or_wait() is None:
+            break
+    assert len(reads) == 1
+    api.state.bus.publish_preview(job_id, {"step": 2, "total": 4, "image": "data:image/jpeg;base64,AA=="})
+    preview = await asyncio.wait_for(pending.pop(), STREAM_TIMEOUT_S)
+    assert preview["event"] == "preview" and len(reads) == 1  # sent, and the table not read
+    assert await next_or_wait() is None  # waiting again
+    with api.db.session() as session:
+        session.add(JobEvent(job_id=job_id, type="completed", data={"status": "succeeded"}))
+        session.commit()
+    api.state.bus.wake(job_id)  # the change announced
+    completed = await asyncio.wait_for(pending.pop(), STREAM_TIMEOUT_S)
+    assert completed["event"] == "completed" and len(reads) == 2
+    assert json.loads(completed["data"])["job"]["id"] == job_id  # the job view, read in the same hop
     await stream.aclose()
 
 

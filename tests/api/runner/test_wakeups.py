@@ -14,11 +14,13 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
+import api.runner.runner as runner_module
 from api.core import ledger
 from api.core.events import ErrorEvent
 from api.db.engine import Database
-from api.db.tables import Job, utcnow
+from api.db.tables import Job, JobEvent, utcnow
 from api.metrics import Metrics
 from api.runner.runner import Runner
 from api.services.events import EventBus, record_event
@@ -262,17 +264,17 @@ async def test_pg_a_job_submitted_by_another_process_starts_at_once(
 async def test_the_executor_goes_on_while_an_event_is_written(
         rdb: Database, rsettings: Settings, storage: LocalStorage, bus: EventBus, catalog: Catalog,
         alice: NewUser) -> None:
-    """The router's provider event is written at once, but the request does not wait for that
-    write: the runner reads one event ahead, so the executor has already resumed (sent the request
-    to its replica) while the write is still held."""
+    """An overflow provider's event (its prediction id: a restart needs it) is written at once, but
+    the request does not wait for that write: the runner reads one event ahead, so the executor
+    has already resumed (polled its provider) while the write is still held."""
     from api.core.events import DoneEvent, OutputEvent, ProviderEvent
 
     resumed = threading.Event()
 
     class Routed(FakeExecutor):
         async def run(self, request: Any) -> Any:  # type: ignore[override]
-            yield ProviderEvent(provider="local", reason="local")
-            resumed.set()  # what a router does next: start the local run
+            yield ProviderEvent(provider="replicate", provider_job_id="p-1", reason="capacity")
+            resumed.set()  # what an adapter does next: poll its prediction
             key = f"{request.output_prefix}0.png"
             storage.put_bytes(key, b"\x89PNG", "image/png")
             yield OutputEvent(key=key, content_type="image/png")
@@ -292,4 +294,41 @@ async def test_the_executor_goes_on_while_an_event_is_written(
     await runner.drain(timeout_s=20)
     assert runner.seen_resumed == [True]
     job = get_job(rdb, job_id)
-    assert (job.status, job.provider, len(job.outputs)) == ("succeeded", "local", 1)
+    assert (job.status, job.provider, job.provider_job_id, len(job.outputs)) == ("succeeded", "replicate", "p-1", 1)
+
+
+async def test_the_local_route_waits_for_the_next_write(
+        rdb: Database, rsettings: Settings, storage: LocalStorage, bus: EventBus, catalog: Catalog,
+        alice: NewUser, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The local route (no prediction id: nothing a restart needs) gets no transaction of its own:
+    it is written with what follows it, here the settlement, and still recorded and published."""
+    from api.core.events import DoneEvent, OutputEvent, ProviderEvent
+
+    class Routed(FakeExecutor):
+        async def run(self, request: Any) -> Any:  # type: ignore[override]
+            yield ProviderEvent(provider="local", reason="local")
+            key = f"{request.output_prefix}0.png"
+            storage.put_bytes(key, b"\x89PNG", "image/png")
+            yield OutputEvent(key=key, content_type="image/png")
+            yield DoneEvent({})
+
+    class Counting(Runner):
+        writes: list[list[str]] = []
+
+        def _record_many(self, job_id: str, events: list[Any]) -> Any:
+            self.writes.append([type(e).__name__ for e in events])
+            return super()._record_many(job_id, events)
+
+    monkeypatch.setattr(runner_module, "PROGRESS_MIN_INTERVAL_S", 3600.0)  # no timed flush on a slow machine
+    published: list[str] = []
+    bus.add_listener(lambda job_id, type_, data: published.append(type_))
+    runner = Counting(rdb, Routed(storage=storage), rsettings, storage, bus, runner_id="r1", metrics=Metrics())
+    jobs = JobService(rdb, rsettings, catalog, storage, bus)
+    job_id = submit(jobs, alice)
+    await runner.drain(timeout_s=20)
+    assert runner.writes == []  # the claim, then the settlement: nothing in between
+    job = get_job(rdb, job_id)
+    assert (job.status, job.provider, job.route_reason) == ("succeeded", "local", "local")
+    with rdb.read() as s:
+        kinds = list(s.execute(select(JobEvent.type).where(JobEvent.job_id == job_id)).scalars())
+    assert kinds.count("provider") == 1 and "provider" in published
