@@ -276,6 +276,18 @@ def edge_medians(edges: list[dict[str, float] | None]) -> dict[str, float]:
             for k in ("lead_in_s", "tail_s")} if seen else {}
 
 
+def image_costs(buckets: dict[str, dict[str, Any]], label_part: str) -> dict[str, Any] | None:
+    """The replica's moving averages of what one image costs in a batch of one and in larger
+    batches, in the bucket whose label has ``label_part`` (its batch wait holds a head only where
+    the second is clearly lower: ``serve.generator.BATCHING_PAYS``)."""
+    for label, info in buckets.items():
+        if label_part in label and "solo_image_s" in info and "batched_image_s" in info:
+            solo, batched = float(info["solo_image_s"]), float(info["batched_image_s"])
+            return {"bucket": label, "solo_ms": round(solo * 1000, 1), "batched_ms": round(batched * 1000, 1),
+                    "batching_gain": round(solo / batched, 3) if batched > 0 else None}
+    return None
+
+
 def mixed_requests(n: int, steps: int) -> list[dict[str, Any]]:
     """``n`` requests of sizes 64 and 96 and step counts steps, 1.5× and 2× steps, interleaved."""
     sizes = (64, 96)
@@ -398,6 +410,7 @@ def run(size: int, steps: int, repeats: int, concurrency: int, rounds: int, thre
                 "replica_batch_sizes": mixed_sizes, "replica_batches": mixed_batches,
                 **replica_time(mixed_batches, sum(mixed_stack)), **edge_medians(mixed_edges),
             }
+        buckets = replica_stats(handle).get("buckets", {})
         client.close()
 
     raw_median = statistics.median(raw_s)
@@ -419,6 +432,7 @@ def run(size: int, steps: int, repeats: int, concurrency: int, rounds: int, thre
             "raw_rps": round(concurrency / seq_wall, 3), "stack_rps": round(concurrency / stack_wall, 3),
             "ratio": round(seq_wall / stack_wall, 2), "replica_batch_sizes": batch_sizes,
             **replica_time(batch_entries, sum(stack_walls)), **edge_medians(edges),
+            "replica_cost_per_image": image_costs(buckets, f"{size}x{size} steps={steps} "),
         },
         "mixed": mixed_report,
         "targets": {"overhead_ratio_max": 1.10, "queue_median_ms_max": 20.0, "throughput_ratio_min": 1.0},
@@ -692,6 +706,10 @@ def table(report: dict[str, Any]) -> Any:
     if "replica_pipeline_s" in t:
         out.add_row("    replica pipeline time / idle between batches", "",
                     f"{t['replica_pipeline_s']:.2f} s / {t['replica_idle_between_s']:.2f} s", "")
+    cost = t.get("replica_cost_per_image")
+    if cost:
+        out.add_row("    replica cost per image, solo / batched (moving averages)", "",
+                    f"{cost['solo_ms']:.0f} ms / {cost['batched_ms']:.0f} ms", f"gain {cost['batching_gain']:.2f}×")
     if "round_lead_in_ms" in t:
         out.add_row("    replica idle at a round's start / end (median)", "",
                     f"{t['round_lead_in_ms']:.0f} ms / {t['round_tail_ms']:.0f} ms", "")

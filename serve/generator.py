@@ -19,7 +19,12 @@ pipelines take guidance as one scalar per call. Prompts, negative prompts and se
 The batch wait adapts: the head waits for companions (at most ``batch_wait_timeout_s`` after it
 arrived) only while more requests are known to be coming: requests already inside ``generate``
 but not yet queued, requests the sender announced (``ReplicaRequest.queued_behind``), or after a
-full batch (the replica is saturated). A lone request on an idle replica starts at once.
+full batch (the replica is saturated). A lone request on an idle replica starts at once. And only
+where batching pays: the replica measures, per bucket, what an image costs in a batch of one and in
+larger batches (moving averages of its own pipeline calls); once both are known and a batched image
+is not at least :data:`BATCHING_PAYS` times cheaper (a CPU, where the cost per image is flat), the
+head starts with whatever is queued instead of waiting: its companions run in the next batch,
+which starts the moment this one ends.
 ``@serve.batch`` is not used: Ray 2.60 forms each batch as soon as its first request arrives (+ the
 wait) and only then queues it behind the running one, so requests arriving while a batch runs were
 split into batches of one or two by arrival time.
@@ -58,9 +63,10 @@ import contextvars
 import io
 import json
 import logging
+import statistics
 import tempfile
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -232,6 +238,16 @@ def _bounded(counter: dict[str, Any], kept: int = COUNTS_KEPT) -> None:
 
 BATCH_SIZES_KEPT = 1000
 BUCKETS_KEPT = 64
+BATCHING_PAYS = 1.1
+"""The batch wait holds a head only where a batched image costs at most 1/1.1 of a solo one (or
+while either is unmeasured): below that, waiting for companions costs more than it saves."""
+JUDGED_MIN_S = 0.01
+"""Solo pipeline calls shorter than this (per image) are not judged: too short to tell a gain from
+noise, so the configured wait stands."""
+COSTS_KEPT = 8
+"""Per bucket, the latest solo and batched pipeline calls whose cost per image is kept; their
+medians are what the batch wait judges (a median: a first call's warm-up or one slow call under
+load does not sway it)."""
 """Buckets kept in ``stats()["buckets"]`` (the least recently used go first)."""
 FINISHING_KEPT = 2
 """Batches whose encoding and upload may run at once beside the next batch's denoising."""
@@ -277,8 +293,11 @@ class GeneratorServer:
         ``idle_before_s`` (how long the pipeline stood idle since the previous call: a replica
         waiting for work, not a slow one)."""
         self._pipeline_free_at: float | None = None  # when the last pipeline call ended (monotonic)
-        self.buckets: dict[str, dict[str, int]] = {}
-        """Per bucket label: batches and requests run, largest batch (bounded, see BUCKETS_KEPT)."""
+        self.buckets: dict[str, dict[str, Any]] = {}
+        """Per bucket label: batches and requests run, largest batch (bounded, see BUCKETS_KEPT),
+        and once measured the median cost per image solo and batched (``solo_image_s``,
+        ``batched_image_s``: what the batch wait judges, see BATCHING_PAYS)."""
+        self._image_costs: dict[str, dict[str, deque[float]]] = {}  # per bucket: the latest costs
         self.runs: dict[str, _Run] = {}
         """Job id → its latest run here: every queued and running one, and the last finished ones."""
         self.runs_by_job: dict[str, int] = {}
@@ -585,7 +604,8 @@ class GeneratorServer:
                 await self._arrived.wait()
                 continue
             first = self._pending[0]
-            while len(self._companions(first)) < self.max_batch_size and self._more_coming():
+            while len(self._companions(first)) < self.max_batch_size and self._more_coming() \
+                    and self._batching_pays(first.bucket_label):
                 remaining = first.arrived + self.batch_wait_timeout_s - loop.time()
                 if remaining <= 0:
                     self._promised = 0  # what was promised did not come in time: stop waiting for it
@@ -648,9 +668,26 @@ class GeneratorServer:
         for run in batch:
             run.emit(event)
 
-    def _pipeline_ran(self, entry: dict[str, Any], started: float) -> None:
+    def _pipeline_ran(self, entry: dict[str, Any], started: float, ok: bool = True) -> None:
         self._pipeline_free_at = time.monotonic()
         entry["pipeline_s"] = round(self._pipeline_free_at - started, 4)
+        info = self.buckets.get(entry["bucket"])
+        images = entry.get("images") or entry["size"]
+        if ok and info is not None:  # the bucket's cost per image, solo or batched (see BATCHING_PAYS)
+            key = "solo_image_s" if images == 1 else "batched_image_s"
+            costs = self._image_costs.setdefault(entry["bucket"], {})
+            recent = costs.setdefault(key, deque(maxlen=COSTS_KEPT))
+            recent.append((self._pipeline_free_at - started) / images)
+            _bounded(self._image_costs, BUCKETS_KEPT)
+            info[key] = round(statistics.median(recent), 5)
+
+    def _batching_pays(self, label: str) -> bool:
+        """Whether a head of this bucket should wait for companions (see :data:`BATCHING_PAYS`)."""
+        info = self.buckets.get(label) or {}
+        solo, batched = info.get("solo_image_s"), info.get("batched_image_s")
+        if solo is None or batched is None or solo < JUDGED_MIN_S:
+            return True
+        return solo >= batched * BATCHING_PAYS
 
     def _close(self, batch: list[_Run]) -> None:
         for run in batch:
@@ -717,7 +754,9 @@ class GeneratorServer:
             entry["idle_before_s"] = round(started - self._pipeline_free_at, 4)
         run_task = asyncio.ensure_future(asyncio.to_thread(generator.generate, inputs, on_step, should_cancel,
                                                            adapters, **extra))
-        run_task.add_done_callback(lambda _t: self._pipeline_ran(entry, started))
+        entry["images"] = sum(counts)
+        run_task.add_done_callback(
+            lambda t: self._pipeline_ran(entry, started, ok=not t.cancelled() and t.exception() is None))
         while not run_task.done() or not progress.empty():
             getter = asyncio.ensure_future(progress.get())
             await asyncio.wait({run_task, getter}, return_when=asyncio.FIRST_COMPLETED)

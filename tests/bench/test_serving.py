@@ -86,3 +86,14 @@ def test_round_edges_are_the_replica_idle_time_before_its_first_call_and_after_i
     assert round_edges([{"size": 1}], 0.0, 1.0) is None
     assert edge_medians([edges, None, {"lead_in_s": 0.75, "tail_s": 0.5}]) == {"round_lead_in_ms": 500.0,
                                                                               "round_tail_ms": 375.0}
+
+
+def test_image_costs_reads_the_replicas_solo_and_batched_averages_of_one_bucket() -> None:
+    from bench.serving import image_costs
+
+    buckets = {"t2i 96x96 steps=4 guidance=5.0": {"solo_image_s": 9.0, "batched_image_s": 9.0},
+               "t2i 64x64 steps=4 guidance=5.0": {"solo_image_s": 0.2, "batched_image_s": 0.25},
+               "t2i 64x64 steps=8 guidance=5.0": {"solo_image_s": 0.4}}
+    assert image_costs(buckets, "64x64 steps=4 ") == {"bucket": "t2i 64x64 steps=4 guidance=5.0", "solo_ms": 200.0,
+                                                      "batched_ms": 250.0, "batching_gain": 0.8}
+    assert image_costs(buckets, "64x64 steps=8 ") is None  # not measured both ways

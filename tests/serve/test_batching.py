@@ -133,6 +133,54 @@ async def test_an_announced_request_that_never_comes_is_waited_for_once(tmp_path
     assert server.batch_sizes == [1, 1]
 
 
+async def test_each_bucket_measures_what_an_image_costs_solo_and_batched(tmp_path: Path) -> None:
+    server = make_server(tmp_path)
+    await asyncio.wait_for(collect(server, req(0)), timeout=5)  # a batch of one
+    bucket = server.stats()["buckets"]["t2i 64x64 steps=4 guidance=5.0"]
+    assert bucket["solo_image_s"] >= 0 and "batched_image_s" not in bucket
+    await asyncio.wait_for(asyncio.gather(*(collect(server, req(i)) for i in (1, 2))), timeout=5)  # one of two
+    assert server.batch_sizes == [1, 2]
+    assert server.stats()["buckets"]["t2i 64x64 steps=4 guidance=5.0"]["batched_image_s"] >= 0
+
+
+def test_a_buckets_cost_per_image_is_the_median_of_its_latest_calls(tmp_path: Path) -> None:
+    """A first call's warm-up (5 s here) does not sway what the batch wait judges; a batch of n
+    images counts its time over n; a failed call counts nothing."""
+    import time
+
+    server = make_server(tmp_path)
+    label = "t2i 64x64 steps=4 guidance=5.0"
+    server.buckets[label] = {"batches": 0, "requests": 0, "max_size": 0}
+    for ago in (5.0, 0.2, 0.2):  # pipeline calls that took (at least) this long
+        server._pipeline_ran({"size": 1, "images": 1, "bucket": label}, time.monotonic() - ago)
+    server._pipeline_ran({"size": 2, "images": 4, "bucket": label}, time.monotonic() - 0.4)
+    server._pipeline_ran({"size": 2, "images": 4, "bucket": label}, time.monotonic() - 90.0, ok=False)
+    info = server.stats()["buckets"][label]
+    assert 0.2 <= info["solo_image_s"] < 1.0 and 0.1 <= info["batched_image_s"] < 1.0
+
+
+@pytest.mark.parametrize(("solo_s", "batched_s", "waits"), [(1.0, 1.0, False), (1.0, 0.95, False),
+                                                            (1.0, 0.5, True), (0.001, 0.001, True)])
+async def test_the_head_waits_for_announced_companions_only_where_batching_pays(
+        tmp_path: Path, solo_s: float, batched_s: float, waits: bool) -> None:
+    """Measured costs per image (set here: timings are not for tests): flat (a CPU) or barely lower,
+    the head starts at once with what is queued; clearly lower (a GPU), it waits for the announced
+    companion; too short to judge, the configured wait stands."""
+    server = make_server(tmp_path, batch_wait_timeout_s=60.0)
+    label = "t2i 64x64 steps=4 guidance=5.0"
+    server.buckets[label] = {"batches": 2, "requests": 3, "max_size": 2, "solo_image_s": solo_s,
+                             "batched_image_s": batched_s}
+    head = asyncio.create_task(collect(server, {**req(0), "queued_behind": 1}))
+    if not waits:
+        events = await asyncio.wait_for(head, timeout=5)  # not held for the 60 s wait
+        assert events[-1]["type"] == "done" and server.batch_sizes == [1]
+        return
+    await until(lambda: server.stats()["queued"] == 1)
+    companion = asyncio.create_task(collect(server, req(1)))
+    await asyncio.wait_for(asyncio.gather(head, companion), timeout=5)
+    assert server.batch_sizes == [2]
+
+
 # --- buckets ------------------------------------------------------------------------------------
 
 async def test_sizes_steps_and_guidance_are_bucketed_fifo_by_the_oldest_head(tmp_path: Path) -> None:
@@ -151,7 +199,8 @@ async def test_sizes_steps_and_guidance_are_bucketed_fifo_by_the_oldest_head(tmp
         "t2i 64x64 steps=4 guidance=5.0", "t2i 64x64 steps=4 guidance=5.0", "t2i 96x64 steps=4 guidance=5.0",
         "t2i 64x64 steps=8 guidance=5.0", "t2i 64x64 steps=4 guidance=2.0"]
     assert server.batch_sizes == [1, 3, 2, 1, 1] == server.generator.calls
-    assert server.stats()["buckets"]["t2i 64x64 steps=4 guidance=5.0"] == {"batches": 2, "requests": 4, "max_size": 3}
+    bucket = server.stats()["buckets"]["t2i 64x64 steps=4 guidance=5.0"]
+    assert {k: bucket[k] for k in ("batches", "requests", "max_size")} == {"batches": 2, "requests": 4, "max_size": 3}
 
 
 async def test_a_lone_odd_sized_request_is_not_starved(tmp_path: Path) -> None:
