@@ -30,7 +30,7 @@ from api.services.users import NewUser
 from api.settings import Settings
 from api.storage.local import LocalStorage
 from models.catalog import Catalog
-from tests.fixtures.fake_executor import FakeExecutor
+from tests.fixtures.fake_executor import FakeExecutor, RoutedExecutor
 from tests.fixtures.harness import add_user, get_job, wait_until
 
 SLOW_POLL_S = 60.0
@@ -267,18 +267,12 @@ async def test_the_executor_goes_on_while_an_event_is_written(
     """An overflow provider's event (its prediction id: a restart needs it) is written at once, but
     the request does not wait for that write: the runner reads one event ahead, so the executor
     has already resumed (polled its provider) while the write is still held."""
-    from api.core.events import DoneEvent, OutputEvent, ProviderEvent
+    from api.core.events import ProviderEvent
 
     resumed = threading.Event()
-
-    class Routed(FakeExecutor):
-        async def run(self, request: Any) -> Any:  # type: ignore[override]
-            yield ProviderEvent(provider="replicate", provider_job_id="p-1", reason="capacity")
-            resumed.set()  # what an adapter does next: poll its prediction
-            key = f"{request.output_prefix}0.png"
-            storage.put_bytes(key, b"\x89PNG", "image/png")
-            yield OutputEvent(key=key, content_type="image/png")
-            yield DoneEvent({})
+    routed = RoutedExecutor(storage=storage, route=ProviderEvent(provider="replicate", provider_job_id="p-1",
+                                                                  reason="capacity"),
+                            after_route=resumed.set)  # what an adapter does next: poll its prediction
 
     class Held(Runner):
         seen_resumed: list[bool] = []
@@ -288,7 +282,7 @@ async def test_the_executor_goes_on_while_an_event_is_written(
                 self.seen_resumed.append(resumed.wait(timeout=5))  # on the runner's pool: may block
             return super()._record_many(job_id, events)
 
-    runner = Held(rdb, Routed(storage=storage), rsettings, storage, bus, runner_id="r1", metrics=Metrics())
+    runner = Held(rdb, routed, rsettings, storage, bus, runner_id="r1", metrics=Metrics())
     jobs = JobService(rdb, rsettings, catalog, storage, bus)
     job_id = submit(jobs, alice)
     await runner.drain(timeout_s=20)
@@ -302,16 +296,6 @@ async def test_the_local_route_waits_for_the_next_write(
         alice: NewUser, monkeypatch: pytest.MonkeyPatch) -> None:
     """The local route (no prediction id: nothing a restart needs) gets no transaction of its own:
     it is written with what follows it, here the settlement, and still recorded and published."""
-    from api.core.events import DoneEvent, OutputEvent, ProviderEvent
-
-    class Routed(FakeExecutor):
-        async def run(self, request: Any) -> Any:  # type: ignore[override]
-            yield ProviderEvent(provider="local", reason="local")
-            key = f"{request.output_prefix}0.png"
-            storage.put_bytes(key, b"\x89PNG", "image/png")
-            yield OutputEvent(key=key, content_type="image/png")
-            yield DoneEvent({})
-
     class Counting(Runner):
         writes: list[list[str]] = []
 
@@ -322,7 +306,7 @@ async def test_the_local_route_waits_for_the_next_write(
     monkeypatch.setattr(runner_module, "PROGRESS_MIN_INTERVAL_S", 3600.0)  # no timed flush on a slow machine
     published: list[str] = []
     bus.add_listener(lambda job_id, type_, data: published.append(type_))
-    runner = Counting(rdb, Routed(storage=storage), rsettings, storage, bus, runner_id="r1", metrics=Metrics())
+    runner = Counting(rdb, RoutedExecutor(storage=storage), rsettings, storage, bus, runner_id="r1", metrics=Metrics())
     jobs = JobService(rdb, rsettings, catalog, storage, bus)
     job_id = submit(jobs, alice)
     await runner.drain(timeout_s=20)

@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel import Session
 
-from api.core.events import DoneEvent, ExecutorEvent, OutputEvent, ProviderEvent
+from api.core.events import ExecutorEvent, OutputEvent, ProviderEvent
 from api.db.engine import Database
 from api.db.tables import Job, JobEvent
 from api.runner.runner import Runner
@@ -18,7 +18,7 @@ from api.services.jobs import JobService, Submission
 from api.services.users import NewUser
 from api.settings import Settings
 from api.storage.local import LocalStorage
-from tests.fixtures.fake_executor import FakeExecutor
+from tests.fixtures.fake_executor import FakeExecutor, RoutedExecutor
 from tests.fixtures.harness import get_job, ledger_rows
 
 
@@ -104,17 +104,9 @@ class FailingMetrics:
 
 async def test_side_effects_after_a_commit_are_not_retried_with_the_write(
         rdb: Database, rsettings: Settings, storage: LocalStorage, jobs: JobService, alice: NewUser) -> None:
-    class Routed(FakeExecutor):
-        async def run(self, request: Any) -> Any:  # type: ignore[override]
-            yield ProviderEvent(provider="local", reason="test")
-            key = f"{request.output_prefix}0.png"
-            storage.put_bytes(key, b"\x89PNG", "image/png")
-            yield OutputEvent(key=key, content_type="image/png")
-            yield DoneEvent({})
-
     bus = FailingBus()
     metrics = FailingMetrics()
-    runner = Runner(rdb, Routed(storage=storage), rsettings, storage, bus, runner_id="r1", metrics=metrics)
+    runner = Runner(rdb, RoutedExecutor(storage=storage, route=ProviderEvent(provider="local", reason="test")), rsettings, storage, bus, runner_id="r1", metrics=metrics)
     job_id = submit(jobs, alice)
     await runner.drain(timeout_s=20)
     job = get_job(rdb, job_id)
