@@ -40,7 +40,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from api.core.events import LOCAL_PROVIDER, DoneEvent, ErrorEvent, ExecutorEvent, OutputEvent, ProviderEvent
+from api.core.events import DoneEvent, ErrorEvent, ExecutorEvent, OutputEvent, ProviderEvent
 from api.core.executor import REATTACH_KEY, ExecutionRequest, Executor, ProviderWebhookReceiver
 from api.settings import Settings
 from api.storage.base import Storage
@@ -48,7 +48,7 @@ from serve.postprocess import POSTPROCESS_MODEL
 
 logger = logging.getLogger(__name__)
 
-LOCAL = LOCAL_PROVIDER
+LOCAL = "local"
 #: Local failures that mean "no room here", not "this job is broken" (see serve.errors.classify).
 CAPACITY_CODES = frozenset({"capacity", "not_deployed"})
 

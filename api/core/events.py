@@ -61,26 +61,15 @@ class LogEvent:
     type: Literal["log"] = "log"
 
 
-LOCAL_PROVIDER = "local"
-"""``ProviderEvent.provider`` of a job served by this cluster's own replicas."""
-
-
 @dataclass(frozen=True)
 class ProviderEvent:
-    """The job is being served by an overflow provider, or locally (recorded on the job)."""
+    """The job is being served by an overflow provider (recorded on the job)."""
 
     provider: str
     provider_job_id: str | None = None
     reason: str | None = None
     cost_usd: float | None = None
     type: Literal["provider"] = "provider"
-
-    @property
-    def restart_needs_it(self) -> bool:
-        """Whether a restarted API needs this on the job at once: a provider's prediction id (its
-        reclaim polls it, its cancel names it) or an overflow route. The local route is not: it
-        can wait for the job's next write."""
-        return self.provider_job_id is not None or self.provider != LOCAL_PROVIDER
 
 
 @dataclass(frozen=True)

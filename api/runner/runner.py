@@ -601,11 +601,12 @@ class Runner:
         timer = getattr(self.metrics, "stage_timer", None)
         stages = timer(job.model) if timer is not None else None  # "starting" until the first stage
         loop = asyncio.get_running_loop()
-        # Coalescing: progress, stages, logs, outputs and the local route are buffered and written
-        # together, at most one write per PROGRESS_MIN_INTERVAL_S; a checkpoint, or a provider
-        # event a restart needs (an overflow's prediction id), is written at once (with what is
-        # buffered, in order); what is still buffered at the end goes into the settlement's
-        # transaction, so the last progress and every output are always written.
+        # Coalescing: progress, stages, logs and outputs are buffered and written together, at most
+        # one write per PROGRESS_MIN_INTERVAL_S; a provider or checkpoint event is written at once
+        # (with what is buffered, in order); what is still buffered at the end goes into the
+        # settlement's transaction, so the last progress and every output are always written.
+        # The local route too: a job taken back from a dead runner reattaches to its replica run
+        # only if the job says where it ran (``settlement._reattach_where_it_ran``).
         pending: list[ExecutorEvent] = []
         last_write = loop.time()  # the claim
         flush_at: list[float | None] = [None]  # when what is buffered must be written
@@ -628,7 +629,7 @@ class Runner:
                     final = event
                     break
                 coalesce(pending, event)
-                if isinstance(event, CheckpointEvent) or (isinstance(event, ProviderEvent) and event.restart_needs_it) \
+                if isinstance(event, ProviderEvent | CheckpointEvent) \
                         or loop.time() - last_write >= PROGRESS_MIN_INTERVAL_S:
                     await self._write(job.id, pending)
                     pending, last_write, flush_at[0] = [], loop.time(), None

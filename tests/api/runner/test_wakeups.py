@@ -14,13 +14,11 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import select
 
-import api.runner.runner as runner_module
 from api.core import ledger
 from api.core.events import ErrorEvent
 from api.db.engine import Database
-from api.db.tables import Job, JobEvent, utcnow
+from api.db.tables import Job, utcnow
 from api.metrics import Metrics
 from api.runner.runner import Runner
 from api.services.events import EventBus, record_event
@@ -264,15 +262,13 @@ async def test_pg_a_job_submitted_by_another_process_starts_at_once(
 async def test_the_executor_goes_on_while_an_event_is_written(
         rdb: Database, rsettings: Settings, storage: LocalStorage, bus: EventBus, catalog: Catalog,
         alice: NewUser) -> None:
-    """An overflow provider's event (its prediction id: a restart needs it) is written at once, but
-    the request does not wait for that write: the runner reads one event ahead, so the executor
-    has already resumed (polled its provider) while the write is still held."""
+    """The router's provider event is written at once (a reclaim reattaches to the replica's run
+    only if the job says where it ran), but the request does not wait for that write: the runner
+    reads one event ahead, so the executor has already resumed (sent the request to its replica)
+    while the write is still held."""
     from api.core.events import ProviderEvent
 
     resumed = threading.Event()
-    routed = RoutedExecutor(storage=storage, route=ProviderEvent(provider="replicate", provider_job_id="p-1",
-                                                                  reason="capacity"),
-                            after_route=resumed.set)  # what an adapter does next: poll its prediction
 
     class Held(Runner):
         seen_resumed: list[bool] = []
@@ -282,37 +278,11 @@ async def test_the_executor_goes_on_while_an_event_is_written(
                 self.seen_resumed.append(resumed.wait(timeout=5))  # on the runner's pool: may block
             return super()._record_many(job_id, events)
 
+    routed = RoutedExecutor(storage=storage, after_route=resumed.set)  # next: start the local run
     runner = Held(rdb, routed, rsettings, storage, bus, runner_id="r1", metrics=Metrics())
     jobs = JobService(rdb, rsettings, catalog, storage, bus)
     job_id = submit(jobs, alice)
     await runner.drain(timeout_s=20)
     assert runner.seen_resumed == [True]
     job = get_job(rdb, job_id)
-    assert (job.status, job.provider, job.provider_job_id, len(job.outputs)) == ("succeeded", "replicate", "p-1", 1)
-
-
-async def test_the_local_route_waits_for_the_next_write(
-        rdb: Database, rsettings: Settings, storage: LocalStorage, bus: EventBus, catalog: Catalog,
-        alice: NewUser, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The local route (no prediction id: nothing a restart needs) gets no transaction of its own:
-    it is written with what follows it, here the settlement, and still recorded and published."""
-    class Counting(Runner):
-        writes: list[list[str]] = []
-
-        def _record_many(self, job_id: str, events: list[Any]) -> Any:
-            self.writes.append([type(e).__name__ for e in events])
-            return super()._record_many(job_id, events)
-
-    monkeypatch.setattr(runner_module, "PROGRESS_MIN_INTERVAL_S", 3600.0)  # no timed flush on a slow machine
-    published: list[str] = []
-    bus.add_listener(lambda job_id, type_, data: published.append(type_))
-    runner = Counting(rdb, RoutedExecutor(storage=storage), rsettings, storage, bus, runner_id="r1", metrics=Metrics())
-    jobs = JobService(rdb, rsettings, catalog, storage, bus)
-    job_id = submit(jobs, alice)
-    await runner.drain(timeout_s=20)
-    assert runner.writes == []  # the claim, then the settlement: nothing in between
-    job = get_job(rdb, job_id)
-    assert (job.status, job.provider, job.route_reason) == ("succeeded", "local", "local")
-    with rdb.read() as s:
-        kinds = list(s.execute(select(JobEvent.type).where(JobEvent.job_id == job_id)).scalars())
-    assert kinds.count("provider") == 1 and "provider" in published
+    assert (job.status, job.provider, len(job.outputs)) == ("succeeded", "local", 1)
