@@ -133,9 +133,12 @@ class StackClient:
     def _client(self) -> Iterator[Any]:
         try:
             client = self._idle.get_nowait()
-        except queue.Empty:  # more in flight than made ready: one more (its making is timed)
-            self.ready(len(self._made) + 1)
-            client = self._idle.get_nowait()
+        except queue.Empty:  # more in flight than made ready: one more, kept after (its making is timed)
+            from ops.client import Client
+
+            client = Client(self.url, self.api_key, timeout_s=60)
+            with self._lock:
+                self._made.append(client)
         try:
             yield client
         finally:
@@ -277,8 +280,8 @@ def edge_medians(edges: list[dict[str, float] | None]) -> dict[str, float]:
 
 
 def image_costs(buckets: dict[str, dict[str, Any]], label_part: str) -> dict[str, Any] | None:
-    """The replica's moving averages of what one image costs in a batch of one and in larger
-    batches, in the bucket whose label has ``label_part`` (its batch wait holds a head only where
+    """The replica's medians of what one image costs in a batch of one and in larger batches
+    (its latest calls), in the bucket whose label has ``label_part`` (its batch wait holds a head only where
     the second is clearly lower: ``serve.generator.BATCHING_PAYS``)."""
     for label, info in buckets.items():
         if label_part in label and "solo_image_s" in info and "batched_image_s" in info:
@@ -708,7 +711,7 @@ def table(report: dict[str, Any]) -> Any:
                     f"{t['replica_pipeline_s']:.2f} s / {t['replica_idle_between_s']:.2f} s", "")
     cost = t.get("replica_cost_per_image")
     if cost:
-        out.add_row("    replica cost per image, solo / batched (moving averages)", "",
+        out.add_row("    replica cost per image, solo / batched (its medians)", "",
                     f"{cost['solo_ms']:.0f} ms / {cost['batched_ms']:.0f} ms", f"gain {cost['batching_gain']:.2f}×")
     if "round_lead_in_ms" in t:
         out.add_row("    replica idle at a round's start / end (median)", "",

@@ -21,7 +21,7 @@ arrived) only while more requests are known to be coming: requests already insid
 but not yet queued, requests the sender announced (``ReplicaRequest.queued_behind``), or after a
 full batch (the replica is saturated). A lone request on an idle replica starts at once. And only
 where batching pays: the replica measures, per bucket, what an image costs in a batch of one and in
-larger batches (moving averages of its own pipeline calls); once both are known and a batched image
+larger batches (medians of its own latest pipeline calls); once both are known and a batched image
 is not at least :data:`BATCHING_PAYS` times cheaper (a CPU, where the cost per image is flat), the
 head starts with whatever is queued instead of waiting: its companions run in the next batch,
 which starts the moment this one ends.
@@ -238,6 +238,7 @@ def _bounded(counter: dict[str, Any], kept: int = COUNTS_KEPT) -> None:
 
 BATCH_SIZES_KEPT = 1000
 BUCKETS_KEPT = 64
+"""Buckets kept in ``stats()["buckets"]`` (the least recently used go first)."""
 BATCHING_PAYS = 1.1
 """The batch wait holds a head only where a batched image costs at most 1/1.1 of a solo one (or
 while either is unmeasured): below that, waiting for companions costs more than it saves."""
@@ -248,7 +249,6 @@ COSTS_KEPT = 8
 """Per bucket, the latest solo and batched pipeline calls whose cost per image is kept; their
 medians are what the batch wait judges (a median: a first call's warm-up or one slow call under
 load does not sway it)."""
-"""Buckets kept in ``stats()["buckets"]`` (the least recently used go first)."""
 FINISHING_KEPT = 2
 """Batches whose encoding and upload may run at once beside the next batch's denoising."""
 
@@ -675,7 +675,8 @@ class GeneratorServer:
         images = entry.get("images") or entry["size"]
         if ok and info is not None:  # the bucket's cost per image, solo or batched (see BATCHING_PAYS)
             key = "solo_image_s" if images == 1 else "batched_image_s"
-            costs = self._image_costs.setdefault(entry["bucket"], {})
+            costs = self._image_costs.pop(entry["bucket"], {})
+            self._image_costs[entry["bucket"]] = costs  # the latest used last: the oldest go first
             recent = costs.setdefault(key, deque(maxlen=COSTS_KEPT))
             recent.append((self._pipeline_free_at - started) / images)
             _bounded(self._image_costs, BUCKETS_KEPT)
