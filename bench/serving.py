@@ -281,13 +281,15 @@ def edge_medians(edges: list[dict[str, float] | None]) -> dict[str, float]:
 
 def image_costs(buckets: dict[str, dict[str, Any]], label_part: str) -> dict[str, Any] | None:
     """The replica's medians of what one image costs in a batch of one and in larger batches
-    (its latest calls), in the bucket whose label has ``label_part`` (its batch wait holds a head only where
-    the second is clearly lower: ``serve.generator.BATCHING_PAYS``)."""
+    (its latest calls), in the bucket whose label has ``label_part``, and the batch wait they allow
+    (``serve.generator.GeneratorServer._wait_bound``)."""
     for label, info in buckets.items():
         if label_part in label and "solo_image_s" in info and "batched_image_s" in info:
             solo, batched = float(info["solo_image_s"]), float(info["batched_image_s"])
+            wait = info.get("batch_wait_s")
             return {"bucket": label, "solo_ms": round(solo * 1000, 1), "batched_ms": round(batched * 1000, 1),
-                    "batching_gain": round(solo / batched, 3) if batched > 0 else None}
+                    "batching_gain": round(solo / batched, 3) if batched > 0 else None,
+                    "batch_wait_ms": round(float(wait) * 1000, 1) if wait is not None else None}
     return None
 
 
@@ -711,8 +713,9 @@ def table(report: dict[str, Any]) -> Any:
                     f"{t['replica_pipeline_s']:.2f} s / {t['replica_idle_between_s']:.2f} s", "")
     cost = t.get("replica_cost_per_image")
     if cost:
+        wait = f", wait ≤ {cost['batch_wait_ms']:.0f} ms" if cost.get("batch_wait_ms") is not None else ""
         out.add_row("    replica cost per image, solo / batched (its medians)", "",
-                    f"{cost['solo_ms']:.0f} ms / {cost['batched_ms']:.0f} ms", f"gain {cost['batching_gain']:.2f}×")
+                    f"{cost['solo_ms']:.0f} ms / {cost['batched_ms']:.0f} ms", f"gain {cost['batching_gain']:.2f}×{wait}")
     if "round_lead_in_ms" in t:
         out.add_row("    replica idle at a round's start / end (median)", "",
                     f"{t['round_lead_in_ms']:.0f} ms / {t['round_tail_ms']:.0f} ms", "")

@@ -19,12 +19,14 @@ pipelines take guidance as one scalar per call. Prompts, negative prompts and se
 The batch wait adapts: the head waits for companions (at most ``batch_wait_timeout_s`` after it
 arrived) only while more requests are known to be coming: requests already inside ``generate``
 but not yet queued, requests the sender announced (``ReplicaRequest.queued_behind``), or after a
-full batch (the replica is saturated). A lone request on an idle replica starts at once. And only
-where batching pays: the replica measures, per bucket, what an image costs in a batch of one and in
-larger batches (medians of its own latest pipeline calls); once both are known and a batched image
-is not at least :data:`BATCHING_PAYS` times cheaper (a CPU, where the cost per image is flat), the
-head starts with whatever is queued instead of waiting: its companions run in the next batch,
-which starts the moment this one ends.
+full batch (the replica is saturated). A lone request on an idle replica starts at once. And no
+longer than batching saves: the replica measures, per bucket, what an image costs in a batch of one
+and in its larger batches (medians of its own latest pipeline calls). Read as a call's fixed cost
+``a`` plus ``b`` per image, a companion that waits for the next batch instead costs that batch's
+``a`` more, so a head waits at most ``a`` (:meth:`GeneratorServer._wait_bound`, capped by the
+configured wait): on a CPU, where the cost per image is nearly flat, a few ms; on a GPU, most of a
+solo call. Unmeasured, the configured wait stands. Companions that did not wait run in the next
+batch, which starts the moment this one ends.
 ``@serve.batch`` is not used: Ray 2.60 forms each batch as soon as its first request arrives (+ the
 wait) and only then queues it behind the running one, so requests arriving while a batch runs were
 split into batches of one or two by arrival time.
@@ -239,16 +241,13 @@ def _bounded(counter: dict[str, Any], kept: int = COUNTS_KEPT) -> None:
 BATCH_SIZES_KEPT = 1000
 BUCKETS_KEPT = 64
 """Buckets kept in ``stats()["buckets"]`` (the least recently used go first)."""
-BATCHING_PAYS = 1.1
-"""The batch wait holds a head only where a batched image costs at most 1/1.1 of a solo one (or
-while either is unmeasured): below that, waiting for companions costs more than it saves."""
 JUDGED_MIN_S = 0.01
-"""Solo pipeline calls shorter than this (per image) are not judged: too short to tell a gain from
-noise, so the configured wait stands."""
+"""Solo pipeline calls shorter than this are not judged: too short to tell what batching saves
+from noise, so the configured wait stands."""
 COSTS_KEPT = 8
-"""Per bucket, the latest solo and batched pipeline calls whose cost per image is kept; their
-medians are what the batch wait judges (a median: a first call's warm-up or one slow call under
-load does not sway it)."""
+"""Per bucket, the latest solo and batched pipeline calls kept (cost per image, batch size); their
+medians bound the batch wait (a median: a first call's warm-up or one slow call under load does not
+sway it)."""
 FINISHING_KEPT = 2
 """Batches whose encoding and upload may run at once beside the next batch's denoising."""
 
@@ -296,7 +295,8 @@ class GeneratorServer:
         self.buckets: dict[str, dict[str, Any]] = {}
         """Per bucket label: batches and requests run, largest batch (bounded, see BUCKETS_KEPT),
         and once measured the median cost per image solo and batched (``solo_image_s``,
-        ``batched_image_s``: what the batch wait judges, see BATCHING_PAYS)."""
+        ``batched_image_s``, ``batched_size``) and the batch wait they allow (``batch_wait_s``, see
+        :meth:`_wait_bound`)."""
         self._image_costs: dict[str, dict[str, deque[float]]] = {}  # per bucket: the latest costs
         self.runs: dict[str, _Run] = {}
         """Job id → its latest run here: every queued and running one, and the last finished ones."""
@@ -604,9 +604,9 @@ class GeneratorServer:
                 await self._arrived.wait()
                 continue
             first = self._pending[0]
-            while len(self._companions(first)) < self.max_batch_size and self._more_coming() \
-                    and self._batching_pays(first.bucket_label):
-                remaining = first.arrived + self.batch_wait_timeout_s - loop.time()
+            bound = self._wait_bound(first.bucket_label)
+            while bound > 0 and len(self._companions(first)) < self.max_batch_size and self._more_coming():
+                remaining = first.arrived + bound - loop.time()
                 if remaining <= 0:
                     self._promised = 0  # what was promised did not come in time: stop waiting for it
                     break
@@ -671,24 +671,36 @@ class GeneratorServer:
     def _pipeline_ran(self, entry: dict[str, Any], started: float, ok: bool = True) -> None:
         self._pipeline_free_at = time.monotonic()
         entry["pipeline_s"] = round(self._pipeline_free_at - started, 4)
-        info = self.buckets.get(entry["bucket"])
+        label = entry["bucket"]
+        info = self.buckets.get(label)
         images = entry.get("images") or entry["size"]
-        if ok and info is not None:  # the bucket's cost per image, solo or batched (see BATCHING_PAYS)
+        if ok and info is not None:  # the bucket's cost per image, solo or batched (see _wait_bound)
             key = "solo_image_s" if images == 1 else "batched_image_s"
-            costs = self._image_costs.pop(entry["bucket"], {})
-            self._image_costs[entry["bucket"]] = costs  # the latest used last: the oldest go first
+            costs = self._image_costs.pop(label, {})
+            self._image_costs[label] = costs  # the latest used last: the oldest go first
             recent = costs.setdefault(key, deque(maxlen=COSTS_KEPT))
             recent.append((self._pipeline_free_at - started) / images)
-            _bounded(self._image_costs, BUCKETS_KEPT)
             info[key] = round(statistics.median(recent), 5)
+            if images > 1:
+                sizes = costs.setdefault("batched_size", deque(maxlen=COSTS_KEPT))
+                sizes.append(float(images))
+                info["batched_size"] = statistics.median(sizes)
+            _bounded(self._image_costs, BUCKETS_KEPT)
+            info["batch_wait_s"] = round(self._wait_bound(label), 4)
 
-    def _batching_pays(self, label: str) -> bool:
-        """Whether a head of this bucket should wait for companions (see :data:`BATCHING_PAYS`)."""
+    def _wait_bound(self, label: str) -> float:
+        """How long a head of this bucket may wait for companions: what one pipeline call fewer
+        saves, capped by ``batch_wait_timeout_s`` (see the module doc).
+
+        With a call costing ``a + b·n`` for n images, a solo image costs ``s = a + b`` and one of a
+        batch of n ``p = a/n + b``, so ``a = (s − p)·n/(n − 1)``; zero where batched images cost as
+        much as solo ones. Unmeasured, or solo calls too short to judge: the configured wait."""
         info = self.buckets.get(label) or {}
-        solo, batched = info.get("solo_image_s"), info.get("batched_image_s")
-        if solo is None or batched is None or solo < JUDGED_MIN_S:
-            return True
-        return solo >= batched * BATCHING_PAYS
+        solo, batched, size = info.get("solo_image_s"), info.get("batched_image_s"), info.get("batched_size")
+        if solo is None or batched is None or solo < JUDGED_MIN_S or not size or size < 2:
+            return self.batch_wait_timeout_s
+        saved_per_call = (solo - batched) * size / (size - 1)
+        return min(self.batch_wait_timeout_s, max(0.0, saved_per_call))
 
     def _close(self, batch: list[_Run]) -> None:
         for run in batch:

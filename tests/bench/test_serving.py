@@ -95,5 +95,8 @@ def test_image_costs_reads_the_replicas_solo_and_batched_averages_of_one_bucket(
                "t2i 64x64 steps=4 guidance=5.0": {"solo_image_s": 0.2, "batched_image_s": 0.25},
                "t2i 64x64 steps=8 guidance=5.0": {"solo_image_s": 0.4}}
     assert image_costs(buckets, "64x64 steps=4 ") == {"bucket": "t2i 64x64 steps=4 guidance=5.0", "solo_ms": 200.0,
-                                                      "batched_ms": 250.0, "batching_gain": 0.8}
+                                                      "batched_ms": 250.0, "batching_gain": 0.8,
+                                                      "batch_wait_ms": None}
+    buckets["t2i 64x64 steps=4 guidance=5.0"]["batch_wait_s"] = 0.0264
+    assert image_costs(buckets, "64x64 steps=4 ")["batch_wait_ms"] == 26.4  # type: ignore[index]
     assert image_costs(buckets, "64x64 steps=8 ") is None  # not measured both ways

@@ -157,19 +157,40 @@ def test_a_buckets_cost_per_image_is_the_median_of_its_latest_calls(tmp_path: Pa
     server._pipeline_ran({"size": 2, "images": 4, "bucket": label}, time.monotonic() - 90.0, ok=False)
     info = server.stats()["buckets"][label]
     assert 0.2 <= info["solo_image_s"] < 1.0 and 0.1 <= info["batched_image_s"] < 1.0
+    assert info["batched_size"] == 4.0 and info["batch_wait_s"] == pytest.approx(server._wait_bound(label), abs=1e-4)
 
 
-@pytest.mark.parametrize(("solo_s", "batched_s", "waits"), [(1.0, 1.0, False), (1.0, 0.95, False),
-                                                            (1.0, 0.5, True), (0.001, 0.001, True)])
-async def test_the_head_waits_for_announced_companions_only_where_batching_pays(
+def test_the_batch_wait_is_bounded_by_what_one_call_fewer_saves(tmp_path: Path) -> None:
+    """a + b·n per call: a = (solo − batched)·n/(n − 1), capped by the configured wait; zero where a
+    batched image costs what a solo one does; unmeasured or too short to judge: the configured wait."""
+    server = make_server(tmp_path, batch_wait_timeout_s=0.5)
+    label = "t2i 64x64 steps=4 guidance=5.0"
+
+    def bound(**info: float) -> float:
+        server.buckets[label] = {"batches": 2, "requests": 9, "max_size": 8, **info}
+        return server._wait_bound(label)
+
+    assert bound() == 0.5  # unmeasured
+    assert bound(solo_image_s=0.224) == 0.5  # batched not yet measured
+    assert bound(solo_image_s=0.224, batched_image_s=0.202, batched_size=7.0) == pytest.approx(0.022 * 7 / 6)
+    assert bound(solo_image_s=1.0, batched_image_s=1.0, batched_size=8.0) == 0.0  # flat: no wait
+    assert bound(solo_image_s=1.0, batched_image_s=1.2, batched_size=8.0) == 0.0  # batching costs more
+    assert bound(solo_image_s=1.0, batched_image_s=0.4, batched_size=8.0) == 0.5  # a GPU: capped
+    assert bound(solo_image_s=0.001, batched_image_s=0.001, batched_size=8.0) == 0.5  # too short to judge
+
+
+@pytest.mark.parametrize(("solo_s", "batched_s", "waits"), [(1.0, 1.0, False), (1.0, 1.5, False),
+                                                            (100.0, 50.0, True), (0.001, 0.001, True)])
+async def test_the_head_waits_for_announced_companions_only_as_long_as_batching_saves(
         tmp_path: Path, solo_s: float, batched_s: float, waits: bool) -> None:
-    """Measured costs per image (set here: timings are not for tests): flat (a CPU) or barely lower,
-    the head starts at once with what is queued; clearly lower (a GPU), it waits for the announced
-    companion; too short to judge, the configured wait stands."""
+    """Measured costs per image (set here: timings are not for tests): flat (a CPU) or higher
+    batched, the head starts at once with what is queued; a call's fixed cost far above the
+    configured 60 s (a GPU, scaled up), it waits for the announced companion; too short to judge,
+    the configured wait stands."""
     server = make_server(tmp_path, batch_wait_timeout_s=60.0)
     label = "t2i 64x64 steps=4 guidance=5.0"
     server.buckets[label] = {"batches": 2, "requests": 3, "max_size": 2, "solo_image_s": solo_s,
-                             "batched_image_s": batched_s}
+                             "batched_image_s": batched_s, "batched_size": 2.0}
     head = asyncio.create_task(collect(server, {**req(0), "queued_behind": 1}))
     if not waits:
         events = await asyncio.wait_for(head, timeout=5)  # not held for the 60 s wait
