@@ -292,12 +292,12 @@ class GeneratorServer:
         ``idle_before_s`` (how long the pipeline stood idle since the previous call: a replica
         waiting for work, not a slow one)."""
         self._pipeline_free_at: float | None = None  # when the last pipeline call ended (monotonic)
-        self.buckets: dict[str, dict[str, Any]] = {}
-        """Per bucket label: batches and requests run, largest batch (bounded, see BUCKETS_KEPT),
-        and once measured the median cost per image solo and batched (``solo_image_s``,
-        ``batched_image_s``, ``batched_size``) and the batch wait they allow (``batch_wait_s``, see
-        :meth:`_wait_bound`)."""
-        self._image_costs: dict[str, dict[str, deque[float]]] = {}  # per bucket: the latest costs
+        self.buckets: dict[str, dict[str, int]] = {}
+        """Per bucket label: batches and requests run, largest batch (bounded, see BUCKETS_KEPT);
+        ``stats()`` adds the costs below and the batch wait they allow (``batch_wait_s``)."""
+        self._image_costs: dict[str, dict[str, deque[float]]] = {}
+        """Per bucket label: its latest pipeline calls' cost per image, solo and batched, and the
+        batched calls' sizes (see :meth:`_costs`, :meth:`_wait_bound`)."""
         self.runs: dict[str, _Run] = {}
         """Job id → its latest run here: every queued and running one, and the last finished ones."""
         self.runs_by_job: dict[str, int] = {}
@@ -379,7 +379,7 @@ class GeneratorServer:
 
     def stats(self) -> dict[str, Any]:
         return {"batch_sizes": list(self.batch_sizes), "batches": [dict(b) for b in self.batches],
-                "buckets": {label: dict(info) for label, info in self.buckets.items()},
+                "buckets": {label: self._bucket_stats(label, info) for label, info in self.buckets.items()},
                 "queued_buckets": dict(Counter(run.bucket_label for run in self._pending)),
                 "finishing": len(self._finishing), "adapter_loads": dict(self.adapter_loads),
                 "swaps": self.swaps, "swap_error": self.swap_error, "source": self.source,
@@ -671,22 +671,32 @@ class GeneratorServer:
     def _pipeline_ran(self, entry: dict[str, Any], started: float, ok: bool = True) -> None:
         self._pipeline_free_at = time.monotonic()
         entry["pipeline_s"] = round(self._pipeline_free_at - started, 4)
-        label = entry["bucket"]
-        info = self.buckets.get(label)
-        images = entry.get("images") or entry["size"]
-        if ok and info is not None:  # the bucket's cost per image, solo or batched (see _wait_bound)
-            key = "solo_image_s" if images == 1 else "batched_image_s"
-            costs = self._image_costs.pop(label, {})
-            self._image_costs[label] = costs  # the latest used last: the oldest go first
-            recent = costs.setdefault(key, deque(maxlen=COSTS_KEPT))
-            recent.append((self._pipeline_free_at - started) / images)
-            info[key] = round(statistics.median(recent), 5)
-            if images > 1:
-                sizes = costs.setdefault("batched_size", deque(maxlen=COSTS_KEPT))
-                sizes.append(float(images))
-                info["batched_size"] = statistics.median(sizes)
-            _bounded(self._image_costs, BUCKETS_KEPT)
-            info["batch_wait_s"] = round(self._wait_bound(label), 4)
+        if not ok:
+            return
+        label, images = entry["bucket"], entry.get("images") or entry["size"]
+        costs = self._image_costs.pop(label, {})
+        self._image_costs[label] = costs  # the latest used last: the oldest go first
+        _bounded(self._image_costs, BUCKETS_KEPT)
+        cost = (self._pipeline_free_at - started) / images
+        if images == 1:
+            costs.setdefault("solo_image_s", deque(maxlen=COSTS_KEPT)).append(cost)
+        else:
+            costs.setdefault("batched_image_s", deque(maxlen=COSTS_KEPT)).append(cost)
+            costs.setdefault("batched_size", deque(maxlen=COSTS_KEPT)).append(float(images))
+
+    def _costs(self, label: str) -> dict[str, float]:
+        """The bucket's medians of its latest calls, those measured: ``solo_image_s``,
+        ``batched_image_s`` (cost per image) and ``batched_size``."""
+        return {key: round(statistics.median(values), 5)
+                for key, values in self._image_costs.get(label, {}).items() if values}
+
+    def _bucket_stats(self, label: str, info: dict[str, Any]) -> dict[str, Any]:
+        """``stats()["buckets"][label]``: the counts, and once measured the costs and the wait they allow."""
+        costs = self._costs(label)
+        out = {**info, **costs}
+        if costs:
+            out["batch_wait_s"] = round(self._wait_bound(label), 4)
+        return out
 
     def _wait_bound(self, label: str) -> float:
         """How long a head of this bucket may wait for companions: what one pipeline call fewer
@@ -695,8 +705,8 @@ class GeneratorServer:
         With a call costing ``a + b·n`` for n images, a solo image costs ``s = a + b`` and one of a
         batch of n ``p = a/n + b``, so ``a = (s − p)·n/(n − 1)``; zero where batched images cost as
         much as solo ones. Unmeasured, or solo calls too short to judge: the configured wait."""
-        info = self.buckets.get(label) or {}
-        solo, batched, size = info.get("solo_image_s"), info.get("batched_image_s"), info.get("batched_size")
+        costs = self._costs(label)
+        solo, batched, size = costs.get("solo_image_s"), costs.get("batched_image_s"), costs.get("batched_size")
         if solo is None or batched is None or solo < JUDGED_MIN_S or not size or size < 2:
             return self.batch_wait_timeout_s
         saved_per_call = (solo - batched) * size / (size - 1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -143,6 +144,11 @@ async def test_each_bucket_measures_what_an_image_costs_solo_and_batched(tmp_pat
     assert server.stats()["buckets"]["t2i 64x64 steps=4 guidance=5.0"]["batched_image_s"] >= 0
 
 
+def measured(server: Any, label: str, **medians: float) -> None:
+    """Give ``label`` these measured medians (each as the one call kept): timings are not for tests."""
+    server._image_costs[label] = {key: deque([value]) for key, value in medians.items()}
+
+
 def test_a_buckets_cost_per_image_is_the_median_of_its_latest_calls(tmp_path: Path) -> None:
     """A first call's warm-up (5 s here) does not sway what the batch wait judges; a batch of n
     images counts its time over n; a failed call counts nothing."""
@@ -150,7 +156,7 @@ def test_a_buckets_cost_per_image_is_the_median_of_its_latest_calls(tmp_path: Pa
 
     server = make_server(tmp_path)
     label = "t2i 64x64 steps=4 guidance=5.0"
-    server.buckets[label] = {"batches": 0, "requests": 0, "max_size": 0}
+    server.buckets[label] = {"batches": 0, "requests": 0, "max_size": 0}  # as _record_batch leaves it
     for ago in (5.0, 0.2, 0.2):  # pipeline calls that took (at least) this long
         server._pipeline_ran({"size": 1, "images": 1, "bucket": label}, time.monotonic() - ago)
     server._pipeline_ran({"size": 2, "images": 4, "bucket": label}, time.monotonic() - 0.4)
@@ -166,8 +172,8 @@ def test_the_batch_wait_is_bounded_by_what_one_call_fewer_saves(tmp_path: Path) 
     server = make_server(tmp_path, batch_wait_timeout_s=0.5)
     label = "t2i 64x64 steps=4 guidance=5.0"
 
-    def bound(**info: float) -> float:
-        server.buckets[label] = {"batches": 2, "requests": 9, "max_size": 8, **info}
+    def bound(**medians: float) -> float:
+        measured(server, label, **medians)
         return server._wait_bound(label)
 
     assert bound() == 0.5  # unmeasured
@@ -189,8 +195,7 @@ async def test_the_head_waits_for_announced_companions_only_as_long_as_batching_
     the configured wait stands."""
     server = make_server(tmp_path, batch_wait_timeout_s=60.0)
     label = "t2i 64x64 steps=4 guidance=5.0"
-    server.buckets[label] = {"batches": 2, "requests": 3, "max_size": 2, "solo_image_s": solo_s,
-                             "batched_image_s": batched_s, "batched_size": 2.0}
+    measured(server, label, solo_image_s=solo_s, batched_image_s=batched_s, batched_size=2.0)
     head = asyncio.create_task(collect(server, {**req(0), "queued_behind": 1}))
     if not waits:
         events = await asyncio.wait_for(head, timeout=5)  # not held for the 60 s wait
