@@ -327,7 +327,12 @@ async def test_a_wake_by_a_preview_alone_sends_it_without_reading_the_table(
     job_id = answer.json()["id"]
     reads: list[int] = []
     real = routes.events_after
-    monkeypatch.setattr(routes, "events_after", lambda session, job, after, *a: reads.append(after) or real(session, job, after, *a))
+
+    def counted(session: Any, job: str, after: int, *rest: Any) -> Any:
+        reads.append(after)
+        return real(session, job, after, *rest)
+
+    monkeypatch.setattr(routes, "events_after", counted)
     waiting = asyncio.Event()
 
     class Request:

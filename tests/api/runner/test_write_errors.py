@@ -106,7 +106,8 @@ async def test_side_effects_after_a_commit_are_not_retried_with_the_write(
         rdb: Database, rsettings: Settings, storage: LocalStorage, jobs: JobService, alice: NewUser) -> None:
     bus = FailingBus()
     metrics = FailingMetrics()
-    runner = Runner(rdb, RoutedExecutor(storage=storage, route=ProviderEvent(provider="local", reason="test")), rsettings, storage, bus, runner_id="r1", metrics=metrics)
+    routed = RoutedExecutor(storage=storage, route=ProviderEvent(provider="local", reason="test"))
+    runner = Runner(rdb, routed, rsettings, storage, bus, runner_id="r1", metrics=metrics)
     job_id = submit(jobs, alice)
     await runner.drain(timeout_s=20)
     job = get_job(rdb, job_id)
