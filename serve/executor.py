@@ -21,7 +21,7 @@ from api.core.events import DoneEvent, ErrorEvent, ExecutorEvent, event_from_dic
 from api.core.executor import ExecutionRequest
 from serve.errors import classify
 from serve.generator import adapter_set_id
-from serve.messages import ReplicaRequest
+from serve.messages import ReplicaRequest, unpack_events
 from serve.postprocess import POSTPROCESS_MODEL
 
 logger = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class RayExecutor:
                                  model=request.model, task=request.task, input=request.input,
                                  output_prefix=request.output_prefix, resume=request.resume,
                                  adapter_set=adapter_set_id(request.input.get("loras") or []),
-                                 queued_behind=request.queued_behind)
+                                 queued_behind=request.queued_behind, stream_batches=True)
         payload = message.model_dump(mode="json")
         method = "train" if request.kind == "training" else "generate"
         options: dict[str, Any] = {"stream": True}
@@ -89,16 +89,17 @@ class RayExecutor:
             self._responses[request.job_id] = response
             self._running[request.job_id] = (handle, method)
             async for item in response:
-                event = event_from_dict(item)
-                if event is None:  # a type this version does not know (a newer replica): skipped
-                    continue
-                if isinstance(event, DoneEvent | ErrorEvent):
-                    final = event
-                    # Keep reading until the replica closes the stream (the rest of its batch):
-                    # leaving early would cancel this request mid-batch.
-                    continue
-                if final is None:
-                    yield event
+                for wire in unpack_events(item):  # an item may carry several events (stream_batches)
+                    event = event_from_dict(wire)
+                    if event is None:  # a type this version does not know (a newer replica): skipped
+                        continue
+                    if isinstance(event, DoneEvent | ErrorEvent):
+                        final = event
+                        # Keep reading until the replica closes the stream (the rest of its batch):
+                        # leaving early would cancel this request mid-batch.
+                        continue
+                    if final is None:
+                        yield event
         except (asyncio.CancelledError, GeneratorExit):
             # The runner's task was canceled (API shutdown), or it closed this stream early (it lost
             # the job's lease): a generation goes on on its replica, for the job's next attempt to

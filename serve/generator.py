@@ -35,7 +35,8 @@ Encoding and upload overlap the next batch: once a batch's pipeline call returne
 decoded), its PNG/MP4 encoding, thumbnails and uploads (and each ``result.json``) run in a worker
 thread while the loop starts denoising the next batch. At most :data:`FINISHING_KEPT` batches are
 finishing at once (memory: their decoded frames), beyond that the loop waits for the oldest.
-Each run's own events stay in order: stage, progress, stage ``encoding``, output, done.
+Each run's own events stay in order: stage, progress (paced, :data:`PROGRESS_MIN_INTERVAL_S`), stage
+``encoding``, output, done.
 
 Replica-owned runs: once a request for job J reached the replica, the run is the replica's. A
 caller that goes away (its stream closed, its API restarted or SIGKILLed) only stops listening;
@@ -85,7 +86,7 @@ from models.adapters import LoraAdapter
 from models.spec import ModelSpec
 from serve.errors import classify
 from serve.lora_cache import LoraFileCache
-from serve.messages import RESULT_NAME, ReplicaRequest, ResultRecord
+from serve.messages import RESULT_NAME, ReplicaRequest, ResultRecord, pack_events
 from serve.previews import PreviewPump
 from serve.testhooks import Hold, StepHooks
 
@@ -250,6 +251,13 @@ medians bound the batch wait (a median: a first call's warm-up or one slow call 
 sway it)."""
 FINISHING_KEPT = 2
 """Batches whose encoding and upload may run at once beside the next batch's denoising."""
+PROGRESS_MIN_INTERVAL_S = 0.2
+"""Progress sent on a run's stream at most this often (the newest step wins; the first and the
+last step always go, a step held back goes at the latest when the interval ends). The runner writes
+progress at the same pace (``api.runner.runner.PROGRESS_MIN_INTERVAL_S``), so SSE clients see what
+they saw before; each stream item costs the replica ~1.5 ms of Python (Ray's streaming) that the
+denoising thread waits for on the GIL: per-step items made a 4-step tiny-sd call ~2.5 % slower
+than the bare pipeline (bench/serving.py), more on models with fast steps."""
 
 
 def _bounded_list(items: list[Any], kept: int = BATCH_SIZES_KEPT) -> None:
@@ -327,6 +335,8 @@ class GeneratorServer:
         self._finishing: set[asyncio.Task[None]] = set()
         """Batches being encoded and uploaded beside the next batch's denoising."""
         self._encoder = ThreadPoolExecutor(max_workers=FINISHING_KEPT, thread_name_prefix="encode")
+        self.progress_interval_s = PROGRESS_MIN_INTERVAL_S
+        """How often a run's stream carries progress at most (0: every step; tests)."""
         self._configure_batching()
 
     def _load(self, spec: ModelSpec) -> Any:
@@ -433,15 +443,42 @@ class GeneratorServer:
             self._arriving -= 1
             self._arrived.set()  # a waiting batch re-checks whether more are coming
         try:
+            async for item in self._items(replay, queue, together=req.stream_batches):
+                yield item
+        finally:
+            # The caller went away or the run ended: stop listening, nothing else.
+            if queue is not None and queue in run.listeners:
+                run.listeners.remove(queue)
+
+    @staticmethod
+    async def _items(replay: list[dict[str, Any]], queue: asyncio.Queue[dict[str, Any] | None] | None, *,
+                     together: bool) -> AsyncIterator[dict[str, Any]]:
+        """A caller's stream items: the replay, then its queue until the run ends. ``together``:
+        whatever is ready when the caller reads goes as one item (:func:`serve.messages.pack_events`)."""
+        if not together:
             for event in replay:
                 yield event
             if queue is not None:
                 while (event := await queue.get()) is not None:
                     yield event
-        finally:
-            # The caller went away or the run ended: stop listening, nothing else.
-            if queue is not None and queue in run.listeners:
-                run.listeners.remove(queue)
+            return
+        ready, ended = list(replay), queue is None
+        while True:
+            if not ready and queue is not None and not ended:
+                event = await queue.get()
+                ended = event is None
+                if event is not None:
+                    ready.append(event)
+            while queue is not None and not ended and not queue.empty():
+                event = queue.get_nowait()
+                ended = event is None
+                if event is not None:
+                    ready.append(event)
+            if ready:
+                yield pack_events(ready)
+                ready = []
+            if ended:
+                return
 
     @contextlib.asynccontextmanager
     async def _job_lock(self, job_id: str) -> AsyncIterator[None]:
@@ -780,14 +817,7 @@ class GeneratorServer:
         entry["images"] = sum(counts)
         run_task.add_done_callback(
             lambda t: self._pipeline_ran(entry, started, ok=not t.cancelled() and t.exception() is None))
-        while not run_task.done() or not progress.empty():
-            getter = asyncio.ensure_future(progress.get())
-            await asyncio.wait({run_task, getter}, return_when=asyncio.FIRST_COMPLETED)
-            if getter.done():
-                done, total = getter.result()
-                self._emit(batch, event_to_wire(ProgressEvent(done, total)))
-            else:
-                getter.cancel()
+        await self._stream_progress(batch, run_task, progress)
         try:
             media = run_task.result()
         except Exception as exc:  # noqa: BLE001 - classified into code + retryable
@@ -801,6 +831,38 @@ class GeneratorServer:
             grouped.append(media[at:at + count])
             at += count
         return generator, grouped
+
+    async def _stream_progress(self, batch: list[_Run], run_task: asyncio.Future[Any],
+                               progress: asyncio.Queue[tuple[int, int]]) -> None:
+        """Emit the batch's steps until the pipeline call ends, paced (see PROGRESS_MIN_INTERVAL_S)."""
+        loop = asyncio.get_running_loop()
+        interval = self.progress_interval_s
+        sent_at: float | None = None
+        held: tuple[int, int] | None = None  # the newest step not sent yet
+
+        def send(step: tuple[int, int]) -> None:
+            nonlocal sent_at, held
+            self._emit(batch, event_to_wire(ProgressEvent(*step)))
+            sent_at, held = loop.time(), None
+
+        while not run_task.done() or not progress.empty():
+            timeout = None if held is None or sent_at is None else \
+                max(0.0, sent_at + interval - loop.time())
+            getter = asyncio.ensure_future(progress.get())
+            await asyncio.wait({run_task, getter}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                getter.cancel()
+                if held is not None and sent_at is not None and loop.time() >= sent_at + interval:
+                    send(held)  # its interval ended with no newer step
+                continue
+            step = getter.result()
+            done, total = step
+            if sent_at is None or done >= total or loop.time() >= sent_at + interval:
+                send(step)
+            else:
+                held = step
+        if held is not None and not run_task.cancelled() and run_task.exception() is None:
+            send(held)  # the call ended before its last step was reported (it stopped early)
 
     async def _finish(self, batch: list[_Run], generator: Any, media: list[Any]) -> None:
         """Encode and upload each run's output in the encoder thread, then its ``result.json``;

@@ -35,6 +35,28 @@ class ReplicaRequest(BaseModel):
     """How many more requests for this model the sender is about to send right after this one (it
     claimed them together): the replica's batch waits for them (at most the batch wait). An older
     sender leaves it 0: the replica then waits only for requests it sees arriving."""
+    stream_batches: bool = False
+    """The sender reads :data:`EVENTS_ITEM` stream items (see :func:`pack_events`): the replica may
+    send the events it has ready together, as one item. An older sender leaves it False and gets
+    one event per item; an older replica ignores it."""
+
+
+EVENTS_ITEM = "events"
+"""The ``type`` of a stream item that carries several events, in order (``{"type": "events", "v": 1,
+"events": [...]}``). Each item of a Serve stream costs both ends ~1.5–2 ms of Python on a loaded
+host; a run's output, done and the stream's end are ready at the same moment."""
+
+
+def pack_events(events: list[dict[str, Any]]) -> dict[str, Any]:
+    """One stream item for ``events`` (wire dicts): the event itself when there is one."""
+    return events[0] if len(events) == 1 else {"type": EVENTS_ITEM, "v": 1, "events": list(events)}
+
+
+def unpack_events(item: dict[str, Any]) -> list[dict[str, Any]]:
+    """The events of one stream item, in order (a plain event is a list of one)."""
+    if item.get("type") == EVENTS_ITEM:
+        return [e for e in item.get("events") or [] if isinstance(e, dict)]
+    return [item]
 
 
 RESULT_NAME = "result.json"

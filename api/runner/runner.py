@@ -89,6 +89,9 @@ from api.storage.base import Storage
 logger = logging.getLogger(__name__)
 
 PROGRESS_MIN_INTERVAL_S = 0.2
+DUE_EVENTS_AHEAD = 4
+"""A write that is due waits for events already there (a stream item carries several): for at most
+this many, so a steady flood of events still gets written at the pace above."""
 MAX_DUE = 1024  # retry due times remembered for wake-ups (more: the safety poll finds them)
 CLAIM_CANDIDATES = 8
 DB_THREADS = 4  # claims, records and settlements; SQLite serialises writes anyway
@@ -603,11 +606,13 @@ class Runner:
         loop = asyncio.get_running_loop()
         # Coalescing: progress, stages, logs and outputs are buffered and written together, at most
         # one write per PROGRESS_MIN_INTERVAL_S; a provider or checkpoint event is written at once
-        # (with what is buffered, in order); what is still buffered at the end goes into the
-        # settlement's transaction, so the last progress and every output are always written.
+        # (with what is buffered, in order); a due write first takes the events already there
+        # (DUE_EVENTS_AHEAD); what is still buffered at the end goes into the settlement's
+        # transaction, so the last progress and every output are always written.
         # The local route too: a job taken back from a dead runner reattaches to its replica run
         # only if the job says where it ran (``settlement._reattach_where_it_ran``).
         pending: list[ExecutorEvent] = []
+        late = 0  # events buffered while a write was due (the next one was ready at once)
         last_write = loop.time()  # the claim
         flush_at: list[float | None] = [None]  # when what is buffered must be written
         stream = self.executor.run(request)
@@ -618,7 +623,7 @@ class Runner:
                     heartbeat.result()  # raises LeaseLost
                 if event is None:  # the flush deadline passed with no event: write what is buffered
                     await self._write(job.id, pending)
-                    pending, last_write, flush_at[0] = [], loop.time(), None
+                    pending, last_write, flush_at[0], late = [], loop.time(), None, 0
                     continue
                 if isinstance(event, PreviewEvent):  # live only: never written, never a webhook
                     self._preview(job.id, event)
@@ -629,10 +634,16 @@ class Runner:
                     final = event
                     break
                 coalesce(pending, event)
-                if isinstance(event, ProviderEvent | CheckpointEvent) \
-                        or loop.time() - last_write >= PROGRESS_MIN_INTERVAL_S:
+                due = loop.time() - last_write >= PROGRESS_MIN_INTERVAL_S
+                late += due
+                if isinstance(event, ProviderEvent | CheckpointEvent) or late > DUE_EVENTS_AHEAD:
                     await self._write(job.id, pending)
-                    pending, last_write, flush_at[0] = [], loop.time(), None
+                    pending, last_write, flush_at[0], late = [], loop.time(), None, 0
+                elif due:
+                    # due now, unless the next event is already there (the replica sends what it
+                    # has ready as one item): a job's output and result come together, and then
+                    # the output is written in the settlement's transaction, not in one of its own
+                    flush_at[0] = loop.time() if flush_at[0] is None else min(flush_at[0], loop.time())
                 elif flush_at[0] is None:
                     flush_at[0] = last_write + PROGRESS_MIN_INTERVAL_S
         except LeaseLost:

@@ -281,6 +281,7 @@ async def test_a_request_without_a_batching_key_runs_alone(tmp_path: Path) -> No
 
 async def test_the_next_batch_denoises_while_the_previous_one_uploads(tmp_path: Path) -> None:
     server = make_server(tmp_path)
+    server.progress_interval_s = 0.0  # every step on the stream (pacing: test_generator_server)
     storage = HeldStorage(server.storage, {"job_0"})
     server.storage = storage
     first = asyncio.create_task(collect(server, req(0)))
@@ -340,6 +341,7 @@ async def test_each_run_of_a_batch_ends_its_stream_with_its_own_result(tmp_path:
 
 async def test_a_job_canceled_while_its_batch_encodes_is_canceled(tmp_path: Path) -> None:
     server = make_server(tmp_path)
+    server.progress_interval_s = 0.0  # every step on the stream (pacing: test_generator_server)
     storage = HeldStorage(server.storage, {"job_0"})
     server.storage = storage
     tasks = await queue_in_order(server, [{**req(0), "queued_behind": 1}])  # it waits for the announced one

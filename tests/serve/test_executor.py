@@ -155,3 +155,20 @@ async def test_cancel_tries_are_spaced_not_back_to_back(monkeypatch: pytest.Monk
     assert handle.cancels == ["job_1"] * 3
     assert pauses == [(1, executor_module.CANCEL_RETRY_S), (2, executor_module.CANCEL_RETRY_S)]
     await stream.aclose()
+
+
+async def test_items_carrying_several_events_are_read_in_order() -> None:
+    """It asks for ``stream_batches``; an ``events`` item (output and done ready together) yields
+    each of its events, and a plain event item still works beside it (an older replica sends only those)."""
+    from api.core.events import OutputEvent
+    from serve.messages import pack_events
+
+    output = event_to_dict(OutputEvent(key="outputs/usr_1/job_1/0.png", content_type="image/png"))
+    items = [event_to_dict(StageEvent("generating")),
+             pack_events([event_to_dict(ProgressEvent(2, 2)), event_to_dict(StageEvent("encoding"))]),
+             pack_events([output, event_to_dict(DoneEvent({"seed": 1}))])]
+    handle = FakeHandle(FakeResponse(items))
+    events = [e async for e in RayExecutor({"tiny-sd": handle}).run(request())]
+    assert [type(e).__name__ for e in events] == ["StageEvent", "ProgressEvent", "StageEvent", "OutputEvent",
+                                                  "DoneEvent"]
+    assert handle.payloads[0]["stream_batches"] is True

@@ -225,6 +225,84 @@ async def test_finished_runs_are_bounded(server: Server, monkeypatch: pytest.Mon
     assert list(server.runs) == ["job_3", "job_4", "job_5"]
 
 
+class SteppedGenerator(FakeGenerator):
+    """Reports steps 1–3 of 4 at once, then waits for ``resume`` (bounded, 10 s) before step 4."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.resume = threading.Event()
+
+    def generate(self, batch: list[dict[str, Any]], on_step: Any = None, should_cancel: Any = None,
+                 adapters: Any = None) -> list[GeneratedMedia]:
+        for step in (1, 2, 3):
+            on_step(step, 4)
+        self.resume.wait(10)
+        on_step(4, 4)
+        return [GeneratedMedia(kind="image", width=8, height=8, seed=0, prompt=r["prompt"],
+                               image=Image.new("RGB", (8, 8))) for r in batch]
+
+
+class SteppedServer(GeneratorServer):
+    def _load(self, spec: Any) -> SteppedGenerator:
+        return SteppedGenerator()
+
+
+def stepped_server(tmp_path: Path, interval_s: float) -> SteppedServer:
+    spec = Catalog.load().get("tiny-sd")
+    assert spec is not None
+    server = SteppedServer(spec.model_dump(mode="json"), {"storage_url": f"file://{tmp_path / 'storage'}",
+                                                           "signing_secret": "s"})
+    server.progress_interval_s = interval_s
+    return server
+
+
+async def test_progress_on_the_stream_is_paced_the_first_and_last_step_always_go(tmp_path: Path) -> None:
+    """Steps 2 and 3 come within the interval of step 1: the newest is held, and step 4 (the last)
+    replaces it at once: the stream carries 1 and 4, each stream item being replica time."""
+    server = stepped_server(tmp_path, interval_s=60.0)
+    server.generator.resume.set()
+    events = await asyncio.wait_for(collect(server, request(0)), timeout=10)
+    assert [(e["step"], e["total"]) for e in events if e["type"] == "progress"] == [(1, 4), (4, 4)]
+    assert [e["type"] for e in events][-2:] == ["output", "done"]
+
+
+async def test_a_held_step_goes_when_its_interval_ends(tmp_path: Path) -> None:
+    """A step held back is not kept until the next one: with the pipeline paused after step 3, step
+    3 reaches the stream once the interval since step 1 ended, before step 4 exists."""
+    server = stepped_server(tmp_path, interval_s=1.0)
+    seen: list[dict[str, Any]] = []
+
+    async def follow() -> None:
+        async for event in server.generate(request(0)):
+            seen.append(event)
+
+    task = asyncio.create_task(follow())
+    await until(lambda: any(e.get("step") == 3 for e in seen), timeout_s=10)
+    assert not server.generator.resume.is_set()  # step 4 was not reported yet
+    server.generator.resume.set()
+    await asyncio.wait_for(task, timeout=10)
+    assert [e["step"] for e in seen if e["type"] == "progress"] == [1, 3, 4]
+
+
+async def test_a_caller_that_reads_event_batches_gets_what_is_ready_as_one_item(server: Server) -> None:
+    """``stream_batches``: the output, the done and the stream's end are ready together: one item.
+    Unpacked, the stream is the one a caller without it gets; without it, one event per item."""
+    from serve.messages import EVENTS_ITEM, unpack_events
+
+    server.generator.call_s = 0.0
+    plain = await asyncio.wait_for(collect(server, request(0)), timeout=10)
+    items = await asyncio.wait_for(collect(server, request(1, stream_batches=True)), timeout=10)
+    assert all(item["type"] != EVENTS_ITEM for item in plain)
+    assert items[-1]["type"] == EVENTS_ITEM
+    assert [e["type"] for e in items[-1]["events"]] == ["output", "done"]
+    unpacked = [e for item in items for e in unpack_events(item)]
+    assert [e["type"] for e in unpacked] == [e["type"] for e in plain]
+    assert len(items) < len(plain)
+    # a caller attaching to the finished run gets its replay as one item too
+    again = await asyncio.wait_for(collect(server, request(1, attempt=2, stream_batches=True)), timeout=10)
+    assert len(again) == 1 and again[0]["events"][-1]["type"] == "done"
+
+
 async def test_the_test_hook_holds_a_job_at_a_step_until_released(tmp_path: Path) -> None:
     spec = Catalog.load().get("tiny-sd")
     assert spec is not None
@@ -233,6 +311,7 @@ async def test_the_test_hook_holds_a_job_at_a_step_until_released(tmp_path: Path
     server = Server(spec.model_dump(mode="json"), {"storage_url": f"file://{tmp_path / 'storage'}",
                                                    "signing_secret": "s", "test_hooks_dir": str(hooks)})
     server.generator.call_s = 0.0
+    server.progress_interval_s = 0.0  # every step on the stream (pacing has its own tests)
     (hooks / "tok-abcdefgh.hold").write_text("2")
     held = asyncio.create_task(collect(server, {**request(0), "input": {"prompt": "x tok-abcdefgh y"}}))
     for _ in range(200):  # bounded: 10 s

@@ -286,3 +286,41 @@ async def test_the_executor_goes_on_while_an_event_is_written(
     assert runner.seen_resumed == [True]
     job = get_job(rdb, job_id)
     assert (job.status, job.provider, len(job.outputs)) == ("succeeded", "local", 1)
+
+
+async def test_a_due_write_takes_the_events_already_there_so_the_output_rides_on_the_settlement(
+        rdb: Database, rsettings: Settings, storage: LocalStorage, bus: EventBus, catalog: Catalog,
+        alice: NewUser, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every write due at once (interval 0): events that arrive together (one stream item: the
+    stage and a step; later the output and the result) are written together, the output in the
+    settlement's transaction, not in a write of its own."""
+    from api.core.events import DoneEvent, OutputEvent, ProgressEvent, StageEvent
+    from api.runner import runner as runner_module
+
+    monkeypatch.setattr(runner_module, "PROGRESS_MIN_INTERVAL_S", 0.0)
+
+    class Together(FakeExecutor):
+        async def run(self, request: Any) -> Any:
+            yield StageEvent("generating")
+            yield ProgressEvent(1, 1)  # ready at once, as the rest of one stream item is
+            await asyncio.sleep(0.01)  # the pipeline runs: nothing ready, the due write goes
+            key = f"{request.output_prefix}0.png"
+            storage.put_bytes(key, b"\x89PNG", "image/png")
+            yield OutputEvent(key=key, content_type="image/png")
+            yield DoneEvent({"seed": 1})
+
+    runner = Runner(rdb, Together(storage=storage), rsettings, storage, bus, runner_id="r1", metrics=Metrics())
+    writes: list[list[str]] = []
+    real = runner._record_many
+
+    def counting(job_id: str, events: list[Any]) -> Any:
+        writes.append([type(e).__name__ for e in events])
+        return real(job_id, events)
+
+    runner._record_many = counting  # type: ignore[method-assign]
+    jobs = JobService(rdb, rsettings, catalog, storage, bus)
+    job_id = submit(jobs, alice)
+    await runner.drain(timeout_s=20)
+    job = get_job(rdb, job_id)
+    assert (job.status, len(job.outputs)) == ("succeeded", 1)
+    assert writes == [["ProgressEvent"]]  # one write (the stage coalesced into the step); the output: with the settlement
