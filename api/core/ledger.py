@@ -89,14 +89,18 @@ def get_debt(session: Session, user_id: str) -> int:
 def _apply(session: Session, user_id: str, kind: EntryKind, amount: int, key: str, *,
            job_id: str | None, note: str, d_available: int, d_reserved: int,
            guard_available: int = 0, guard_reserved: int = 0, d_debt: int = 0,
-           guard_debt: int = 0) -> LedgerEntry:
-    """Insert the entry and move the balance, atomically and at most once per key."""
+           guard_debt: int = 0, looked_up: bool = False) -> LedgerEntry:
+    """Insert the entry and move the balance, atomically and at most once per key.
+
+    ``looked_up``: the caller already looked for an entry of this key and knows the account has
+    its balance row (a settlement: the job's reservation made it), two round trips fewer."""
     if amount < 0:
         raise InvalidInput("amount must not be negative", {"amount": amount})
-    found = _existing(session, key)
-    if found is not None:
-        return found
-    ensure_balance(session, user_id)
+    if not looked_up:
+        found = _existing(session, key)
+        if found is not None:
+            return found
+        ensure_balance(session, user_id)
     try:
         with session.begin_nested():
             values = {"available": Balance.available + d_available, "reserved": Balance.reserved + d_reserved,
@@ -106,15 +110,14 @@ def _apply(session: Session, user_id: str, kind: EntryKind, amount: int, key: st
             if d_debt or guard_debt:
                 values["debt"] = Balance.debt + d_debt
                 guards.append(Balance.debt >= guard_debt)
-            result = session.execute(
-                update(Balance).where(*guards).values(**values)
-                .execution_options(synchronize_session=False))
-            if result.rowcount != 1:
+            after = session.execute(  # the balance after the move, in the same round trip
+                update(Balance).where(*guards).values(**values).returning(Balance.available, Balance.reserved)
+                .execution_options(synchronize_session=False)).first()
+            if after is None:
                 raise _Short()
-            bal = get_balance(session, user_id)
             entry = LedgerEntry(user_id=user_id, kind=kind.value, amount=amount, job_id=job_id,
-                                idempotency_key=key, note=note, available_after=bal.available,
-                                reserved_after=bal.reserved)
+                                idempotency_key=key, note=note, available_after=int(after[0]),
+                                reserved_after=int(after[1]))
             session.add(entry)
             session.flush()
     except _Short:
@@ -241,8 +244,10 @@ def _settle(session: Session, job_id: str, kind: EntryKind) -> LedgerEntry:
         raise LedgerError(f"job {job_id} was already settled by {done.kind}", {"settled": done.kind})
     back = held.amount if kind is EntryKind.REFUND else 0
     # One key for capture and refund alike: the database admits only one of the two per job.
+    # _settled looked for this key's entry (it is one of the job's capture or refund)
     entry = _apply(session, held.user_id, kind, held.amount, f"settle:{job_id}", job_id=job_id,
-                   note="", d_available=back, d_reserved=-held.amount, guard_reserved=held.amount)
+                   note="", d_available=back, d_reserved=-held.amount, guard_reserved=held.amount,
+                   looked_up=True)
     if entry.kind != kind.value:
         # A concurrent transaction settled the job the other way first (its entry won the key).
         raise LedgerError(f"job {job_id} was already settled by {entry.kind}", {"settled": entry.kind})

@@ -121,6 +121,30 @@ def test_capture_charges_what_was_reserved(db: Database, uid: str) -> None:
     assert balance(db, uid) == ledger.BalanceView(70, 0)
 
 
+def test_a_capture_takes_few_round_trips_and_records_the_balance_after_it(db: Database, uid: str) -> None:
+    """A settlement is on every job's path: the reservation, the settled check, the guarded
+    balance update returning the balance after it, the entry (plus the savepoint's begin and
+    release), with no separate look-up of its key, of the balance row, or of the balance after."""
+    from sqlalchemy import event
+
+    _reserved(db, uid)
+    statements: list[str] = []
+
+    def seen(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        statements.append(statement.split()[0].upper())
+
+    event.listen(db.engine, "before_cursor_execute", seen)
+    try:
+        with db.session() as s:
+            entry = ledger.capture(s, "job_a")
+            s.commit()
+    finally:
+        event.remove(db.engine, "before_cursor_execute", seen)
+    assert statements.count("SELECT") == 2, statements  # the reservation, the settled check
+    assert statements.count("UPDATE") == 1 and statements.count("INSERT") == 1, statements
+    assert (entry.available_after, entry.reserved_after) == (70, 0)
+
+
 def test_refund_returns_what_was_reserved(db: Database, uid: str) -> None:
     _reserved(db, uid)
     with db.session() as s:
