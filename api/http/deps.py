@@ -19,7 +19,9 @@ bearer = HTTPBearer(auto_error=False,
 ADMIN_SENTINEL_ID = "admin"
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
+    """``async`` (it does no I/O): FastAPI runs a plain ``def`` dependency in its thread pool, a
+    round trip to a worker thread for each, on every request."""
     return request.app.state.cineweave
 
 
@@ -43,7 +45,8 @@ def current_caller(credentials: HTTPAuthorizationCredentials | None = Depends(be
     return state.identity.authenticate(raw)
 
 
-def current_user(caller: Caller = Depends(current_caller)) -> User:
+async def current_user(caller: Caller = Depends(current_caller)) -> User:
+    """``async`` for the reason :func:`get_state` is (``current_caller`` reads the database: a thread)."""
     return caller.user
 
 

@@ -565,3 +565,16 @@ async def test_team_job_outputs_are_deleted_by_their_submitter_and_the_teams_man
             problems.append(f"DELETE {url} by {caller.user.email}: {r.status_code} {r.text[:160]}")
     assert (await client.get(f"/v1/jobs/{image}", headers=bearer(member.api_key))).status_code == 200
     assert not problems, "\n".join(problems)
+
+
+def test_the_dependencies_that_do_no_io_run_on_the_event_loop() -> None:
+    """FastAPI runs a plain ``def`` dependency in its thread pool: a worker-thread round trip per
+    dependency per request (≈ 1 ms of a job submission here). Only the caller's look-up reads the
+    database; the app state and the user behind the caller are taken on the loop."""
+    import inspect
+
+    from api.http import deps
+
+    assert inspect.iscoroutinefunction(deps.get_state)
+    assert inspect.iscoroutinefunction(deps.current_user)
+    assert not inspect.iscoroutinefunction(deps.current_caller)  # it reads the database: a thread
