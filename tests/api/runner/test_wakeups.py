@@ -201,6 +201,19 @@ async def test_a_job_due_later_found_by_the_first_sweep_wakes_the_runner_then(
         await runner.stop()
 
 
+def recorded_writes(runner: Runner) -> list[list[Any]]:
+    """The events of each write transaction the runner makes from now on (not its settlements)."""
+    writes: list[list[Any]] = []
+    real = runner._record_many
+
+    def counting(job_id: str, events: list[Any]) -> Any:
+        writes.append(list(events))
+        return real(job_id, events)
+
+    runner._record_many = counting  # type: ignore[method-assign]
+    return writes
+
+
 async def test_progress_writes_are_coalesced_and_the_last_is_always_written(
         rdb: Database, rsettings: Settings, storage: LocalStorage, bus: EventBus, catalog: Catalog,
         alice: NewUser) -> None:
@@ -212,14 +225,7 @@ async def test_progress_writes_are_coalesced_and_the_last_is_always_written(
 
     executor = FakeExecutor(storage=storage, steps=50)
     runner = Runner(rdb, executor, rsettings, storage, bus, runner_id="r1", metrics=Metrics())
-    writes: list[int] = []
-    real = runner._record_many
-
-    def counting(job_id: str, events: list[Any]) -> Any:
-        writes.append(len(events))
-        return real(job_id, events)
-
-    runner._record_many = counting  # type: ignore[method-assign]
+    writes = recorded_writes(runner)
     jobs = JobService(rdb, rsettings, catalog, storage, bus)
     job_id = submit(jobs, alice)
     await runner.drain(timeout_s=20)
@@ -310,17 +316,10 @@ async def test_a_due_write_takes_the_events_already_there_so_the_output_rides_on
             yield DoneEvent({"seed": 1})
 
     runner = Runner(rdb, Together(storage=storage), rsettings, storage, bus, runner_id="r1", metrics=Metrics())
-    writes: list[list[str]] = []
-    real = runner._record_many
-
-    def counting(job_id: str, events: list[Any]) -> Any:
-        writes.append([type(e).__name__ for e in events])
-        return real(job_id, events)
-
-    runner._record_many = counting  # type: ignore[method-assign]
+    writes = recorded_writes(runner)
     jobs = JobService(rdb, rsettings, catalog, storage, bus)
     job_id = submit(jobs, alice)
     await runner.drain(timeout_s=20)
     job = get_job(rdb, job_id)
     assert (job.status, len(job.outputs)) == ("succeeded", 1)
-    assert writes == [["ProgressEvent"]]  # one write (the stage coalesced into the step); the output: with the settlement
+    assert [[type(e).__name__ for e in events] for events in writes] == [["ProgressEvent"]]  # one write (the stage coalesced into the step); the output: with the settlement
