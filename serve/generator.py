@@ -453,32 +453,25 @@ class GeneratorServer:
     @staticmethod
     async def _items(replay: list[dict[str, Any]], queue: asyncio.Queue[dict[str, Any] | None] | None, *,
                      together: bool) -> AsyncIterator[dict[str, Any]]:
-        """A caller's stream items: the replay, then its queue until the run ends. ``together``:
-        whatever is ready when the caller reads goes as one item (:func:`serve.messages.pack_events`)."""
-        if not together:
-            for event in replay:
-                yield event
-            if queue is not None:
-                while (event := await queue.get()) is not None:
-                    yield event
-            return
-        ready, ended = list(replay), queue is None
+        """A caller's stream items: the replay, then its queue until the run ends (``None``, always
+        its last entry). ``together``: whatever is ready when the caller reads goes as one item
+        (:func:`serve.messages.pack_events`); else one event per item."""
+        ready: list[dict[str, Any] | None] = [*replay] if queue is not None else [*replay, None]
         while True:
-            if not ready and queue is not None and not ended:
-                event = await queue.get()
-                ended = event is None
-                if event is not None:
-                    ready.append(event)
-            while queue is not None and not ended and not queue.empty():
-                event = queue.get_nowait()
-                ended = event is None
-                if event is not None:
-                    ready.append(event)
-            if ready:
-                yield pack_events(ready)
-                ready = []
-            if ended:
+            if not ready:
+                assert queue is not None  # without one, the replay ended with None: returned already
+                ready.append(await queue.get())
+            while queue is not None and ready[-1] is not None and not queue.empty():
+                ready.append(queue.get_nowait())
+            events = [e for e in ready if e is not None]
+            if events and together:
+                yield pack_events(events)
+            elif events:
+                for event in events:
+                    yield event
+            if ready[-1] is None:
                 return
+            ready = []
 
     @contextlib.asynccontextmanager
     async def _job_lock(self, job_id: str) -> AsyncIterator[None]:
@@ -837,7 +830,7 @@ class GeneratorServer:
         """Emit the batch's steps until the pipeline call ends, paced (see PROGRESS_MIN_INTERVAL_S)."""
         loop = asyncio.get_running_loop()
         interval = self.progress_interval_s
-        sent_at: float | None = None
+        sent_at = float("-inf")  # the first step goes at once
         held: tuple[int, int] | None = None  # the newest step not sent yet
 
         def send(step: tuple[int, int]) -> None:
@@ -846,18 +839,17 @@ class GeneratorServer:
             sent_at, held = loop.time(), None
 
         while not run_task.done() or not progress.empty():
-            timeout = None if held is None or sent_at is None else \
-                max(0.0, sent_at + interval - loop.time())
+            timeout = None if held is None else max(0.0, sent_at + interval - loop.time())
             getter = asyncio.ensure_future(progress.get())
             await asyncio.wait({run_task, getter}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             if not getter.done():
                 getter.cancel()
-                if held is not None and sent_at is not None and loop.time() >= sent_at + interval:
+                if held is not None and loop.time() >= sent_at + interval:
                     send(held)  # its interval ended with no newer step
                 continue
             step = getter.result()
             done, total = step
-            if sent_at is None or done >= total or loop.time() >= sent_at + interval:
+            if done >= total or loop.time() >= sent_at + interval:
                 send(step)
             else:
                 held = step

@@ -634,18 +634,15 @@ class Runner:
                     final = event
                     break
                 coalesce(pending, event)
-                due = loop.time() - last_write >= PROGRESS_MIN_INTERVAL_S
-                late += due
+                # A due write (the flush time passed) waits for the events already there: the
+                # replica sends what it has ready as one item, so a job's output and result come
+                # together, and the output is written in the settlement's transaction.
+                late += loop.time() - last_write >= PROGRESS_MIN_INTERVAL_S
                 if isinstance(event, ProviderEvent | CheckpointEvent) or late > DUE_EVENTS_AHEAD:
                     await self._write(job.id, pending)
                     pending, last_write, flush_at[0], late = [], loop.time(), None, 0
-                elif due:
-                    # due now, unless the next event is already there (the replica sends what it
-                    # has ready as one item): a job's output and result come together, and then
-                    # the output is written in the settlement's transaction, not in one of its own
-                    flush_at[0] = loop.time() if flush_at[0] is None else min(flush_at[0], loop.time())
                 elif flush_at[0] is None:
-                    flush_at[0] = last_write + PROGRESS_MIN_INTERVAL_S
+                    flush_at[0] = last_write + PROGRESS_MIN_INTERVAL_S  # past, once due: written next
         except LeaseLost:
             raise
         except asyncio.CancelledError:

@@ -201,14 +201,20 @@ async def test_a_job_due_later_found_by_the_first_sweep_wakes_the_runner_then(
         await runner.stop()
 
 
-def recorded_writes(runner: Runner) -> list[list[Any]]:
-    """The events of each write transaction the runner makes from now on (not its settlements)."""
+def recorded_writes(runner: Runner, written: asyncio.Event | None = None) -> list[list[Any]]:
+    """The events of each write transaction the runner makes from now on (not its settlements);
+    ``written`` is set (on the runner's loop) after each."""
     writes: list[list[Any]] = []
     real = runner._record_many
+    loop = asyncio.get_running_loop()
 
     def counting(job_id: str, events: list[Any]) -> Any:
         writes.append(list(events))
-        return real(job_id, events)
+        try:
+            return real(job_id, events)
+        finally:
+            if written is not None:
+                loop.call_soon_threadsafe(written.set)
 
     runner._record_many = counting  # type: ignore[method-assign]
     return writes
@@ -305,21 +311,49 @@ async def test_a_due_write_takes_the_events_already_there_so_the_output_rides_on
 
     monkeypatch.setattr(runner_module, "PROGRESS_MIN_INTERVAL_S", 0.0)
 
+    written = asyncio.Event()
+
     class Together(FakeExecutor):
         async def run(self, request: Any) -> Any:
             yield StageEvent("generating")
             yield ProgressEvent(1, 1)  # ready at once, as the rest of one stream item is
-            await asyncio.sleep(0.01)  # the pipeline runs: nothing ready, the due write goes
+            # the pipeline runs: nothing is ready, so the due write goes (held here until it did)
+            await asyncio.wait_for(written.wait(), timeout=10)
             key = f"{request.output_prefix}0.png"
             storage.put_bytes(key, b"\x89PNG", "image/png")
             yield OutputEvent(key=key, content_type="image/png")
             yield DoneEvent({"seed": 1})
 
     runner = Runner(rdb, Together(storage=storage), rsettings, storage, bus, runner_id="r1", metrics=Metrics())
-    writes = recorded_writes(runner)
+    writes = recorded_writes(runner, written)
     jobs = JobService(rdb, rsettings, catalog, storage, bus)
     job_id = submit(jobs, alice)
     await runner.drain(timeout_s=20)
     job = get_job(rdb, job_id)
     assert (job.status, len(job.outputs)) == ("succeeded", 1)
     assert [[type(e).__name__ for e in events] for events in writes] == [["ProgressEvent"]]  # one write (the stage coalesced into the step); the output: with the settlement
+
+
+async def test_a_due_write_waits_for_a_few_ready_events_at_most(
+        rdb: Database, rsettings: Settings, storage: LocalStorage, bus: EventBus, catalog: Catalog,
+        alice: NewUser, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A steady flood of ready events (every write due: interval 0) is still written as it goes,
+    every DUE_EVENTS_AHEAD + 1 events, not all left to the settlement."""
+    from api.core.events import DoneEvent, LogEvent
+    from api.runner import runner as runner_module
+
+    monkeypatch.setattr(runner_module, "PROGRESS_MIN_INTERVAL_S", 0.0)
+    per_write = runner_module.DUE_EVENTS_AHEAD + 1
+
+    class Flood(FakeExecutor):
+        async def run(self, request: Any) -> Any:
+            for i in range(2 * per_write):
+                yield LogEvent(f"line {i}")  # logs are not coalesced: each one counts
+            yield DoneEvent({"seed": 1})
+
+    runner = Runner(rdb, Flood(storage=storage), rsettings, storage, bus, runner_id="r1", metrics=Metrics())
+    writes = recorded_writes(runner)
+    job_id = submit(JobService(rdb, rsettings, catalog, storage, bus), alice)
+    await runner.drain(timeout_s=20)
+    assert get_job(rdb, job_id).status == "succeeded"
+    assert [len(events) for events in writes] == [per_write, per_write]
